@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up (or reuses) .venv with pixcell-fed and its test tools. Idempotent: a second run only checks.
+# Installs Debian's chromium (for the audit report's rendering test) when it is missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+stamp=.venv/.pixcell-fed-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -x .venv/bin/python ]]; then
+  python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+fi
+if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+  echo "setup: installing pixcell-fed and its dependencies into .venv (first run takes a few minutes)" >&2
+  # torch first, from the machine's local copy (pip takes 2.14.1 / 0.29.1 from disk)
+  .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+  .venv/bin/pip install --quiet -e ".[test,bench]"
+  echo "$want" > "$stamp"
+fi
+if ! command -v chromium >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's chromium for the report rendering test" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium; the report rendering test will fail" >&2
+fi
