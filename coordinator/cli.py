@@ -8,12 +8,17 @@ from typing import Sequence
 from pixcell_fed.cli_support import run_cli
 
 COMMANDS: tuple[str, ...] = (
+    "coordinator.commands.verify",
+    "coordinator.commands.serve",
+    "coordinator.commands.run",
 )
+
+#: The CLI's description (its --help, and docs/cli.md via pixcell_fed.cli_reference).
+DESCRIPTION = "pixcell-fed coordinator: verify bundles, pool them, train and evaluate shared models."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("coordinator", "pixcell-fed coordinator: verify bundles, pool them, train and evaluate shared models.",
-                   COMMANDS, argv)
+    return run_cli("coordinator", DESCRIPTION, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,22 @@ EXIT_CODES_EPILOG = """exit codes:
   4  partial success (some items failed; see the summary)"""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose to the terminal; keeps text that has line breaks (the exit-code table) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        # Every sub-command documents the exit codes unless it writes its own epilog.
+        kwargs.setdefault("epilog", EXIT_CODES_EPILOG)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse's own usage errors use our exit code 2 and format
         self.print_usage(sys.stderr)
         print(f"error: {message}", file=sys.stderr)

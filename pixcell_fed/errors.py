@@ -86,6 +86,10 @@ class VerificationError(BundleError):
     exit_code = ExitCode.PRIVACY_REFUSED
 
 
+class TrailError(PixcellFedError):
+    """The site audit trail is broken: an entry was edited, deleted, reordered or half-written."""
+
+
 class KeyFileError(PixcellFedError):
     """A key file is missing, unreadable, has unsafe permissions or a wrong passphrase."""
 

@@ -8,13 +8,23 @@ from typing import Sequence
 from pixcell_fed.cli_support import run_cli
 
 COMMANDS = (
+    "site_agent.commands.synthesize",
     "site_agent.commands.tiles",
+    "site_agent.commands.init",
+    "site_agent.commands.officer_key",
+    "site_agent.commands.approve",
+    "site_agent.commands.status",
+    "site_agent.commands.audit",
+    "site_agent.commands.serve",
+    "site_agent.commands.doctor",
 )
+
+#: The CLI's description (its --help, and docs/cli.md via pixcell_fed.cli_reference).
+DESCRIPTION = "pixcell-fed site agent: slides -> synthetic tiles -> audit -> signed bundle."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("site-agent", "pixcell-fed site agent: slides -> synthetic tiles -> audit -> signed bundle.",
-                   COMMANDS, argv)
+    return run_cli("site-agent", DESCRIPTION, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -101,31 +101,44 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """Thresholds of the privacy audit. Each default's provenance is written in the report."""
+    """Thresholds of the privacy audit. Each default's provenance is written in the report
+    (``pixcell_fed.audit.gate.THRESHOLD_PROVENANCE``)."""
 
-    copy_similarity: float = 0.90
-    copy_pixel_confirm: float = 0.80
-    nn_similarity_warn: float = 0.75
+    copy_similarity: float = 0.65
+    copy_pixel_confirm: float = 0.60
+    nn_similarity_warn: float = 0.85
     nn_ratio: float = 1 / 3
     zscore: float = 4.0
-    replication_percentile_margin: float = 0.02
+    replication_percentile_margin: float = 0.05
     dcr_score_warn: float = 0.8
     dcr_score_fail: float = 0.5
-    authenticity_warn: float = 0.6
+    authenticity_margin: float = 0.15
     mia_auc_warn: float = 0.6
     mia_auc_fail: float = 0.7
+    min_holdout: int = 20
+    min_holdout_ratio: float = 0.5
     top_k: int = 5
     drop_flagged: bool = True
     max_rounds: int = 2
+    closest_pairs: int = 24
+    device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
+        _check(0.0 < self.nn_ratio < 1.0, f"audit.nn_ratio must be in (0, 1) (got {self.nn_ratio})")
+        _check(self.zscore > 0, f"audit.zscore must be > 0 (got {self.zscore})")
+        _check(0.0 <= self.dcr_score_fail <= self.dcr_score_warn <= 1.0,
+               "audit: need 0 <= dcr_score_fail <= dcr_score_warn <= 1")
+        _check(0.0 <= self.authenticity_margin <= 1.0, "audit.authenticity_margin must be in [0, 1]")
         _check(0.5 <= self.mia_auc_warn <= self.mia_auc_fail <= 1.0, "audit: need 0.5 <= mia_auc_warn <= mia_auc_fail <= 1")
-        _check(self.top_k >= 1, "audit.top_k must be at least 1")
+        _check(self.min_holdout >= 2, "audit.min_holdout must be at least 2")
+        _check(0.0 <= self.min_holdout_ratio <= 10.0, "audit.min_holdout_ratio must be in [0, 10]")
+        _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
+        _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,8 @@ class FederationConfig:
     port: int = 9094
     chunk_mb: int = 64
     eval_dir: Path | None = None
+    bundle_dir: Path | None = None
+    train_dir: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""PASS / WARN / FAIL per test against the thresholds of :class:`~pixcell_fed.config.schema.AuditConfig`, each
+threshold with the provenance that is printed beside it in the report.
+
+A FAIL anywhere makes the verdict FAIL, which blocks the bundle; otherwise any WARN makes it WARN. Tests that do
+not apply to an audit (the paired test without a mapping) are "N/A" and do not count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+PASS, WARN, FAIL, NA = "PASS", "WARN", "FAIL", "N/A"
+
+THRESHOLD_PROVENANCE: dict[str, str] = {
+    "copy_similarity": "Copy-candidate cutoff on the weight-free descriptor (cosine, max over rotations, flips and "
+                       "crops). Calibrated on the real CMU-1 H&E slide: planted copies (identity, rotation, flip, JPEG "
+                       "q70, colour jitter, 90% crop, noise) score >= 0.75, so 0.65 keeps every copy a candidate; "
+                       "candidates are then confirmed in pixel space (Carlini et al. 2023: check the top candidates in "
+                       "pixel space).",
+    "copy_pixel_confirm": "Pixel-space confirmation (max band-passed normalised correlation over rotations, flips, "
+                          "shifts and zooms). Calibrated on the real CMU-1 slide: planted copies >= 0.92, unrelated "
+                          "tiles (including touching neighbours) <= 0.45; 0.60 sits between with margin on both sides.",
+    "nn_similarity_warn": "Similarity above which a synthetic tile counts as a near replica in the replication "
+                          "share, the analogue of SSCD's 90%-precision copy threshold 0.75 (Pizzi et al. 2022; "
+                          "Somepalli et al. 2023 used 0.5); reported beside the holdout's share.",
+    "nn_ratio": "Nearest / second-nearest distance ratio below which a tile is flagged (Gu, Yoon et al.: 1/3).",
+    "zscore": "Calibrated per-tile score z = (sim - mean_H) / std_H above which a tile is flagged (audit.md: list "
+              "every s with z > 4).",
+    "replication_percentile_margin": "Allowed excess of the S->T nearest-neighbour similarity percentiles (p95, p99) "
+                                     "over the H->T null (house default). Warns only when, in addition, the share "
+                                     "of S above H's 95th percentile is significantly above 5% (one-sided exact "
+                                     "binomial, p < 0.05): dataset-level, it barely moves when a few tiles are copies.",
+    "dcr_score_warn": "SDMetrics DCROverfittingProtection score min(2(1-p), 1) below which the test warns, when p is "
+                      "significantly above 0.5 (one-sided 95% binomial bound); house default; 1 is ideal, p = share "
+                      "of S closer to T than to an equal-size H.",
+    "dcr_score_fail": "DCROverfittingProtection score below which the test fails: at 0.5, three quarters of S are "
+                      "closer to T than to H (house default).",
+    "authenticity_margin": "Alaa et al. 2022 authenticity: the test warns when the share of authentic synthetic "
+                           "tiles falls this far below the share for real held-out tiles (house default).",
+    "mia_auc_warn": "Membership-inference AUC (distance attack, T vs held-out tiles) above which the test warns, when "
+                    "significantly above 0.5 (lower 95% bound, Hanley & McNeil 1982); 0.5 is no leak.",
+    "mia_auc_fail": "Membership-inference AUC above which the test fails, when significantly above 0.5.",
+    "min_holdout": "Smallest holdout set the audit accepts: fewer tiles cannot calibrate a null (house default).",
+    "min_holdout_ratio": "Smallest |H| / |T| accepted: audit.md asks |H| >= |T| / 2, ideally equal.",
+}
+
+
+@dataclass
+class TestResult:
+    """One test's outcome: what was measured, against what, and a plain sentence for the officer."""
+
+    name: str
+    title: str
+    status: str
+    statistic: dict[str, Any]
+    thresholds: dict[str, float]
+    sentence: str
+    null: dict[str, Any] = field(default_factory=dict)
+    gates: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["provenance"] = {k: THRESHOLD_PROVENANCE.get(k, "") for k in self.thresholds}
+        return out
+
+
+def verdict_of(results: Iterable[TestResult]) -> str:
+    statuses = [r.status for r in results if r.gates]
+    if FAIL in statuses:
+        return FAIL
+    if WARN in statuses:
+        return WARN
+    return PASS
+
+
+def status_two_sided(value: float, *, warn: float, fail: float, higher_is_worse: bool, significant: bool = True) -> str:
+    """FAIL/WARN/PASS of a value against two cut-offs; ``significant=False`` never raises an alarm."""
+    if value != value or not significant:  # NaN: not enough data
+        return PASS
+    if higher_is_worse:
+        return FAIL if value >= fail else WARN if value >= warn else PASS
+    return FAIL if value < fail else WARN if value < warn else PASS

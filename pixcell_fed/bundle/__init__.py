@@ -1,0 +1,32 @@
+"""Signed bundles of synthetic tiles: build, approve or reject, verify; the site audit trail.
+
+Heavy modules (pandas, pyarrow, PIL, cryptography) are imported lazily by the functions that need them.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "BundleInfo": "pixcell_fed.bundle.build",
+    "build_bundle": "pixcell_fed.bundle.build",
+    "approve_bundle": "pixcell_fed.bundle.approval",
+    "reject_bundle": "pixcell_fed.bundle.approval",
+    "bundle_overview": "pixcell_fed.bundle.approval",
+    "VerifiedBundle": "pixcell_fed.bundle.verify",
+    "verify_bundle": "pixcell_fed.bundle.verify",
+    "TrustStore": "pixcell_fed.bundle.trust",
+    "load_trust": "pixcell_fed.bundle.trust",
+    "append_event": "pixcell_fed.bundle.trail",
+    "verify_trail": "pixcell_fed.bundle.trail",
+    "site_status": "pixcell_fed.bundle.state",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pixcell_fed.bundle' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

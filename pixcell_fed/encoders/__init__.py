@@ -1,0 +1,27 @@
+"""Conditioning and feature encoders by name (``uni2-h``, ``timm:<arch>``, tiny twins) and the cached embedder.
+
+``load_encoder(name, weights_dir, device)`` returns an :class:`~pixcell_fed.encoders.base.Encoder`;
+``embed_tiles(encoder, items, cache_path)`` embeds a tile stream with an on-disk cache kept in the site's work folder.
+Embeddings identify their source tiles: they never leave the site. Importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "Encoder": "pixcell_fed.encoders.base",
+    "ENCODERS": "pixcell_fed.encoders.base",
+    "load_encoder": "pixcell_fed.encoders.base",
+    "encoder_names": "pixcell_fed.encoders.base",
+    "embed_tiles": "pixcell_fed.encoders.cache",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pixcell_fed.encoders' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

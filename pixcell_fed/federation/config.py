@@ -1,0 +1,85 @@
+"""The coordinator's typed configuration, read ONCE from Flower's ``run_config`` (``[tool.flwr.app.config]``).
+
+Keys in ``pyproject.toml`` use dashes (``pool-dir``); they map to the fields below with underscores. Lists are
+comma-separated strings (``expected-sites = "alpha,beta"``) and model keyword arguments a JSON string, because
+Flower's run config holds scalars only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pixcell_fed.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator's ServerApp needs: where, what to pool, how to train, what to evaluate."""
+
+    work_dir: Path = Path("coordinator-work")   # pool/, model/, dp_model/ and report/ are written here
+    trust_file: Path = Path("trust.json")       # the consortium trust file (site and officer public keys)
+    expected_sites: tuple[str, ...] = ()        # sites that should take part (missing ones are reported)
+    min_sites: int = 1                          # start pooling once this many sites are connected
+    wait_for_sites_s: float = 60.0              # ... or after this long
+    chunk_mb: float = 64.0                      # bytes of tiles per chunk reply
+    max_attempts: int = 3                       # requests per tile before giving up on it
+    reply_timeout_s: float = 600.0              # how long one exchange may wait for replies
+    recipe: Literal["classifier", "ssl"] = "classifier"
+    arch: str = "vit_tiny_patch16_224"          # timm backbone
+    model_kwargs: Mapping[str, Any] | None = None  # timm keyword arguments (e.g. depth, embed_dim)
+    img_size: int = 224
+    pretrained_file: Path | None = None         # local backbone weights (offline); none = random init
+    mode: Literal["linear_probe", "finetune"] = "finetune"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 3e-4
+    seed: int = 0
+    evaluate: bool = True                       # send the model to every site for evaluation on real tiles
+    dp_rounds: int = 0                          # > 0: federated DP fine-tune on the sites' real tiles afterwards
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_local_epochs: int = 1
+    dp_batch_size: int = 16
+    dp_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.min_sites < 1 or self.max_attempts < 1 or self.chunk_mb <= 0 or self.epochs < 1 or self.dp_rounds < 0:
+            raise ValueError("coordinator: need min-sites >= 1, max-attempts >= 1, chunk-mb > 0, epochs >= 1, dp-rounds >= 0")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError("coordinator: dp-delta must be in (0, 1)")
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.work_dir / "pool"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.work_dir / "model"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.work_dir / "report"
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> CoordinatorConfig:
+    """Build the typed config from Flower's run config (dashes to underscores; lists and JSON decoded)."""
+    from pixcell_fed.config import build_dataclass
+
+    data: dict[str, Any] = {}
+    for key, value in run_config.items():
+        name = str(key).replace("-", "_")
+        if name in ("expected_sites",) and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif name == "model_kwargs" and isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else None
+            except ValueError as exc:
+                raise ConfigError(f"run config: model-kwargs is not JSON: {value!r}", hint='write it like \'{"depth": 2}\'') from exc
+        elif name in ("pretrained_file",) and value == "":
+            value = None
+        data[name] = value
+    return build_dataclass(CoordinatorConfig, data, source="run config ([tool.flwr.app.config])")

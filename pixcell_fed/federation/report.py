@@ -1,0 +1,111 @@
+"""The consortium report: ``report.json`` (everything) and ``report.html`` (one self-contained page).
+
+Which sites took part, how many tiles each contributed, their audit verdicts, who is missing or rejected and
+why, the training curves, and each site's accuracy, balanced accuracy and macro F1 on its own real held-out
+tiles, with the figures pooled across sites (weighted by tiles evaluated).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from pixcell_fed.atomic import write_json_atomic, write_text_atomic
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child,td.text{text-align:left}.bad{color:#b00}.ok{color:#070}
+svg{border:1px solid #ddd;background:#fcfcfc}"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape("" if value is None else str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    def cell(c: Any) -> str:
+        numeric = isinstance(c, (int, float)) and not isinstance(c, bool)
+        return f"<td>{_fmt(c)}</td>" if numeric else f"<td class='text'>{_fmt(c)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _curve(history: list[dict], keys: tuple[str, ...]) -> str:
+    """An inline SVG line chart of ``keys`` over epochs."""
+    if not history:
+        return "<p>no training epochs</p>"
+    w, h, pad = 480, 200, 30
+    colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+    series = {k: [float(r[k]) for r in history if k in r] for k in keys}
+    values = [v for s in series.values() for v in s] or [0.0]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    n = max(len(history) - 1, 1)
+    parts = [f'<svg width="{w}" height="{h}" role="img">']
+    for i, (key, vals) in enumerate(series.items()):
+        if not vals:
+            continue
+        pts = " ".join(f"{pad + j * (w - 2 * pad) / n:.1f},{h - pad - (v - lo) * (h - 2 * pad) / span:.1f}" for j, v in enumerate(vals))
+        parts.append(f'<polyline fill="none" stroke="{colours[i % 4]}" stroke-width="2" points="{pts}"/>')
+        parts.append(f'<text x="{pad + 130 * i}" y="16" fill="{colours[i % 4]}" font-size="12">{html.escape(key)}</text>')
+    parts.append(f'<text x="2" y="{h - pad}" font-size="10">{lo:.2f}</text><text x="2" y="{pad}" font-size="10">{hi:.2f}</text>')
+    parts.append(f'<text x="{w - pad - 40}" y="{h - 8}" font-size="10">epoch {len(history)}</text></svg>')
+    return "".join(parts)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    pool = report.get("pool", {})
+    sites = pool.get("sites", {})
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>pixcell-fed consortium report</title><style>{_CSS}</style></head><body>",
+           "<h1>Consortium report</h1>"]
+    out.append(f"<p>{len(pool.get('complete', []))} site(s) pooled, {pool.get('n_pooled', 0)} synthetic tiles. "
+               f"Missing: <span class='bad'>{html.escape(', '.join(pool.get('missing', [])) or 'none')}</span>. "
+               f"Rejected: <span class='bad'>{html.escape(', '.join(pool.get('rejected', [])) or 'none')}</span>.</p>")
+    out.append("<h2>Sites</h2>")
+    out.append(_table(["site", "status", "bundle run", "tiles", "received", "audit verdict", "note"],
+                      [[s, st.get("status"), st.get("run_id"), st.get("n_tiles"), st.get("n_received"), st.get("audit_verdict"),
+                        st.get("reason")] for s, st in sorted(sites.items())]))
+    training = report.get("training")
+    out.append("<h2>Training</h2>")
+    if training:
+        spec = training.get("spec", {})
+        out.append(f"<p>Recipe <b>{html.escape(str(training.get('recipe')))}</b>, backbone {html.escape(str(spec.get('arch')))}, "
+                   f"classes {html.escape(', '.join(spec.get('classes', [])))}.</p>")
+        hist = training.get("history", [])
+        out.append(_curve(hist, ("train_loss",)) + " " + _curve(hist, ("train_accuracy", "val_accuracy")))
+    else:
+        out.append("<p class='bad'>no model was trained (nothing pooled)</p>")
+    out.append("<h2>Evaluation on each site's real held-out tiles</h2>")
+    rows = []
+    for site, m in sorted(report.get("evaluation", {}).items()):
+        if "error" in m:
+            rows.append([site, "error: " + str(m["error"]), "", "", ""])
+        else:
+            rows.append([site, int(m.get("n", 0)), m.get("accuracy"), m.get("balanced_accuracy"), m.get("macro_f1")])
+    pooled = report.get("pooled_evaluation") or {}
+    if pooled:
+        rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0)), pooled.get("accuracy"), pooled.get("balanced_accuracy"),
+                     pooled.get("macro_f1")])
+    out.append(_table(["site", "tiles", "accuracy", "balanced accuracy", "macro F1"], rows) if rows else "<p>no evaluation</p>")
+    dp = report.get("dp")
+    if dp:
+        out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")
+        out.append(_table(["site", "epsilon", "delta", "examples"],
+                          [[s, v.get("epsilon"), v.get("delta"), v.get("n")] for s, v in sorted(dp.get("privacy", {}).items())]))
+        rows = [[s, int(m.get("n", 0)), m.get("accuracy"), m.get("balanced_accuracy"), m.get("macro_f1")]
+                for s, m in sorted(dp.get("evaluation", {}).items()) if "error" not in m]
+        out.append(_table(["site (after DP fine-tune)", "tiles", "accuracy", "balanced accuracy", "macro F1"], rows))
+    out.append(f"<p>Generated by pixcell-fed in {report.get('seconds', 0)} s. Only metrics left the sites.</p></body></html>")
+    return "".join(out)
+
+
+def write_report(report: dict[str, Any], folder: str | Path) -> Path:
+    """Write ``report.json`` and ``report.html`` into ``folder``; returns the HTML path."""
+    folder = Path(folder)
+    write_json_atomic(folder / "report.json", report)
+    return write_text_atomic(folder / "report.html", render_html(report))

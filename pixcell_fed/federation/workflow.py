@@ -1,0 +1,104 @@
+"""The coordinator's whole cycle: wait for sites -> pool -> train -> evaluate at every site -> report.
+
+Plain functions over a pooling :class:`~pixcell_fed.federation.pooling.Transport`, so the ServerApp is a thin
+wrapper and the cycle runs the same against a live Grid or an in-memory fake.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pixcell_fed.federation import protocol as P
+from pixcell_fed.federation.config import CoordinatorConfig
+from pixcell_fed.federation.pooling import PoolReport, Transport, Verifier, pool_bundles, trust_verifier
+from pixcell_fed.runlog import get_logger
+
+log = get_logger(__name__)
+
+
+def wait_for_sites(transport: Transport, cfg: CoordinatorConfig) -> list[int]:
+    """Node ids once ``max(min_sites, len(expected_sites))`` are connected or ``wait_for_sites_s`` passed."""
+    want = max(cfg.min_sites, len(cfg.expected_sites))
+    deadline = time.monotonic() + cfg.wait_for_sites_s
+    nodes = transport.node_ids()
+    while len(nodes) < want and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = transport.node_ids()
+    log.info("%d of %d wanted site(s) connected", len(nodes), want)
+    return nodes
+
+
+def training_config(cfg: CoordinatorConfig):
+    """The recipe's own config built from the coordinator's."""
+    common = dict(arch=cfg.arch, kwargs=dict(cfg.model_kwargs or {}), img_size=cfg.img_size, epochs=cfg.epochs,
+                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, pretrained_file=cfg.pretrained_file)
+    if cfg.recipe == "ssl":
+        from pixcell_fed.training.ssl import SSLConfig
+
+        return SSLConfig(**common)
+    from pixcell_fed.training.classifier import ClassifierConfig
+
+    return ClassifierConfig(mode=cfg.mode, **common)
+
+
+def evaluate_at_sites(transport: Transport, nodes_by_site: dict[str, int], state: dict, spec: dict,
+                      *, timeout: float) -> dict[str, dict[str, Any]]:
+    """Send the model to every site; returns site -> metrics (or {"error": reason})."""
+    requests = {}
+    for node in nodes_by_site.values():
+        content = P.request_record()
+        P.model_to_records(state, spec, content)
+        requests[node] = (P.MSG_EVALUATE, content)
+    replies = transport.exchange(requests, timeout=timeout)
+    out: dict[str, dict[str, Any]] = {}
+    for site, node in sorted(nodes_by_site.items()):
+        reply = replies.get(node)
+        if reply is None or reply.content is None:
+            out[site] = {"error": reply.error if reply else "no reply"}
+            continue
+        out[site] = {k: float(v) for k, v in reply.content[P.KEY_METRICS].items()}
+    return out
+
+
+def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Across sites, weighted by each site's number of evaluated tiles (only metrics ever left the sites)."""
+    ok = {s: m for s, m in per_site.items() if "error" not in m and m.get("n", 0) > 0}
+    total = sum(m["n"] for m in ok.values())
+    if not total:
+        return {}
+    return {name: sum(m[name] * m["n"] for m in ok.values()) / total for name in ("accuracy", "balanced_accuracy", "macro_f1")} | {"n": float(total), "sites": float(len(ok))}
+
+
+def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Verifier | None = None) -> dict[str, Any]:
+    """Pool, train, evaluate and report; returns the report as a dict (also written to ``work_dir/report``)."""
+    from pixcell_fed.config import to_plain
+    from pixcell_fed.federation.report import write_report
+    from pixcell_fed.training import get_recipe
+    from pixcell_fed.training.models import load_checkpoint, state_dict_of
+
+    started = time.monotonic()
+    wait_for_sites(transport, cfg)
+    pool: PoolReport = pool_bundles(transport, cfg.pool_dir, verify or trust_verifier(cfg.trust_file),
+                                    chunk_bytes=int(cfg.chunk_mb * (1 << 20)), expected_sites=cfg.expected_sites,
+                                    max_attempts=cfg.max_attempts, timeout=cfg.reply_timeout_s)
+    result: dict[str, Any] = {"config": to_plain(cfg), "pool": pool.to_dict(), "training": None, "evaluation": {},
+                              "pooled_evaluation": {}, "dp": None}
+    if pool.n_pooled:
+        recipe = get_recipe(cfg.recipe)
+        trained = recipe(cfg.pool_dir, cfg.model_dir, training_config(cfg))
+        result["training"] = {"recipe": cfg.recipe, "checkpoint": str(trained.checkpoint), "history": trained.history,
+                              "spec": trained.spec}
+        if cfg.evaluate:
+            model, spec = load_checkpoint(cfg.model_dir)
+            nodes = {s: n for s, n in pool.nodes.items() if pool.sites[s].status != "missing"}
+            result["evaluation"] = evaluate_at_sites(transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s)
+            result["pooled_evaluation"] = pooled_metrics(result["evaluation"])
+            if cfg.dp_rounds > 0 and spec.get("kind", "classifier") == "classifier":
+                from pixcell_fed.training.dp_finetune import federated_dp_finetune
+
+                result["dp"] = federated_dp_finetune(transport, nodes, model, spec, cfg)
+    result["seconds"] = round(time.monotonic() - started, 2)
+    write_report(result, cfg.report_dir)
+    return result

@@ -1,0 +1,136 @@
+"""Recipe ``ssl``: SimCLR (lightly's NT-Xent loss and projection head) on a timm backbone, on the pooled tiles.
+
+Labels are not needed. The checkpoint is the backbone alone (spec kind ``encoder``, ``num_classes=0``: the
+model returns pooled features), saved like the classifier's, so each site can evaluate it with a k-NN probe on
+its own real labelled tiles (:mod:`pixcell_fed.federation.evaluation`). Only lightly's loss and head modules
+are used; the augmentations are torchvision's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+from pixcell_fed.errors import UsageError
+from pixcell_fed.runlog import get_logger
+from pixcell_fed.training import RECIPES
+from pixcell_fed.training.classifier import STATE_FILE, TrainResult
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """How the self-supervised encoder is trained."""
+
+    arch: str = "vit_tiny_patch16_224"
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    img_size: int = 224
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    projection_dim: int = 128
+    seed: int = 0
+    pretrained_file: Path | None = None
+    # kept for a config shared with the classifier recipe; unused here
+    mode: str = "finetune"
+    val_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.temperature <= 0:
+            raise ValueError("ssl: need epochs >= 1, batch_size >= 2 (SimCLR contrasts pairs in a batch), temperature > 0")
+
+
+def augment(x):
+    """SimCLR-style views of a normalised NCHW batch: random resized crop, flips, colour jitter (per sample)."""
+    import torch
+    from torchvision.transforms import v2
+
+    size = x.shape[-1]
+    transform = v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.4, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.05)], p=0.8),
+    ])
+    return torch.stack([transform(img) for img in x])
+
+
+def _lightly():
+    try:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+    except ImportError as exc:
+        raise UsageError("the 'ssl' recipe needs lightly", hint="pip install lightly (a dependency of pixcell-fed)") from exc
+    return NTXentLoss, SimCLRProjectionHead
+
+
+def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg: SSLConfig) -> TrainResult:
+    """SimCLR on the images of ``items``; writes the encoder checkpoint to ``out_dir`` (resumable per epoch)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pixcell_fed.atomic import atomic_path
+    from pixcell_fed.training.data import TileDataset
+    from pixcell_fed.training.models import build_model, make_spec, save_checkpoint
+
+    NTXentLoss, SimCLRProjectionHead = _lightly()
+    if len(items) < 2:
+        raise UsageError("the pooled set has fewer than two tiles", hint="pool more tiles before self-supervised training")
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    spec = make_spec(arch=cfg.arch, classes=[], img_size=cfg.img_size, kwargs=dict(cfg.kwargs), kind="encoder",
+                     pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None)
+    backbone = build_model(spec)
+    head = SimCLRProjectionHead(backbone.num_features, backbone.num_features, cfg.projection_dim)
+    loss_fn = NTXentLoss(temperature=cfg.temperature)
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    start = 0
+    state_path = out_dir / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("arch") == cfg.arch and state.get("recipe") == "ssl":
+            backbone.load_state_dict(state["model"])
+            head.load_state_dict(state["head"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history = int(state["epoch"]) + 1, list(state["history"])
+    loader = DataLoader(TileDataset(list(items), [], spec), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    if len(loader) == 0:
+        loader = DataLoader(TileDataset(list(items), [], spec), batch_size=len(items), shuffle=True)
+    for epoch in range(start, cfg.epochs):
+        backbone.train()
+        head.train()
+        total, n = 0.0, 0
+        for x, _ in loader:
+            z0, z1 = head(backbone(augment(x))), head(backbone(augment(x)))
+            loss = loss_fn(z0, z1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(x)
+            n += len(x)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "samples": n})
+        log.info("ssl epoch %d/%d: %s", epoch + 1, cfg.epochs, history[-1])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": backbone.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                        "epoch": epoch, "history": history, "arch": cfg.arch, "recipe": "ssl"}, tmp)
+    save_checkpoint(backbone, spec, out_dir, extra={"recipe": "ssl", "method": "simclr", "history": history})
+    return TrainResult(checkpoint=out_dir, spec=spec, history=history)
+
+
+@RECIPES.register("ssl")
+def run(pool_dir: str | Path, out_dir: str | Path, cfg: SSLConfig) -> TrainResult:
+    """SimCLR on the pooled set in ``pool_dir`` (labels ignored)."""
+    from pixcell_fed.training.data import pooled_items
+
+    return train_ssl(pooled_items(pool_dir), out_dir, cfg)
+
+
+run.config_class = SSLConfig  # type: ignore[attr-defined]
