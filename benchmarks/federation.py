@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['flower_run_wall_s']} s. Training: one epoch each, best of two alternating runs."
     )
     record(name="federation", title="Federation: pooling over Flower vs HTTP, training throughput",
-           command="python -m benchmarks.federation" + (" --quick" if args.quick else ""), figures=figures, table_md=table)
+           command="python -m benchmarks.federation" + (" --quick" if args.quick else "")
+           + (f" --chunk-mb {args.chunk_mb:g}" if args.chunk_mb != 64.0 else ""), figures=figures, table_md=table)
     return 0
 
 

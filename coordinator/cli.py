@@ -11,6 +11,8 @@ COMMANDS: tuple[str, ...] = (
     "coordinator.commands.verify",
     "coordinator.commands.serve",
     "coordinator.commands.run",
+    "coordinator.commands.trust",
+    "coordinator.commands.demo",
 )
 
 #: The CLI's description (its --help, and docs/cli.md via pixcell_fed.cli_reference).

@@ -70,6 +70,9 @@ def test_shareable_summary_has_no_real_names_paths_or_tiles(clean, sets):
     assert all(set(t) == {"sha256", "kept", "flagged", "reasons", "nearest_similarity"} for t in summary["tiles"])
     assert sorted(summary["kept_sha256"]) == summary["kept_sha256"] and len(summary["kept_sha256"]) == len(sets["new"])
     assert "closest_pairs" not in summary and "data:image" not in text
+    from pixcell_fed.bundle.shareable import validate_shareable_audit
+
+    validate_shareable_audit(summary)  # the bundle's allow-list accepts it as is
 
 
 def test_summary_refuses_to_carry_a_real_path(sets):
@@ -122,3 +125,15 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     assert img is not None and img.shape[0] >= 1000 and float(img.std()) > 20
     banner = np.array([0x37, 0x7F, 0x1A]) if clean.verdict == "PASS" else np.array([0x1F, 0x79, 0xB7])  # BGR
     assert (np.abs(img.astype(int) - banner).sum(axis=2) < 30).sum() > 2000  # the verdict banner was painted
+
+
+def test_a_set_of_only_copies_is_dropped_entirely_and_fails_with_strict_json(sets):
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    res = run_audit([sets["copy"]], sets["T"], sets["H"], out_dir=sets["root"] / "all-copies")
+    assert res.verdict == "FAIL" and res.kept == []
+    report = strict(res.json_path.read_text())
+    assert report["rounds"][-1]["audited"] == 0 and report["kept_sha256"] == []
+    strict(res.summary_path.read_text())
+    assert "Verdict: FAIL" in res.report_path.read_text()

@@ -1,5 +1,7 @@
 """Item 6 end to end: SuperLink + three SuperNodes on loopback, TLS, registered site keys, one site killed.
 
+Also covers item 5 over real Flower: two rounds of the DP fine-tune on the surviving sites' real tiles.
+
 One test on purpose: Flower polls every 3 s and a dead node costs about 64 s, so each extra deployment would
 cost minutes. It checks, in order: an unregistered site is refused; the three registered sites connect over
 TLS; pooling starts; one site is killed mid-transfer; the run still completes (pool -> train -> evaluate ->
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pandas as pd
 
@@ -24,7 +25,7 @@ def test_deployment_tls_auth_pool_train_evaluate_with_a_site_killed(tmp_path):
     flwr_home = tmp_path / "flwr_home"
     logs = tmp_path / "logs"
     work = tmp_path / "coordinator"
-    bundles = make_site_bundles(tmp_path / "sites", SITES, tile_size=64, n_eval=10, n_train=2)
+    bundles = make_site_bundles(tmp_path / "sites", SITES, tile_size=64, n_eval=10, n_train=8)
     tls = D.make_tls(tmp_path / "certs")
     keys = {s: D.make_site_auth_key(tmp_path / "keys", s) for s in [*SITES, "rogue"]}
     procs: list[D.Process] = []
@@ -49,14 +50,16 @@ def test_deployment_tls_auth_pool_train_evaluate_with_a_site_killed(tmp_path):
         for s in bundles.sites:
             nodes[s.name] = D.start_supernode(
                 s.name, superlink=f"127.0.0.1:{port}", port=D.free_port(),
-                node_config={"site-name": s.name, "bundle-dir": str(s.bundle_dir), "eval-dir": str(s.eval_dir)},
+                node_config={"site-name": s.name, "bundle-dir": str(s.bundle_dir), "eval-dir": str(s.eval_dir),
+                             "train-dir": str(s.train_dir)},
                 flwr_home=flwr_home, log_dir=logs, root_certificates=tls.ca_cert, auth_private_key=keys[s.name][0])
             procs.append(nodes[s.name])
 
         run_config = {"work-dir": str(work), "trust-file": str(bundles.trust_file), "expected-sites": ",".join(SITES),
-                      "min-sites": 3, "wait-for-sites-s": 60.0, "chunk-mb": 0.03, "reply-timeout-s": 120.0,
+                      "min-sites": 3, "wait-for-sites-s": 60.0, "chunk-mb": 0.06, "reply-timeout-s": 120.0,
                       "arch": TINY_VIT["arch"], "model-kwargs": json.dumps(TINY_VIT["kwargs"]),
-                      "img-size": TINY_VIT["img_size"], "epochs": 2, "batch-size": 8, "lr": 0.001}
+                      "img-size": TINY_VIT["img_size"], "epochs": 2, "batch-size": 8, "lr": 0.001,
+                      "dp-rounds": 2, "dp-batch-size": 4, "dp-lr": 0.01}
         run = D.Process("flwr-run", D.flwr_run_command("consortium", D.write_run_config(tmp_path / "run.toml", run_config)), log_path=logs / "flwr-run.log",
                         env=D.flower_env(flwr_home))
         procs.append(run)
@@ -87,6 +90,11 @@ def test_deployment_tls_auth_pool_train_evaluate_with_a_site_killed(tmp_path):
             assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
             assert 0.0 <= metrics["macro_f1"] <= 1.0
         assert report["pooled_evaluation"]["n"] == 20
+        # DP fine-tune on the two remaining sites' real tiles: the SuperNodes kept each site's accountant across rounds
+        dp = report["dp"]
+        assert set(dp["privacy"]) == {"alpha", "beta"} and set(dp["evaluation"]) == {"alpha", "beta"}
+        for p in dp["privacy"].values():
+            assert p["rounds"] == 2 and p["epsilon_by_round"][0] < p["epsilon_by_round"][1] and p["delta"] == 1e-5
         html = (work / "report" / "report.html").read_text()
         assert "gamma" in html and "balanced accuracy" in html
 

@@ -81,8 +81,6 @@ def test_unverifiable_bundle_is_rejected_before_any_tile(sites, tmp_path):
 
 
 def test_site_serves_manifest_tiles_only(sites):
-    from flwr.app import RecordDict  # noqa: F401
-
     from pixcell_fed.federation import protocol as P
     from pixcell_fed.federation import site_server
 
@@ -91,3 +89,12 @@ def test_site_serves_manifest_tiles_only(sites):
     reply = site_server.handle_chunk(P.request_record(files=[name, "../bundle.json", "manifest.parquet"]), site)
     good, bad, missing = P.records_to_files(reply)
     assert list(good) == [name] and bad == [] and missing == ["../bundle.json", "manifest.parquet"]
+
+
+def test_second_node_claiming_a_site_name_is_ignored(sites, tmp_path):
+    alpha = SiteSettings(site_name="alpha", bundle_dir=sites.by_name["alpha"].bundle_dir, eval_dir=None)
+    fake = FakeTransport(sites={1: alpha, 2: alpha})
+    report = pool_bundles(fake, tmp_path / "pool", sites.verify)
+    assert report.complete == ["alpha"] and report.n_pooled == 10
+    assert "second node" in report.sites["alpha"].reason
+    assert len([n for req in fake.chunk_requests["alpha"] for n in req]) == 10  # fetched once, from one node

@@ -42,6 +42,7 @@ def test_full_cycle_with_dp_and_report(tmp_path):
     assert set(dp["privacy"]) == {"alpha", "beta"}
     for p in dp["privacy"].values():
         assert p["rounds"] == 2 and 0 < p["epsilon"] < 1e3 and p["delta"] == 1e-5
+        assert p["epsilon_by_round"][0] < p["epsilon_by_round"][1] == p["epsilon"]  # the site's accountant persists
     assert set(dp["evaluation"]) == {"alpha", "beta"}
     report = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
     assert report["pool"]["sites"]["gamma"]["reason"] == "never connected"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -62,7 +63,9 @@ def test_synthesize_builds_a_bundle_awaiting_approval(finished_site):
                  "bundle/bundle.json", "bundle/manifest.parquet"):
         assert (run / name).is_file(), name
     status = site_agent("status", "--config", str(site_yaml), "--format", "json")
-    assert status.returncode == 0 and "awaiting approval" in status.stdout
+    assert status.returncode == 0, status.stderr
+    (listed,) = json.loads(status.stdout)["runs"]
+    assert listed["run_state"] == "finished" and listed["bundle_state"] == "awaiting_approval"
     trail = (folder / "work" / "audit_trail.jsonl").read_text()
     assert '"event":"synthesize"' in trail.replace(" ", "")
 
@@ -153,3 +156,35 @@ def test_a_failing_audit_exits_3_and_builds_no_bundle(tmp_path, models):
     assert proc.returncode == ExitCode.PRIVACY_REFUSED, proc.stderr[-2000:]
     assert "FAIL" in proc.stderr and "audit.html" in proc.stderr
     assert not list((tmp_path / "strict" / "work" / "runs").glob("*/bundle"))
+
+
+def test_labels_csv_errors_name_the_line(tmp_path):
+    from pixcell_fed.errors import ConfigError
+    from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("slide,label\na.svs,tumour\nb.svs,../../etc\n")
+    with pytest.raises(ConfigError, match=r"labels.csv:3"):
+        load_slide_labels(path)
+    path.write_text("file,class\na.svs,tumour\n")
+    with pytest.raises(ConfigError, match="header"):
+        load_slide_labels(path)
+    path.write_text("slide,label\na.svs,tumour\na.svs,normal\n")
+    with pytest.raises(ConfigError, match="two labels"):
+        load_slide_labels(path)
+    path.write_text("slide,label\na.svs,tumour\n")
+    labels = load_slide_labels(path)
+    assert labels == {"a.svs": "tumour"}
+    with pytest.raises(ConfigError, match="no label for 1 slide"):
+        check_labels_cover(labels, ["a.svs", "b.svs"], path)
+
+
+def test_held_out_slides_become_the_sites_labelled_evaluation_set(finished_site):
+    folder, _, _ = finished_site
+    (run,) = [p for p in (folder / "work" / "runs").iterdir() if p.is_dir()]
+    split = json.loads((run / "split.json").read_text())
+    tiles = pd.read_parquet(run / "tiles" / "tiles.parquet")
+    held_out = tiles[tiles["slide_key"].isin(split["holdout"])]
+    evaluated = sorted(p.stem for p in (run / "eval").rglob("*.png"))
+    assert evaluated == sorted(held_out["tile_id"])
+    assert not set(split["holdout"]) & set(split["conditioning"])

@@ -74,7 +74,10 @@ def test_refusal_names_the_file_and_the_fix():
 
 def test_real_files(tmp_path):
     with openslide.OpenSlide(str(real_slide_path())) as s:  # real Aperio: openslide.mpp-x from aperio.MPP
-        assert mpp_of(dict(s.properties)).mpp == pytest.approx(0.499)
+        props = dict(s.properties)
+    assert mpp_of(props).mpp == pytest.approx(0.499)
+    del props["openslide.mpp-x"], props["openslide.mpp-y"]
+    assert mpp_of(props).source == "aperio.MPP" and mpp_of(props).mpp == pytest.approx(0.499)
     for unit in ("CENTIMETER", "INCH"):
         path = slide_writer.write_generic_tiff(tmp_path / f"{unit}.tif", size=(512, 512), mpp=0.25,
                                                resolution_unit=unit, downsamples=())

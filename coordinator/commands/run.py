@@ -8,7 +8,6 @@ from a TOML file of ``[tool.flwr.app.config]`` keys (see docs/federation.md); th
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 

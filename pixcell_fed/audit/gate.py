@@ -19,8 +19,8 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
                        "candidates are then confirmed in pixel space (Carlini et al. 2023: check the top candidates in "
                        "pixel space).",
     "copy_pixel_confirm": "Pixel-space confirmation (max band-passed normalised correlation over rotations, flips, "
-                          "shifts and zooms). Calibrated on the real CMU-1 slide: planted copies >= 0.92, unrelated "
-                          "tiles (including touching neighbours) <= 0.45; 0.60 sits between with margin on both sides.",
+                          "shifts and zooms). Calibrated on the real CMU-1 slide: planted copies >= 0.91, unrelated "
+                          "tiles (including touching neighbours) <= 0.46; 0.60 sits between with margin on both sides.",
     "nn_similarity_warn": "Similarity above which a synthetic tile counts as a near replica in the replication "
                           "share, the analogue of SSCD's 90%-precision copy threshold 0.75 (Pizzi et al. 2022; "
                           "Somepalli et al. 2023 used 0.5); reported beside the holdout's share.",

@@ -6,7 +6,7 @@ shifts of up to ``MARGIN`` of the side, and over zooms of t (``ZOOMS``) that und
 Correlation is blind to brightness and contrast; the band-pass (difference of Gaussians, sigma 0.8 and 6 thumbnail
 pixels) removes pixel noise and JPEG artefacts below and the slow tissue-density gradient above the scale of
 nuclei, so that unrelated tissue correlates weakly even at its best alignment. On the real CMU-1 slide, planted
-copies (JPEG q70, colour jitter, 90 % crops, noise, rotations) score >= 0.92 and unrelated tiles <= 0.45.
+copies (JPEG q70, colour jitter, 90 % crops, noise, rotations) score >= 0.91 and unrelated tiles <= 0.46.
 
 This is the image-copy analogue of Carlini et al. (2023)'s pixel check on top candidates; :func:`tiled_l2` gives
 their tiled L2 distance too, reported beside it.

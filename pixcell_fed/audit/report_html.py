@@ -119,6 +119,19 @@ def _pair_images(syn_path: str, real_path: str, side: int = 128) -> tuple[str, s
     return _png_data_uri(aligned), _png_data_uri(real), _png_data_uri(255 - diff)
 
 
+def _dropped_sentence(report: dict[str, Any]) -> str:
+    dropped = [t for t in report["tiles"] if t.get("dropped_in_round")]
+    if not dropped:
+        return ""
+    reasons: dict[str, int] = {}
+    for t in dropped:
+        for r in t["reasons"]:
+            reasons[r] = reasons.get(r, 0) + 1
+    why = ", ".join(f"{r}: {n:,}" for r, n in sorted(reasons.items()))
+    return (f" {len(dropped):,} flagged synthetic tiles ({why}) were dropped in earlier rounds; they are not covered "
+            "by this verdict and must not be shipped.")
+
+
 def render_html(report: dict[str, Any]) -> str:
     verdict = report["verdict"]
     sizes = report["sizes"]
@@ -131,7 +144,7 @@ def render_html(report: dict[str, Any]) -> str:
     out.append(f'<div class="verdict" id="verdict" style="background:{_COLOURS[verdict]}">Verdict: {verdict}</div>')
     out.append(f'<p id="verdict-sentence">The audit {word}. {sizes["S_kept"]:,} of {sizes["S"]:,} synthetic tiles '
                f'were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and {sizes["H"]:,} '
-               f'held-out real tiles (H).</p>')
+               f'held-out real tiles (H).{_dropped_sentence(report)}</p>')
     out.append("<table><tr><th>Test</th><th>Status</th><th>Finding</th></tr>")
     for t in report["tests"]:
         out.append(f'<tr><td>{_esc(t["title"])}</td><td>{_badge(t["status"])}</td><td>{_esc(t["sentence"])}</td></tr>')
@@ -165,10 +178,12 @@ def render_html(report: dict[str, Any]) -> str:
                'means the synthetic set is closer to T than new real tissue is.</p>')
     out.append(histogram_svg(fig["hist_bins"], fig["hist_S"], fig["hist_H"], label_a="S -> T (synthetic)",
                              label_b="H -> T (held-out null)"))
+    cols = sorted(fig["percentiles"]["S->T"], key=lambda name: int(name[1:]))
     out.append('<h2>Percentiles</h2><table id="percentiles"><tr><th>Set</th>' +
-               "".join(f"<th>{_esc(k)}</th>" for k in fig["percentiles"]["S->T"]) + "</tr>")
-    for label, row in fig["percentiles"].items():
-        out.append(f"<tr><td>{_esc(label)}</td>" + "".join(f"<td>{v:.4f}</td>" for v in row.values()) + "</tr>")
+               "".join(f"<th>{'max' if c == 'p100' else _esc(c)}</th>" for c in cols) + "</tr>")
+    for label in ("S->T", "H->T"):
+        row = fig["percentiles"][label]
+        out.append(f"<tr><td>{_esc(label)}</td>" + "".join(f"<td>{'n/a' if row[c] is None else f'{row[c]:.4f}'}</td>" for c in cols) + "</tr>")
     out.append("</table>")
     if fig.get("roc"):
         out.append("<h2>Membership inference ROC</h2><p class=\"small\">Attack: a real tile is called a member of T "

@@ -4,6 +4,7 @@ embeddings), with a fail-closed check that the summary names no real file."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,17 @@ def _audit_identity() -> dict[str, Any]:
             "pixel_confirmation": "band-passed NCC, max over D4 x shifts x zooms", "weights": "none (weight-free)"}
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities (statistics of empty sets) become null, so that the files are strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def build_report(*, cfg, verdict: str, roles: DataRoles, kept: Sequence[Path], rounds: list[dict],
                  tests: list[TestResult], tiles: list[dict], figures: dict, fidelity: dict, closest: list[dict],
                  findings: list, identities: dict, null: dict) -> dict[str, Any]:
@@ -32,7 +44,7 @@ def build_report(*, cfg, verdict: str, roles: DataRoles, kept: Sequence[Path], r
     from pixcell_fed.config import to_plain
 
     thresholds = to_plain(cfg)
-    return {
+    return _finite({
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "verdict": verdict,
@@ -49,7 +61,7 @@ def build_report(*, cfg, verdict: str, roles: DataRoles, kept: Sequence[Path], r
         "identifier_findings": [f.to_dict() for f in findings],
         "tiles": tiles,
         "kept_sha256": sorted(t["sha256"] for t in tiles if t["kept"]),
-    }
+    })
 
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:

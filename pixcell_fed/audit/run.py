@@ -64,8 +64,8 @@ class _PerTile:
         return np.nan_to_num(self.pixel, nan=-1.0) >= cfg.copy_pixel_confirm
 
 
-def _per_tile(queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, null: st.NullModel | None) -> _PerTile:
-    top = F.search_real(queries, t, cfg.top_k, device=cfg.device)
+def _per_tile(queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, null: st.NullModel | None, top=None) -> _PerTile:
+    top = F.search_real(queries, t, cfg.top_k, device=cfg.device) if top is None else top
     pixel, match = F.confirm_candidates(queries, t, top, cfg.copy_similarity)
     z = null.z(top.sims[:, 0]) if null is not None else np.zeros(len(queries))
     return _PerTile(top, pixel, match, z, st.nn_distance_ratio(top.sims))
@@ -104,7 +104,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     # The null: H against T, as if H were synthetic.
     h_top = F.search_real(h_set, t_set, cfg.top_k, device=cfg.device)
     null = st.NullModel.fit(h_top.sims[:, 0])
-    h_tile = _per_tile(h_set, t_set, cfg, null)
+    h_tile = _per_tile(h_set, t_set, cfg, null, top=h_top)
     s_tile = _per_tile(s_set, t_set, cfg, null)
     t_self = F.search_real(t_set, t_set, 1, device=cfg.device, exclude_self=True)
     t_self_dist = 1.0 - t_self.sims[:, 0] if t_self.sims.shape[1] else np.ones(len(t_set))

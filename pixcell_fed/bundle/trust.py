@@ -100,3 +100,27 @@ def load_trust(path: str | Path) -> TrustStore:
 
     path = Path(path)
     return trust_from_entries(load_yaml_config(path, TrustFile), source=str(path))
+
+
+def add_site_to_trust_file(path: str | Path, site: str, *, signing_key: str, officers: list[str]) -> TrustStore:
+    """Add or replace ``site`` in the trust file at ``path`` (created if missing); validated before it is written."""
+    import yaml
+
+    from pixcell_fed.atomic import write_text_atomic
+    from pixcell_fed.config import to_plain
+
+    path = Path(path)
+    current = load_yaml_config_if_exists(path)
+    sites = dict(current.sites) if current else {}
+    sites[site] = TrustedSiteEntry(signing_key=signing_key.strip(), officers=tuple(k.strip() for k in officers))
+    updated = TrustFile(sites=MappingProxyType(sites))
+    store = trust_from_entries(updated, source=str(path))
+    header = "# The consortium's trust file (see configs/trust.example.yaml). Public keys only.\n"
+    write_text_atomic(path, header + yaml.safe_dump(to_plain(updated), sort_keys=True, width=200))
+    return store
+
+
+def load_yaml_config_if_exists(path: Path) -> TrustFile | None:
+    from pixcell_fed.config import load_yaml_config
+
+    return load_yaml_config(path, TrustFile) if path.is_file() else None

@@ -95,6 +95,7 @@ class SiteStatus:
     n_received: int = 0
     bytes_received: int = 0
     audit_verdict: str | None = None
+    generator: str | None = None       # the generator's label from the audit ("PixCell-256", "untrained twin")
     reason: str | None = None
     failed_files: list[str] = field(default_factory=list)
 
@@ -200,13 +201,24 @@ def _safe_relative(name: str) -> bool:
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts and not name.startswith(("/", "\\"))
 
 
-def _audit_verdict(bundle_dir: Path) -> str | None:
+def _audit(bundle_dir: Path) -> dict:
     try:
         data = json.loads((bundle_dir / "audit.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    verdict = data.get("verdict") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _audit_verdict(bundle_dir: Path) -> str | None:
+    verdict = _audit(bundle_dir).get("verdict")
     return str(verdict) if verdict is not None else None
+
+
+def _generator_label(bundle_dir: Path) -> str | None:
+    """What generated the bundle's tiles, as its (signed) audit names it: "PixCell-256", "untrained twin", ..."""
+    generator = (_audit(bundle_dir).get("identities") or {}).get("generator") or {}
+    label = generator.get("label") if isinstance(generator, dict) else None
+    return str(label) if label is not None else None
 
 
 def _file_ok(path: Path, size: int, digest: str) -> bool:
@@ -264,6 +276,7 @@ def pool_bundles(transport: Transport, pool_dir: str | Path, verify: Verifier, *
         status.run_id = str(verified.run_id)
         status.n_tiles = int(len(manifest))
         status.audit_verdict = _audit_verdict(bundle_dir)
+        status.generator = _generator_label(bundle_dir)
         node_of[name] = node
         active[node] = {"name": name, "dir": bundle_dir, "manifest": manifest, "verified": verified,
                         "attempts": {}, "pending": []}
@@ -410,6 +423,7 @@ def _earlier_rows(pool_dir: Path, sites: dict[str, SiteStatus], connected: set[s
         run_id = next(r["bundle_run_id"] for r in rows if r["site"] == site)
         sites[site] = SiteStatus(site=site, status="complete", run_id=run_id, n_tiles=n, n_received=n,
                                  audit_verdict=_audit_verdict(pool_dir / "bundles" / site / str(run_id)),
+                                 generator=_generator_label(pool_dir / "bundles" / site / str(run_id)),
                                  reason="pooled in an earlier run; not connected now")
         log.info("pooling: keeping %d tiles of %s pooled in an earlier run", n, site)
     return rows

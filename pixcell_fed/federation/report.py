@@ -66,10 +66,14 @@ def render_html(report: dict[str, Any]) -> str:
     out.append(f"<p>{len(pool.get('complete', []))} site(s) pooled, {pool.get('n_pooled', 0)} synthetic tiles. "
                f"Missing: <span class='bad'>{html.escape(', '.join(pool.get('missing', [])) or 'none')}</span>. "
                f"Rejected: <span class='bad'>{html.escape(', '.join(pool.get('rejected', [])) or 'none')}</span>.</p>")
+    twins = sorted(s for s, st in sites.items() if "twin" in str(st.get("generator") or ""))
+    if twins:
+        out.append(f"<p class='bad'>The synthetic tiles of {html.escape(', '.join(twins))} come from untrained twin "
+                   "models (a demo or test set-up): the figures below show the plumbing, not model quality.</p>")
     out.append("<h2>Sites</h2>")
-    out.append(_table(["site", "status", "bundle run", "tiles", "received", "audit verdict", "note"],
-                      [[s, st.get("status"), st.get("run_id"), st.get("n_tiles"), st.get("n_received"), st.get("audit_verdict"),
-                        st.get("reason")] for s, st in sorted(sites.items())]))
+    out.append(_table(["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "note"],
+                      [[s, st.get("status"), st.get("run_id"), st.get("generator"), st.get("n_tiles"), st.get("n_received"),
+                        st.get("audit_verdict"), st.get("reason")] for s, st in sorted(sites.items())]))
     training = report.get("training")
     out.append("<h2>Training</h2>")
     if training:

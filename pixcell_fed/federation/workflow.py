@@ -7,7 +7,6 @@ wrapper and the cycle runs the same against a live Grid or an in-memory fake.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from pixcell_fed.federation import protocol as P

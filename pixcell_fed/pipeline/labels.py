@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from pixcell_fed.bundle.manifest import LABEL_RE
 from pixcell_fed.errors import ConfigError
 
 LABEL_COLUMNS = ("slide", "label")
@@ -27,6 +28,9 @@ def load_slide_labels(path: str | Path | None) -> dict[str, str]:
             slide, label = (row.get("slide") or "").strip(), (row.get("label") or "").strip()
             if not slide or not label:
                 raise ConfigError(f"{path}:{line_no}: empty slide or label", hint="every row needs both values")
+            if not LABEL_RE.match(label):
+                raise ConfigError(f"{path}:{line_no}: class label {label!r} is not a short plain name",
+                                  hint="labels are 1-64 letters, digits, spaces, '_', '.', '+' or '-' (they are shipped)")
             if slide in labels and labels[slide] != label:
                 raise ConfigError(f"{path}:{line_no}: slide {slide!r} has two labels",
                                   hint="give each slide exactly one label")

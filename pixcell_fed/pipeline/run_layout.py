@@ -56,9 +56,9 @@ class RunLayout:
         return self.root / "audit"
 
     @property
-    def eval_table(self) -> Path:
-        """Real held-out labelled tiles for federated evaluation (site-internal)."""
-        return self.root / "eval_tiles.parquet"
+    def eval_dir(self) -> Path:
+        """Real held-out tiles as ``eval/<label>/<tile>.png``: what the site evaluates shared models on (internal)."""
+        return self.root / "eval"
 
     @property
     def log_file(self) -> Path:

@@ -27,8 +27,8 @@ from pixcell_fed.runlog import get_logger, run_log
 
 log = get_logger("synthesize")
 
-#: run states written to run.json (read by ``site-agent status``)
-STATE_RUNNING, STATE_REFUSED, STATE_AWAITING = "running", "refused by audit", "awaiting approval"
+#: run states written to run.json (read by ``site-agent status``, which shows the bundle's own state beside it)
+STATE_RUNNING, STATE_REFUSED, STATE_FINISHED = "running", "refused by audit", "finished"
 
 
 @dataclass
@@ -49,6 +49,7 @@ class SynthesizeSummary:
     verdict: str | None = None
     report: str | None = None
     bundle: str | None = None
+    bundle_state: str | None = None
     models_are_twins: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,15 +86,30 @@ def _synthetic_name(tile_id: str, sample: int) -> str:
     return hashlib.sha256(f"{tile_id}:{sample}".encode()).hexdigest()[:20] + ".png"
 
 
-def _split(layout: RunLayout, cfg: SiteConfig, tiles) -> tuple[list[str], list[str]]:
-    """T/H split by slide, decided once per run (before any synthesis) and saved."""
+def _split(layout: RunLayout, cfg: SiteConfig, tiles, labels: dict[str, str]) -> tuple[list[str], list[str]]:
+    """T/H split by slide, decided once per run (before any synthesis) and saved.
+
+    With slide labels the split is stratified: each class with at least two slides is split on its own, so the
+    held-out slides (the audit's null and the site's evaluation set) cover the classes.
+    """
     from pixcell_fed.audit.roles import split_slides
 
     if layout.split_file.is_file():
         saved = json.loads(layout.split_file.read_text())
         return saved["conditioning"], saved["holdout"]
-    keys = sorted(tiles["slide_key"].unique())
-    conditioning, holdout = split_slides(keys, cfg.split.holdout_fraction, cfg.split.seed)
+    slide_of = dict(zip(tiles["slide_key"], tiles["slide_file"]))
+    groups: dict[str, list[str]] = {}
+    for key in sorted(slide_of):
+        groups.setdefault(labels.get(slide_of[key], ""), []).append(key)
+    if labels and all(len(keys) >= 2 for keys in groups.values()):
+        conditioning, holdout = [], []
+        for keys in groups.values():
+            t, h = split_slides(keys, cfg.split.holdout_fraction, cfg.split.seed)
+            conditioning += t
+            holdout += h
+    else:
+        conditioning, holdout = split_slides(sorted(slide_of), cfg.split.holdout_fraction, cfg.split.seed)
+    conditioning, holdout = sorted(conditioning), sorted(holdout)
     write_json_atomic(layout.split_file, {"conditioning": conditioning, "holdout": holdout})
     return conditioning, holdout
 
@@ -136,52 +152,77 @@ def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int) 
     return emb[:, None, :], encoder.identity
 
 
+def _batch_size(layout: RunLayout, cfg: SiteConfig, pipeline) -> int:
+    """The run's synthesis batch size, fixed at its first use: batch composition is part of reproducibility."""
+    state = layout.read_state()
+    if "synthesis_batch_size" not in state:
+        state = layout.update_state(synthesis_batch_size=cfg.synthesis.batch_size or pipeline.auto_batch_size())
+    return int(state["synthesis_batch_size"])
+
+
 def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarray, labels: dict[str, str]):
-    """Synthetic tiles, written one by one (atomically) and skipped when already there."""
+    """Synthetic tiles, generated in fixed batches and written one by one (atomically).
+
+    Batches are fixed slices of the run's job list, so a resumed run generates exactly the batches a run from
+    scratch would: a batch whose tiles all exist is skipped; one cut short by a kill is generated again whole
+    (same inputs, same seeds, same composition, so the same pixels) and only its missing tiles are written.
+    """
+    import pandas as pd
+
     from pixcell_fed.bundle.png import clean_png_bytes
     from pixcell_fed.progress import progress
 
-    n = cfg.synthesis.samples_per_tile
-    jobs = [(i, s) for i in range(len(rows)) for s in range(n)]
     records = []
-    todo = []
-    for i, s in jobs:
+    for i in range(len(rows)):
         tile_id = rows["tile_id"].iloc[i]
-        name = _synthetic_name(tile_id, s)
-        records.append({"synthetic_file": name, "source_tile_id": tile_id, "source_tile_file": rows["tile_file"].iloc[i],
-                        "sample": s, "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
-                        "label": labels.get(rows["slide_file"].iloc[i])})
-        if not (layout.synthetic_dir / name).is_file():
-            todo.append(len(records) - 1)
+        for s in range(cfg.synthesis.samples_per_tile):
+            records.append({"synthetic_file": _synthetic_name(tile_id, s), "source_tile_id": tile_id,
+                            "source_tile_file": rows["tile_file"].iloc[i], "sample": s, "row": i,
+                            "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
+                            "label": labels.get(rows["slide_file"].iloc[i])})
+    batch = _batch_size(layout, cfg, pipeline)
+    batches = [records[start:start + batch] for start in range(0, len(records), batch)]
+    todo = [b for b in batches if not all((layout.synthetic_dir / r["synthetic_file"]).is_file() for r in b)]
     if todo:
-        log.info("generating %d synthetic tiles (%d already done)", len(todo), len(records) - len(todo))
-    batch = cfg.synthesis.batch_size or pipeline.auto_batch_size()
+        log.info("generating %d synthetic tiles in %d batches (%d batches already done)",
+                 sum(len(b) for b in todo), len(todo), len(batches) - len(todo))
     bar = progress(total=len(records), desc="synthesising", unit="tile")
-    bar.update(len(records) - len(todo))
-    for start in range(0, len(todo), batch):
-        chunk = todo[start:start + batch]
-        cond_chunk = np.stack([cond[jobs[j][0]] for j in chunk])
-        images = pipeline.generate(cond_chunk, seeds=[records[j]["seed"] for j in chunk], steps=cfg.synthesis.steps,
-                                   guidance=cfg.synthesis.guidance, batch_size=len(chunk))
-        for j, image in zip(chunk, images):
-            write_bytes_atomic(layout.synthetic_dir / records[j]["synthetic_file"], clean_png_bytes(image))
+    bar.update(len(records) - sum(len(b) for b in todo))
+    for chunk in todo:
+        images = pipeline.generate(np.stack([cond[r["row"]] for r in chunk]), seeds=[r["seed"] for r in chunk],
+                                   steps=cfg.synthesis.steps, guidance=cfg.synthesis.guidance, batch_size=len(chunk))
+        for record, image in zip(chunk, images):
+            target = layout.synthetic_dir / record["synthetic_file"]
+            if not target.is_file():
+                write_bytes_atomic(target, clean_png_bytes(image))
         bar.update(len(chunk))
     bar.close()
-    import pandas as pd
-
-    table = pd.DataFrame.from_records(records)
+    table = pd.DataFrame.from_records(records).drop(columns=["row"])
     write_parquet_atomic(layout.synthetic_table, table)
     return table
 
 
-def _write_eval_table(layout: RunLayout, h_tiles, labels: dict[str, str]) -> None:
-    """The real held-out tiles with labels: what this site evaluates shared models on (site-internal)."""
+def _write_eval_set(layout: RunLayout, h_tiles, labels: dict[str, str]) -> None:
+    """The real held-out tiles by label (hard links to the tiles): the site's federated evaluation set.
+
+    Held-out slides never conditioned synthesis, so a shared model trained on the pooled synthetic sets is
+    evaluated on tiles it has never seen any trace of. Site-internal: only metrics computed on it leave.
+    """
+    import os
+    import shutil
+
     if not labels:
         return
-    table = h_tiles[["tile_id", "tile_file", "slide_file"]].copy()
-    table["tile_file"] = [str(layout.tiles_dir / f) for f in table["tile_file"]]
-    table["label"] = [labels[s] for s in table["slide_file"]]
-    write_parquet_atomic(layout.eval_table, table.drop(columns=["slide_file"]))
+    for tile_file, slide_file in zip(h_tiles["tile_file"], h_tiles["slide_file"]):
+        source = layout.tiles_dir / tile_file
+        target = layout.eval_dir / labels[slide_file] / source.name
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
 
 
 def _identifying_strings(slides_dir: Path, slide_files: list[str]) -> list[str]:
@@ -204,6 +245,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
 
     from pixcell_fed.audit import run_audit
     from pixcell_fed.bundle.build import build_bundle
+    from pixcell_fed.bundle.layout import read_bundle_json
     from pixcell_fed.bundle.trail import append_event
     from pixcell_fed.generation import load_pixcell
     from pixcell_fed.keys import load_private_key, passphrase_from_env
@@ -216,7 +258,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     resolved = to_plain(cfg)
     work_dir = cfg.site.work_dir
     with folder_lock(work_dir, what="site-agent synthesize"):
-        layout = find_or_create_run(work_dir, run_fingerprint(resolved, inventory))
+        layout = find_or_create_run(work_dir, run_fingerprint(_output_settings(resolved), inventory))
         summary = SynthesizeSummary(run_id=layout.run_id, run_dir=str(layout.root))
         with run_log(layout.log_file):
             log.info("run %s in %s", layout.run_id, layout.root)
@@ -231,7 +273,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             summary.tiles = len(tiles)
             check_labels_cover(labels, summary.slides_ok, cfg.site.labels_csv)
 
-            conditioning, holdout = _split(layout, cfg, tiles)
+            conditioning, holdout = _split(layout, cfg, tiles, labels)
             t_tiles = tiles[tiles["slide_key"].isin(conditioning)]
             h_tiles = tiles[tiles["slide_key"].isin(holdout)]
             summary.conditioning_slides, summary.holdout_slides = len(conditioning), len(holdout)
@@ -243,7 +285,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                     f"not enough tissue tiles on both sides of the slide split: {len(rows)} conditioning tiles, "
                     f"{len(h_tiles)} held-out tiles (the audit needs at least {cfg.audit.min_holdout} held out)",
                     hint="add slides, raise split.holdout_fraction, or lower tiling.tissue_fraction")
-            _write_eval_table(layout, h_tiles, labels)
+            _write_eval_set(layout, h_tiles, labels)
 
             pipeline = load_pixcell(pixcell_dir, cfg.models.vae_dir, device=cfg.models.device, dtype=cfg.models.dtype)
             summary.models_are_twins = bool(pipeline.identity.get("twin"))
@@ -293,9 +335,18 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 append_event(trail, "synthesize", run_id=layout.run_id, verdict=result.verdict,
                              synthetic=len(synthetic), bundled=len(kept))
             summary.bundle = str(layout.bundle_dir)
-            layout.update_state(state=STATE_AWAITING, verdict=result.verdict)
+            summary.bundle_state = read_bundle_json(layout.bundle_dir)["state"]
+            layout.update_state(state=STATE_FINISHED, verdict=result.verdict)
             write_json_atomic(layout.root / "summary.json", summary.to_dict())
     return summary
+
+
+#: config sections that do not change what a run produces (a new certificate or port must not start a new run)
+_NOT_OUTPUT_SETTINGS = ("keys", "federation")
+
+
+def _output_settings(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resolved.items() if k not in _NOT_OUTPUT_SETTINGS}
 
 
 def _shareable_identity(identity: dict) -> dict:

@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -307,9 +307,10 @@ def _ordered(executor: ProcessPoolExecutor, fn: Callable, tasks: Iterable[tuple]
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-    finally:
+    finally:  # on an error or an early stop: cancel what has not started, wait for what has (it may be writing)
         for fut in pending:
             fut.cancel()
+        wait(pending)
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -149,8 +149,10 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
             states.append(state)
             weights.append(float(metrics["n"]))
             took_part.append(site)
+            earlier = privacy.get(site, {})
             privacy[site] = {"epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]), "n": int(metrics["n"]),
-                             "rounds": privacy.get(site, {}).get("rounds", 0) + 1}
+                             "rounds": earlier.get("rounds", 0) + 1,
+                             "epsilon_by_round": [*earlier.get("epsilon_by_round", []), float(metrics["epsilon"])]}
         if not states:
             raise FederationError(f"DP round {rnd}: no site answered", hint="check that the sites are connected and have a train-dir")
         global_state = fedavg(states, weights)

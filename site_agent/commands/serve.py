@@ -64,8 +64,11 @@ def supernode_for(cfg, bundle):
                              hint="the consortium runs with TLS and site authentication: get ca.crt from the coordinator "
                                   "and create a key with 'site-agent auth-key'")
     node_config = {P.NODE_SITE_NAME: cfg.site.name, P.NODE_BUNDLE_DIR: str(Path(bundle).resolve())}
-    if fed.eval_dir is not None:
-        node_config[P.NODE_EVAL_DIR] = str(Path(fed.eval_dir).resolve())
+    eval_dir = fed.eval_dir
+    if eval_dir is None and (Path(bundle).parent / "eval").is_dir():
+        eval_dir = Path(bundle).parent / "eval"  # the run's real held-out tiles, by label
+    if eval_dir is not None:
+        node_config[P.NODE_EVAL_DIR] = str(Path(eval_dir).resolve())
     if fed.train_dir is not None:
         node_config[P.NODE_TRAIN_DIR] = str(Path(fed.train_dir).resolve())
     return D.supernode_command(superlink=fed.superlink, port=fed.port, node_config=node_config,

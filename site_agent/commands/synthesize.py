@@ -32,7 +32,8 @@ def format_summary(s) -> str:
     lines.append(f"synthetic tiles: {s.synthetic_tiles} generated, {s.kept_tiles} kept after the audit")
     lines.append(f"audit verdict: {s.verdict}; report: {s.report}")
     if s.bundle:
-        lines.append(f"bundle (awaiting the privacy officer's approval): {s.bundle}")
+        state = s.bundle_state.replace("_", " ") if s.bundle_state else "unknown"
+        lines.append(f"bundle ({state}): {s.bundle}")
     return "\n".join(lines)
 
 

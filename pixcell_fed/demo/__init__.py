@@ -1,0 +1,1 @@
+"""The demo consortium: three simulated hospitals, a loopback Flower deployment, one command."""

@@ -1,0 +1,193 @@
+"""Run a complete consortium on this machine with the same commands a real deployment uses.
+
+Three simulated hospitals, each with slides written from the real CMU H&E slide in its own stain and with slide
+labels, run ``site-agent synthesize``; a demo privacy officer per site approves; the coordinator admits the sites
+to its trust file, starts its SuperLink with TLS, registers each site's SuperNode key; the sites join with
+``site-agent serve``; ``coordinator run`` pools the bundles, trains a small classifier and has every site
+evaluate it on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
+deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pixcell_fed.errors import FederationError, PixcellFedError
+from pixcell_fed.runlog import get_logger
+
+log = get_logger("demo")
+
+#: (site name, stain variation) of the three simulated hospitals: their slides differ in stain.
+SITES = (
+    ("hospital-a", {"hematoxylin": 1.0, "eosin": 1.0}),
+    ("hospital-b", {"hematoxylin": 1.25, "eosin": 0.8}),
+    ("hospital-c", {"hematoxylin": 0.85, "eosin": 1.3, "bias": 0.03}),
+)
+LABELS = ("normal", "tumour")
+SLIDES_PER_LABEL = 3
+#: A small timm classifier for a 2-core CPU (the real deployment picks its backbone in the run settings).
+DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
+                 "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
+                 "epochs": 3, "batch-size": 16, "lr": 0.001}
+DEMO_SITE_CONFIG = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
+
+
+@dataclass
+class DemoResult:
+    """Where the demo's outputs are."""
+
+    out: Path
+    audit_reports: dict[str, Path] = field(default_factory=dict)
+    bundles: dict[str, Path] = field(default_factory=dict)
+    consortium_report: Path | None = None
+    consortium_json: Path | None = None
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    from pixcell_fed.federation.deployment import flower_env
+
+    return {**flower_env(flwr_home), "PIXCELL_FED_NO_PROGRESS": os.environ.get("PIXCELL_FED_NO_PROGRESS", "1")}
+
+
+def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: float = 1800) -> str:
+    """Run ``site-agent`` or ``coordinator`` (this installation's) and return its stdout; raise on failure."""
+    module = {"site-agent": "site_agent.cli", "coordinator": "coordinator.cli"}[tool]
+    log.info("$ %s %s", tool, " ".join(args))
+    with open(log_file, "a", encoding="utf-8") as fh:
+        fh.write(f"\n$ {tool} {' '.join(args)}\n")
+        fh.flush()
+        proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=fh, text=True,
+                              env=env, timeout=timeout)
+        fh.write(proc.stdout)
+    if proc.returncode != 0:
+        raise FederationError(f"'{tool} {args[0]}' failed with exit code {proc.returncode}",
+                              hint=f"see {log_file}")
+    return proc.stdout
+
+
+def _slides(site_index: int):
+    from pixcell_fed.testing.sites import SlideSpec
+
+    specs = []
+    for k in range(SLIDES_PER_LABEL * len(LABELS)):
+        label = LABELS[k % len(LABELS)]
+        specs.append(SlideSpec(f"slide-{k + 1:02d}.svs", label=label, seed=100 * site_index + k,
+                               label_text=f"DEMO-{site_index}-{k}"))
+    return specs
+
+
+def _make_sites(out: Path, models) -> dict[str, Path]:
+    from pixcell_fed.testing.sites import make_site
+    from pixcell_fed.testing.slide_writer import StainVariation
+
+    configs = {}
+    for i, (name, stain) in enumerate(SITES):
+        configs[name] = make_site(out / "sites" / name, name=name, models=models, slides=_slides(i),
+                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG)
+    return configs
+
+
+def _bundle_of(site_dir: Path) -> Path:
+    bundles = sorted((site_dir / "work" / "runs").glob("*/bundle/bundle.json"), key=lambda p: p.stat().st_mtime)
+    if not bundles:
+        raise FederationError(f"no bundle under {site_dir / 'work'}", hint="see the demo log")
+    return bundles[-1].parent
+
+
+def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
+    """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are."""
+    from pixcell_fed.federation import deployment as D
+    from pixcell_fed.testing.sites import make_site, write_twin_models
+
+    out = Path(out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    demo_log = logs / "demo-commands.log"
+    coord = out / "coordinator"
+    flwr_home = coord / "flwr-home"
+    env = _env(flwr_home)
+    result = DemoResult(out=out)
+    started = time.monotonic()
+
+    log.info("1/6 tiny untrained model twins and three simulated hospitals (real H&E, site-specific stains)")
+    models = write_twin_models(out / "models")
+    configs = _make_sites(out, models)
+
+    log.info("2/6 each site: site-agent synthesize (tiles -> embeddings -> synthetic tiles -> audit -> bundle)")
+    for name, config in configs.items():
+        _cli("site-agent", "synthesize", "--config", str(config), env=env, log_file=demo_log)
+        site_dir = config.parent
+        result.bundles[name] = _bundle_of(site_dir)
+        result.audit_reports[name] = result.bundles[name].parent / "audit" / "audit.html"
+
+    log.info("3/6 each site's demo privacy officer approves; the coordinator admits the site to its trust file")
+    trust_file = coord / "trust.yaml"
+    for name, config in configs.items():
+        site_dir = config.parent
+        officer = site_dir / "officer"
+        if not (officer / "officer.key").is_file():
+            _cli("site-agent", "officer-key", "--out", str(officer), env=env, log_file=demo_log)
+        state = json.loads((result.bundles[name] / "bundle.json").read_text())["state"]
+        if state != "approved":
+            _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"), "--yes",
+                 env=env, log_file=demo_log)
+        _cli("coordinator", "trust-add", str(trust_file), "--site", name,
+             "--signing-key", str(site_dir / "keys" / "site_signing.pub"), "--officer", str(officer / "officer.pub"),
+             env=env, log_file=demo_log)
+        _cli("coordinator", "verify", str(result.bundles[name]), "--trust", str(trust_file), env=env, log_file=demo_log)
+
+    log.info("4/6 the coordinator starts its SuperLink (TLS, registered sites only) and registers the sites")
+    port = D.free_port()
+    superlink = f"127.0.0.1:{port}"
+    certs = coord / "certs"
+    processes: list = []
+    try:
+        processes.append(D.Process("coordinator-serve", [sys.executable, "-m", "coordinator.cli", "serve", "--certs",
+                                                         str(certs), "--host", "127.0.0.1", "--port", str(port),
+                                                         "--hostname", "127.0.0.1", "--hostname", "localhost"],
+                                   log_path=logs / "coordinator-serve.log", env=env))
+        deadline = time.monotonic() + 60
+        while not (certs / "ca.crt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        D.wait_healthy(f"https://127.0.0.1:{port}/health", timeout=90, ca=certs / "ca.crt", process=processes[0])
+        for name, config in configs.items():
+            site_dir = config.parent
+            auth = site_dir / "keys" / "flower"
+            if not (auth / f"{name}_auth").is_file():
+                _cli("site-agent", "auth-key", "--config", str(config), "--out", str(auth), env=env, log_file=demo_log)
+            _cli("coordinator", "register-site", str(auth / f"{name}_auth.pub"), "--name", name, "--superlink",
+                 superlink, "--ca", str(certs / "ca.crt"), "--flwr-home", str(flwr_home), env=env, log_file=demo_log)
+            make_site(site_dir, name=name, models=models, slides=[], config={
+                "federation": {"superlink": superlink, "root_certificates": str(certs / "ca.crt"),
+                               "auth_private_key": str(auth / f"{name}_auth"), "port": D.free_port()}})
+
+        log.info("5/6 the sites join: site-agent serve (a Flower SuperNode serving the approved bundle only)")
+        for name, config in configs.items():
+            processes.append(D.Process(f"site-serve-{name}", [sys.executable, "-m", "site_agent.cli", "serve",
+                                                              "--config", str(config)],
+                                       log_path=logs / f"site-serve-{name}.log", env=env))
+
+        log.info("6/6 coordinator run: pool the verified bundles -> train a classifier -> evaluate at every site")
+        settings = {"work-dir": str(coord / "work"), "trust-file": str(trust_file),
+                    "expected-sites": ",".join(configs), "min-sites": len(configs), "wait-for-sites-s": 120.0,
+                    "chunk-mb": 16.0, "reply-timeout-s": 300.0, **DEMO_TRAINING}
+        settings_file = D.write_run_config(coord / "run-settings.toml", settings)
+        remaining = max(60.0, timeout_s - (time.monotonic() - started))
+        report = _cli("coordinator", "run", "--settings", str(settings_file), "--superlink", superlink, "--ca",
+                      str(certs / "ca.crt"), "--flwr-home", str(flwr_home), env=env, log_file=demo_log,
+                      timeout=remaining)
+        log.info(report.strip())
+    finally:
+        for process in reversed(processes):
+            process.stop()
+    result.consortium_report = coord / "work" / "report" / "report.html"
+    result.consortium_json = coord / "work" / "report" / "report.json"
+    if not result.consortium_report.is_file():
+        raise PixcellFedError("the consortium report was not written", hint=f"see the logs in {logs}")
+    return result
