@@ -51,10 +51,23 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}, Python {platform.python_version()}"
 
 
-def record(name: str, title: str, command: str, figures: dict, table_md: str) -> None:
-    """Print ``figures`` as the last JSON line and replace this benchmark's section of BENCHMARKS.md."""
+def _summary(text: str) -> str:
+    """The summary table: one row per benchmark section, from the JSON record each section carries."""
+    rows = ["| benchmark | headline | machine | date | reproduce |", "|---|---|---|---|---|"]
+    for match in re.finditer(r"<!-- (\w+):start -->.*?Reproduce: `([^`]*)`.*?```json\n(.*?)\n```", text, re.S):
+        figures = json.loads(match.group(3))
+        rows.append(f"| [{match.group(1)}](#{match.group(1)}) | {figures.get('headline', '')} | {figures.get('machine', '')} "
+                    f"| {figures.get('date', '')} | `{match.group(2)}` |")
+    return "<!-- summary:start -->\n## Summary\n\n" + "\n".join(rows) + "\n<!-- summary:end -->\n"
+
+
+def record(name: str, title: str, command: str, figures: dict, table_md: str, *, headline: str = "") -> None:
+    """Print ``figures`` as the last JSON line and replace this benchmark's section of BENCHMARKS.md.
+
+    ``headline`` is the one-line result shown in the summary table at the top of BENCHMARKS.md.
+    """
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    figures = {"benchmark": name, "machine": machine_description(), "date": stamp, **figures}
+    figures = {"benchmark": name, "machine": machine_description(), "date": stamp, "headline": headline, **figures}
     section = (
         f"<!-- {name}:start -->\n## {title}\n\n"
         f"Machine: {figures['machine']}. Date: {stamp}.\n"
@@ -64,6 +77,10 @@ def record(name: str, title: str, command: str, figures: dict, table_md: str) ->
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else _HEADER
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n?", re.S)
     text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    summary = re.compile(r"<!-- summary:start -->.*?<!-- summary:end -->\n?", re.S)
+    text = summary.sub("", text)
+    head, sep, rest = text.partition("<!-- ")
+    text = head.rstrip("\n") + "\n\n" + _summary(text) + "\n" + sep + rest
     BENCHMARKS_MD.write_text(text)
     sys.stdout.flush()
     print(json.dumps(figures, sort_keys=True))

@@ -35,6 +35,19 @@ def atomic_path(target: str | Path, *, mode: int | None = None) -> Iterator[Path
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporaries that a killed writer left in ``folder`` (call it only while holding the folder's lock).
+
+    Returns how many were removed. They were never visible under their final names, so nothing is lost.
+    """
+    folder = Path(folder)
+    removed = 0
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_bytes_atomic(target: str | Path, data: bytes, *, mode: int | None = None) -> Path:
     """Write ``data`` to ``target`` atomically and return the path."""
     with atomic_path(target, mode=mode) as tmp:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from pixcell_fed.audit.roles import build_roles, list_tiles, split_slides

@@ -70,7 +70,7 @@ def test_drop_out_then_resume_without_resending(sites, tmp_path):
 
 
 def test_unverifiable_bundle_is_rejected_before_any_tile(sites, tmp_path):
-    tampered = sites.tampered_copy(tmp_path / "tampered", "beta")
+    tampered = sites.tampered_copy(tmp_path / "work" / "runs" / "run-beta-1" / "bundle", "beta")
     fake = FakeTransport(sites={1: SiteSettings(site_name="alpha", bundle_dir=sites.by_name["alpha"].bundle_dir, eval_dir=None),
                                 2: SiteSettings(site_name="beta", bundle_dir=tampered, eval_dir=None)})
     report = pool_bundles(fake, tmp_path / "pool", sites.verify, chunk_bytes=1 << 20)
@@ -98,3 +98,26 @@ def test_second_node_claiming_a_site_name_is_ignored(sites, tmp_path):
     assert report.complete == ["alpha"] and report.n_pooled == 10
     assert "second node" in report.sites["alpha"].reason
     assert len([n for req in fake.chunk_requests["alpha"] for n in req]) == 10  # fetched once, from one node
+
+
+def test_serving_a_bundle_is_recorded_as_an_export_in_the_site_trail(sites, tmp_path):
+    import shutil
+
+    from pixcell_fed.bundle.state import trail_path, work_dir_of_bundle
+    from pixcell_fed.bundle.trail import verify_trail
+    from pixcell_fed.errors import FederationError
+    from pixcell_fed.federation import protocol as P
+    from pixcell_fed.federation import site_server
+
+    site = SiteSettings(site_name="alpha", bundle_dir=sites.by_name["alpha"].bundle_dir, eval_dir=None)
+    trail = trail_path(work_dir_of_bundle(site.bundle_dir))
+    before = verify_trail(trail).count
+    site_server.handle_manifest(P.request_record(), site)
+    entries = verify_trail(trail).entries
+    assert len(entries) == before + 1
+    assert entries[-1]["event"] == "export" and entries[-1]["run_id"] == sites.by_name["alpha"].run_id
+    # a bundle outside any site work folder cannot be logged, so it is not served (fail closed)
+    loose = tmp_path / "loose"
+    shutil.copytree(site.bundle_dir, loose)
+    with pytest.raises(FederationError, match="audit trail"):
+        site_server.handle_manifest(P.request_record(), SiteSettings(site_name="alpha", bundle_dir=loose, eval_dir=None))

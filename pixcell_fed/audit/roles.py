@@ -9,7 +9,6 @@ and H also by content), H large enough to be a null (``|H| >= min_holdout_ratio 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,16 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pixcell_fed.errors import AuditError, UsageError
+from pixcell_fed.hashing import sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_tiles(folder: str | Path, *, role: str) -> list[Path]:

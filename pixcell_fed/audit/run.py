@@ -18,7 +18,8 @@ from pixcell_fed.audit import features as F
 from pixcell_fed.audit import statistics as st
 from pixcell_fed.audit.gate import FAIL, NA, PASS, WARN, TestResult, status_two_sided, verdict_of
 from pixcell_fed.audit.identifiers import scan_for_identifiers
-from pixcell_fed.audit.roles import DataRoles, build_roles, sha256_file
+from pixcell_fed.audit.roles import DataRoles, build_roles
+from pixcell_fed.hashing import sha256_file
 from pixcell_fed.config.schema import AuditConfig
 from pixcell_fed.runlog import get_logger
 

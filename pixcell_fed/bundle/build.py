@@ -19,7 +19,8 @@ from typing import Iterable, Mapping, Sequence
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.manifest import canonical_json, check_label, check_run_id, manifest_bytes, manifest_frame, read_manifest
-from pixcell_fed.bundle.png import check_clean_png, clean_png_bytes, random_tile_name, read_pixels, sha256_bytes
+from pixcell_fed.bundle.png import check_clean_png, clean_png_bytes, random_tile_name, read_pixels
+from pixcell_fed.hashing import sha256_bytes, sha256_file
 from pixcell_fed.bundle.shareable import validate_identity, validate_shareable_audit
 from pixcell_fed.errors import BundleError, PrivacyGateRefused
 from pixcell_fed.runlog import get_logger
@@ -237,9 +238,9 @@ def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Pat
             "counts": {"tiles": len(frame), "labels": label_counts},
             "verdict": audit["verdict"],
             "files": {
-                L.MANIFEST: L.sha256_file(tmp / L.MANIFEST),
-                L.AUDIT: L.sha256_file(tmp / L.AUDIT),
-                L.SUMMARY_HTML: L.sha256_file(tmp / L.SUMMARY_HTML) if html_bytes is not None else None,
+                L.MANIFEST: sha256_file(tmp / L.MANIFEST),
+                L.AUDIT: sha256_file(tmp / L.AUDIT),
+                L.SUMMARY_HTML: sha256_file(tmp / L.SUMMARY_HTML) if html_bytes is not None else None,
             },
             "state": L.STATE_AWAITING,
             "decision": None,

@@ -67,14 +67,6 @@ def bundle_lock(bundle_dir: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def today() -> str:
     return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
 

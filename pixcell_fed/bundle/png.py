@@ -8,7 +8,6 @@ refuses anything else, including bytes after ``IEND``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import secrets
@@ -96,5 +95,3 @@ def clean_png_bytes(pixels: np.ndarray) -> bytes:
     return data
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -16,6 +16,7 @@ from typing import Any
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.trust import TrustStore
 from pixcell_fed.errors import BundleError, VerificationError
+from pixcell_fed.hashing import sha256_bytes, sha256_file
 
 _HINT = "do not use this bundle; ask the site for a fresh copy or check the trust file"
 
@@ -71,7 +72,7 @@ def inspect_bundle(bundle_dir: str | Path, trust: TrustStore | None) -> Verified
     """All checks up to (not including) approval. Without ``trust`` the site key in ``site.sig`` is used as is."""
     from pixcell_fed.bundle.build import audit_json_text, check_summary_html
     from pixcell_fed.bundle.manifest import read_manifest
-    from pixcell_fed.bundle.png import check_clean_png, sha256_bytes
+    from pixcell_fed.bundle.png import check_clean_png
     from pixcell_fed.bundle.shareable import validate_shareable_audit
     from pixcell_fed.keys import fingerprint, public_key_raw
 
@@ -106,7 +107,7 @@ def inspect_bundle(bundle_dir: str | Path, trust: TrustStore | None) -> Verified
         expected = info["files"][rel]
         if expected is None:
             continue
-        actual = L.sha256_file(bundle_dir / rel)
+        actual = sha256_file(bundle_dir / rel)
         if actual != expected:
             what = "the audit bound to this bundle's signature (modified, or swapped from another bundle)" \
                 if rel == L.AUDIT else "the one bound to this bundle's signature (modified)"

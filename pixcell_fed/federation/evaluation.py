@@ -63,7 +63,6 @@ def _features(model, items, spec, batch_size: int = 64):
 
 def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     """Leave-one-out cosine k-NN predictions (majority vote, ties to the nearest)."""
-    import torch
 
     sim = features @ features.T
     sim.fill_diagonal_(-float("inf"))

@@ -27,6 +27,7 @@ from pixcell_fed.atomic import write_bytes_atomic, write_json_atomic, write_parq
 from pixcell_fed.errors import BundleError, FederationError, PixcellFedError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.runlog import get_logger
+from pixcell_fed.hashing import sha256_file
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -173,7 +174,7 @@ def preflight_bundle(bundle_dir: Path, trust: Any):
         raise fail(f"bundle of {site!r} signed by a key that is not the site's trusted signing key")
     for rel in (L.MANIFEST, L.AUDIT, L.SUMMARY_HTML):
         expected = info["files"][rel]
-        if expected is not None and (not (bundle_dir / rel).is_file() or L.sha256_file(bundle_dir / rel) != expected):
+        if expected is not None and (not (bundle_dir / rel).is_file() or sha256_file(bundle_dir / rel) != expected):
             raise fail(f"{rel} does not match the hash bound to the site signature")
     if not L.signature_valid(key, signature, L.statement(info, role="site")):
         raise fail("the site signature does not match bundle.json")

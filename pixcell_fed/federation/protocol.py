@@ -16,12 +16,12 @@ Every exchange is one Flower message with a ``RecordDict``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from pixcell_fed.errors import FederationError
+from pixcell_fed.hashing import sha256_bytes
 
 if TYPE_CHECKING:  # flwr and numpy are imported where used
     import numpy as np
@@ -56,8 +56,7 @@ BUNDLE_SIGNED_FILES = ("manifest.parquet", "bundle.json", "audit.json")
 BUNDLE_SIGNATURES_DIR = "signatures"
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+sha256_hex = sha256_bytes
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,22 @@ def handle_manifest(request: "RecordDict", site: SiteSettings) -> "RecordDict":
         "has-eval": bool(site.eval_dir and site.eval_dir.is_dir()),
     })})
     P.packed_to_records(P.pack_files(_signed_files(bundle)), content)
+    _record_export(bundle, site, n_tiles=int(len(frame)))
     return content
+
+
+def _record_export(bundle: Path, site: SiteSettings, *, n_tiles: int) -> None:
+    """Append an ``export`` entry to the site's audit trail before anything of the bundle leaves (fail closed)."""
+    from pixcell_fed.bundle.layout import read_bundle_json
+    from pixcell_fed.bundle.state import trail_path, work_dir_of_bundle
+    from pixcell_fed.bundle.trail import append_event
+
+    work = work_dir_of_bundle(bundle)
+    if work is None:
+        raise FederationError(f"site {site.site_name}: cannot record the export of {bundle} in the site's audit trail",
+                              hint="serve the bundle where synthesize built it (<work>/runs/<run>/bundle)")
+    append_event(trail_path(work), "export", run_id=read_bundle_json(bundle)["run_id"], tiles=n_tiles,
+                 to="consortium coordinator (Flower)")
 
 
 def handle_chunk(request: "RecordDict", site: SiteSettings) -> "RecordDict":

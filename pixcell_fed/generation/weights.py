@@ -5,10 +5,11 @@ Shared by the PixCell loader and the encoders. Nothing here touches the network.
 
 from __future__ import annotations
 
-import hashlib
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pixcell_fed import hashing
 from pixcell_fed.errors import UsageError, WeightsError
 
 if TYPE_CHECKING:
@@ -39,11 +40,7 @@ def sha256_file(path: str | Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
+        _SHA_CACHE[key] = hashing.sha256_file(path)
     return _SHA_CACHE[key]
 
 

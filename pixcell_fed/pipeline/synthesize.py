@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pixcell_fed.atomic import folder_lock, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_bytes_atomic, write_json_atomic,
+                                write_parquet_atomic)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
 from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_labels
@@ -180,6 +181,7 @@ def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarr
                             "source_tile_file": rows["tile_file"].iloc[i], "sample": s, "row": i,
                             "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
                             "label": labels.get(rows["slide_file"].iloc[i])})
+    remove_stale_temporaries(layout.synthetic_dir)
     batch = _batch_size(layout, cfg, pipeline)
     batches = [records[start:start + batch] for start in range(0, len(records), batch)]
     todo = [b for b in batches if not all((layout.synthetic_dir / r["synthetic_file"]).is_file() for r in b)]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from pixcell_fed.hashing import sha256_bytes, sha256_file
 
 GENERATOR = {"name": "pixcell-256", "variant": 256, "transformer_sha256": "a" * 64, "vae_sha256": "b" * 64, "twin": True}
 ENCODER = {"name": "uni2-h", "architecture": "vit_giant_patch14_224", "dim": 1536, "weights_sha256": "c" * 64}
@@ -53,7 +54,7 @@ def write_tiles(folder: Path, arrays: Sequence[np.ndarray], *, stem: str = "synt
 
 def audit_for(arrays: Sequence[np.ndarray], verdict: str = "PASS") -> dict:
     """A shareable audit summary covering ``arrays`` (hashes of their clean re-encoding)."""
-    from pixcell_fed.bundle.png import clean_png_bytes, sha256_bytes
+    from pixcell_fed.bundle.png import clean_png_bytes
 
     return {
         "format_version": 1,
@@ -109,6 +110,6 @@ def force_verdict(bundle, verdict: str, site_key) -> None:
     (bundle / L.AUDIT).write_text(audit_json_text(audit))
     info = L.read_bundle_json(bundle)
     info["verdict"] = verdict
-    info["files"][L.AUDIT] = L.sha256_file(bundle / L.AUDIT)
+    info["files"][L.AUDIT] = sha256_file(bundle / L.AUDIT)
     L.write_bundle_json(bundle, info)
     write_site_signature(bundle, site_key)

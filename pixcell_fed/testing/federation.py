@@ -192,7 +192,9 @@ def make_site_bundles(root: str | Path, counts: Mapping[str, int], *, tile_size:
         train_dir = write_labelled_folder(site_root / "train", pool[pos:pos + n_train], prefix="r")
         pos += n_train
         run_id = f"run-{name}-1"
-        bundle_dir, entry = build_test_bundle(site_root / "bundle", name, run_id, tiles, site_root / "work")
+        # the bundle sits where a site's synthesize run puts it, so that serving it is logged in the site's trail
+        bundle_dir, entry = build_test_bundle(site_root / "work" / "runs" / run_id / "bundle", name, run_id, tiles,
+                                              site_root / "scratch")
         trust_keys[name] = entry
         fixtures.append(SiteFixture(name, run_id, bundle_dir, eval_dir, train_dir))
     import yaml

