@@ -56,7 +56,7 @@ def _summary(text: str) -> str:
     rows = ["| benchmark | headline | machine | date | reproduce |", "|---|---|---|---|---|"]
     for match in re.finditer(r"<!-- (\w+):start -->.*?Reproduce: `([^`]*)`.*?```json\n(.*?)\n```", text, re.S):
         figures = json.loads(match.group(3))
-        rows.append(f"| [{match.group(1)}](#{match.group(1)}) | {figures.get('headline', '')} | {figures.get('machine', '')} "
+        rows.append(f"| {match.group(1)} | {figures.get('headline', '')} | {figures.get('machine', '')} "
                     f"| {figures.get('date', '')} | `{match.group(2)}` |")
     return "<!-- summary:start -->\n## Summary\n\n" + "\n".join(rows) + "\n<!-- summary:end -->\n"
 
