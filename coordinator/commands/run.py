@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import subprocess
 
-    import tomli
+    import tomllib
 
     from coordinator.commands.serve import flwr_home_of
     from pixcell_fed.errors import ConfigError, FederationError
@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Path(args.settings)
     try:
-        values = tomli.loads(settings.read_text(encoding="utf-8"))
-    except (OSError, tomli.TOMLDecodeError) as exc:
+        values = tomllib.loads(settings.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read run settings {settings}: {exc}", hint="write a TOML file of key = value lines") from exc
     cfg = from_run_config(values)  # validate here, before anything starts
     home = flwr_home_of(args.flwr_home)
