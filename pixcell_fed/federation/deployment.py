@@ -52,7 +52,15 @@ def _bin(name: str) -> str:
 
 
 def flower_env(flwr_home: str | Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process we start: quiet, our FLWR_HOME, and this installation first on PATH.
+
+    Flower's own processes start further executables by name (the SuperLink starts ``flower-superexec``), so the
+    folder of the running interpreter (the venv's ``bin``) must be on PATH even when the venv is not activated.
+    """
     env = {**os.environ, **QUIET_ENV, **(extra or {})}
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
