@@ -78,3 +78,8 @@ def test_mpp_overrides_mapping(tmp_path):
     assert cfg.tiling.mpp_overrides["slide1.tif"] == 0.25
     with pytest.raises(ConfigError, match="mpp_overrides.slide1.tif"):
         load_site_config(write(tmp_path, "tiling:\n  mpp_overrides:\n    slide1.tif: fast\n"))
+
+
+def test_extra_audit_encoders_map_names_to_folders(tmp_path):
+    cfg = load_site_config(write(tmp_path, "models:\n  extra_audit_encoders:\n    timm:vit_small_patch16_224: enc/vits\n"))
+    assert cfg.models.extra_audit_encoders["timm:vit_small_patch16_224"] == tmp_path.resolve() / "enc" / "vits"

@@ -66,6 +66,11 @@ def test_synthesize_builds_a_bundle_awaiting_approval(finished_site):
     assert status.returncode == 0, status.stderr
     (listed,) = json.loads(status.stdout)["runs"]
     assert listed["run_state"] == "finished" and listed["bundle_state"] == "awaiting_approval"
+    audit = json.loads((run / "audit" / "audit.json").read_text())
+    fidelity = audit["fidelity"]["conditioning encoder uni2-h-twin"]  # the conditioning space, reported as fidelity
+    assert set(fidelity) >= {"S->T", "H->T", "paired"}
+    shared = json.loads((run / "bundle" / "audit.json").read_text())
+    assert "conditioning encoder uni2-h-twin" in json.dumps(shared)  # fidelity figures are shareable
     trail = (folder / "work" / "audit_trail.jsonl").read_text()
     assert '"event":"synthesize"' in trail.replace(" ", "")
 

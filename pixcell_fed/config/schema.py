@@ -65,7 +65,7 @@ class ModelsConfig:
     vae_dir: Path | None = None
     encoder: str = "uni2-h"
     encoder_dir: Path | None = None
-    extra_audit_encoders: tuple[str, ...] = ()
+    extra_audit_encoders: Mapping[str, Path | None] = field(default_factory=lambda: MappingProxyType({}))
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

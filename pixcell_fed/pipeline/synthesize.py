@@ -134,12 +134,21 @@ def _read_tile(path: Path) -> np.ndarray:
     return read_tile(path)
 
 
-def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int) -> tuple[np.ndarray, dict]:
+def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
+    """The encoders whose spaces the audit reports as fidelity: the conditioning encoder and any the site adds."""
+    from pixcell_fed.encoders import load_encoder
+
+    spaces = {f"conditioning encoder {cfg.models.encoder}": encoder}
+    for name, folder in cfg.models.extra_audit_encoders.items():
+        spaces[name] = load_encoder(name, folder, device=cfg.models.device)
+    return spaces
+
+
+def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, encoder) -> tuple[np.ndarray, dict]:
     """Embeddings of the conditioning tiles, shaped [N, n_tok, D] (n_tok = 1 for 256, 16 for 1024)."""
-    from pixcell_fed.encoders import embed_tiles, load_encoder
+    from pixcell_fed.encoders import embed_tiles
     from pixcell_fed.generation.sampler import cut_grid
 
-    encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=cfg.models.device)
     paths = [layout.tiles_dir / f for f in rows["tile_file"]]
     if variant == 1024:
         def images():
@@ -249,6 +258,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     from pixcell_fed.bundle.build import build_bundle
     from pixcell_fed.bundle.layout import read_bundle_json
     from pixcell_fed.bundle.trail import append_event
+    from pixcell_fed.encoders import load_encoder
     from pixcell_fed.generation import load_pixcell
     from pixcell_fed.keys import load_private_key, passphrase_from_env
     from pixcell_fed.slides.tiler import tile_folder
@@ -291,12 +301,14 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
 
             pipeline = load_pixcell(pixcell_dir, cfg.models.vae_dir, device=cfg.models.device, dtype=cfg.models.dtype)
             summary.models_are_twins = bool(pipeline.identity.get("twin"))
-            cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant)
+            encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=cfg.models.device)
+            cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder)
             synthetic = _generate(cfg, layout, pipeline, rows, cond, labels)
             summary.synthetic_tiles = len(synthetic)
             summary.models_are_twins = summary.models_are_twins or bool(encoder_identity.get("twin"))
 
             forbidden = _identifying_strings(cfg.site.slides_dir, summary.slides_ok)
+            spaces = _audit_feature_spaces(cfg, encoder)
             result = run_audit(
                 [layout.synthetic_dir / f for f in synthetic["synthetic_file"]],
                 [layout.tiles_dir / f for f in rows["tile_file"]],
@@ -307,6 +319,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
                 forbidden_strings=forbidden,
+                extra_feature_spaces=spaces,
             )
             summary.verdict, summary.report = result.verdict, str(result.report_path)
             summary.kept_tiles = len(result.kept)
