@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for i, site in enumerate(SITES):
             tiles = benchmark_tiles(per_site, seed=i)
-            bundles[site], trust[site] = build_test_bundle(root / site / "bundle", site, f"run-{site}-1", tiles, root / site / "work")
+            run_id = f"run-{site}-1"  # the bundle sits where synthesize puts it, so serving it is logged as an export
+            bundles[site], trust[site] = build_test_bundle(root / site / "work" / "runs" / run_id / "bundle", site, run_id,
+                                                           tiles, root / site / "scratch")
         (root / "trust.yaml").write_text(yaml.safe_dump({"sites": trust}))
         prep = time.perf_counter() - t0
         total_bytes = sum(p.stat().st_size for b in bundles.values() for p in (b / "tiles").iterdir())

@@ -58,3 +58,43 @@ def test_descriptor_dihedral_variants_equal_descriptors_of_transformed_real_tile
     assert confirm_score(cf.to_gray_thumb(np.rot90(tiles[0])), thumbs[0]) > 0.999
     assert confirm_score(thumbs[1], thumbs[2]) < 0.6
 
+
+
+def _clustered(rng, n, dim=96, centers=None):
+    centers = rng.standard_normal((12, dim)).astype(np.float32) if centers is None else centers
+    return (centers[rng.integers(0, len(centers), n)] * 0.8 + rng.standard_normal((n, dim)).astype(np.float32)), centers
+
+
+def test_certified_bf16_first_pass_is_exact(monkeypatch):
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    rng = np.random.default_rng(3)
+    keys, centers = _clustered(rng, 900)
+    queries, _ = _clustered(rng, 300, centers=centers)
+    q, k = S.l2_normalize(queries), S.l2_normalize(keys)
+    got = S.topk_cosine(q, k, 5, normalize=False, block_bytes=1 << 16)
+    ref = S.numpy_topk_cosine(q, k, 5)
+    assert np.array_equal(got.idx, ref.idx)
+    assert np.abs(got.sims - ref.sims).max() < 1e-5
+    self_got = S.topk_cosine(k, k, 4, normalize=False, exclude_self=True)
+    full = k @ k.T
+    np.fill_diagonal(full, -np.inf)
+    assert np.array_equal(self_got.idx, np.argsort(-full, axis=1, kind="stable")[:, :4])
+
+
+def test_rows_the_bound_cannot_certify_are_recomputed_exactly(monkeypatch):
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    rng = np.random.default_rng(4)
+    base = S.l2_normalize(rng.standard_normal((1, 64)).astype(np.float32))
+    # 200 keys that differ from one another by far less than bf16 can resolve: no row can be certified
+    keys = S.l2_normalize(base + 2e-3 * rng.standard_normal((200, 64)).astype(np.float32))
+    queries = S.l2_normalize(base + 2e-3 * rng.standard_normal((20, 64)).astype(np.float32))
+    got = S.topk_cosine(queries, keys, 3, normalize=False)
+    assert S._LAST_STATS["recomputed_rows"] == 20
+    exact = queries @ keys.T
+    best = -np.sort(-exact, axis=1)[:, :3]
+    assert np.allclose(got.sims, best, atol=1e-6)  # values, not indices: near-ties may order either way
+    assert np.allclose(np.take_along_axis(exact, got.idx, axis=1), best, atol=1e-6)

@@ -64,6 +64,8 @@ def topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, normalize: boo
         q = l2_normalize(q)
         keys = l2_normalize(keys)
     dev = _device(device)
+    if dev.type == "cpu" and groups == 1 and kvar == 1 and _bf16_gemm_pays(n, m, dim, k_eff):
+        return _topk_bf16_certified(q[0], keys[0], k_eff, exclude_self=exclude_self, block_bytes=block_bytes)
     keys_flat = np.ascontiguousarray(keys.reshape(kvar * m, dim))
     chunk = max(1, min(n, block_bytes // (4 * m * kvar * groups)))
     on_cpu = dev.type == "cpu"
@@ -97,6 +99,95 @@ def topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, normalize: boo
             out_s[start:stop] = top.values.cpu().numpy()
             out_i[start:stop] = top.indices.cpu().numpy()
     return TopK(out_s, out_i)
+
+
+#: extra candidates kept from the bf16 pass for exact rescoring (k' = k + _EXTRA; enough that the bound certifies nearly every row)
+_EXTRA = 59
+_U_BF16 = 2.0 ** -8     # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+
+
+def _bf16_gemm_pays(n: int, m: int, dim: int, k: int) -> bool:
+    """Use the bf16 first pass for large searches on CPUs with native bf16 dot products (AVX512-BF16/AMX)."""
+    import torch
+
+    if n * m * dim < 2e10 or m < 4 * (k + _EXTRA):
+        return False
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has_bf16()
+    except AttributeError:
+        return False
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool, block_bytes: int) -> TopK:
+    """Exact top-``k`` inner products: a bf16 GEMM proposes ``k + 59`` candidates per query, fp32 rescores them, and
+    a rigorous error bound certifies that no other key can enter the top ``k``; rows it cannot certify are
+    recomputed in fp32 in full. The result equals the fp32 search (up to fp32 rounding of the scores).
+
+    Bound for a key j outside the candidates, whose bf16 score ``b_j`` is at most the last candidate's ``b*``:
+    ``q.k_j <= max(b*, 0) / (1 - u) + |q_b| max|k - k_b| + |q - q_b| max|k| + g_D |q_b| max|k_b|`` with ``u`` the bf16
+    unit roundoff (the GEMM's output is rounded to bf16), ``q_b``/``k_b`` the bf16 vectors, and ``g_D`` the fp32
+    accumulation error of a length-D dot product (oneDNN accumulates bf16 products in fp32).
+    """
+    import torch
+
+    qt = torch.from_numpy(np.ascontiguousarray(q))
+    kt = torch.from_numpy(np.ascontiguousarray(keys))
+    n, m, dim = qt.shape[0], kt.shape[0], kt.shape[1]
+    qb, kb = qt.bfloat16(), kt.bfloat16()
+    k_res = (kt - kb.float()).norm(dim=1).max().item()
+    k_norm = kt.norm(dim=1).max().item()
+    kb_norm = kb.float().norm(dim=1).max().item()
+    gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
+    kp = min(m - (1 if exclude_self else 0), k + _EXTRA)
+    chunk = max(1, min(n, block_bytes // (2 * m)))
+    out_s = np.empty((n, k), dtype=np.float32)
+    out_i = np.empty((n, k), dtype=np.int64)
+    recomputed = 0
+    with torch.inference_mode():
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            rows = stop - start
+            approx = torch.mm(qb[start:stop], kb.T)
+            if exclude_self:
+                ar = torch.arange(rows)
+                approx[ar, ar + start] = float("-inf")
+            cand_v, cand_i = torch.topk(approx, kp, dim=1, largest=True, sorted=True)
+            del approx
+            exact = torch.cat([torch.einsum("rd,rkd->rk", qt[start + a:start + min(a + 256, rows)], kt[cand_i[a:a + 256]])
+                               for a in range(0, rows, 256)])  # gathered candidates in slices: bounded memory
+            top_v, pos = torch.topk(exact, k, dim=1, largest=True, sorted=True)
+            top_i = torch.gather(cand_i, 1, pos)
+            q_b = qb[start:stop].float()
+            bound = (q_b.norm(dim=1) * k_res + (qt[start:stop] - q_b).norm(dim=1) * k_norm
+                     + gamma * q_b.norm(dim=1) * kb_norm)
+            ceiling = cand_v[:, -1].float().clamp(min=0) / (1 - _U_BF16) + bound
+            if kp == m - (1 if exclude_self else 0):
+                ceiling = torch.full_like(ceiling, float("-inf"))  # every key was a candidate
+            uncertain = torch.nonzero(top_v[:, -1] <= ceiling).flatten()
+            if len(uncertain):
+                recomputed += len(uncertain)
+                full = torch.mm(qt[start:stop][uncertain], kt.T)
+                if exclude_self:
+                    full[torch.arange(len(uncertain)), uncertain + start] = float("-inf")
+                fv, fi = torch.topk(full, k, dim=1, largest=True, sorted=True)
+                top_v[uncertain], top_i[uncertain] = fv, fi
+            out_s[start:stop] = top_v.numpy()
+            out_i[start:stop] = top_i.numpy()
+    _LAST_STATS["recomputed_rows"] = recomputed
+    return TopK(out_s, out_i)
+
+
+#: how many rows the last certified search had to recompute in fp32 (for the benchmark's report)
+_LAST_STATS: dict[str, int] = {}
 
 
 def numpy_topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, chunk: int = 1024) -> TopK:

@@ -13,8 +13,7 @@ def register(subparsers) -> None:
                     "tiles.parquet (site-internal: never shipped), overviews/<slide_key>.png, tiles.log. "
                     "Bad slides are listed with the reason and what to do; the others are tiled completely. "
                     "Rerunning skips slides already tiled with the same settings. "
-                    "Exit 0: all slides tiled; 4: some slides failed; 1: all failed; 2: missing or empty folder.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "Exit 0: all slides tiled; 4: some slides failed; 1: all failed; 2: missing or empty folder.")
     p.add_argument("--slides", type=Path, metavar="DIR",
                    help="folder of whole-slide images (default: site.slides_dir of --config)")
     p.add_argument("--out", type=Path, metavar="OUT",
