@@ -30,25 +30,8 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks.record import record
+from pixcell_fed.generation.published import SD35_VAE_CONFIG
 
-SD35_VAE_CONFIG = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "layers_per_block": 2,
-    "mid_block_add_attention": True,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "use_post_quant_conv": False,
-    "use_quant_conv": False,
-}
 PIXCELL_256_CONFIG = {"sample_size": 32, "caption_num_tokens": 1, "interpolation_scale": 0.5}  # the rest: defaults
 
 

@@ -6,6 +6,8 @@ Importing the package has no side effects; heavy libraries are imported by the f
 
 from __future__ import annotations
 
+from pixcell_fed.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -13,12 +15,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pixcell_fed' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["__version__", *_LAZY]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from pixcell_fed.errors import ExitCode, PixcellFedError, WeightsError
+from pixcell_fed.generation.published import SD35_VAE_REQUIRED
 from pixcell_fed.registry import Registry
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ TWIN_SIZE_KEYS = frozenset({"num_layers", "num_attention_heads", "attention_head
 VARIANT_BY_TOKENS = {1: 256, 16: 1024}
 
 #: What PixCell needs of the SD3.5 VAE (facts of the published model).
-VAE_REQUIRED = {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+VAE_REQUIRED = SD35_VAE_REQUIRED
 VAE_PARAMS = 83.8e6
 
 REQUIRED_DISTRIBUTIONS = ("torch", "diffusers", "timm", "safetensors", "cryptography", "pyyaml", "pandas", "pyarrow",

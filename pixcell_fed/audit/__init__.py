@@ -6,22 +6,13 @@ The entry point is :func:`pixcell_fed.audit.run.run_audit`.
 
 from __future__ import annotations
 
-from typing import Any
+from pixcell_fed.lazy import lazy_exports
 
-__all__ = ["run_audit", "AuditResult", "split_slides", "scan_for_identifiers"]
-
-
-def __getattr__(name: str) -> Any:  # lazy re-exports, so that `import pixcell_fed.audit` stays light
-    if name in ("run_audit", "AuditResult"):
-        from pixcell_fed.audit import run
-
-        return getattr(run, name)
-    if name == "split_slides":
-        from pixcell_fed.audit.roles import split_slides
-
-        return split_slides
-    if name == "scan_for_identifiers":
-        from pixcell_fed.audit.identifiers import scan_for_identifiers
-
-        return scan_for_identifiers
-    raise AttributeError(name)
+_LAZY = {
+    "run_audit": "pixcell_fed.audit.run",
+    "AuditResult": "pixcell_fed.audit.run",
+    "split_slides": "pixcell_fed.audit.roles",
+    "scan_for_identifiers": "pixcell_fed.audit.identifiers",
+}
+__getattr__ = lazy_exports(__name__, _LAZY)
+__all__ = list(_LAZY)

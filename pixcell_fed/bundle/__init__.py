@@ -5,6 +5,8 @@ Heavy modules (pandas, pyarrow, PIL, cryptography) are imported lazily by the fu
 
 from __future__ import annotations
 
+from pixcell_fed.lazy import lazy_exports
+
 _LAZY = {
     "BundleInfo": "pixcell_fed.bundle.build",
     "build_bundle": "pixcell_fed.bundle.build",
@@ -21,12 +23,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pixcell_fed.bundle' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

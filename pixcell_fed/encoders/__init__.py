@@ -7,6 +7,8 @@ Embeddings identify their source tiles: they never leave the site. Importing thi
 
 from __future__ import annotations
 
+from pixcell_fed.lazy import lazy_exports
+
 _LAZY = {
     "Encoder": "pixcell_fed.encoders.base",
     "ENCODERS": "pixcell_fed.encoders.base",
@@ -16,12 +18,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pixcell_fed.encoders' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

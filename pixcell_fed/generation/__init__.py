@@ -5,6 +5,8 @@ Importing this package is cheap; torch and diffusers are imported by the submodu
 
 from __future__ import annotations
 
+from pixcell_fed.lazy import lazy_exports
+
 _LAZY = {
     "PixCellTransformer2DModel": "pixcell_fed.generation.transformer",
     "load_pixcell": "pixcell_fed.generation.loader",
@@ -12,12 +14,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pixcell_fed.generation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -27,27 +27,11 @@ def _patch_json(path: Path, extra: dict[str, Any]) -> None:
 
 
 def tiny_vae_config() -> dict[str, Any]:
-    """SD3.5 VAE config with the same structure (16 latent channels, x8 downsampling) and tiny widths."""
-    return {
-        "act_fn": "silu",
-        "block_out_channels": [8, 8, 8, 8],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "force_upcast": True,
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 16,
-        "latents_mean": None,
-        "latents_std": None,
-        "layers_per_block": 1,
-        "mid_block_add_attention": True,
-        "norm_num_groups": 4,
-        "sample_size": 256,
-        "scaling_factor": 1.5305,
-        "shift_factor": 0.0609,
-        "use_post_quant_conv": False,
-        "use_quant_conv": False,
-    }
+    """The SD3.5 VAE's structure (16 latent channels, x8 downsampling, same scaling and shift) at tiny widths."""
+    from pixcell_fed.generation.published import SD35_VAE_CONFIG
+
+    return {**SD35_VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4,
+            "sample_size": 256, "latents_mean": None, "latents_std": None}
 
 
 def tiny_pixcell_config(variant: int = 256, sample_size: int | None = None) -> dict[str, Any]:
