@@ -15,10 +15,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TopK:
-    """Similarities (N, k), descending, and key indices (N, k) of the k nearest keys of each query."""
+    """Similarities (N, k), descending, and key indices (N, k) of the k nearest keys of each query.
+
+    ``recomputed_rows``: rows the certified bf16 pass could not certify and recomputed in float32.
+    """
 
     sims: np.ndarray
     idx: np.ndarray
+    recomputed_rows: int = 0
 
 
 def _device(device: str | None):
@@ -182,12 +186,7 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
                 top_v[uncertain], top_i[uncertain] = fv, fi
             out_s[start:stop] = top_v.numpy()
             out_i[start:stop] = top_i.numpy()
-    _LAST_STATS["recomputed_rows"] = recomputed
-    return TopK(out_s, out_i)
-
-
-#: how many rows the last certified search had to recompute in fp32 (for the benchmark's report)
-_LAST_STATS: dict[str, int] = {}
+    return TopK(out_s, out_i, recomputed_rows=recomputed)
 
 
 def numpy_topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, chunk: int = 1024) -> TopK:

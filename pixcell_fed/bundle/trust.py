@@ -107,10 +107,10 @@ def add_site_to_trust_file(path: str | Path, site: str, *, signing_key: str, off
     import yaml
 
     from pixcell_fed.atomic import write_text_atomic
-    from pixcell_fed.config import to_plain
+    from pixcell_fed.config import load_yaml_config, to_plain
 
     path = Path(path)
-    current = load_yaml_config_if_exists(path)
+    current = load_yaml_config(path, TrustFile) if path.is_file() else None
     sites = dict(current.sites) if current else {}
     sites[site] = TrustedSiteEntry(signing_key=signing_key.strip(), officers=tuple(k.strip() for k in officers))
     updated = TrustFile(sites=MappingProxyType(sites))
@@ -119,8 +119,3 @@ def add_site_to_trust_file(path: str | Path, site: str, *, signing_key: str, off
     write_text_atomic(path, header + yaml.safe_dump(to_plain(updated), sort_keys=True, width=200))
     return store
 
-
-def load_yaml_config_if_exists(path: Path) -> TrustFile | None:
-    from pixcell_fed.config import load_yaml_config
-
-    return load_yaml_config(path, TrustFile) if path.is_file() else None

@@ -128,12 +128,6 @@ def _conditioning_rows(cfg: SiteConfig, t_tiles, n_holdout: int):
     return rows.reset_index(drop=True)
 
 
-def _read_tile(path: Path) -> np.ndarray:
-    from pixcell_fed.audit.copy_features import read_tile
-
-    return read_tile(path)
-
-
 def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
     """The encoders whose spaces the audit reports as fidelity: the conditioning encoder and any the site adds."""
     from pixcell_fed.encoders import load_encoder
@@ -146,6 +140,7 @@ def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
 
 def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, encoder) -> tuple[np.ndarray, dict]:
     """Embeddings of the conditioning tiles, shaped [N, n_tok, D] (n_tok = 1 for 256, 16 for 1024)."""
+    from pixcell_fed.audit.copy_features import read_tile
     from pixcell_fed.encoders import embed_tiles
     from pixcell_fed.generation.sampler import cut_grid
 
@@ -153,7 +148,7 @@ def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, 
     if variant == 1024:
         def images():
             for path in paths:
-                yield from cut_grid(_read_tile(path)[None])
+                yield from cut_grid(read_tile(path)[None])
 
         ids = [f"{tid}-k{k:02d}" for tid in rows["tile_id"] for k in range(16)]
         emb = embed_tiles(encoder, ids, images(), layout.embeddings_cache)
