@@ -62,12 +62,17 @@ def _summary(text: str) -> str:
 
 
 def record(name: str, title: str, command: str, figures: dict, table_md: str, *, headline: str = "") -> None:
-    """Print ``figures`` as the last JSON line and replace this benchmark's section of BENCHMARKS.md.
+    """Print ``figures`` as the last JSON line and replace this benchmark's section of BENCHMARKS.md (unless
+    ``figures["quick"]`` marks a smoke-sized run, which is printed only).
 
     ``headline`` is the one-line result shown in the summary table at the top of BENCHMARKS.md.
     """
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figures = {"benchmark": name, "machine": machine_description(), "date": stamp, "headline": headline, **figures}
+    if figures.get("quick"):  # a smoke-sized run never replaces the recorded figures
+        print(f"(--quick: smoke-sized figures, not recorded in {BENCHMARKS_MD.name})", file=sys.stderr)
+        print(json.dumps(figures, sort_keys=True))
+        return
     section = (
         f"<!-- {name}:start -->\n## {title}\n\n"
         f"Machine: {figures['machine']}. Date: {stamp}.\n"

@@ -75,7 +75,7 @@ def test_certified_bf16_first_pass_is_exact(monkeypatch):
     q, k = S.l2_normalize(queries), S.l2_normalize(keys)
     got = S.topk_cosine(q, k, 5, normalize=False, block_bytes=1 << 16)
     ref = S.numpy_topk_cosine(q, k, 5)
-    assert got.recomputed_rows < len(q)  # the bf16 pass certified rows on its own
+    assert got.recomputed_rows == 0 and got.widened_rows == 0  # the first tier certified every row on its own
     assert np.array_equal(got.idx, ref.idx)
     assert np.abs(got.sims - ref.sims).max() < 1e-5
     self_got = S.topk_cosine(k, k, 4, normalize=False, exclude_self=True)
@@ -99,3 +99,58 @@ def test_rows_the_bound_cannot_certify_are_recomputed_exactly(monkeypatch):
     best = -np.sort(-exact, axis=1)[:, :3]
     assert np.allclose(got.sims, best, atol=1e-6)  # values, not indices: near-ties may order either way
     assert np.allclose(np.take_along_axis(exact, got.idx, axis=1), best, atol=1e-6)
+
+
+def _exact_order(queries, keys, k):
+    exact = queries.astype(np.float64) @ keys.astype(np.float64).T
+    return np.argsort(-exact, axis=1, kind="stable")[:, :k]
+
+
+def test_rows_with_crowded_neighbours_are_certified_by_the_second_tier(monkeypatch):
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    rng = np.random.default_rng(5)
+    dim, group = 256, 30
+    queries = S.l2_normalize(rng.standard_normal((20, dim)).astype(np.float32))
+    keys = []
+    for q in queries:  # 30 keys per query within 0.002 of cosine 0.9: more than the first tier rescores
+        perp = rng.standard_normal((group, dim)).astype(np.float32)
+        perp = S.l2_normalize(perp - (perp @ q)[:, None] * q)
+        a = rng.uniform(0.899, 0.901, group).astype(np.float32)[:, None]
+        keys.append(a * q + np.sqrt(1 - a ** 2) * perp)
+    keys = np.concatenate(keys + [S.l2_normalize(rng.standard_normal((400, dim)).astype(np.float32))])
+    got = S.topk_cosine(queries, keys, 5, normalize=False)
+    assert got.widened_rows == 20 and got.recomputed_rows == 0
+    assert np.array_equal(got.idx, _exact_order(queries, keys, 5))
+
+
+def test_certified_pass_is_exact_for_unnormalised_inner_products(monkeypatch):
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    rng = np.random.default_rng(6)
+    keys, centers = _clustered(rng, 1200, dim=384)
+    queries, _ = _clustered(rng, 200, dim=384, centers=centers)
+    keys *= rng.uniform(0.2, 8.0, (len(keys), 1)).astype(np.float32)  # inner products, not cosines: norms vary
+    queries *= -rng.uniform(0.2, 8.0, (len(queries), 1)).astype(np.float32)
+    got = S.topk_cosine(queries, keys, 4, normalize=False)
+    assert got.recomputed_rows < len(queries)
+    assert np.array_equal(got.idx, _exact_order(queries, keys, 4))
+
+
+def test_certified_pass_with_fewer_keys_than_candidates_rescores_them_all(monkeypatch):
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    rng = np.random.default_rng(7)
+    keys = S.l2_normalize(rng.standard_normal((30, 64)).astype(np.float32))
+    queries = S.l2_normalize(rng.standard_normal((10, 64)).astype(np.float32))
+    got = S.topk_cosine(queries, keys, 5, normalize=False)
+    assert got.recomputed_rows == 0 and got.widened_rows == 0
+    assert np.array_equal(got.idx, _exact_order(queries, keys, 5))
+    own = S.topk_cosine(keys, keys, 29, normalize=False, exclude_self=True)  # every other key is a candidate
+    exact = keys.astype(np.float64) @ keys.astype(np.float64).T
+    np.fill_diagonal(exact, -np.inf)
+    assert own.recomputed_rows == 0
+    assert np.array_equal(own.idx, np.argsort(-exact, axis=1, kind="stable")[:, :29])
