@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-from pixcell_fed.errors import ExitCode, PixcellFedError, WeightsError
-from pixcell_fed.generation.published import SD35_VAE_REQUIRED
+from pixcell_fed.errors import ConfigError, ExitCode, PixcellFedError, WeightsError
+from pixcell_fed.generation.published import PUBLISHED_PIXCELL, SD35_VAE_REQUIRED, VARIANT_BY_TOKENS
 from pixcell_fed.registry import Registry
 
 if TYPE_CHECKING:
@@ -32,23 +32,9 @@ STATUSES: tuple[Status, ...] = ("OK", "WARN", "FAIL")
 #: Free space (GB) under which the work-folder check warns.
 DEFAULT_MIN_FREE_GB = 20.0
 
-#: The published ``transformer/config.json`` of PixCell-1024 and PixCell-256 (legacy PixArt keys left out: ignored).
-PUBLISHED_PIXCELL: dict[int, dict[str, Any]] = {
-    1024: {
-        "num_layers": 28, "num_attention_heads": 16, "attention_head_dim": 72, "cross_attention_dim": 1152,
-        "in_channels": 16, "out_channels": 32, "patch_size": 2, "sample_size": 128, "caption_channels": 1536,
-        "caption_num_tokens": 16, "interpolation_scale": 2, "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False, "norm_eps": 1e-6, "activation_fn": "gelu-approximate", "attention_bias": True,
-        "num_embeds_ada_norm": 1000, "use_additional_conditions": False, "dropout": 0.0, "upcast_attention": False,
-        "attention_type": "default", "norm_num_groups": 32,
-    },
-}
-PUBLISHED_PIXCELL[256] = {**PUBLISHED_PIXCELL[1024], "sample_size": 32, "caption_num_tokens": 1, "interpolation_scale": 0.5}
 #: Keys a tiny twin shrinks; every other published key must hold its published value in a twin too.
 TWIN_SIZE_KEYS = frozenset({"num_layers", "num_attention_heads", "attention_head_dim", "cross_attention_dim",
                             "sample_size", "caption_channels"})
-#: Published variant by number of UNI tokens.
-VARIANT_BY_TOKENS = {1: 256, 16: 1024}
 
 #: What PixCell needs of the SD3.5 VAE (facts of the published model).
 VAE_REQUIRED = SD35_VAE_REQUIRED
@@ -387,6 +373,7 @@ def check_pixcell(ctx: DoctorContext) -> CheckResult | None:
     from pixcell_fed.generation.loader import TRANSFORMER_WEIGHTS, TWIN_MARKER
     from pixcell_fed.generation.transformer import LEGACY_CONFIG_KEYS, Y_POS_KEY, PixCellTransformer2DModel
     from pixcell_fed.generation.weights import PIXCELL_SOURCE
+    from pixcell_fed.pipeline.synthesize import check_tile_size_fits_model
 
     name = "pixcell model"
     folder = ctx.config.models.pixcell_dir
@@ -417,6 +404,10 @@ def check_pixcell(ctx: DoctorContext) -> CheckResult | None:
                            f"{config.get('caption_num_tokens')!r}, "
                            "which is neither PixCell-256 (1) nor PixCell-1024 (16)", redownload)
     ctx.facts["pixcell_variant"] = variant
+    try:
+        check_tile_size_fits_model(ctx.config.tiling.tile_size, variant)
+    except ConfigError as exc:
+        return CheckResult(name, "FAIL", exc.message, exc.hint or "")
     known = set(PUBLISHED_PIXCELL[variant]) | set(LEGACY_CONFIG_KEYS)
     problems = _config_mismatches(config, PUBLISHED_PIXCELL[variant], TWIN_SIZE_KEYS if twin else frozenset())
     unknown = sorted(k for k in config if k not in known and not k.startswith("_"))

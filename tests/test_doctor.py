@@ -14,11 +14,11 @@ import yaml
 from pixcell_fed.doctor import (
     CHECK_ORDER,
     CHECKS,
-    PUBLISHED_PIXCELL,
     CheckResult,
     read_safetensors_header,
     run_doctor,
 )
+from pixcell_fed.generation.published import PUBLISHED_PIXCELL
 from pixcell_fed.site_init import init_site
 from pixcell_fed.testing.twins import save_tiny_pixcell, save_tiny_uni, save_tiny_vae
 from site_agent.cli import main as site_agent
@@ -37,13 +37,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def make_site(tmp_path: Path, models: dict[str, Path], *, name: str = "site-a", **overrides: Path) -> Path:
+def make_site(tmp_path: Path, models: dict[str, Path], *, name: str = "site-a", tile_size: int = 256,
+              **overrides: Path) -> Path:
     """A site folder from 'site-agent init' whose config points at (copies of) the twin folders."""
     result = init_site(tmp_path / name, name=name)
     config = Path(result["config"])
     data = yaml.safe_load(config.read_text())
     paths = {"pixcell_dir": models["pixcell"], "vae_dir": models["vae"], "encoder_dir": models["uni"], **overrides}
     data["models"].update({k: str(v) for k, v in paths.items()})
+    data.setdefault("tiling", {})["tile_size"] = tile_size
     config.write_text(yaml.safe_dump(data))
     return config
 
@@ -204,7 +206,7 @@ def test_published_sizes_pass_as_real_models(tmp_path, models):
         shapes = meta_shapes(config)
         shapes.pop("y_pos_embed.y_pos_embed", None)  # some published 1024 files lack it: allowed
         write_sparse_safetensors(folder / "transformer" / WEIGHTS, shapes)
-        site = make_site(tmp_path, models, name=f"site-{variant}", pixcell_dir=folder)
+        site = make_site(tmp_path, models, name=f"site-{variant}", tile_size=variant, pixcell_dir=folder)
         results = by_name(run_doctor(site, min_free_gb=0))
         result = results["pixcell model"]
         assert result.status == "OK", result
@@ -230,8 +232,16 @@ def test_published_sizes_pass_as_real_models(tmp_path, models):
 
 
 def test_1024_twin_without_y_pos_embed_passes(tmp_path, models):
-    result = by_name(run_doctor(make_site(tmp_path, models, pixcell_dir=models["pixcell1024"]), min_free_gb=0))["pixcell model"]
+    site = make_site(tmp_path, models, tile_size=1024, pixcell_dir=models["pixcell1024"])
+    result = by_name(run_doctor(site, min_free_gb=0))["pixcell model"]
     assert result.status == "WARN" and "PixCell-1024" in result.detail and "y_pos_embed absent" in result.detail
+
+
+def test_a_pixcell_model_for_another_tile_size_fails(tmp_path, models):
+    site = make_site(tmp_path, models, pixcell_dir=models["pixcell1024"])  # the default 256 px tiles
+    result = by_name(run_doctor(site, min_free_gb=0))["pixcell model"]
+    assert result.status == "FAIL" and "tiling.tile_size is 256" in result.detail
+    assert result.fix.startswith("set tiling.tile_size: 1024")
 
 
 def test_vae_checks(tmp_path, models):

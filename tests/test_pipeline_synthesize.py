@@ -193,3 +193,42 @@ def test_held_out_slides_become_the_sites_labelled_evaluation_set(finished_site)
     evaluated = sorted(p.stem for p in (run / "eval").rglob("*.png"))
     assert evaluated == sorted(held_out["tile_id"])
     assert not set(split["holdout"]) & set(split["conditioning"])
+
+
+@pytest.fixture(scope="module")
+def models_1024(tmp_path_factory):
+    return write_twin_models(tmp_path_factory.mktemp("models1024"), pixcell_variant=1024)
+
+
+def test_pixcell_1024_site_end_to_end(tmp_path, models_1024):
+    """PixCell-1024: 1024 px tiles at 20x, each conditioned by its 4x4 grid of UNI embeddings, 1024 px surrogates,
+    audited and bundled like the 256 px ones."""
+    from PIL import Image
+
+    config = {**FAST, "tiling": {"tile_size": 1024}, "audit": {"min_holdout": 4}}
+    specs = [SlideSpec(f"big-{i}.svs", label="tumour" if i % 2 else "normal", seed=i, size=(4096, 3072))
+             for i in range(3)]
+    site_yaml = make_site(tmp_path / "site", name="site-1024", models=models_1024, slides=specs, config=config)
+    proc = site_agent("synthesize", "--config", str(site_yaml))
+    assert proc.returncode == ExitCode.OK, proc.stderr[-3000:]
+    (run,) = [p for p in (tmp_path / "site" / "work" / "runs").iterdir() if p.is_dir()]
+    tiles = pd.read_parquet(run / "tiles" / "tiles.parquet")
+    assert (tiles["tile_size"] == 1024).all() and (tiles["mpp"] == 0.5).all()  # 1024 px at 20x
+    synthetic = sorted((run / "synthetic").glob("*.png"))
+    assert len(synthetic) == 6 and all(Image.open(p).size == (1024, 1024) for p in synthetic)
+    audit = json.loads((run / "audit" / "audit.json").read_text())
+    assert audit["verdict"] in ("PASS", "WARN") and audit["sizes"]["S"] == 6
+    assert "PixCell-1024" in json.dumps(audit["identities"])
+    manifest = pd.read_parquet(run / "bundle" / "manifest.parquet")
+    assert len(manifest) >= 1 and set(manifest["label"]) <= {"tumour", "normal"}
+
+
+def test_a_model_for_the_other_tile_size_is_refused_before_any_work(tmp_path, models_1024):
+    site_yaml = make_site(tmp_path / "site", name="site-mismatch", models=models_1024, slides=slides()[:1],
+                          config=FAST)  # PixCell-1024 with the default 256 px tiles
+    proc = site_agent("synthesize", "--config", str(site_yaml))
+    assert proc.returncode == ExitCode.USAGE
+    assert "PixCell-1024" in proc.stderr and "tiling.tile_size: 1024" in proc.stderr
+    assert not (tmp_path / "site" / "work" / "runs").exists()
+    doctor = site_agent("doctor", "--config", str(site_yaml))
+    assert doctor.returncode != 0 and "tiling.tile_size is 256" in doctor.stdout

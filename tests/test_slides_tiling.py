@@ -180,3 +180,66 @@ def test_a_consumer_may_stop_the_stream_early(slide40x):
     stream.close()  # pending reads are cancelled; the shared pool stays usable
     again = next(iter_slide_tiles(slide40x, CFG, workers=2))
     assert again[0] == first[0][0] and np.array_equal(again[1], first[0][1])
+
+
+_CRASH_HOOK = '''
+import os
+
+import pixcell_fed.slides.tiler as tiler
+
+_read_tile = tiler.read_tile
+
+
+def read_tile(reader, grid, x, y):
+    if "crash" in reader.name:
+        os._exit(70)  # what a reader process does when OpenSlide aborts on a corrupt file
+    return _read_tile(reader, grid, x, y)
+
+
+tiler.read_tile = read_tile
+'''
+
+_TILE_FOLDER = '''
+import json, sys
+from pixcell_fed.config import TilingConfig
+from pixcell_fed.slides.tiler import tile_folder
+s = tile_folder(sys.argv[1], sys.argv[2], TilingConfig(workers=2, write_overviews=False))
+print(json.dumps({"ok": s.ok, "resumed": s.resumed, "failed": s.failed, "tiles": s.tiles_per_slide}))
+'''
+
+
+def test_a_reader_process_crash_costs_one_slide_not_the_run(tmp_path, slide40x):
+    """A worker that dies mid-slide (OpenSlide aborting) fails that slide only: the pool is replaced, the other
+    slides are tiled, nothing half-written is kept, and the next run tiles the slide once it reads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a.svs", "b-crash.svs", "c.svs"):
+        (slides / name).symlink_to(slide40x)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_CRASH_HOOK)  # runs in the fork server, so in every reader process
+    out = tmp_path / "out"
+
+    def run(env_extra):
+        env = {**os.environ, "PIXCELL_FED_NO_PROGRESS": "1", **env_extra}
+        proc = subprocess.run([sys.executable, "-c", _TILE_FOLDER, str(slides), str(out)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    crashed = run({"PYTHONPATH": str(hook)})
+    assert crashed["ok"] == ["a.svs", "c.svs"]
+    assert [name for name, _ in crashed["failed"]] == ["b-crash.svs"] and "crashed" in crashed["failed"][0][1]
+    key = slide_key("b-crash.svs")
+    assert not (out / "tiles" / key).exists() and not (out / "tiles" / f".{key}.partial").exists()
+    import pandas as pd
+
+    assert set(pd.read_parquet(out / "tiles.parquet")["slide_key"]) == {slide_key("a.svs"), slide_key("c.svs")}
+    healed = run({})
+    assert healed["resumed"] == ["a.svs", "c.svs"] and healed["ok"] == ["a.svs", "b-crash.svs", "c.svs"]
+    assert healed["tiles"]["b-crash.svs"] == healed["tiles"]["a.svs"] > 0

@@ -39,7 +39,7 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
     "authenticity_margin": "Alaa et al. 2022 authenticity: the test warns when the share of authentic synthetic "
                            "tiles falls this far below the share for real held-out tiles (house default).",
     "mia_auc_warn": "Membership-inference AUC (distance attack, T vs held-out tiles) above which the test warns, when "
-                    "significantly above 0.5 (lower 95% bound, Hanley & McNeil 1982); 0.5 is no leak.",
+                    "significantly above 0.5 (one-sided Mann-Whitney U test, p < 0.05; exact for small sets); 0.5 is no leak.",
     "mia_auc_fail": "Membership-inference AUC above which the test fails, when significantly above 0.5.",
     "min_holdout": "Smallest holdout set the audit accepts: fewer tiles cannot calibrate a null (house default).",
     "min_holdout_ratio": "Smallest |H| / |T| accepted: audit.md asks |H| >= |T| / 2, ideally equal.",

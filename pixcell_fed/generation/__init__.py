@@ -10,6 +10,7 @@ from pixcell_fed.lazy import lazy_exports
 _LAZY = {
     "PixCellTransformer2DModel": "pixcell_fed.generation.transformer",
     "load_pixcell": "pixcell_fed.generation.loader",
+    "read_pixcell_variant": "pixcell_fed.generation.loader",
     "PixCellPipeline": "pixcell_fed.generation.sampler",
 }
 

@@ -58,6 +58,29 @@ def _read_json(path: Path, what: str, source: str) -> dict[str, Any]:
     return data
 
 
+def _variant_of(config: dict[str, Any], path: Path) -> int:
+    """256 or 1024 from a transformer config; a config of another model or variant is refused."""
+    from pixcell_fed.generation.published import VARIANT_BY_TOKENS
+
+    class_name = config.get("_class_name", "PixCellTransformer2DModel")
+    if class_name != "PixCellTransformer2DModel":
+        raise WeightsError(
+            f"{path} describes a {class_name}, not a PixCellTransformer2DModel",
+            hint=f"point models.pixcell_dir at a PixCell-256 or PixCell-1024 folder; {PIXCELL_SOURCE}",
+        )
+    tokens = config.get("caption_num_tokens", 1)
+    if tokens not in VARIANT_BY_TOKENS:
+        raise WeightsError(f"{path} has caption_num_tokens = {tokens!r}, which is neither PixCell-256 (1) nor "
+                           "PixCell-1024 (16)", hint=f"re-download the config; {PIXCELL_SOURCE}")
+    return VARIANT_BY_TOKENS[tokens]
+
+
+def read_pixcell_variant(pixcell_dir: str | Path) -> int:
+    """The variant (256 or 1024: the tile size it is conditioned on) of a PixCell folder, without loading weights."""
+    path = Path(pixcell_dir) / "transformer" / "config.json"
+    return _variant_of(_read_json(path, "PixCell transformer config", PIXCELL_SOURCE), path)
+
+
 def load_transformer(
     folder: str | Path, *, device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None
 ) -> "tuple[PixCellTransformer2DModel, dict[str, Any]]":
@@ -78,12 +101,7 @@ def load_transformer(
     weights = require_file(
         folder / TRANSFORMER_WEIGHTS, "PixCell transformer weights", PIXCELL_SOURCE + " (the file is about 2.4 GB: check the copy finished)"
     )
-    class_name = config.get("_class_name", "PixCellTransformer2DModel")
-    if class_name != "PixCellTransformer2DModel":
-        raise WeightsError(
-            f"{folder / 'config.json'} describes a {class_name}, not a PixCellTransformer2DModel",
-            hint=f"point models.pixcell_dir at a PixCell-256 or PixCell-1024 folder; {PIXCELL_SOURCE}",
-        )
+    _variant_of(config, folder / "config.json")
     try:
         with torch.device("meta"):
             model = PixCellTransformer2DModel.from_config(config)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from pixcell_fed.errors import UsageError
+from pixcell_fed.generation.published import VARIANT_BY_TOKENS
 from pixcell_fed.generation.weights import sha256_file
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class PixCellPipeline:
         self.cond_dim = int(cfg.caption_channels)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = self.latent_size * self.vae_scale_factor
-        self.variant = 256 if self.num_tokens == 1 else 1024
+        self.variant = VARIANT_BY_TOKENS[self.num_tokens]
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
         self.device = transformer.device

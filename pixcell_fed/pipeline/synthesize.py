@@ -63,6 +63,15 @@ def _require(value: Path | None, key: str, what: str) -> Path:
     return value
 
 
+def check_tile_size_fits_model(tile_size: int, variant: int) -> None:
+    """PixCell-256 is conditioned on 256 px tiles and PixCell-1024 on 1024 px tiles (a 4x4 grid of 256 px UNI
+    embeddings); tiles of the other size would condition it on the wrong magnification or grid."""
+    if tile_size != variant:
+        raise ConfigError(f"models.pixcell_dir holds PixCell-{variant}, which is conditioned on {variant} px tiles, "
+                          f"but tiling.tile_size is {tile_size}",
+                          hint=f"set tiling.tile_size: {variant}, or point models.pixcell_dir at PixCell-{tile_size}")
+
+
 def _slide_inventory(slides_dir: Path) -> list[tuple[str, int]]:
     from pixcell_fed.slides.reader import list_slide_files
 
@@ -254,11 +263,12 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     from pixcell_fed.bundle.layout import read_bundle_json
     from pixcell_fed.bundle.trail import append_event
     from pixcell_fed.encoders import load_encoder
-    from pixcell_fed.generation import load_pixcell
+    from pixcell_fed.generation import load_pixcell, read_pixcell_variant
     from pixcell_fed.keys import load_private_key, passphrase_from_env
     from pixcell_fed.slides.tiler import tile_folder
 
     pixcell_dir = _require(cfg.models.pixcell_dir, "pixcell_dir", "PixCell-256 or PixCell-1024")
+    check_tile_size_fits_model(cfg.tiling.tile_size, read_pixcell_variant(pixcell_dir))
     inventory = _slide_inventory(cfg.site.slides_dir)
     labels = load_slide_labels(cfg.site.labels_csv)
     site_key = load_private_key(cfg.keys.site_private_key, passphrase=passphrase_from_env(cfg.keys.passphrase_env))

@@ -24,14 +24,18 @@ class TwinModels:
     encoder: str = "uni2-h-twin"
 
 
-def write_twin_models(folder: str | Path) -> TwinModels:
-    """Write (or reuse) the tiny PixCell-256, VAE and UNI2-h twins under ``folder``."""
+def write_twin_models(folder: str | Path, *, pixcell_variant: int = 256) -> TwinModels:
+    """Write (or reuse) the tiny PixCell-256 (or -1024), VAE and UNI2-h twins under ``folder``.
+
+    The PixCell-1024 twin generates full 1024 px tiles (latent 128), as the published model does.
+    """
     from pixcell_fed.testing.twins import save_tiny_pixcell, save_tiny_uni, save_tiny_vae
 
     folder = Path(folder)
-    models = TwinModels(folder / "pixcell-256-twin", folder / "sd35-vae-twin", folder / "uni2-h-twin")
+    models = TwinModels(folder / f"pixcell-{pixcell_variant}-twin", folder / "sd35-vae-twin", folder / "uni2-h-twin")
     if not (models.pixcell_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
-        save_tiny_pixcell(models.pixcell_dir)
+        save_tiny_pixcell(models.pixcell_dir, variant=pixcell_variant,
+                          sample_size=128 if pixcell_variant == 1024 else None)
     if not (models.vae_dir / "diffusion_pytorch_model.safetensors").is_file():
         save_tiny_vae(models.vae_dir)
     if not any(models.encoder_dir.glob("pytorch_model.bin")):
