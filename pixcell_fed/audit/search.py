@@ -170,13 +170,8 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
     k_res = (kt - kb.float()).norm(dim=1).max().item() * up
     k_norm = kt.norm(dim=1).max().item() * up
     kb_norm = kb.float().norm(dim=1).max().item() * up
-    shift = _score_levels(qb, kb, exclude_self=exclude_self)
-    q_ext = torch.cat([qb, -shift[:, None]], dim=1)
     k_ext = torch.cat([kb, torch.ones((m, 1), dtype=torch.bfloat16)], dim=1)
-    c = shift.double()
-    # everything in the ceiling except the bf16 output term, per query (float64: its own rounding is negligible)
-    slack = (c + _gamma(dim + 1) * (qb_norm * kb_norm + c.abs()) + qb_norm * k_res + q_res * k_norm
-             + dim * 2.0 ** -100 * (1 + qb_norm) * (1 + kb_norm))   # bf16 dot products flush denormals to zero
+    sample = torch.linspace(0, m - 1, min(m, _SHIFT_SAMPLE)).round().long().unique()
     own_error = _gamma(dim) * q_norm * k_norm     # float32 rounding of a rescored score
     m_eff = m - (1 if exclude_self else 0)
     kp = min(m_eff, k + _EXTRA)
@@ -189,7 +184,13 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             rows = torch.arange(start, stop)
-            approx = torch.mm(q_ext[start:stop], k_ext.T)
+            shift = _score_levels(qb[start:stop], kb, sample, rows if exclude_self else None)
+            c = shift.double()
+            # everything in the ceiling but the bf16 output term (float64: its own rounding is negligible)
+            slack = (c + _gamma(dim + 1) * (qb_norm[rows] * kb_norm + c.abs()) + qb_norm[rows] * k_res
+                     + q_res[rows] * k_norm
+                     + dim * 2.0 ** -100 * (1 + qb_norm[rows]) * (1 + kb_norm))  # bf16 dot products flush denormals
+            approx = torch.mm(torch.cat([qb[start:stop], -shift[:, None]], dim=1), k_ext.T)
             if exclude_self:
                 approx[rows - start, rows] = float("-inf")
             cand_v, cand_i = torch.topk(approx, kp, dim=1, largest=True, sorted=True)
@@ -209,7 +210,7 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
                 else:   # no unrescored key's output exceeds the next candidate's (or, past the last, the last's)
                     next_b = cand_v[todo, min(width, kp - 1)]
                     certified[todo] = (top_v[todo, -1].double() - own_error[rows[todo]]
-                                       > _ceiling(next_b, slack[rows[todo]]))
+                                       > _ceiling(next_b, slack[todo]))
             uncertain = torch.nonzero(~certified).flatten()
             if len(uncertain):
                 recomputed += len(uncertain)
@@ -222,15 +223,12 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
     return TopK(out_s, out_i, widened_rows=widened, recomputed_rows=recomputed)
 
 
-def _score_levels(qb, kb, *, exclude_self: bool):
-    """Each query's best bf16 score against an even sample of the keys: a level just below its top-k scores."""
-    import torch
-
-    m = kb.shape[0]
-    sample = torch.linspace(0, m - 1, min(m, _SHIFT_SAMPLE)).round().long().unique()
-    levels = torch.mm(qb, kb[sample].T)
-    if exclude_self:
-        levels[sample[None, :] == torch.arange(qb.shape[0])[:, None]] = float("-inf")
+def _score_levels(qb, kb, sample, rows=None):
+    """Each query's best bf16 score against the ``sample`` of keys (its own key left out when ``rows`` gives the
+    queries' key indices): a level just below its top-k scores."""
+    levels = qb @ kb[sample].T
+    if rows is not None:
+        levels[sample[None, :] == rows[:, None]] = float("-inf")
     return levels.amax(dim=1)   # a bf16 value: the extra column holds it exactly
 
 
