@@ -51,3 +51,24 @@ def test_full_cycle_with_dp_and_report(tmp_path):
         assert text in html
     assert (tmp_path / "work" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "dp_model" / "model.safetensors").is_file()
+
+
+def test_full_cycle_with_the_ssl_recipe(tmp_path):
+    """The self-supervised recipe through the same protocol: a SimCLR encoder trained on the pool, evaluated at each
+    site by a k-NN probe on the site's own labelled tiles; no DP fine-tuning (it needs a classifier head)."""
+    sites = make_site_bundles(tmp_path / "sites", {"alpha": 16, "beta": 16}, tile_size=32, n_eval=10, n_train=10)
+    fake = FakeTransport(sites={10 + i: SiteSettings(s.name, s.bundle_dir, s.eval_dir, s.train_dir)
+                                for i, s in enumerate(sites.sites)})
+    cfg = from_run_config({"work-dir": str(tmp_path / "work"), "trust-file": str(sites.trust_file),
+                           "expected-sites": "alpha,beta", "wait-for-sites-s": 0.0, "recipe": "ssl",
+                           "arch": TINY_VIT["arch"], "model-kwargs": json.dumps(TINY_VIT["kwargs"]), "img-size": 32,
+                           "epochs": 1, "batch-size": 8, "lr": 0.001, "dp-rounds": 2})
+    result = run_consortium(fake, cfg)
+    assert result["training"]["recipe"] == "ssl" and result["training"]["spec"]["kind"] == "encoder"
+    assert result["training"]["history"][0]["train_loss"] > 0
+    assert set(result["evaluation"]) == {"alpha", "beta"}
+    for metrics in result["evaluation"].values():
+        assert metrics["n"] == 10 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
+    assert result["pooled_evaluation"]["n"] == 20 and result["dp"] is None
+    html = (tmp_path / "work" / "report" / "report.html").read_text()
+    assert "ssl" in html and "alpha" in html
