@@ -29,9 +29,8 @@ def test_site_agent_serve_command(tmp_path, capsys):
     key = tmp_path / "keys" / "alpha_auth"
     assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert (tmp_path / "keys" / "alpha_auth.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
-    bundle = tmp_path / "work" / "runs" / "r1" / "bundle"
-    bundle.mkdir(parents=True)
-    (bundle / "bundle.json").write_text('{"state": "approved"}')
+    bundle = _bundle(tmp_path, "run-001", approve=True)
+    _bundle(tmp_path, "run-002", approve=False)  # newer, but awaiting approval: never served
     (tmp_path / "ca.crt").write_text("x")
     capsys.readouterr()
     assert site_main(["serve", "--config", str(tmp_path / "site.yaml"), "--print-command"]) == 0
@@ -65,6 +64,24 @@ def test_coordinator_serve_creates_certs_and_enables_auth(tmp_path, capsys):
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in sans.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def _bundle(tmp_path, run_id, *, approve):
+    from pixcell_fed.bundle.approval import approve_bundle
+    from pixcell_fed.bundle.build import build_bundle
+    from pixcell_fed.testing.bundles import ENCODER, GENERATOR, audit_for, consortium, real_tile_arrays, write_tiles
+
+    keys = consortium(("alpha",))
+    arrays = real_tile_arrays(2)
+    html = tmp_path / f"{run_id}.html"
+    html.write_text("<html><body><h1>Audit: PASS</h1></body></html>")
+    info = build_bundle(tmp_path / "work" / "runs" / run_id / "bundle", site_name="alpha", run_id=run_id,
+                        tiles=write_tiles(tmp_path / f"{run_id}-src", arrays), labels=["tumor", "normal"],
+                        generator=GENERATOR, encoder=ENCODER, audit_summary=audit_for(arrays),
+                        site_key=keys.site_keys["alpha"], summary_html=html)
+    if approve:
+        approve_bundle(info.path, keys.officer_keys["alpha"])
+    return info.path
 
 
 def _site_yaml(tmp_path, ca=True):

@@ -28,10 +28,9 @@ def run(args: argparse.Namespace) -> int:
 
     import tomllib
 
-    from coordinator.commands.serve import flwr_home_of
     from pixcell_fed.errors import ConfigError, FederationError
     from pixcell_fed.federation.config import from_run_config
-    from pixcell_fed.federation.deployment import flower_env, flwr_run_command, write_flwr_config
+    from pixcell_fed.federation.deployment import flower_env, flwr_run_command, resolve_flwr_home, write_flwr_config
 
     settings = Path(args.settings)
     try:
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read run settings {settings}: {exc}", hint="write a TOML file of key = value lines") from exc
     cfg = from_run_config(values)  # validate here, before anything starts
-    home = flwr_home_of(args.flwr_home)
+    home = resolve_flwr_home(args.flwr_home)
     write_flwr_config(home, "consortium", args.superlink, root_certificates=Path(args.ca))
     code = subprocess.call(flwr_run_command("consortium", settings.resolve()), env=flower_env(home))
     if code != 0:

@@ -64,16 +64,10 @@ def run(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=flower_env())
 
 
-def flwr_home_of(arg: str | None) -> Path:
-    import os
-
-    return Path(arg or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
-
-
 def run_register(args: argparse.Namespace) -> int:
-    from pixcell_fed.federation.deployment import register_site, write_flwr_config
+    from pixcell_fed.federation.deployment import register_site, resolve_flwr_home, write_flwr_config
 
-    home = flwr_home_of(args.flwr_home)
+    home = resolve_flwr_home(args.flwr_home)
     write_flwr_config(home, "consortium", args.superlink, root_certificates=Path(args.ca))
     register_site(Path(args.public_key), "consortium", args.name, flwr_home=home)
     print(f"registered site {args.name}")

@@ -87,11 +87,6 @@ def confirm_score(synthetic: np.ndarray, real: np.ndarray, *, variants: Sequence
     return score_prepared(prepare_synthetic(synthetic), prepare_real(real), variants)
 
 
-def confirm_pairs(syn_thumbs: np.ndarray, real_thumbs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Scores for index pairs (P, 2) of (synthetic row, real row), over all 8 rotations and flips."""
-    return np.array([confirm_score(syn_thumbs[i], real_thumbs[j]) for i, j in pairs], dtype=np.float32)
-
-
 def tiled_l2(a: np.ndarray, b: np.ndarray, grid: int = 4) -> float:
     """Carlini et al. (2023)'s tiled L2: split both images into grid x grid tiles, return the largest per-tile
     RMS difference (of mean/std-normalised images, so that colour jitter alone does not count)."""

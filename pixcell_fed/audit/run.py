@@ -72,10 +72,6 @@ def _per_tile(queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, null: st.NullM
     return _PerTile(top, pixel, match, z, st.nn_distance_ratio(top.sims))
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
 def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], holdout: Sequence[str | Path], *,
               source_of: Mapping[str, str] | None = None, audit_cfg: AuditConfig | None = None,
               out_dir: str | Path, extra_feature_spaces: Mapping[str, Any] | None = None,

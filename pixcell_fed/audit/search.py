@@ -8,6 +8,7 @@ no Python work per row, no heap per query. On CPU the GEMM is numpy's (OpenBLAS)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,7 @@ def _bf16_gemm_pays(n: int, m: int, dim: int, k: int) -> bool:
         return False
 
 
+@functools.cache
 def _cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as fh:

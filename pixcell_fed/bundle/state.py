@@ -109,6 +109,20 @@ def site_status(work_dir: str | Path) -> SiteStatus:
                       trail_problem=problem)
 
 
+def newest_approved_bundle(work_dir: str | Path) -> Path | None:
+    """The newest ``runs/*/bundle`` in ``work_dir`` whose bundle.json is valid and approved, or None."""
+    from pixcell_fed.bundle.layout import STATE_APPROVED, read_bundle_json
+
+    found = []
+    for info in Path(work_dir).glob(f"{RUNS_DIR}/*/{BUNDLE_DIR}/bundle.json"):
+        try:
+            if read_bundle_json(info.parent)["state"] == STATE_APPROVED:
+                found.append((info.stat().st_mtime, info.parent))
+        except (OSError, BundleError):
+            continue
+    return max(found)[1] if found else None
+
+
 def resolve_trail(bundle: str | Path, config_path: str | Path | None = None) -> Path:
     """The audit trail a decision on ``bundle`` is recorded in: the config's work folder, or the bundle's own."""
     from pixcell_fed.errors import UsageError

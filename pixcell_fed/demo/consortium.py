@@ -102,6 +102,7 @@ def _bundle_of(site_dir: Path) -> Path:
 
 def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
     """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are."""
+    from pixcell_fed.bundle.layout import STATE_APPROVED, read_bundle_json
     from pixcell_fed.federation import deployment as D
     from pixcell_fed.testing.sites import make_site, write_twin_models
 
@@ -133,8 +134,7 @@ def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
         officer = site_dir / "officer"
         if not (officer / "officer.key").is_file():
             _cli("site-agent", "officer-key", "--out", str(officer), env=env, log_file=demo_log)
-        state = json.loads((result.bundles[name] / "bundle.json").read_text())["state"]
-        if state != "approved":
+        if read_bundle_json(result.bundles[name])["state"] != STATE_APPROVED:
             _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"), "--yes",
                  env=env, log_file=demo_log)
         _cli("coordinator", "trust-add", str(trust_file), "--site", name,

@@ -4,7 +4,8 @@
   names given) with ``cryptography``.
 * :func:`make_site_auth_key` writes a site's EC P-384 key pair in OpenSSH format (what SuperNode auth expects).
 * :func:`write_flwr_config` writes ``$FLWR_HOME/config.toml`` with a ``[superlink.NAME]`` connection.
-* :func:`superlink_command` / :func:`supernode_command` build the process command lines;
+* :func:`superlink_command` / :func:`supernode_command` build the process command lines
+  (:func:`site_supernode_command` from a site's config);
   :class:`Process` starts one with Flower's telemetry and update checks off, waits for ``/health`` and stops
   it by pid. :func:`register_site` runs ``flwr supernode register``; :func:`flwr_run` runs the app.
 """
@@ -309,6 +310,41 @@ def start_superlink(*, port: int, tls: TlsFiles | None, node_auth: bool, flwr_ho
         proc.stop()
         raise
     return proc
+
+
+def resolve_flwr_home(folder: str | Path | None = None) -> Path:
+    """Flower's config folder: ``folder`` if given, else ``$FLWR_HOME``, else ``~/.flwr`` (as Flower resolves it)."""
+    return Path(folder or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def site_supernode_command(cfg, bundle: str | Path | None = None) -> list[str]:
+    """The SuperNode command line of a site (its :class:`~pixcell_fed.config.SiteConfig`) serving ``bundle``
+    (default: ``federation.bundle_dir``, else the newest approved bundle in the work folder), with the node config
+    the ClientApp reads: site name, bundle, held-out evaluation folder (default: the run's ``eval``), train folder.
+    """
+    from pixcell_fed.bundle.state import newest_approved_bundle
+    from pixcell_fed.federation import protocol as P
+
+    fed = cfg.federation
+    bundle = Path(bundle) if bundle else (fed.bundle_dir or newest_approved_bundle(cfg.site.work_dir))
+    if bundle is None or not (Path(bundle) / "bundle.json").is_file():
+        raise UsageError(f"no approved bundle to serve (looked for {bundle or cfg.site.work_dir / 'runs/*/bundle'})",
+                         hint="approve a bundle first ('site-agent approve'), or pass --bundle")
+    for what, path in (("federation.root_certificates", fed.root_certificates), ("federation.auth_private_key", fed.auth_private_key)):
+        if path is None or not Path(path).is_file():
+            raise UsageError(f"{what} is not set or not found ({path})",
+                             hint="the consortium runs with TLS and site authentication: get ca.crt from the coordinator "
+                                  "and create a key with 'site-agent auth-key'")
+    node_config = {P.NODE_SITE_NAME: cfg.site.name, P.NODE_BUNDLE_DIR: str(Path(bundle).resolve())}
+    eval_dir = fed.eval_dir
+    if eval_dir is None and (Path(bundle).parent / "eval").is_dir():
+        eval_dir = Path(bundle).parent / "eval"  # the run's real held-out tiles, by label
+    if eval_dir is not None:
+        node_config[P.NODE_EVAL_DIR] = str(Path(eval_dir).resolve())
+    if fed.train_dir is not None:
+        node_config[P.NODE_TRAIN_DIR] = str(Path(fed.train_dir).resolve())
+    return supernode_command(superlink=fed.superlink, port=fed.port, node_config=node_config,
+                             root_certificates=fed.root_certificates, auth_private_key=fed.auth_private_key)
 
 
 def start_supernode(site: str, *, superlink: str, port: int, node_config: Mapping[str, str], flwr_home: Path,

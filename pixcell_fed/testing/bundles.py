@@ -77,15 +77,6 @@ class Consortium:
     officer_keys: dict
     trust: object
 
-    def trust_yaml(self) -> str:
-        from pixcell_fed.keys import public_key_text
-
-        lines = ["sites:"]
-        for name, key in self.site_keys.items():
-            lines += [f"  {name}:", f"    signing_key: {public_key_text(key.public_key())}", "    officers:",
-                      f"      - {public_key_text(self.officer_keys[name].public_key())}"]
-        return "\n".join(lines) + "\n"
-
 
 def consortium(names: Sequence[str] = ("site-a", "site-b")) -> Consortium:
     from pixcell_fed.bundle.trust import TrustedSiteEntry, TrustFile, trust_from_entries
