@@ -174,6 +174,7 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
     kb_norm = kb.float().norm(dim=1).max().item() * up
     k_ext = torch.cat([kb, torch.ones((m, 1), dtype=torch.bfloat16)], dim=1)
     sample = torch.linspace(0, m - 1, min(m, _SHIFT_SAMPLE)).round().long().unique()
+    sample_keys = kb[sample]
     own_error = _gamma(dim) * q_norm * k_norm     # float32 rounding of a rescored score
     m_eff = m - (1 if exclude_self else 0)
     kp = min(m_eff, k + _EXTRA)
@@ -186,7 +187,7 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             rows = torch.arange(start, stop)
-            shift = _score_levels(qb[start:stop], kb, sample, rows if exclude_self else None)
+            shift = _score_levels(qb[start:stop], sample_keys, sample, rows if exclude_self else None)
             c = shift.double()
             # everything in the ceiling but the bf16 output term (float64: its own rounding is negligible)
             slack = (c + _gamma(dim + 1) * (qb_norm[rows] * kb_norm + c.abs()) + qb_norm[rows] * k_res
@@ -225,10 +226,10 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
     return TopK(out_s, out_i, widened_rows=widened, recomputed_rows=recomputed)
 
 
-def _score_levels(qb, kb, sample, rows=None):
-    """Each query's best bf16 score against the ``sample`` of keys (its own key left out when ``rows`` gives the
-    queries' key indices): a level just below its top-k scores."""
-    levels = qb @ kb[sample].T
+def _score_levels(qb, sample_keys, sample, rows=None):
+    """Each query's best bf16 score against ``sample_keys`` (the keys at indices ``sample``; its own key left out
+    when ``rows`` gives the queries' key indices): a level just below its top-k scores."""
+    levels = qb @ sample_keys.T
     if rows is not None:
         levels[sample[None, :] == rows[:, None]] = float("-inf")
     return levels.amax(dim=1)   # a bf16 value: the extra column holds it exactly
