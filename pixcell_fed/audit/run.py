@@ -156,13 +156,16 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     h_auth_share = float(st.authentic_mask(1 - h_tile.nn_sim, h_tile.top.idx[:, 0], t_self_dist).mean())
 
     # Rounds.
+    def tests_of(active: np.ndarray):
+        return _round_tests(cfg, active, s_set, t_set, h_set, s_tile, h_tile, h_flagged, reasons, paired, findings,
+                            finding_rows, t_self_dist, h_auth_share, s_to_tdcr, s_to_hdcr, t_mia_rows, h_mia_rows,
+                            len(h_dcr_rows), roles)
+
     active = np.arange(n_s)
     dropped_in: dict[int, int] = {}
     rounds: list[dict[str, Any]] = []
     for round_no in range(1, cfg.max_rounds + 1):
-        tests, mia = _round_tests(cfg, active, s_set, t_set, h_set, s_tile, h_tile, h_flagged, reasons, paired,
-                                  findings, finding_rows, t_self_dist, h_auth_share, s_to_tdcr, s_to_hdcr,
-                                  t_mia_rows, h_mia_rows, len(h_dcr_rows), roles)
+        tests, mia = tests_of(active)
         verdict = verdict_of(tests)
         flagged = [int(i) for i in active if reasons[i]]
         rounds.append({"round": round_no, "audited": int(len(active)), "flagged": len(flagged), "verdict": verdict,
@@ -175,9 +178,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
         active = np.array([i for i in active if i not in dropped_in], dtype=np.int64)
         rounds[-1]["dropped"] = len(flagged)
         if len(active) == 0:
-            tests, mia = _round_tests(cfg, active, s_set, t_set, h_set, s_tile, h_tile, h_flagged, reasons, paired,
-                                      findings, finding_rows, t_self_dist, h_auth_share, s_to_tdcr, s_to_hdcr,
-                                      t_mia_rows, h_mia_rows, len(h_dcr_rows), roles)
+            tests, mia = tests_of(active)
             verdict = FAIL
             rounds.append({"round": round_no + 1, "audited": 0, "flagged": 0, "verdict": FAIL,
                            "tests": {t.name: t.status for t in tests}})
