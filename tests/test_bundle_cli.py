@@ -176,7 +176,7 @@ def test_officer_key_same_as_signing_key_refused_in_trust(tmp_path):
     pub = public_key_text(generate_private_key().public_key())
     trust = tmp_path / "t.yaml"
     trust.write_text(f"sites:\n  a:\n    signing_key: {pub}\n    officers: [{pub}]\n")
-    with pytest.raises(ConfigError, match="own signing key"):
+    with pytest.raises(ConfigError, match="already used at sites.a.signing_key"):
         load_trust(trust)
 
 
