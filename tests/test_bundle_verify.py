@@ -317,3 +317,15 @@ def test_damaged_bundle_cannot_be_approved(tmp_path, arrays, keys):
     tile.write_bytes(tile.read_bytes()[:-1] + b"\x00")
     with pytest.raises(BundleError, match="damaged"):
         approve_bundle(bundle, keys.officer_keys["site-a"], site=authority(keys, bundle))
+
+
+def test_threaded_tile_checks_report_the_first_bad_tile_in_manifest_order(tmp_path, arrays, keys):
+    bundle = make(tmp_path, arrays, keys, tiles=slice(0, 10))
+    checked = verify_before_transfer(bundle, keys.trust)
+    names = list(checked.tiles["file_name"])
+    for name in (names[7], names[2]):  # the later one is damaged too, and would be found first by a fast thread
+        path = bundle / "tiles" / name
+        path.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    for workers in (1, 4):
+        with pytest.raises(VerificationError, match=f"^tiles/{names[2]} does not match its sha256"):
+            check_tiles(checked, workers=workers)
