@@ -12,7 +12,8 @@ import pytest
 from pixcell_fed.bundle import approve_bundle, reject_bundle, verify_bundle
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.trail import verify_trail
-from pixcell_fed.bundle.verify import check_approval, check_signed_files, check_tiles, verify_before_transfer
+from pixcell_fed.bundle.verify import (check_approval, check_signed_files, check_tile, check_tiles,
+                                      verify_before_transfer)
 from pixcell_fed.errors import BundleError, ExitCode, PrivacyGateRefused, UsageError, VerificationError
 from pixcell_fed.keys import fingerprint, generate_private_key
 from pixcell_fed.testing.bundles import (
@@ -68,6 +69,12 @@ def test_stages_compose_and_the_preflight_stage_needs_no_tile(tmp_path, arrays, 
     assert checked.officer_key_fingerprint and len(checked.tiles) == 5
     with pytest.raises(VerificationError, match="tile removed"):
         check_tiles(checked)
+    name = checked.tiles["file_name"][0]  # one tile as it arrives, before it is written anywhere
+    check_tile(checked, name, (bundle / "tiles" / name).read_bytes())
+    with pytest.raises(VerificationError, match=f"tiles/{name} has 3 bytes"):
+        check_tile(checked, name, b"PNG")
+    with pytest.raises(VerificationError, match="tile added"):
+        check_tile(checked, "0" * 32 + ".png", (bundle / "tiles" / name).read_bytes())
     shutil.rmtree(shipped / "tiles")
     shutil.copytree(bundle / "tiles", shipped / "tiles")
     check_tiles(checked)

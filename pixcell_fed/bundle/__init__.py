@@ -17,6 +17,7 @@ _LAZY = {
     "VerifiedBundle": "pixcell_fed.bundle.verify",
     "check_signed_files": "pixcell_fed.bundle.verify",
     "check_approval": "pixcell_fed.bundle.verify",
+    "check_tile": "pixcell_fed.bundle.verify",
     "check_tiles": "pixcell_fed.bundle.verify",
     "verify_before_transfer": "pixcell_fed.bundle.verify",
     "verify_bundle": "pixcell_fed.bundle.verify",

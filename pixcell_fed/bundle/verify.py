@@ -8,7 +8,7 @@
 2. :func:`check_approval`: the bundle is approved, not rejected; the officer's signature is valid and made with
    the key of one of the site's officers in the trust file.
 3. :func:`check_tiles`: ``tiles/`` holds exactly the manifest's files, each with its size and sha256, each the
-   canonical PNG of an 8-bit RGB tile of the bundle's tile size.
+   canonical PNG of an 8-bit RGB tile of the bundle's tile size (:func:`check_tile` checks one tile's bytes).
 
 :func:`verify_bundle` runs all three (the coordinator's acceptance), :func:`verify_before_transfer` the first
 two (a pooling coordinator, before asking for any tile), :func:`inspect_bundle` the first and the third against
@@ -19,6 +19,7 @@ first failure with one precise reason (:class:`VerificationError`, exit code 3).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +54,12 @@ class VerifiedBundle:
 
     def tile_path(self, file_name: str) -> Path:
         return self.path / L.TILES / file_name
+
+    @functools.cached_property
+    def tile_records(self) -> dict[str, tuple[int, str]]:
+        """File name -> (size, sha256), from the manifest."""
+        return {str(n): (int(z), str(h)) for n, z, h in zip(self.tiles["file_name"], self.tiles["size"],
+                                                              self.tiles["sha256"])}
 
 
 def _fail(message: str, hint: str = _HINT) -> VerificationError:
@@ -206,15 +213,19 @@ def check_approval(checked: VerifiedBundle, trust: TrustStore) -> VerifiedBundle
     return replace(checked, officer_key_fingerprint=fingerprint(key))
 
 
-def _check_tile(path: Path, size: int, digest: str, tile_size: int) -> None:
-    name = f"{L.TILES}/{path.name}"
-    data = path.read_bytes()
+def check_tile(checked: VerifiedBundle, file_name: str, data: bytes) -> None:
+    """Stage 3 for one tile's bytes (e.g. as they arrive): the manifest's size and sha256, canonical at the
+    bundle's tile size. :func:`check_tiles` runs it on every file of ``tiles/``."""
+    name = f"{L.TILES}/{file_name}"
+    if file_name not in checked.tile_records:
+        raise _fail(f"tile added: {name} is not listed in the manifest")
+    size, digest = checked.tile_records[file_name]
     if len(data) != size:
         raise _fail(f"{name} has {len(data)} bytes, the manifest says {size}: the tile was modified")
     if sha256_bytes(data) != digest:
         raise _fail(f"{name} does not match its sha256 in the manifest: the tile was modified")
     try:
-        check_canonical_tile(data, tile_size=tile_size, name=name)
+        check_canonical_tile(data, tile_size=checked.tile_size, name=name)
     except BundleError as exc:
         raise _fail(exc.message, hint="refuse the bundle: only canonical tiles of the run's size may leave a site") from exc
 
@@ -243,12 +254,12 @@ def check_tiles(checked: VerifiedBundle, *, workers: int | None = None) -> None:
     removed = sorted(listed - set(present))
     if removed:
         raise _fail(f"tile removed: tiles/{removed[0]} is listed in the manifest but missing ({len(removed)} missing)")
-    rows = list(frame[["file_name", "size", "sha256"]].itertuples(index=False))
+    names = list(frame["file_name"])
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda r: _check_tile(present[r[0]], int(r[1]), r[2], checked.tile_size), rows)
+        results = pool.map(lambda name: check_tile(checked, name, present[name].read_bytes()), names)
         try:
-            for _ in progress(results, total=len(rows), desc="verify tiles", unit="tile"):
+            for _ in progress(results, total=len(names), desc="verify tiles", unit="tile"):
                 pass
         except VerificationError:
             pool.shutdown(wait=True, cancel_futures=True)
