@@ -67,21 +67,10 @@ def test_coordinator_serve_creates_certs_and_enables_auth(tmp_path, capsys):
 
 
 def _bundle(tmp_path, run_id, *, approve):
-    from pixcell_fed.bundle.approval import approve_bundle
-    from pixcell_fed.bundle.build import build_bundle
-    from pixcell_fed.testing.bundles import ENCODER, GENERATOR, audit_for, consortium, real_tile_arrays, write_tiles
+    from pixcell_fed.testing.bundles import build_run_bundle, consortium, inert_summary_html, real_tile_arrays, write_run
 
-    keys = consortium(("alpha",))
-    arrays = real_tile_arrays(2)
-    html = tmp_path / f"{run_id}.html"
-    html.write_text("<html><body><h1>Audit: PASS</h1></body></html>")
-    info = build_bundle(tmp_path / "work" / "runs" / run_id / "bundle", site_name="alpha", run_id=run_id,
-                        tiles=write_tiles(tmp_path / f"{run_id}-src", arrays), labels=["tumor", "normal"],
-                        generator=GENERATOR, encoder=ENCODER, audit_summary=audit_for(arrays),
-                        site_key=keys.site_keys["alpha"], summary_html=html)
-    if approve:
-        approve_bundle(info.path, keys.officer_keys["alpha"])
-    return info.path
+    run = write_run(tmp_path / "work", run_id, real_tile_arrays(2), summary_html=inert_summary_html())
+    return build_run_bundle(run, consortium(("alpha",)), "alpha", labels=["tumor", "normal"], approve=approve)
 
 
 def _site_yaml(tmp_path, ca=True):

@@ -143,10 +143,24 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class KeysConfig:
-    """The site's signing key (Ed25519)."""
+    """The site's signing key and the public keys of its privacy officers (Ed25519)."""
 
     site_private_key: Path = Path("keys/site_signing.key")
     passphrase_env: str | None = None
+    officers: tuple[str, ...] = ()  # the only keys 'site-agent approve' and 'reject' accept
+
+    def __post_init__(self) -> None:
+        from pixcell_fed.errors import KeyFileError
+        from pixcell_fed.keys import parse_public_key, public_key_raw
+
+        seen: dict[bytes, int] = {}
+        for i, text in enumerate(self.officers):
+            try:
+                raw = public_key_raw(parse_public_key(text, source=f"keys.officers[{i}]"))
+            except KeyFileError as exc:
+                raise ValueError(f"{exc.message} (paste the line 'site-agent officer-key' printed)") from exc
+            _check(raw not in seen, f"keys.officers[{i}] repeats keys.officers[{seen.get(raw)}]")
+            seen[raw] = i
 
 
 @dataclass(frozen=True)

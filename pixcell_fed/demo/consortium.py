@@ -134,9 +134,12 @@ def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
         officer = site_dir / "officer"
         if not (officer / "officer.key").is_file():
             _cli("site-agent", "officer-key", "--out", str(officer), env=env, log_file=demo_log)
+        # the site's administrator lists the officer's public key in site.yaml: only listed keys can decide
+        make_site(site_dir, name=name, models=models, slides=[],
+                  config={"keys": {"officers": [(officer / "officer.pub").read_text().strip()]}})
         if read_bundle_json(result.bundles[name])["state"] != STATE_APPROVED:
-            _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"), "--yes",
-                 env=env, log_file=demo_log)
+            _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"),
+                 "--config", str(config), "--yes", env=env, log_file=demo_log)
         _cli("coordinator", "trust-add", str(trust_file), "--site", name,
              "--signing-key", str(site_dir / "keys" / "site_signing.pub"), "--officer", str(officer / "officer.pub"),
              env=env, log_file=demo_log)

@@ -40,10 +40,17 @@ def pooled_items(pool_dir: str | Path) -> list[tuple[Path, str | None]]:
 
 
 def load_image(path: Path, img_size: int):
-    """An RGB image resized to ``img_size`` as a uint8 HxWx3 numpy array."""
+    """An RGB image resized to ``img_size`` as a uint8 HxWx3 numpy array.
+
+    An image larger than the largest tile a bundle may carry is refused from its header, before decoding: a
+    decompression bomb never reaches memory.
+    """
     import numpy as np
     from PIL import Image
 
+    from pixcell_fed.bundle.png import MAX_TILE_SIZE, check_image_side
+
+    check_image_side(path, MAX_TILE_SIZE)
     with Image.open(path) as im:
         im = im.convert("RGB")
         if im.size != (img_size, img_size):
