@@ -293,3 +293,24 @@ def test_coordinator_rounds_average_trained_sites_and_report_the_others(tmp_path
     assert report["rounds"] == [{"round": 1, "sites": ["a"]}, {"round": 2, "sites": ["a"]}]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
     assert (tmp_path / "dp_model" / "model.safetensors").is_file()
+
+
+def test_cli_shows_the_spend_refuses_a_damaged_ledger_and_an_officer_resets_it(site, capsys):
+    from site_agent.cli import main
+
+    from pixcell_fed.keys import write_key_pair
+
+    _spend(site, 1)
+    assert main(["privacy-ledger", "--config", str(site), "--format", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["ok"] and status["rounds"] == 1 and abs(status["epsilon"] - epsilon_spent([ONE_ROUND], DELTA)) < 1e-9
+    assert abs(status["epsilon_remaining"] - (8.0 - status["epsilon"])) < 1e-9
+    _damage_edit(L.ledger_path(site.parent / "work"))
+    assert main(["privacy-ledger", "--config", str(site)]) == 3
+    assert "DAMAGED" in capsys.readouterr().out
+    key, _, _ = write_key_pair(site.parent / "officer" / "officer.key")
+    assert main(["privacy-ledger-reset", "--config", str(site), "--key", str(key), "--reason", "restored", "--yes"]) == 0
+    assert "1 round(s) carried over" in capsys.readouterr().out
+    assert main(["privacy-ledger", "--config", str(site), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == 1
+    assert _trail(site)[-1]["event"] == L.TRAIL_RESET

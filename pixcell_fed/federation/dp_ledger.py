@@ -259,3 +259,19 @@ def reset_ledger(work_dir: str | Path, officer_key, *, site: str, reason: str) -
         append_event(trail_path(work_dir), TRAIL_RESET, reason=fields["reason"], previous=previous,
                      restored_rounds=len(restored), ledger_seq=0, **signed)
     return {"previous": previous, "restored_rounds": len(restored), "officer": signed["officer"]}
+
+
+def ledger_status(work_dir: str | Path, *, budget: float, delta: float | None) -> dict[str, Any]:
+    """What an officer or the admin sees: whether the ledger verifies, rounds recorded, epsilon spent (at the site's
+    delta, else the smallest delta recorded), the budget and what is left of it."""
+    status: dict[str, Any] = {"ledger": str(ledger_path(work_dir)), "ok": True, "problem": None, "rounds": 0,
+                              "epsilon": 0.0, "delta": delta, "epsilon_budget": budget, "epsilon_remaining": budget}
+    try:
+        ledger = read_ledger(work_dir)
+    except PrivacyLedgerError as exc:
+        return {**status, "ok": False, "problem": exc.message, "epsilon": None, "epsilon_remaining": None}
+    if ledger.records:
+        at = ledger.accounting_delta(delta if delta is not None else 1.0)
+        eps = ledger.epsilon(at)
+        status.update(rounds=len(ledger.records), epsilon=eps, delta=at, epsilon_remaining=max(budget - eps, 0.0))
+    return status
