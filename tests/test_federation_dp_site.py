@@ -145,8 +145,9 @@ def test_lost_or_damaged_ledger_fails_closed(site, damage):
     before = _trail(site)[-1]["seq"]
     reply = _reply(_train(site, round_no=3))
     assert reply.status == "refused" and "ledger" in reply.reason and reply.state is None
+    assert str(site.parent) not in reply.reason  # the detail names site files: it stays at the site
     refused = _trail(site)[-1]
-    assert refused["event"] == L.TRAIL_REFUSED and refused["seq"] == before + 1
+    assert refused["event"] == L.TRAIL_REFUSED and refused["seq"] == before + 1 and "ledger" in refused["reason"]
 
 
 def test_officer_reset_keeps_every_spend_and_is_signed(site):

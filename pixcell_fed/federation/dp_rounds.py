@@ -17,11 +17,11 @@ if the site allows it, the number of tiles rounded to its granularity. Nothing e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from pixcell_fed.errors import DPRefused, FederationError, PixcellFedError
+from pixcell_fed.errors import DPRefused, FederationError, PixcellFedError, UsageError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.runlog import get_logger
 from pixcell_fed.training.dp import DPSettings
@@ -233,7 +233,11 @@ def _training_items(ctx: SiteDP, spec: "ModelSpec") -> list[tuple[Path, str]]:
         raise DPRefused("this site takes no part in the DP fine-tune (no train-dir)")
     if spec.kind != "classifier" or not spec.classes:
         raise DPRefused("the DP fine-tune needs a classifier model")
-    items = labelled_folder(ctx.train_dir)
+    try:
+        items = labelled_folder(ctx.train_dir)
+    except UsageError as exc:
+        log.error("DP round refused: %s", exc.message)
+        raise DPRefused("this site's training tiles are not available (see the site's log)") from exc
     unknown = sorted({lab for _, lab in items} - set(spec.classes))
     if unknown:
         log.error("DP round refused: labels %s of %s are not among the model's classes", unknown, ctx.train_dir)
@@ -300,6 +304,7 @@ def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
 def site_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
     """One DP round at a site (the ``train`` message): weights and privacy spent back, or a refusal with its
     reason. Every refusal is recorded in the site's audit trail."""
+    from pixcell_fed.errors import PrivacyLedgerError
     from pixcell_fed.federation.dp_ledger import record_refusal
 
     try:
@@ -308,7 +313,10 @@ def site_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
         round_no = request[P.KEY_REQUEST].get("round") if P.KEY_REQUEST in request else None
         log.warning("DP round %s refused: %s", round_no, exc.message)
         record_refusal(ctx.work_dir, exc.message, round=round_no if isinstance(round_no, int) else None)
-        return refused_reply(exc.message, getattr(exc, "metrics", None))
+        public = exc.message
+        if isinstance(exc, PrivacyLedgerError):  # the detail names site files: it stays in the site's trail and log
+            public = "this site's privacy ledger is damaged or missing: no DP training until its privacy officer resets it"
+        return refused_reply(public, getattr(exc, "metrics", None))
 
 
 # ------------------------------------------------------------------------------------------ the coordinator
@@ -370,7 +378,7 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
     report = {"privacy": privacy, "rounds": done, "rounds_asked": rounds, "checkpoint": str(out_dir),
               "settings": {"noise_multiplier": settings.noise_multiplier, "max_grad_norm": settings.max_grad_norm,
                            "local_epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr}}
-    save_checkpoint(model, replace(spec, pretrained_file=None), out_dir, extra={"recipe": "dp_finetune", **report})
+    save_checkpoint(model, spec.without_local_weights(), out_dir, extra={"recipe": "dp_finetune", **report})
     return report
 
 
