@@ -28,7 +28,9 @@ from pixcell_fed.training.dp import DPSettings, DPSteps
 from pixcell_fed.training.dp_accounting import epsilon_spent
 from pixcell_fed.training.models import ModelSpec, build_model
 
-SPEC = ModelSpec(arch=TINY_VIT["arch"], classes=("dense", "sparse"), img_size=32, kwargs=TINY_VIT["kwargs"])
+# a ViT of about 7,000 parameters: DP-SGD's per-sample gradients are costly on a shared 2-core machine
+SPEC = ModelSpec(arch=TINY_VIT["arch"], classes=("dense", "sparse"), img_size=32,
+                 kwargs={"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2})
 N_TRAIN = 10
 ONE_ROUND = DPSteps(noise_multiplier=1.0, sample_rate=0.5, steps=2)  # 10 tiles, batch 5: rate 1/2, 2 steps
 DELTA = 0.01  # 1/(10 N) for N = 10
@@ -248,7 +250,7 @@ def test_the_coordinator_cannot_pick_which_labels_are_trained(site):
 
 
 def test_a_model_with_stochastic_depth_is_refused_without_spending(site):
-    spec = ModelSpec(arch=SPEC.arch, classes=SPEC.classes, img_size=32, kwargs={**SPEC.kwargs, "drop_path_rate": 0.1})
+    spec = ModelSpec(arch=SPEC.arch, classes=SPEC.classes, img_size=32, kwargs={**SPEC.kwargs, "depth": 2, "drop_path_rate": 0.1})
     content = handle_train(_request(spec=spec), _node(site))
     assert content[P.KEY_INFO]["status"] == "refused" and "stochastic" in content[P.KEY_INFO]["reason"]
     assert _ledger_count(site) == 0
