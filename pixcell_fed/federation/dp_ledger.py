@@ -128,12 +128,15 @@ def _reset_statement(fields: dict[str, Any]) -> bytes:
 
 
 def _check_reset_signature(entry: dict, where: str) -> None:
+    from cryptography.exceptions import InvalidSignature
+
+    from pixcell_fed.errors import PixcellFedError
     from pixcell_fed.keys import parse_public_key
 
     try:
         key = parse_public_key(str(entry["officer_key"]), source=where)
         key.verify(base64.b64decode(str(entry["signature"]), validate=True), _reset_statement(entry))
-    except Exception as exc:  # noqa: BLE001 -- any failure (missing field, bad key, bad signature) is a forgery
+    except (KeyError, TypeError, ValueError, AttributeError, InvalidSignature, PixcellFedError) as exc:
         raise PrivacyLedgerError(f"{where}: the officer's reset signature does not verify", hint=_RESET_HINT) from exc
 
 

@@ -276,6 +276,9 @@ def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
     items = _training_items(ctx, spec)
     delta = site_delta(ctx.policy, len(items))
     model = _site_model(weights, spec)
+    index = {c: i for i, c in enumerate(spec.classes)}
+    images = load_arrays(items, spec)  # before spending: a tile that cannot be read costs no privacy
+    labels = torch.tensor([index[lab] for _, lab in items], dtype=torch.long)
     planned = planned_steps(len(items), req.settings)
     record = StepRecord(round=req.round, noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
                         steps=planned.steps, delta=delta, train_set_sha256=train_set_sha256(items))
@@ -291,9 +294,6 @@ def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
         record_round(ledger, record, epsilon=after, epsilon_budget=budget, epsilon_remaining=budget - after,
                      arch=spec.arch, max_grad_norm=req.settings.max_grad_norm, local_epochs=req.settings.epochs,
                      batch_size=req.settings.batch_size, lr=req.settings.lr)
-    index = {c: i for i, c in enumerate(spec.classes)}
-    images = load_arrays(items, spec)
-    labels = torch.tensor([index[lab] for _, lab in items], dtype=torch.long)
     trained, _ = local_dp_train(model, images, labels, req.settings)
     log.info("DP round %d: trained on %d tiles; epsilon %.3f of %g at delta %g", req.round, len(items), after, budget, delta)
     state = {k: v.detach().cpu() for k, v in trained.state_dict().items()}
