@@ -164,6 +164,31 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class DPPolicy:
+    """The site's own limits for the DP fine-tune on its real tiles (``federation.dp``). A coordinator's request
+    can only ask for less privacy loss than these allow; everything else is refused before training."""
+
+    epsilon_budget: float = 8.0            # total epsilon this site ever spends (at delta), over rounds, runs, restarts
+    delta: float | None = None             # null = 1/(10 N) rounded down to a power of ten (N: training tiles)
+    min_noise_multiplier: float = 1.0      # requests with less noise are refused
+    max_grad_norm: float = 1.0             # largest per-tile clipping norm a request may ask for
+    max_local_epochs: int = 1              # most passes over the training tiles in one round
+    min_batch_size: int = 4                # expected batch size (Poisson sampling) bounds of a request
+    max_batch_size: int = 256
+    count_granularity: int = 100           # examples reported rounded to a multiple of this; 0 = not reported
+
+    def __post_init__(self) -> None:
+        _check(0 < self.epsilon_budget <= 100, f"federation.dp.epsilon_budget must be in (0, 100] (got {self.epsilon_budget})")
+        _check(self.delta is None or 0 < self.delta <= 1e-2, f"federation.dp.delta must be in (0, 0.01] or null (got {self.delta})")
+        _check(0.3 <= self.min_noise_multiplier <= 100,
+               f"federation.dp.min_noise_multiplier must be in [0.3, 100] (got {self.min_noise_multiplier})")
+        _check(0 < self.max_grad_norm <= 100, f"federation.dp.max_grad_norm must be in (0, 100] (got {self.max_grad_norm})")
+        _check(self.max_local_epochs >= 1, "federation.dp.max_local_epochs must be at least 1")
+        _check(1 <= self.min_batch_size <= self.max_batch_size, "federation.dp: need 1 <= min_batch_size <= max_batch_size")
+        _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """How this site joins the consortium's Flower deployment."""
 
@@ -175,6 +200,7 @@ class FederationConfig:
     eval_dir: Path | None = None
     bundle_dir: Path | None = None
     train_dir: Path | None = None
+    dp: DPPolicy = field(default_factory=DPPolicy)
 
 
 @dataclass(frozen=True)
