@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 #: A lowercase hex SHA-256, as :func:`sha256_bytes` writes it.
-SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def is_sha256_hex(value: object) -> bool:
     """Whether ``value`` is a lowercase hex SHA-256 string."""
-    return isinstance(value, str) and SHA256_HEX_RE.match(value) is not None
+    return isinstance(value, str) and SHA256_HEX_RE.fullmatch(value) is not None
 
 
 def sha256_bytes(data: bytes) -> str:

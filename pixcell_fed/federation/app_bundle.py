@@ -42,9 +42,13 @@ def app_dir() -> Path:
 
 def build_app_fab(app: Path | None = None) -> bytes:
     """The app bundle exactly as ``flwr run`` builds it from ``app`` (default: this installation's app)."""
+    import warnings
+
     from flwr.cli.build import build_fab_from_disk
 
-    return build_fab_from_disk(Path(app) if app is not None else app_dir())
+    with warnings.catch_warnings():  # flwr 1.42's .gitignore matching uses a pathspec API that warns on every file
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return build_fab_from_disk(Path(app) if app is not None else app_dir())
 
 
 def app_sha256(app: Path | None = None) -> str:

@@ -171,7 +171,7 @@ def serve_front(settings: FrontSettings) -> None:
 
     config = uvicorn.Config(FleetFront(settings), host=settings.listen_host, port=settings.listen_port,
                             ssl_certfile=str(settings.server_cert), ssl_keyfile=str(settings.server_key),
-                            lifespan="on", access_log=False, server_header=False, log_level="warning",
+                            lifespan="on", interface="asgi3", access_log=False, server_header=False, log_level="warning",
                             limit_concurrency=256, timeout_keep_alive=30)
     log.info("Fleet front on https://%s:%d -> https://%s (only %s*)", settings.listen_host, settings.listen_port,
              settings.upstream, FLEET_PREFIX)
