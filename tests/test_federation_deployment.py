@@ -25,6 +25,7 @@ import yaml
 
 from pixcell_fed.federation import deployment as D
 from pixcell_fed.federation.app_bundle import app_sha256
+from pixcell_fed.federation.services import start_coordinator_serve
 from pixcell_fed.testing.federation import TINY_VIT, make_site_bundles
 
 pytestmark = pytest.mark.slow
@@ -62,12 +63,8 @@ def test_deployment_through_the_locked_down_commands_with_a_site_killed(tmp_path
         return proc
 
     try:
-        serve = cli("coordinator-serve", "coordinator.cli", "serve", "--certs", str(certs), "--host", "127.0.0.1",
-                    "--port", str(port), "--internal-port", str(internal))
-        deadline = time.monotonic() + 60
-        while not (certs / "ca.crt").is_file() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        D.wait_healthy(f"https://127.0.0.1:{port}/", timeout=180, ca=certs / "ca.crt", process=serve, any_status=True)
+        procs.append(start_coordinator_serve(certs, port=port, internal_port=internal, env=env,
+                                             log_path=logs / "coordinator-serve.log"))
         for site in SITES:
             reg = cli(f"register-{site}", "coordinator.cli", "register-site", str(keys[site][1]), "--name", site,
                       "--trust", str(bundles.trust_file), "--superlink", f"127.0.0.1:{internal}", "--ca",

@@ -258,3 +258,12 @@ http {{
             _check_front(port, tls, recorder)
         finally:
             proc.stop()
+
+
+def test_the_nginx_configuration_in_the_docs_is_the_one_the_code_writes():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "federation.md").read_text()
+    block = re.search(r"```nginx\n(.*?)```", docs, re.S).group(1)
+    certs = Path("/srv/consortium/certs")
+    settings = FrontSettings(listen_host="0.0.0.0", listen_port=9092, upstream="127.0.0.1:9093",
+                             ca_cert=certs / "ca.crt", server_cert=certs / "server.pem", server_key=certs / "server.key")
+    assert block == nginx_config(settings)

@@ -27,6 +27,7 @@ import yaml
 
 from pixcell_fed.federation import deployment as D
 from pixcell_fed.federation.app_bundle import app_sha256
+from pixcell_fed.federation.services import start_coordinator_serve
 
 pytestmark = pytest.mark.slow
 
@@ -114,15 +115,8 @@ class Coordinator:
         return self.certs / "ca.crt"
 
     def start(self) -> "Coordinator":
-        serve = D.Process("coordinator-serve", [sys.executable, "-m", "coordinator.cli", "serve", "--certs",
-                                                str(self.certs), "--host", "127.0.0.1", "--port", str(self.port),
-                                                "--internal-port", str(self.internal)],
-                          log_path=self.logs / "coordinator-serve.log", env=self.env)
-        self.procs.append(serve)
-        deadline = time.monotonic() + 60
-        while not self.ca.is_file() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        D.wait_healthy(f"https://127.0.0.1:{self.port}/", timeout=180, ca=self.ca, process=serve, any_status=True)
+        self.procs.append(start_coordinator_serve(self.certs, port=self.port, internal_port=self.internal,
+                                                  env=self.env, log_path=self.logs / "coordinator-serve.log"))
         D.write_flwr_config(self.home, "consortium", f"127.0.0.1:{self.internal}", root_certificates=self.ca)
         return self
 

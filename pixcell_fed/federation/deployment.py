@@ -51,7 +51,7 @@ def flower_bin(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if not found:
-        raise UsageError(f"'{name}' not found", hint="install pixcell-fed's dependencies (flwr==1.42.*) in this environment")
+        raise UsageError(f"'{name}' not found", hint="install pixcell-fed's dependencies (flwr==1.42.0) in this environment")
     return found
 
 

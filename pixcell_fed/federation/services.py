@@ -190,3 +190,26 @@ def run_services(services: Sequence[Service], *, env: Mapping[str, str], ca: Pat
         for proc in reversed(procs):
             proc.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def start_coordinator_serve(certs: Path, *, port: int, internal_port: int, env: Mapping[str, str], log_path: Path,
+                            hostnames: Sequence[str] = (), timeout: float = 180.0):
+    """Run ``coordinator serve`` (this installation's) as a child process on 127.0.0.1, as the demo, the tests and
+    the benchmark do, and return it once its Fleet front answers (the last of its processes to start)."""
+    from pixcell_fed.federation.deployment import Process, wait_healthy
+
+    cmd = [*_cli("coordinator.cli", "serve", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port),
+                 "--internal-port", str(internal_port))]
+    for name in hostnames:
+        cmd += ["--hostname", name]
+    proc = Process("coordinator-serve", cmd, log_path=log_path, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (Path(certs) / "ca.crt").is_file() and time.monotonic() < deadline and proc.alive():
+            time.sleep(0.2)
+        wait_healthy(f"https://127.0.0.1:{port}/", timeout=max(1.0, deadline - time.monotonic()),
+                     ca=Path(certs) / "ca.crt", process=proc, any_status=True)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
