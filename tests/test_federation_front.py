@@ -16,15 +16,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from loopback_asgi import LoopbackASGI
 
 from pixcell_fed.federation import deployment as D
 from pixcell_fed.federation.fleet_front import DEFAULT_MAX_BODY, FLEET_ROUTES, FleetFront, FrontSettings, nginx_config
@@ -45,19 +42,12 @@ REFUSED = [
 ]
 
 
-class Recorder:
+class Recorder(LoopbackASGI):
     """A stand-in SuperLink over HTTPS: records every request it receives and echoes its body's sha256."""
 
     def __init__(self, tls: D.TlsFiles) -> None:
-        import uvicorn
-
         self.seen: list[dict] = []
-        self.port = D.free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, ssl_certfile=str(tls.server_cert),
-                                ssl_keyfile=str(tls.server_key), log_level="warning", lifespan="off",
-                                interface="asgi3")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(self.app, tls=tls)
 
     async def app(self, scope, receive, send) -> None:
         digest, size = hashlib.sha256(), 0
@@ -77,18 +67,6 @@ class Recorder:
                     "headers": [(b"content-type", b"application/json"), (b"x-from", b"superlink"),
                                 (b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
-
-    def __enter__(self) -> "Recorder":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def _request(port: int, ca: Path, method: str, path: str, body=b"", headers=None, length: int | None = None):

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import threading
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from loopback_asgi import LoopbackASGI
 
 from pixcell_fed.errors import ConfigError, UsageError
-from pixcell_fed.federation import deployment as D
 from pixcell_fed.federation import pinned_launcher as L
 from pixcell_fed.federation.app_bundle import app_dir, app_sha256, build_app_fab
 
@@ -48,20 +46,15 @@ def test_pins_refuse_foreign_bundles_and_other_task_types():
             L.Pins.of([bad])
 
 
-class RuntimeStandIn:
+class RuntimeStandIn(LoopbackASGI):
     """The SuperNode's runtime API for one method, AcquireTask: hands out queued tasks to signed requests only."""
 
     def __init__(self, secret: bytes) -> None:
-        import uvicorn
-
         self.secret = secret
         self.tasks: list[tuple[str, str]] = []  # (type, fab_hash), handed out in order
         self.unsigned = 0
         self.nonces: set[str] = set()
-        self.port = D.free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off", interface="asgi3"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(self.app)
 
     def reserve_nonce(self, *, namespace: str, nonce: str, expires_at: float) -> bool:
         if nonce in self.nonces:
@@ -101,19 +94,6 @@ class RuntimeStandIn:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/protobuf")]})
         await send({"type": "http.response.body", "body": out})
-
-    def __enter__(self) -> "RuntimeStandIn":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
 
 def test_launcher_signs_its_claims_and_starts_code_only_for_pinned_bundles(monkeypatch, caplog):
     started: list[list[str]] = []

@@ -19,7 +19,6 @@ import http.client
 import json
 import ssl
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +202,8 @@ def test_the_coordinators_serverapp_tasks_need_the_superexec_secret(coordinator)
 
 
 def test_a_foreign_app_runs_no_code_and_gets_no_reply_at_a_site_that_did_not_pin_it(coordinator, tmp_path):
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
     from pixcell_fed.bundle.trust import add_site_to_trust_file
     from pixcell_fed.testing.federation import make_site_bundles
 
@@ -213,7 +214,7 @@ def test_a_foreign_app_runs_no_code_and_gets_no_reply_at_a_site_that_did_not_pin
     entries = yaml.safe_load(bundles.trust_file.read_text())["sites"]
     markers = tmp_path / "markers"
     markers.mkdir()
-    sites = []
+    sites, runtime_ports = [], {}
     try:
         for fixture in bundles.sites:
             name = fixture.name
@@ -225,10 +226,11 @@ def test_a_foreign_app_runs_no_code_and_gets_no_reply_at_a_site_that_did_not_pin
                                   str(coordinator.ca), "--flwr-home", str(coordinator.home))
             assert reg.returncode == 0, reg.stderr
             config = tmp_path / f"{name}.yaml"
+            runtime_ports[name] = D.free_port()
             config.write_text(yaml.safe_dump({
                 "site": {"name": name, "work_dir": str(fixture.bundle_dir.parents[2])},
                 "federation": {"superlink": f"127.0.0.1:{coordinator.port}", "root_certificates": str(coordinator.ca),
-                               "auth_private_key": str(private), "port": D.free_port(),
+                               "auth_private_key": str(private), "port": runtime_ports[name],
                                "bundle_dir": str(fixture.bundle_dir), "eval_dir": str(fixture.eval_dir),
                                "app_sha256": pins[name]}}))
             sites.append(D.Process(f"site-{name}", [sys.executable, "-m", "site_agent.cli", "serve", "--config",
@@ -244,11 +246,17 @@ def test_a_foreign_app_runs_no_code_and_gets_no_reply_at_a_site_that_did_not_pin
         assert result["sites"] == ["beta"]  # alpha sent nothing back
         assert sorted(p.name for p in markers.iterdir()) == ["beta.txt"]  # no foreign code ran at alpha
         alpha_log = sites[0].log_tail(200_000)
-        assert f"REFUSED task" in alpha_log and f"app bundle {foreign_hash} is not pinned" in alpha_log
+        assert "REFUSED task" in alpha_log and f"app bundle {foreign_hash} is not pinned" in alpha_log
         assert "launching the ClientApp" not in alpha_log
         assert "launching the ClientApp" in sites[1].log_tail(200_000)
         for site in sites:
             assert site.alive(), site.log_tail()
+        # another local user of alpha's machine cannot claim alpha's tasks: the SuperNode wants the secret
+        claim = AcquireTaskRequest(supported_task_types=["flwr-clientapp"]).SerializeToString()
+        conn = http.client.HTTPConnection("127.0.0.1", runtime_ports["alpha"], timeout=30)
+        conn.request("POST", "/v1/runtime/acquire-task", body=claim, headers={"content-type": "application/protobuf"})
+        assert conn.getresponse().status == 401
+        conn.close()
     finally:
         for site in sites:
             site.stop()
