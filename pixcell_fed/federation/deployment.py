@@ -146,6 +146,17 @@ def write_superexec_secret(folder: str | Path) -> Path:
     return write_bytes_atomic(Path(folder) / "superexec.secret", secrets.token_hex(32).encode("ascii"), mode=0o600)
 
 
+def read_superexec_secret(path: str | Path) -> bytes:
+    """The secret written by :func:`write_superexec_secret` (Flower reads the file's exact bytes too)."""
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the SuperExec secret {path}: {exc}", hint="'site-agent serve' writes it") from exc
+    if not secret:
+        raise UsageError(f"the SuperExec secret {path} is empty", hint="'site-agent serve' writes it")
+    return secret
+
+
 def superlink_command(*, port: int, tls: TlsFiles | None, node_auth: bool, database: Path | None = None,
                       host: str = "127.0.0.1", superexec_secret: Path | None = None) -> list[str]:
     """``flower-superlink``; with ``superexec_secret`` in process isolation: it starts no SuperExec of its own, and

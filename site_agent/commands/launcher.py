@@ -18,28 +18,30 @@ def register(subparsers) -> None:
     p.add_argument("--superexec-auth-secret-file", metavar="FILE", default=None,
                    help="the secret shared with the SuperNode (required by a SuperNode started with one)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
-    p.add_argument("--poll-interval", type=float, default=float(os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 1.0)),
+    p.add_argument("--poll-interval", type=float, default=None,
                    help="seconds between task polls (default $FLWR_SUPEREXEC_TASK_POLL_INTERVAL or 1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pixcell_fed.errors import UsageError
+    from pixcell_fed.federation.deployment import read_superexec_secret
     from pixcell_fed.federation.pinned_launcher import PinnedLauncher, Pins
     from pixcell_fed.federation.services import check_loopback
 
-    secret = None
-    if args.superexec_auth_secret_file:
-        secret = Path(args.superexec_auth_secret_file).read_bytes()
-        if not secret:
-            raise UsageError("the SuperExec secret file is empty", hint="'site-agent serve' writes it")
+    secret = read_superexec_secret(args.superexec_auth_secret_file) if args.superexec_auth_secret_file else None
+    poll = args.poll_interval
+    if poll is None:
+        try:
+            poll = float(os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "1"))
+        except ValueError as exc:
+            raise UsageError(f"FLWR_SUPEREXEC_TASK_POLL_INTERVAL is not a number: {exc}",
+                             hint="unset it or give seconds, e.g. 1") from exc
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
     launcher = PinnedLauncher(check_loopback(args.runtime_api_address, "--runtime-api-address"),
                               Pins.of(args.allow_app_sha256), secret=secret)
-    launcher.run_forever(max(0.01, args.poll_interval))
+    launcher.run_forever(min(60.0, max(0.01, poll)))
     return 0
