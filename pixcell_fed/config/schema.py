@@ -201,6 +201,18 @@ class FederationConfig:
     bundle_dir: Path | None = None
     train_dir: Path | None = None
     dp: DPPolicy = field(default_factory=DPPolicy)
+    # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
+    # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.
+    app_sha256: tuple[str, ...] | str = ()
+
+    def __post_init__(self) -> None:
+        from pixcell_fed.hashing import is_sha256_hex
+
+        pins = (self.app_sha256,) if isinstance(self.app_sha256, str) else tuple(self.app_sha256)
+        for pin in pins:
+            _check(is_sha256_hex(pin),
+                   f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')")
+        object.__setattr__(self, "app_sha256", pins)  # always a tuple after loading
 
 
 @dataclass(frozen=True)
