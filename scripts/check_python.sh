@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Checks that pixcell-fed installs and works on one Python, the way a site installs it, in a fresh virtual
+# environment. Run by hand, not by CI: each Python needs PyPI's torch (a CUDA build, about 3 GB with its nvidia-*
+# wheels; pip's cache keeps it for the next run).
+#
+# Usage: scripts/check_python.sh VERSION [--keep]
+#   VERSION   3.11, 3.12 or 3.13: python$VERSION on PATH, else ~/.pyenv/versions/$VERSION.*
+#   --keep    keep the environment (its path is printed) instead of removing it
+#
+# Steps (timed):
+#   1. a fresh venv; pip talks to PyPI only (the machine's pip configuration, mirrors and constraints are ignored)
+#   2. pip install --require-hashes -r requirements/site.lock     (the lock, every file's hash checked)
+#   3. pip install --no-deps --no-build-isolation .                (the package itself, as docs/install.md says)
+#   4. pip install ".[test,bench]"                                 ('pip install .' on this Python: every dependency
+#                                                                    already satisfied, so only pytest and faiss come)
+#   5. site-agent doctor's lock check, then the fast test tier against the installed package:
+#      pytest -m "not slow and not gpu" (every test that is not marked slow or gpu, now and as tests are added)
+# The last line is one summary: Python, torch, install time and size, the lock check, pytest's result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$(pwd)"
+
+usage() { sed -n '5,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ $# -ge 1 ]] || usage
+version="$1"; shift
+keep=0
+for arg in "$@"; do
+  case "$arg" in
+    --keep) keep=1 ;;
+    *) usage ;;
+  esac
+done
+
+python=""
+if command -v "python$version" >/dev/null 2>&1; then
+  python="$(command -v "python$version")"
+else
+  for candidate in "$HOME"/.pyenv/versions/"$version".*/bin/python; do
+    [[ -x "$candidate" ]] && python="$candidate"
+  done
+fi
+if [[ -z "$python" ]] || ! "$python" -c 'import sys, venv' >/dev/null 2>&1; then
+  echo "error: no Python $version found (python$version on PATH or ~/.pyenv/versions/$version.*)" >&2
+  echo "hint: install it (pyenv install $version) or pass another version" >&2
+  exit 2
+fi
+full="$("$python" -c 'import platform; print(platform.python_version())')"
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/pixcell-fed-py$version.XXXXXX")"
+if [[ $keep == 0 ]]; then trap 'rm -rf "$work"' EXIT; fi
+venv="$work/venv"
+log() { echo "check_python $full: $*" >&2; }
+
+# PyPI only: no configuration file (mirrors, find-links, constraints) and no PIP_* variables of this machine.
+for var in $(env | sed -n 's/^\(PIP_[A-Z_]*\)=.*/\1/p'); do unset "$var"; done
+export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
+
+log "fresh venv in $venv ($python)"
+"$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --quiet)
+start=$SECONDS
+log "pip install --require-hashes -r requirements/site.lock"
+"${pip[@]}" install --require-hashes -r requirements/site.lock
+log "pip install --no-deps --no-build-isolation ."
+"${pip[@]}" install --no-deps --no-build-isolation .
+log "pip install \".[test,bench]\""
+"${pip[@]}" install ".[test,bench]"
+install_s=$((SECONDS - start))
+size="$(du -sm "$venv" | cut -f1)"
+torch="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+installed_at="$("$venv/bin/python" -c 'import pixcell_fed; print(pixcell_fed.__file__)')"
+case "$installed_at" in
+  "$venv"/*) ;;
+  *) echo "error: pixcell_fed is imported from $installed_at, not from the fresh environment" >&2; exit 1 ;;
+esac
+log "installed in ${install_s} s, ${size} MB, torch $torch; pixcell_fed from $installed_at"
+
+lock_check="$(cd "$work" && "$venv/bin/python" -c '
+from pixcell_fed.doctor import run_doctor
+[result] = run_doctor(checks=["lock"]).results
+print(f"{result.status}: {result.detail}")')"
+log "doctor lock check: $lock_check"
+
+# The installed package is what the tests import: the venv's pytest runs the repository's tests/ from outside the
+# repository (neither 'python -m pytest' nor a subprocess's 'python -m' puts the source tree on sys.path).
+export PIXCELL_FED_NO_PROGRESS=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+unset CI PYTHONPATH
+start=$SECONDS
+set +e
+(cd "$work" && "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow and not gpu" "$repo/tests") 2>&1 \
+  | tee "$work/pytest.log" | tail -n 15 >&2
+status=${PIPESTATUS[0]}
+set -e
+test_s=$((SECONDS - start))
+result="$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed).* =+$' "$work/pytest.log" | tail -n 1 | tr -d '=' | xargs)"
+[[ $keep == 1 ]] && log "kept $venv"
+echo "Python $full (lock install): torch $torch, installed in ${install_s} s, ${size} MB; lock check $lock_check; " \
+     "pytest -m 'not slow and not gpu': ${result:-no summary} in ${test_s} s (exit $status)"
+exit "$status"
