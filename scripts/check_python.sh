@@ -31,15 +31,14 @@ for arg in "$@"; do
   esac
 done
 
+# the first that runs (a pyenv shim on PATH may belong to a version that is not selected)
 python=""
-if command -v "python$version" >/dev/null 2>&1; then
-  python="$(command -v "python$version")"
-else
-  for candidate in "$HOME"/.pyenv/versions/"$version".*/bin/python; do
-    [[ -x "$candidate" ]] && python="$candidate"
-  done
-fi
-if [[ -z "$python" ]] || ! "$python" -c 'import sys, venv' >/dev/null 2>&1; then
+for candidate in "$(command -v "python$version" || true)" "$HOME"/.pyenv/versions/"$version".*/bin/python; do
+  if [[ -n "$candidate" && -x "$candidate" ]] && "$candidate" -c 'import venv' >/dev/null 2>&1; then
+    python="$candidate"; break
+  fi
+done
+if [[ -z "$python" ]]; then
   echo "error: no Python $version found (python$version on PATH or ~/.pyenv/versions/$version.*)" >&2
   echo "hint: install it (pyenv install $version) or pass another version" >&2
   exit 2
