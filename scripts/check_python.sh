@@ -53,6 +53,10 @@ log() { echo "check_python $full: $*" >&2; }
 # PyPI only: no configuration file (mirrors, find-links, constraints) and no PIP_* variables of this machine.
 for var in $(env | sed -n 's/^\(PIP_[A-Z_]*\)=.*/\1/p'); do unset "$var"; done
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
+# Nothing but the fresh environment on the import path: no PYTHONPATH, and every Python run below starts outside
+# the repository ('python -c' and 'python -m' put the current folder first on sys.path).
+unset PYTHONPATH
+inside() { (cd "$work" && "$@"); }
 
 log "fresh venv in $venv ($python)"
 "$python" -m venv "$venv"
@@ -66,15 +70,15 @@ log "pip install \".[test,bench]\""
 "${pip[@]}" install ".[test,bench]"
 install_s=$((SECONDS - start))
 size="$(du -sm "$venv" | cut -f1)"
-torch="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-installed_at="$("$venv/bin/python" -c 'import pixcell_fed; print(pixcell_fed.__file__)')"
+torch="$(inside "$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+installed_at="$(inside "$venv/bin/python" -c 'import pixcell_fed; print(pixcell_fed.__file__)')"
 case "$installed_at" in
   "$venv"/*) ;;
   *) echo "error: pixcell_fed is imported from $installed_at, not from the fresh environment" >&2; exit 1 ;;
 esac
 log "installed in ${install_s} s, ${size} MB, torch $torch; pixcell_fed from $installed_at"
 
-lock_check="$(cd "$work" && "$venv/bin/python" -c '
+lock_check="$(inside "$venv/bin/python" -c '
 from pixcell_fed.doctor import run_doctor
 [result] = run_doctor(checks=["lock"]).results
 print(f"{result.status}: {result.detail}")')"
@@ -83,10 +87,10 @@ log "doctor lock check: $lock_check"
 # The installed package is what the tests import: the venv's pytest runs the repository's tests/ from outside the
 # repository (neither 'python -m pytest' nor a subprocess's 'python -m' puts the source tree on sys.path).
 export PIXCELL_FED_NO_PROGRESS=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
-unset CI PYTHONPATH
+unset CI
 start=$SECONDS
 set +e
-(cd "$work" && "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow and not gpu" "$repo/tests") 2>&1 \
+inside "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow and not gpu" "$repo/tests" 2>&1 \
   | tee "$work/pytest.log" | tail -n 15 >&2
 status=${PIPESTATUS[0]}
 set -e
