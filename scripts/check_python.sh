@@ -13,7 +13,8 @@
 #   3. pip install --no-deps --no-build-isolation .                (the package itself, as docs/install.md says)
 #   4. pip install ".[test,bench]"                                 ('pip install .' on this Python: every dependency
 #                                                                    already satisfied, so only pytest and faiss come)
-#   5. site-agent doctor's lock check, then the fast test tier against the installed package:
+#   5. site-agent doctor's lock check, then the fast test tier against the installed package (the repository's
+#      files without the package's source folders):
 #      pytest -m "not slow and not gpu" (every test that is not marked slow or gpu, now and as tests are added)
 # The last line is one summary: Python, torch, install time and size, the lock check, pytest's result.
 set -euo pipefail
@@ -84,14 +85,18 @@ from pixcell_fed.doctor import run_doctor
 print(f"{result.status}: {result.detail}")')"
 log "doctor lock check: $lock_check"
 
-# The installed package is what the tests import: the venv's pytest runs the repository's tests/ from outside the
-# repository (neither 'python -m pytest' nor a subprocess's 'python -m' puts the source tree on sys.path).
+# The installed package is what the tests import: pytest runs in a copy of the repository's files without the
+# package's source folders (tests/, benchmarks/, configs/, docs/, ... stay; the tests read some of them).
+tree="$work/tree"
+mkdir -p "$tree"
+git ls-files -z --cached --others --exclude-standard \
+  | grep -zv -E '^(pixcell_fed|site_agent|coordinator)/' | xargs -0 tar -cf - | tar -C "$tree" -xf -
 export PIXCELL_FED_NO_PROGRESS=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 unset CI
 start=$SECONDS
 set +e
-inside "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow and not gpu" "$repo/tests" 2>&1 \
-  | tee "$work/pytest.log" | tail -n 15 >&2
+(cd "$tree" && "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" tests) 2>&1 \
+  | tee "$work/pytest.log" | tail -n 25 >&2
 status=${PIPESTATUS[0]}
 set -e
 test_s=$((SECONDS - start))
