@@ -181,6 +181,13 @@ def test_the_package_ships_the_repository_locks():
         lock_file("auditor")
 
 
+def test_the_package_ships_the_example_site_config():
+    """site-agent init copies configs/site.example.yaml: an installed wheel must carry it (pixcell_fed/configs)."""
+    from pixcell_fed.site_init import example_config_path
+
+    assert example_config_path().read_bytes() == (REPO / "configs" / "site.example.yaml").read_bytes()
+
+
 def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
