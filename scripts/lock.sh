@@ -43,7 +43,8 @@ lock() {  # $1: role, $2: what the role runs
   local out="requirements/$1.lock"
   { header "$1" "$2"
     "$tools/venv/bin/uv" pip compile pyproject.toml "$tools/build.in" --no-config --universal --python-version 3.11 \
-      --generate-hashes --exclude-newer "$LOCK_DATE" --custom-compile-command "scripts/lock.sh"
+      --generate-hashes --exclude-newer "$LOCK_DATE" --custom-compile-command "scripts/lock.sh" \
+      | sed "s|-r $tools/build.in|pyproject.toml [build-system]|"  # the annotation, without the temporary path
   } > "$out.tmp"
   mv "$out.tmp" "$out"
   echo "lock: wrote $out ($(grep -c '^[A-Za-z0-9]' "$out") pins)" >&2
