@@ -16,8 +16,11 @@ CLI_MD = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 def test_docs_cli_md_is_up_to_date_with_the_clis():
+    """Word for word; the line breaks are argparse's, which wraps differently from Python 3.13 on (the file is
+    generated on 3.11, CI's Python)."""
     assert CLI_MD.is_file(), f"{CLI_MD} is missing: run '{REGENERATE}'"
-    assert CLI_MD.read_text(encoding="utf-8") == render(), f"docs/cli.md is out of date: run '{REGENERATE}'"
+    assert CLI_MD.read_text(encoding="utf-8").split() == render().split(), \
+        f"docs/cli.md is out of date: run '{REGENERATE}'"
 
 
 @pytest.mark.parametrize("prog,module_name", CLIS)
