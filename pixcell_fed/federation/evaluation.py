@@ -1,15 +1,23 @@
 """Site-side evaluation of a received model on the site's real held-out labelled tiles.
 
-Only metrics leave the site: accuracy, balanced accuracy, macro F1 and counts. A classifier is evaluated as it
-is; an SSL encoder (spec kind ``encoder``) is evaluated with a k-NN probe fitted at the site (leave-one-out over
-the site's own labelled tiles), so no real feature or label leaves either.
+Only rounded aggregate metrics leave the site: accuracy, balanced accuracy, macro F1 and the number of tiles. A
+classifier is evaluated as it is; an SSL encoder (spec kind ``encoder``) is evaluated with a k-NN probe fitted at
+the site (leave-one-out over the site's own labelled tiles), so no real feature or label leaves either. What the
+site accepts (architectures, keyword arguments, weights, class sizes, query budget) is
+:mod:`~pixcell_fed.federation.evaluation_policy` and :mod:`~pixcell_fed.federation.query_budget`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
+    from pixcell_fed.config.schema import FederationEvaluationConfig
+
+#: the aggregate metrics a site answers (with ``n``, the number of tiles evaluated); the report shows these
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
@@ -78,24 +86,42 @@ def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     return preds
 
 
-def evaluate_model(state: dict, spec: dict[str, Any], eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, float]:
-    """Metrics of the model (weights ``state``, ``spec``) on the labelled real tiles in ``eval_dir``."""
-    from pixcell_fed.training.data import labelled_folder
-    from pixcell_fed.training.models import build_model
-
-    items = labelled_folder(eval_dir)
-    model = build_model({**spec, "pretrained_file": None})
-    model.load_state_dict(state)
+def evaluate_model(model, spec: dict[str, Any], items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
+    """Metrics of a built ``model`` on labelled real tiles: a classifier as it is, an encoder by a k-NN probe."""
     truth = [lab for _, lab in items]
     if spec.get("kind", "classifier") == "encoder":
         preds = knn_predict_loo(_features(model, items, spec), truth, k=knn_k)
-        probe = "knn_loo"
     else:
         preds = _predict_classes(model, items, spec)
-        probe = "none"
-    metrics = classification_metrics(truth, preds)
-    known = set(spec.get("classes") or [])
-    metrics["n_unknown_label"] = sum(lab not in known for lab in truth) if spec.get("kind", "classifier") != "encoder" else 0
-    metrics["n_classes"] = len(set(truth))
-    metrics["probe"] = probe
-    return metrics
+    return classification_metrics(truth, preds)
+
+
+def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig", eval_dir: Path | None,
+                     work_dir: Path | None, flower_run: int | str) -> dict[str, float]:
+    """Answer an ``evaluate`` request within the site's limits: check the model, then charge the query budget,
+    then read the held-out tiles; returns the rounded aggregate metrics (see :mod:`evaluation_policy`)."""
+    from pixcell_fed.errors import PixcellFedError
+    from pixcell_fed.federation import evaluation_policy as policy
+    from pixcell_fed.federation import protocol as P
+    from pixcell_fed.federation.query_budget import charge_query
+    from pixcell_fed.training.data import labelled_folder
+    from pixcell_fed.training.models import build_model
+
+    if eval_dir is None or work_dir is None:
+        raise P.Refusal("unavailable", f"no held-out folder ({eval_dir}) or no work folder for the query budget ({work_dir})")
+    limits = policy.effective_limits(limits, content[P.KEY_REQUEST] if P.KEY_REQUEST in content else {})
+    state, raw_spec = P.records_to_model(content, max_bytes=int(limits.max_weights_mb * (1 << 20)))
+    spec = policy.check_model_spec(raw_spec, limits)
+    try:
+        model = build_model(spec)
+    except (PixcellFedError, AssertionError) as exc:  # timm checks some arguments with assert
+        raise P.Refusal("refused-model", f"the site cannot build the model: {exc}") from exc
+    policy.check_weights(state, model)
+    model.load_state_dict(state)
+    charge_query(work_dir, flower_run, per_run=limits.max_queries_per_run, per_day=limits.max_queries_per_day)
+    try:
+        items = labelled_folder(eval_dir)
+    except PixcellFedError as exc:
+        raise P.Refusal("unavailable", exc.message) from exc
+    policy.check_tiles_per_class([lab for _, lab in items], limits)
+    return policy.aggregate(evaluate_model(model, spec, items), limits)
