@@ -30,7 +30,9 @@ from pixcell_fed.runlog import get_logger
 
 log = get_logger(__name__)
 
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+             # a SuperExec looks for queued work every 0.1 s instead of 1 s (pooling latency, docs/federation.md)
+             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 REGISTER_REFUSED_EXIT = 305  # Flower's exit code (in the SuperNode log) when its key is not registered
 
 
@@ -317,10 +319,11 @@ def resolve_flwr_home(folder: str | Path | None = None) -> Path:
     return Path(folder or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
-def site_supernode_command(cfg, bundle: str | Path | None = None) -> list[str]:
+def site_supernode_command(cfg, bundle: str | Path | None = None, config_path: str | Path | None = None) -> list[str]:
     """The SuperNode command line of a site (its :class:`~pixcell_fed.config.SiteConfig`) serving ``bundle``
     (default: ``federation.bundle_dir``, else the newest approved bundle in the work folder), with the node config
-    the ClientApp reads: site name, bundle, held-out evaluation folder (default: the run's ``eval``), train folder.
+    the ClientApp reads: site name, bundle, held-out evaluation folder (default: the run's ``eval``), train folder,
+    and the site's own ``config_path`` (its evaluation limits, work folder and SuperLink).
     """
     from pixcell_fed.bundle.state import newest_approved_bundle
     from pixcell_fed.federation import protocol as P
@@ -343,6 +346,8 @@ def site_supernode_command(cfg, bundle: str | Path | None = None) -> list[str]:
         node_config[P.NODE_EVAL_DIR] = str(Path(eval_dir).resolve())
     if fed.train_dir is not None:
         node_config[P.NODE_TRAIN_DIR] = str(Path(fed.train_dir).resolve())
+    if config_path is not None:
+        node_config[P.NODE_SITE_CONFIG] = str(Path(config_path).resolve())
     return supernode_command(superlink=fed.superlink, port=fed.port, node_config=node_config,
                              root_certificates=fed.root_certificates, auth_private_key=fed.auth_private_key)
 
