@@ -215,6 +215,7 @@ def _table(figures: dict, fed: dict, train: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.record import record
+    from pixcell_fed.bundle.layout import TILES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~30 MB smoke run (printed, not recorded)")
@@ -228,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         t0 = time.perf_counter()
         bundles, keys, trust = make_bundles(root, per_site)
-        total_bytes = sum(p.stat().st_size for b in bundles.values() for p in (b / "tiles").iterdir())
+        total_bytes = sum(p.stat().st_size for b in bundles.values() for p in (b / TILES).iterdir())
         print(f"prepared {len(SITES)} bundles, {total_bytes / 1e6:.1f} MB, in {time.perf_counter() - t0:.0f} s", flush=True)
-        http_s, _ = http_copy({s: b / "tiles" for s, b in bundles.items()}, root / "http_copy")
+        http_s, _ = http_copy({s: b / TILES for s, b in bundles.items()}, root / "http_copy")
         print(f"http copy: {total_bytes / 1e6:.1f} MB in {http_s:.2f} s", flush=True)
         fed = deployment_pool(root, bundles, keys, trust, args.chunk_mb)
         print(f"flower pool: {fed['bytes'] / 1e6:.1f} MB in {fed['pool_seconds']:.2f} s (run {fed['run_wall_seconds']:.1f} s); "

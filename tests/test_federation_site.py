@@ -326,3 +326,23 @@ def test_evaluation_limits_in_site_yaml_are_range_checked(tmp_path):
     path.write_text("federation:\n  evaluation:\n    model_kwargs:\n      depth: [4, 2]\n")
     with pytest.raises(ConfigError, match="model_kwargs"):
         load_site_config(path)
+
+
+def test_the_chunk_path_imports_no_pandas(sites):
+    """Every message starts a fresh ClientApp process: the chunk path stays light (no pandas)."""
+    import subprocess
+    import sys
+
+    fixture = sites.by_name["alpha"]
+    code = (
+        "import json, sys\n"
+        "from pixcell_fed.federation import protocol as P\n"
+        "from pixcell_fed.federation.site_server import answer_node\n"
+        f"config = json.loads({json.dumps(json.dumps(fixture.node_config))})\n"
+        f"names = {_tiles(fixture.bundle_dir)[:2]!r}\n"
+        "reply = answer_node(P.MSG_CHUNK, P.request_record(files=names), config, flower_run=5)\n"
+        "assert P.error_code(reply) is None and len(P.records_to_files(reply)[0]) == 2\n"
+        "print('pandas' in sys.modules, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from pixcell_fed.atomic import write_json_atomic, write_parquet_atomic
+from pixcell_fed.bundle import layout as L
 from pixcell_fed.errors import PixcellFedError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation import staging
@@ -124,7 +125,6 @@ def preflight_bundle(bundle_dir: Path, trust: Any):
     import json
     from types import SimpleNamespace
 
-    from pixcell_fed.bundle import layout as L
     from pixcell_fed.bundle.manifest import read_manifest
     from pixcell_fed.bundle.shareable import HASHES_KEY
     from pixcell_fed.errors import VerificationError
@@ -272,7 +272,7 @@ def _rows(pool_dir: Path, site: str, run_id: str, bundle_dir: Path, tiles: Any) 
 
     return [{"file_name": str(r.file_name), "site": site, "bundle_run_id": run_id, "label": text(r, "label"),
              "sha256": str(r.sha256), "size": int(r.size),
-             "path": (bundle_dir / "tiles" / str(r.file_name)).relative_to(pool_dir).as_posix(),
+             "path": (bundle_dir / L.TILES / str(r.file_name)).relative_to(pool_dir).as_posix(),
              "generator": text(r, "generator"), "encoder": text(r, "encoder")} for r in tiles.itertuples()]
 
 

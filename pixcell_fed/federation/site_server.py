@@ -201,10 +201,11 @@ def handle_manifest(request: "RecordDict", site: SiteSettings, flower_run: int |
 
 
 def _manifest_names(bundle: Path) -> set[str]:
-    """The tile names of the bundle's manifest, read with pyarrow alone (the chunk path stays light)."""
+    """The tile names of the bundle's manifest, read with pyarrow alone (the chunk path stays light: unlike
+    ``pq.read_table``, ``ParquetFile.read`` does not import pandas)."""
     import pyarrow.parquet as pq
 
-    return {str(n) for n in pq.read_table(bundle / L.MANIFEST, columns=["file_name"]).column(0).to_pylist()}
+    return {str(n) for n in pq.ParquetFile(bundle / L.MANIFEST).read(columns=["file_name"]).column(0).to_pylist()}
 
 
 def handle_chunk(request: "RecordDict", site: SiteSettings, flower_run: int | str) -> "RecordDict":

@@ -264,12 +264,13 @@ class SiteBundles:
 
         import pandas as pd
 
+        from pixcell_fed.bundle.layout import MANIFEST
         from pixcell_fed.bundle.manifest import manifest_bytes
 
         shutil.copytree(self.by_name[name].bundle_dir, dest)
-        frame = pd.read_parquet(dest / "manifest.parquet")
+        frame = pd.read_parquet(dest / MANIFEST)
         frame.loc[0, "label"] = "dense" if frame.loc[0, "label"] != "dense" else "sparse"
-        (dest / "manifest.parquet").write_bytes(manifest_bytes(frame))
+        (dest / MANIFEST).write_bytes(manifest_bytes(frame))
         return dest
 
 
