@@ -183,7 +183,7 @@ def _eval_site(sites, tmp_path, **limits):
 
 
 def test_an_allowed_model_gets_rounded_aggregate_metrics_only(sites, tmp_path):
-    from pixcell_fed.federation.evaluation import evaluate_model
+    from pixcell_fed.federation.evaluation import model_metrics
     from pixcell_fed.training.data import labelled_folder
 
     site = _eval_site(sites, tmp_path, round_digits=1)
@@ -191,7 +191,7 @@ def test_an_allowed_model_gets_rounded_aggregate_metrics_only(sites, tmp_path):
     reply = _ask(site, P.MSG_EVALUATE, _eval_request(state=model.state_dict()))
     metrics = dict(reply[P.KEY_METRICS])
     assert set(reply) == {P.KEY_METRICS} and set(metrics) == {"accuracy", "balanced_accuracy", "macro_f1", "n"}
-    expected = evaluate_model(model, spec, labelled_folder(site.eval_dir))
+    expected = model_metrics(model, spec, labelled_folder(site.eval_dir))
     for name in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert metrics[name] == round(expected[name], 1)
     assert metrics["n"] == 12

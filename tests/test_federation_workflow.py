@@ -11,7 +11,7 @@ import json
 import pytest
 
 from pixcell_fed.federation.config import from_run_config
-from pixcell_fed.federation.evaluation import METRIC_NAMES, classification_metrics, evaluate_model
+from pixcell_fed.federation.evaluation import METRIC_NAMES, classification_metrics, model_metrics
 from pixcell_fed.federation.workflow import run_consortium
 from pixcell_fed.testing.federation import TINY_VIT, FakeTransport, auth_key_for_tests, make_site_bundles
 
@@ -40,7 +40,7 @@ def _expected_metrics(work, fixture, digits=2):
     from pixcell_fed.training.models import load_checkpoint
 
     model, spec = load_checkpoint(work / "model")
-    metrics = evaluate_model(model, spec, labelled_folder(fixture.eval_dir))
+    metrics = model_metrics(model, spec, labelled_folder(fixture.eval_dir))
     return {**{k: round(metrics[k], digits) for k in METRIC_NAMES}, "n": float(metrics["n"])}
 
 

@@ -86,7 +86,7 @@ def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     return preds
 
 
-def evaluate_model(model, spec: dict[str, Any], items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
+def model_metrics(model, spec: dict[str, Any], items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
     """Metrics of a built ``model`` on labelled real tiles: a classifier as it is, an encoder by a k-NN probe."""
     truth = [lab for _, lab in items]
     if spec.get("kind", "classifier") == "encoder":
@@ -94,6 +94,18 @@ def evaluate_model(model, spec: dict[str, Any], items: Sequence[tuple[Path, str]
     else:
         preds = _predict_classes(model, items, spec)
     return classification_metrics(truth, preds)
+
+
+def evaluate_model(state: dict, spec: dict[str, Any], eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
+    """Metrics of the model (weights ``state``, ``spec``) on the labelled tiles in ``eval_dir``, unrounded and
+    without limits: for a caller's own models and tiles. A site answers a coordinator through :func:`evaluate_request`."""
+    from pixcell_fed.training.data import labelled_folder
+    from pixcell_fed.training.models import build_model
+
+    model = build_model({**spec, "pretrained_file": None})
+    model.load_state_dict(state)
+    encoder = spec.get("kind", "classifier") == "encoder"
+    return {**model_metrics(model, spec, labelled_folder(eval_dir), knn_k=knn_k), "probe": "knn_loo" if encoder else "none"}
 
 
 def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig", eval_dir: Path | None,
@@ -124,4 +136,4 @@ def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig"
     except PixcellFedError as exc:
         raise P.Refusal("unavailable", exc.message) from exc
     policy.check_tiles_per_class([lab for _, lab in items], limits)
-    return policy.aggregate(evaluate_model(model, spec, items), limits)
+    return policy.aggregate(model_metrics(model, spec, items), limits)

@@ -12,12 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from pixcell_fed.runlog import get_logger
-
 if TYPE_CHECKING:
     from pixcell_fed.bundle.trust import TrustStore
-
-log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,5 +61,4 @@ def identify_nodes(nodes: Iterable[NodeIdentity], trust: "TrustStore") -> NodeMa
             found.sites[site] = node.node_id
             continue
         found.ignored[node.node_id] = f"{_describe(node)} ignored: {reason}"
-        log.warning("%s", found.ignored[node.node_id])
     return found

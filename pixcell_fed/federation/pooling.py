@@ -257,6 +257,9 @@ def _exchange_all(run: _Run, transfers: list[SiteTransfer]) -> None:
         run.expire_silent()
         if run.waiting and not arrived:
             time.sleep(run.settings.poll_interval_s)
+    for transfer in transfers:
+        if not transfer.closed:  # cannot happen while every reply is handled; never leave a site undecided
+            transfer.close("missing", "the transfer did not finish")
     ended = time.monotonic()
     run.timings["manifest_round"] = (manifests_done or ended) - started
     run.timings["data_round"] = ended - (manifests_done or ended)
@@ -313,6 +316,8 @@ def pool_bundles(transport: Transport, pool_dir: str | Path, verify: TrustVerifi
     with run.phase("identify"):
         found = identify_nodes(transport.nodes(), verify.trust)
     log.info("pooling: %d trusted site(s) connected, %d node(s) ignored", len(found.sites), len(found.ignored))
+    for reason in found.ignored.values():
+        log.warning("pooling: %s", reason)
     sites = {name: SiteStatus(site=name, reason="never connected") for name in run.settings.expected_sites}
     transfers = []
     for site, node in sorted(found.sites.items()):
