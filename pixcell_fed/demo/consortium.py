@@ -103,6 +103,7 @@ def _bundle_of(site_dir: Path) -> Path:
 def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
     """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are."""
     from pixcell_fed.bundle.layout import STATE_APPROVED, read_bundle_json
+    from pixcell_fed.bundle.trust import add_site_to_trust_file
     from pixcell_fed.federation import deployment as D
     from pixcell_fed.testing.sites import make_site, write_twin_models
 
@@ -161,6 +162,10 @@ def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
             auth = site_dir / "keys" / "flower"
             if not (auth / f"{name}_auth").is_file():
                 _cli("site-agent", "auth-key", "--config", str(config), "--out", str(auth), env=env, log_file=demo_log)
+            # names come from keys: the trust file binds the site's SuperNode key to its name
+            add_site_to_trust_file(trust_file, name, signing_key=(site_dir / "keys" / "site_signing.pub").read_text(),
+                                   officers=[(site_dir / "officer" / "officer.pub").read_text()],
+                                   auth_key=(auth / f"{name}_auth.pub").read_text())
             _cli("coordinator", "register-site", str(auth / f"{name}_auth.pub"), "--name", name, "--superlink",
                  superlink, "--ca", str(certs / "ca.crt"), "--flwr-home", str(flwr_home), env=env, log_file=demo_log)
             make_site(site_dir, name=name, models=models, slides=[], config={
