@@ -319,11 +319,11 @@ def resolve_flwr_home(folder: str | Path | None = None) -> Path:
     return Path(folder or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
-def site_supernode_command(cfg, bundle: str | Path | None = None, config_path: str | Path | None = None) -> list[str]:
+def site_supernode_command(cfg, bundle: str | Path | None = None, *, config_file: str | Path | None = None) -> list[str]:
     """The SuperNode command line of a site (its :class:`~pixcell_fed.config.SiteConfig`) serving ``bundle``
     (default: ``federation.bundle_dir``, else the newest approved bundle in the work folder), with the node config
     the ClientApp reads: site name, bundle, held-out evaluation folder (default: the run's ``eval``), train folder,
-    and the site's own ``config_path`` (its evaluation limits, work folder and SuperLink).
+    and ``config_file`` (the site.yaml ``cfg`` came from: the DP round reads the site's policy and work folder there).
     """
     from pixcell_fed.bundle.state import newest_approved_bundle
     from pixcell_fed.federation import protocol as P
@@ -346,8 +346,8 @@ def site_supernode_command(cfg, bundle: str | Path | None = None, config_path: s
         node_config[P.NODE_EVAL_DIR] = str(Path(eval_dir).resolve())
     if fed.train_dir is not None:
         node_config[P.NODE_TRAIN_DIR] = str(Path(fed.train_dir).resolve())
-    if config_path is not None:
-        node_config[P.NODE_SITE_CONFIG] = str(Path(config_path).resolve())
+    if config_file is not None:
+        node_config[P.NODE_SITE_CONFIG] = str(Path(config_file).resolve())
     return supernode_command(superlink=fed.superlink, port=fed.port, node_config=node_config,
                              root_certificates=fed.root_certificates, auth_private_key=fed.auth_private_key)
 

@@ -43,6 +43,7 @@ class SiteSettings:
     bundle_dir: Path | None
     eval_dir: Path | None
     train_dir: Path | None = None
+    config_file: Path | None = None  # the site's own site.yaml: its DP policy and work folder
     evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     work_dir: Path | None = None                  # query budget and request log; default: the bundle's work folder
     coordinator: str = "the consortium coordinator"  # the SuperLink this site serves, as recorded in the trail
@@ -64,7 +65,7 @@ class SiteSettings:
                 raise UsageError(f"the node config names site {name!r}, {config_path} names {cfg.site.name!r}",
                                  hint="start the SuperNode with 'site-agent serve --config site.yaml'")
             name = cfg.site.name
-            extra = {"evaluation": cfg.federation.evaluation, "work_dir": cfg.site.work_dir,
+            extra = {"config_file": config_path, "evaluation": cfg.federation.evaluation, "work_dir": cfg.site.work_dir,
                      "coordinator": cfg.federation.superlink}
         if not name:
             raise UsageError(f"the SuperNode has no '{P.NODE_SITE_NAME}' in its node config",

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pixcell_fed.federation.deployment import flower_env, site_supernode_command
 
     cfg = load_site_config(args.config)
-    cmd = site_supernode_command(cfg, args.bundle, args.config)
+    cmd = site_supernode_command(cfg, args.bundle, config_file=args.config)
     if args.print_command:
         print(shlex.join(cmd))
         return 0
