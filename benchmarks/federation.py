@@ -1,6 +1,7 @@
-"""Federation benchmark: pooling ~300 MB from three sites over the loopback Flower deployment (TLS, site
-authentication, names from keys) against a plain loopback HTTP copy of the same bytes, and the classifier
-recipe's training throughput against a bare timm training loop on the same tiles.
+"""Federation benchmark: pooling ~300 MB from three sites over the locked-down loopback Flower deployment (TLS,
+site authentication, names from keys, the coordinator's Fleet front, the sites' pinned launchers) against a plain
+loopback HTTP copy of the same bytes, and the classifier recipe's training throughput against a bare timm training
+loop on the same tiles.
 
 Run from the repository root::
 
@@ -84,24 +85,43 @@ def http_copy(dirs: dict[str, Path], dest: Path) -> tuple[float, int]:
     return seconds, total
 
 
-def deployment_pool(root: Path, bundles: dict[str, Path], keys: dict[str, tuple[Path, Path]], trust: Path,
-                    chunk_mb: float) -> dict:
-    """Run the coordinator app over SuperLink + 3 SuperNodes (TLS, auth); returns the pool state and wall time."""
-    from pixcell_fed.federation import deployment as D
+def deployment_pool(root: Path, bundles: dict[str, Path], trust: Path, chunk_mb: float) -> dict:
+    """Run the coordinator app over the locked-down deployment the sites run: 'coordinator serve' (SuperLink on
+    loopback behind the Fleet front), 'coordinator register-site''s key check, three 'site-agent serve' (SuperNode
+    in process isolation + the pinned launcher). Each site's authentication key goes into the trust file first
+    (names come from keys). Returns the pool state and the wall time."""
+    import sys
 
-    flwr_home, logs, work = root / "flwr_home", root / "logs", root / "coordinator"
-    tls = D.make_tls(root / "certs")
+    import yaml
+
+    from pixcell_fed.bundle.trust import add_site_to_trust_file, load_trust
+    from pixcell_fed.federation import deployment as D
+    from pixcell_fed.federation.app_bundle import app_sha256
+    from pixcell_fed.federation.services import start_coordinator_serve
+
+    flwr_home, logs, work, certs = root / "flwr_home", root / "logs", root / "coordinator", root / "certs"
+    env = {**D.flower_env(flwr_home), "PIXCELL_FED_NO_PROGRESS": "1"}
+    entries = yaml.safe_load(trust.read_text())["sites"]
+    keys = {site: D.make_site_auth_key(root / "keys", site) for site in bundles}
+    for site in bundles:
+        add_site_to_trust_file(trust, site, signing_key=entries[site]["signing_key"], officers=entries[site]["officers"],
+                               auth_key=keys[site][1].read_text())
+    port, internal = D.free_port(), D.free_port()
     procs = []
     try:
-        port = D.free_port()
-        procs.append(D.start_superlink(port=port, tls=tls, node_auth=True, flwr_home=flwr_home, log_dir=logs))
-        D.write_flwr_config(flwr_home, "bench", f"127.0.0.1:{port}", root_certificates=tls.ca_cert)
+        procs.append(start_coordinator_serve(certs, port=port, internal_port=internal, env=env, log_path=logs / "serve.log"))
+        store, pin = load_trust(trust), app_sha256()
         for site, bundle in bundles.items():
-            private, public = keys[site]
-            D.register_site(public, "bench", site, flwr_home=flwr_home)
-            procs.append(D.start_supernode(site, superlink=f"127.0.0.1:{port}", port=D.free_port(),
-                                           node_config={"site-name": site, "bundle-dir": str(bundle)}, flwr_home=flwr_home,
-                                           log_dir=logs, root_certificates=tls.ca_cert, auth_private_key=private))
+            D.register_site(keys[site][1], site, trust=store, superlink=f"127.0.0.1:{internal}", ca_cert=certs / "ca.crt",
+                            flwr_home=flwr_home, connection="bench")
+            config = root / f"{site}.yaml"
+            config.write_text(yaml.safe_dump({
+                "site": {"name": site, "work_dir": str(bundle.parents[2])},
+                "federation": {"superlink": f"127.0.0.1:{port}", "root_certificates": str(certs / "ca.crt"),
+                               "auth_private_key": str(keys[site][0]), "port": D.free_port(), "bundle_dir": str(bundle),
+                               "app_sha256": pin}}))
+            procs.append(D.Process(f"site-{site}", [sys.executable, "-m", "site_agent.cli", "serve", "--config", str(config)],
+                                   log_path=logs / f"site-{site}.log", env=env))
         settings = D.write_run_config(root / "run.toml", {
             "work-dir": str(work), "trust-file": str(trust), "expected-sites": ",".join(bundles), "min-sites": len(bundles),
             "chunk-mb": chunk_mb, "arch": "vit_tiny_patch16_224", "img-size": 32, "epochs": 1, "evaluate": False,
@@ -121,23 +141,20 @@ def deployment_pool(root: Path, bundles: dict[str, Path], keys: dict[str, tuple[
             "timings": state["timings"], "traffic": state["traffic"], "pool_dir": str(work / "pool")}
 
 
-def make_bundles(root: Path, per_site: int) -> tuple[dict[str, Path], dict[str, tuple[Path, Path]], Path]:
-    """Approved bundles of ``per_site`` tiles per site, each site's SuperNode key pair, and the trust file."""
+def make_bundles(root: Path, per_site: int) -> tuple[dict[str, Path], Path]:
+    """Approved bundles of ``per_site`` tiles per site and the trust file (signing and officer keys)."""
     import yaml
 
-    from pixcell_fed.federation.deployment import make_site_auth_key
     from pixcell_fed.testing.federation import build_test_bundle
 
-    bundles, keys, trust = {}, {}, {}
+    bundles, trust = {}, {}
     for i, site in enumerate(SITES):
         tiles = benchmark_tiles(per_site, seed=i)
         run_id = f"run-{site}-1"  # the bundle sits where synthesize puts it, so serving it is logged as an export
         bundles[site], trust[site] = build_test_bundle(root / site / "work" / "runs" / run_id / "bundle", site, run_id,
                                                        tiles, root / site / "scratch")
-        keys[site] = make_site_auth_key(root / "keys", site)
-        trust[site]["auth_key"] = keys[site][1].read_text().strip()  # names come from keys
     (root / "trust.yaml").write_text(yaml.safe_dump({"sites": trust}))
-    return bundles, keys, root / "trust.yaml"
+    return bundles, root / "trust.yaml"
 
 
 def training_throughput(pool_dir: Path, n: int, img_size: int, batch: int, repeats: int = 2) -> dict:
@@ -198,7 +215,7 @@ def training_throughput(pool_dir: Path, n: int, img_size: int, batch: int, repea
 def _table(figures: dict, fed: dict, train: dict | None) -> str:
     mb = figures["megabytes"]
     rows = ["| measure | pixcell-fed | baseline | ratio |", "|---|---|---|---|",
-            f"| pool {mb:.0f} MB from 3 sites (s) | {figures['flower_pool_s']} (Flower, TLS + auth, verified) | "
+            f"| pool {mb:.0f} MB from 3 sites (s) | {figures['flower_pool_s']} (Flower, TLS + auth + Fleet front, verified) | "
             f"{figures['http_copy_s']} (loopback HTTP copy) | {figures['pool_vs_http_time_ratio']}x (target <= 6x) |"]
     if train:
         rows.append(f"| training throughput (images/s, ViT 4-layer, 64 px) | {figures['recipe_images_per_s']} "
@@ -228,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pixcell-fed-bench-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        bundles, keys, trust = make_bundles(root, per_site)
+        bundles, trust = make_bundles(root, per_site)
         total_bytes = sum(p.stat().st_size for b in bundles.values() for p in (b / TILES).iterdir())
         print(f"prepared {len(SITES)} bundles, {total_bytes / 1e6:.1f} MB, in {time.perf_counter() - t0:.0f} s", flush=True)
         http_s, _ = http_copy({s: b / TILES for s, b in bundles.items()}, root / "http_copy")
         print(f"http copy: {total_bytes / 1e6:.1f} MB in {http_s:.2f} s", flush=True)
-        fed = deployment_pool(root, bundles, keys, trust, args.chunk_mb)
+        fed = deployment_pool(root, bundles, trust, args.chunk_mb)
         print(f"flower pool: {fed['bytes'] / 1e6:.1f} MB in {fed['pool_seconds']:.2f} s (run {fed['run_wall_seconds']:.1f} s); "
               f"phases {fed['timings']}; traffic {fed['traffic']}", flush=True)
         train = None if large else training_throughput(Path(fed["pool_dir"]), 128 if args.quick else 512, 64, 32)

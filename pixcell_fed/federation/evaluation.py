@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from flwr.app import RecordDict
 
     from pixcell_fed.config.schema import FederationEvaluationConfig
+    from pixcell_fed.training.models import ModelSpec
 
 #: the aggregate metrics a site answers (with ``n``, the number of tiles evaluated); the report shows these
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -46,7 +47,7 @@ def _predict_classes(model, items, spec, batch_size: int = 64) -> list[str]:
 
     from pixcell_fed.training.data import load_arrays
 
-    classes = spec["classes"]
+    classes = spec.classes
     preds: list[str] = []
     model.eval()
     with torch.no_grad():
@@ -86,26 +87,32 @@ def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     return preds
 
 
-def model_metrics(model, spec: dict[str, Any], items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
+def model_metrics(model, spec: "ModelSpec", items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
     """Metrics of a built ``model`` on labelled real tiles: a classifier as it is, an encoder by a k-NN probe."""
     truth = [lab for _, lab in items]
-    if spec.get("kind", "classifier") == "encoder":
+    if spec.kind == "encoder":
         preds = knn_predict_loo(_features(model, items, spec), truth, k=knn_k)
     else:
         preds = _predict_classes(model, items, spec)
     return classification_metrics(truth, preds)
 
 
-def evaluate_model(state: dict, spec: dict[str, Any], eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
+def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
     """Metrics of the model (weights ``state``, ``spec``) on the labelled tiles in ``eval_dir``, unrounded and
     without limits: for a caller's own models and tiles. A site answers a coordinator through :func:`evaluate_request`."""
     from pixcell_fed.training.data import labelled_folder
     from pixcell_fed.training.models import build_model
 
-    model = build_model({**spec, "pretrained_file": None})
+    items = labelled_folder(eval_dir)
+    model = build_model(spec.without_local_weights())
     model.load_state_dict(state)
-    encoder = spec.get("kind", "classifier") == "encoder"
-    return {**model_metrics(model, spec, labelled_folder(eval_dir), knn_k=knn_k), "probe": "knn_loo" if encoder else "none"}
+    metrics: dict[str, Any] = model_metrics(model, spec, items, knn_k=knn_k)
+    truth = [lab for _, lab in items]
+    known = set(spec.classes)
+    metrics["n_unknown_label"] = sum(lab not in known for lab in truth) if spec.kind != "encoder" else 0
+    metrics["n_classes"] = len(set(truth))
+    metrics["probe"] = "knn_loo" if spec.kind == "encoder" else "none"
+    return metrics
 
 
 def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig", eval_dir: Path | None,
@@ -122,8 +129,8 @@ def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig"
     if eval_dir is None or work_dir is None:
         raise P.Refusal("unavailable", f"no held-out folder ({eval_dir}) or no work folder for the query budget ({work_dir})")
     limits = policy.effective_limits(limits, content[P.KEY_REQUEST] if P.KEY_REQUEST in content else {})
-    state, raw_spec = P.records_to_model(content, max_bytes=int(limits.max_weights_mb * (1 << 20)))
-    spec = policy.check_model_spec(raw_spec, limits)
+    state, sent = P.records_to_model(content, max_bytes=int(limits.max_weights_mb * (1 << 20)))
+    spec = policy.check_model_spec(sent, limits)
     try:
         model = build_model(spec)
     except (PixcellFedError, AssertionError) as exc:  # timm checks some arguments with assert

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pixcell_fed.bundle.manifest import LABEL_RE
 from pixcell_fed.config.schema import FederationEvaluationConfig
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation.evaluation import METRIC_NAMES
+
+if TYPE_CHECKING:
+    from pixcell_fed.training.models import ModelSpec
 
 #: keyword arguments that are counts or sizes: whole numbers only
 INTEGER_KWARGS = frozenset({"patch_size", "depth", "embed_dim", "num_heads"})
@@ -47,9 +50,7 @@ def _number(value: Any, where: str, low: float, high: float, *, whole: bool = Fa
     return value
 
 
-def _check_kwargs(kwargs: Any, limits: FederationEvaluationConfig) -> dict[str, Any]:
-    if not isinstance(kwargs, dict):
-        raise _refuse("the model's keyword arguments are not a mapping")
+def _check_kwargs(kwargs: Mapping[str, Any], limits: FederationEvaluationConfig) -> dict[str, Any]:
     extra = sorted(str(k)[:40] for k in kwargs if k not in limits.model_kwargs)
     if extra:
         raise _refuse(f"keyword arguments outside the site's allow-list: {', '.join(extra)}")
@@ -61,41 +62,28 @@ def _check_kwargs(kwargs: Any, limits: FederationEvaluationConfig) -> dict[str, 
     return checked
 
 
-def _check_classes(spec: Mapping[str, Any], kind: str, limits: FederationEvaluationConfig) -> list[str]:
-    classes = spec.get("classes")
-    fewest = 2 if kind == "classifier" else 0  # an encoder is probed with the site's own labels
-    if not isinstance(classes, list) or not fewest <= len(classes) <= limits.max_classes \
-            or not all(isinstance(c, str) and LABEL_RE.match(c) for c in classes) or len(set(classes)) != len(classes):
+def _check_classes(spec: "ModelSpec", limits: FederationEvaluationConfig) -> None:
+    fewest = 2 if spec.kind == "classifier" else 0  # an encoder is probed with the site's own labels
+    if not fewest <= len(spec.classes) <= limits.max_classes or not all(LABEL_RE.match(c) for c in spec.classes):
         raise _refuse(f"the class list must be {fewest}-{limits.max_classes} distinct plain labels")
-    expected = len(classes) if kind == "classifier" else 0
-    if spec.get("num_classes") != expected or isinstance(spec.get("num_classes"), bool):
-        raise _refuse(f"num_classes must be {expected} for a {kind}")
-    return classes
 
 
-def check_model_spec(spec: Any, limits: FederationEvaluationConfig) -> dict[str, Any]:
-    """The spec, if the site builds such a model; otherwise :class:`Refusal` ``refused-model`` with the reason."""
-    if not isinstance(spec, dict) or set(spec) != set(P.SPEC_KEYS):
-        keys = sorted(str(k)[:40] for k in spec) if isinstance(spec, dict) else []
-        raise _refuse(f"the model spec must have exactly the keys {list(P.SPEC_KEYS)}, got {keys}")
-    if spec["arch"] not in limits.architectures:
-        raise _refuse(f"architecture {str(spec['arch'])[:80]!r} is not in the site's list "
+def check_model_spec(spec: "ModelSpec", limits: FederationEvaluationConfig) -> "ModelSpec":
+    """``spec`` (as :meth:`ModelSpec.from_wire` read it), if the site builds such a model; otherwise
+    :class:`Refusal` ``refused-model`` with the reason."""
+    if spec.arch not in limits.architectures:
+        raise _refuse(f"architecture {spec.arch[:80]!r} is not in the site's list "
                       f"(federation.evaluation.architectures: {', '.join(limits.architectures)})")
-    if spec["kind"] not in limits.kinds:
-        raise _refuse(f"model kind {str(spec['kind'])[:40]!r} is not one the site evaluates ({', '.join(limits.kinds)})")
-    if spec["pretrained_file"] is not None:
+    if spec.kind not in limits.kinds:
+        raise _refuse(f"model kind {spec.kind!r} is not one the site evaluates ({', '.join(limits.kinds)})")
+    if spec.pretrained_file is not None:
         raise _refuse("a model spec may not name a weights file: weights travel as arrays only")
-    _number(spec["img_size"], "img_size", 16, limits.max_img_size, whole=True)
-    for key in ("mean", "std"):
-        values = spec[key]
-        if not isinstance(values, list) or len(values) != 3:
-            raise _refuse(f"{key} must be three numbers")
+    _number(spec.img_size, "img_size", 16, limits.max_img_size, whole=True)
+    for key, values in (("mean", spec.mean), ("std", spec.std)):
         for v in values:
             _number(v, key, 0.01 if key == "std" else 0.0, 10.0 if key == "std" else 1.0)
-    checked = dict(spec)
-    checked["kwargs"] = _check_kwargs(spec["kwargs"], limits)
-    checked["classes"] = _check_classes(spec, spec["kind"], limits)
-    return checked
+    _check_classes(spec, limits)
+    return dataclasses.replace(spec, kwargs=_check_kwargs(spec.kwargs, limits))
 
 
 def check_weights(state: Mapping[str, Any], model: Any) -> None:

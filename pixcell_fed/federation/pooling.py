@@ -5,9 +5,11 @@
 2. Round one: every identified site is asked for its manifest at once. Each reply is handled as it arrives:
    validated, staged, verified without tiles (:meth:`SiteTransfer.accept_manifest`).
 3. Round two: as soon as a site's bundle passed, ALL its data requests are queued at once (one message per
-   ``message_bytes`` of tiles), and each reply is checked and written as it arrives. Tiles that failed are asked
-   again (a further round for that site only) up to ``max_attempts`` times.
-4. A site whose tiles are all in is verified in full and moved from staging into the pool.
+   ``message_bytes`` of tiles), and each tile is checked (once: its signed size and sha256, a canonical PNG) and
+   written as it arrives. Tiles that failed are asked again (a further round for that site only) up to
+   ``max_attempts`` times.
+4. A site whose tiles are all in is checked again without re-hashing its tiles (signed files, approval, tiles in
+   place: :class:`TrustVerifier`) and moved from staging into the pool.
 5. The pool table is rebuilt from the trust file: sites that left it lose their files; trusted sites pooled in an
    earlier run that did not connect now stay if their bundle still verifies.
 
@@ -99,18 +101,35 @@ class PoolReport:
 class TrustVerifier:
     """Verifies bundles against the consortium trust file, which it carries (pooling maps node keys with it).
 
-    ``complete=False`` (before any tile is transferred) checks everything that does not need the tiles: trust
-    of the site and its signing key, the recorded hashes of manifest/audit/summary, the site signature, the
-    manifest, the audit verdict, and the officer's approval. ``complete=True`` runs the full
-    :func:`pixcell_fed.bundle.verify_bundle` once the tiles are in place.
+    ``complete=False`` (the signed files a site sent first, before any tile is asked for):
+    :func:`pixcell_fed.bundle.verify.verify_before_transfer`, i.e. everything the site signed and the officer's
+    approval. Each tile is then checked once, as it arrives (:func:`pixcell_fed.bundle.verify.check_tile`).
+    ``complete=True`` (before the bundle enters the pool): the same two stages again on the staged files, and
+    :func:`tiles_in_place`, so that no tile is hashed twice.
     """
 
     trust: "TrustStore"
 
     def __call__(self, bundle_dir: Path, *, complete: bool = True):
-        from pixcell_fed.bundle import verify_bundle
+        from pixcell_fed.bundle.verify import verify_before_transfer
 
-        return verify_bundle(bundle_dir, self.trust) if complete else preflight_bundle(bundle_dir, self.trust)
+        checked = verify_before_transfer(bundle_dir, self.trust)
+        if complete:
+            tiles_in_place(checked)
+        return checked
+
+
+def tiles_in_place(checked: Any) -> None:
+    """``tiles/`` holds exactly the manifest's files (plain files, no others) at the manifest's sizes; their bytes
+    were checked with ``check_tile`` when they arrived."""
+    from pixcell_fed.bundle.verify import tile_files
+    from pixcell_fed.errors import VerificationError
+
+    for name, path in tile_files(checked).items():
+        size = checked.tile_records[name][0]
+        if path.stat().st_size != size:
+            raise VerificationError(f"{L.TILES}/{name} has {path.stat().st_size} bytes, the manifest says {size}",
+                                    hint="the staged copy changed after it was checked; it is fetched again")
 
 
 def trust_verifier(trust: "str | Path | TrustStore") -> TrustVerifier:
@@ -118,53 +137,6 @@ def trust_verifier(trust: "str | Path | TrustStore") -> TrustVerifier:
     from pixcell_fed.bundle import load_trust
 
     return TrustVerifier(load_trust(trust) if isinstance(trust, (str, Path)) else trust)
-
-
-def preflight_bundle(bundle_dir: Path, trust: Any):
-    """The checks of ``verify_bundle`` that need no tile: run on the signed files a site sent first."""
-    import json
-    from types import SimpleNamespace
-
-    from pixcell_fed.bundle.manifest import read_manifest
-    from pixcell_fed.bundle.shareable import HASHES_KEY
-    from pixcell_fed.errors import VerificationError
-    from pixcell_fed.hashing import sha256_file
-    from pixcell_fed.keys import public_key_raw
-
-    def fail(message: str) -> VerificationError:
-        return VerificationError(message, hint="do not use this bundle; ask the site for a fresh copy or check the trust file")
-
-    info = L.read_bundle_json(bundle_dir, verifying=True)
-    site = info["site"]
-    trusted = trust.site(site)
-    if trusted is None:
-        raise fail(f"site {site!r} named in bundle.json is not in the trust file")
-    key, signature = L.read_signature(bundle_dir, L.SITE_SIG, role="site")
-    if public_key_raw(key) != public_key_raw(trusted.signing_key):
-        raise fail(f"bundle of {site!r} signed by a key that is not the site's trusted signing key")
-    for rel in (L.MANIFEST, L.AUDIT, L.SUMMARY_HTML):
-        expected = info["files"][rel]
-        if expected is not None and (not (bundle_dir / rel).is_file() or sha256_file(bundle_dir / rel) != expected):
-            raise fail(f"{rel} does not match the hash bound to the site signature")
-    if not L.signature_valid(key, signature, L.statement(info, role="site")):
-        raise fail("the site signature does not match bundle.json")
-    frame = read_manifest(bundle_dir / L.MANIFEST)
-    if frame["run_id"].iloc[0] != info["run_id"] or info["counts"]["tiles"] != len(frame):
-        raise fail("the manifest does not match bundle.json (run id or tile count)")
-    audit = json.loads((bundle_dir / L.AUDIT).read_text(encoding="ascii"))
-    if audit.get("verdict") == "FAIL" or info.get("verdict") == "FAIL":
-        raise fail("the audit verdict is FAIL: this synthetic set may not leave the site")
-    audited = set(audit.get(HASHES_KEY, []))
-    if any(h not in audited for h in frame["sha256"]):
-        raise fail("some tiles of the manifest were not audited")
-    if info["state"] != L.STATE_APPROVED or not (bundle_dir / L.OFFICER_SIG).is_file():
-        raise fail(f"the bundle is not approved (state {info['state']})")
-    officer, officer_sig = L.read_signature(bundle_dir, L.OFFICER_SIG, role="officer")
-    if public_key_raw(officer) not in {public_key_raw(o) for o in trusted.officers}:
-        raise fail(f"the approval was not signed by a privacy officer of site {site!r}")
-    if not L.signature_valid(officer, officer_sig, L.statement(info, role="officer")):
-        raise fail("the officer's approval signature does not match this bundle")
-    return SimpleNamespace(site_name=site, run_id=info["run_id"], tiles=frame, verdict=audit.get("verdict"))
 
 
 # ------------------------------------------------------------------------------------------------ the rounds

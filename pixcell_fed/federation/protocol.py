@@ -18,7 +18,6 @@ A site that cannot or will not answer replies with one generic code from :data:`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -28,6 +27,8 @@ from pixcell_fed.errors import FederationError
 if TYPE_CHECKING:  # flwr and numpy are imported where used
     import numpy as np
     from flwr.app import ArrayRecord, RecordDict
+
+    from pixcell_fed.training.models import ModelSpec
 
 PROTOCOL_VERSION = 2
 
@@ -53,7 +54,7 @@ NODE_SITE_NAME = "site-name"
 NODE_BUNDLE_DIR = "bundle-dir"
 NODE_EVAL_DIR = "eval-dir"
 NODE_TRAIN_DIR = "train-dir"
-NODE_SITE_CONFIG = "site-config"  # the site's own site.yaml: evaluation limits, work folder, SuperLink address
+NODE_SITE_CONFIG = "site-config"  # the site's own site.yaml: evaluation limits, DP policy, work folder, SuperLink
 
 #: the files of a bundle that travel with the manifest reply, in this order (tiles travel in chunks);
 #: the audit summary page only when the bundle has one
@@ -72,8 +73,6 @@ ERROR_CODES = (
     "refused-dp",        # a DP request outside the site's DP policy or past its privacy budget
     "internal",          # anything else (the detail is in the site's log)
 )
-#: the keys of a model spec on the wire (``pixcell_fed.training.models.make_spec``)
-SPEC_KEYS = ("arch", "kwargs", "num_classes", "classes", "img_size", "mean", "std", "kind", "pretrained_file")
 #: numeric dtypes weights may travel as (never object arrays, which would need pickle)
 WEIGHT_DTYPES = frozenset({"float16", "float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"})
 MAX_SPEC_CHARS = 65536
@@ -172,18 +171,13 @@ def error_code(content: "RecordDict") -> str | None:
     return code if isinstance(code, str) and code in ERROR_CODES else "internal"
 
 
-def wire_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a model spec that travels: :data:`SPEC_KEYS` only (no training history), and never a weights
-    file (a path on the coordinator means nothing at a site, and a site opens no file a message names)."""
-    return {**{k: spec.get(k) for k in SPEC_KEYS}, "pretrained_file": None}
-
-
-def model_to_records(state: dict, spec: dict, content: "RecordDict") -> None:
-    """Put model weights (a state dict of tensors) and its spec (:func:`wire_spec`) into ``content``."""
+def model_to_records(state: dict, spec: "ModelSpec", content: "RecordDict") -> None:
+    """Put model weights (a state dict of tensors) and its spec (:meth:`ModelSpec.to_wire`: no training history,
+    never a weights file) into ``content``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     content[KEY_MODEL] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
-    content[KEY_MODEL_CONFIG] = ConfigRecord({"spec": json.dumps(wire_spec(spec), sort_keys=True)})
+    content[KEY_MODEL_CONFIG] = ConfigRecord({"spec": spec.to_wire()})
 
 
 def arrays_to_tensors(record: "ArrayRecord", *, max_bytes: int | None = None) -> dict:
@@ -209,19 +203,20 @@ def arrays_to_tensors(record: "ArrayRecord", *, max_bytes: int | None = None) ->
     return state
 
 
-def records_to_model(content: "RecordDict", *, max_bytes: int | None = None) -> tuple[dict, dict]:
-    """Model weights (torch tensors, plain arrays only) and spec (a JSON object) back from ``content``."""
+def records_to_model(content: "RecordDict", *, max_bytes: int | None = None) -> tuple[dict, "ModelSpec"]:
+    """Model weights (torch tensors, plain arrays only) and the validated spec (:meth:`ModelSpec.from_wire`) back
+    from ``content``; :class:`Refusal` otherwise."""
+    from pixcell_fed.training.models import ModelSpec, SpecError
+
     if KEY_MODEL not in content or KEY_MODEL_CONFIG not in content:
         raise Refusal("bad-request", "the message carries no model ('model' and 'model-config')")
     text = content[KEY_MODEL_CONFIG].get("spec")
     if not isinstance(text, str) or len(text) > MAX_SPEC_CHARS:
         raise Refusal("refused-model", "the model spec is not a short JSON string")
     try:
-        spec = json.loads(text)
-    except ValueError as exc:
-        raise Refusal("refused-model", f"the model spec is not JSON ({exc})") from exc
-    if not isinstance(spec, dict):
-        raise Refusal("refused-model", "the model spec is not a JSON object")
+        spec = ModelSpec.from_wire(text)
+    except SpecError as exc:
+        raise Refusal("refused-model", f"the model spec is invalid: {exc}") from exc
     return arrays_to_tensors(content[KEY_MODEL], max_bytes=max_bytes), spec
 
 

@@ -43,7 +43,7 @@ class SiteSettings:
     bundle_dir: Path | None
     eval_dir: Path | None
     train_dir: Path | None = None
-    config_file: Path | None = None  # the site's own site.yaml: its DP policy and work folder
+    config_file: Path | None = None  # the site's own site.yaml: evaluation limits, DP policy, work folder
     evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     work_dir: Path | None = None                  # query budget and request log; default: the bundle's work folder
     coordinator: str = "the consortium coordinator"  # the SuperLink this site serves, as recorded in the trail
@@ -250,11 +250,13 @@ def handle_evaluate(request: "RecordDict", site: SiteSettings, flower_run: int |
     return RecordDict({P.KEY_METRICS: MetricRecord(metrics)})
 
 
-def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None") -> "RecordDict":
-    """Answer ``train``: one round of DP-SGD fine-tuning on the site's real tiles (weights + epsilon back)."""
-    from pixcell_fed.training.dp_finetune import site_round
+def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None" = None) -> "RecordDict":
+    """Answer ``train``: one DP-SGD round on the site's real tiles, within the site's own DP policy and budget
+    (weights and privacy spent back; otherwise :class:`~pixcell_fed.federation.protocol.Refusal` ``refused-dp``,
+    its reason in the site's audit trail and log). ``state`` (Flower's node state) is not used: the site's privacy
+    ledger lives in its work folder, so it survives runs and restarts."""
+    from pixcell_fed.federation.dp_rounds import site_dp_context, site_round
 
     # never fall back to eval-dir: tiles used for training must not be the held-out evaluation set
-    if site.train_dir is None:
-        raise P.Refusal("unavailable", f"site {site.site_name}: no train-dir for the DP fine-tune")
-    return site_round(request, site.train_dir, site.site_name, state)
+    ctx = site_dp_context(site.site_name, site.train_dir, site.bundle_dir, site.config_file)
+    return site_round(request, ctx)

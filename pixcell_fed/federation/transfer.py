@@ -7,7 +7,8 @@
 Each phase is one method of :class:`SiteTransfer`; :mod:`pixcell_fed.federation.pooling` drives them as replies
 arrive. Every value of a reply is validated (:mod:`~pixcell_fed.federation.validation`) before it is used, files
 land only in the site's staging folder (:mod:`~pixcell_fed.federation.staging`), and each tile is hashed once, on
-arrival, against the sha256 of the site-signed manifest.
+arrival, by the bundle verifier's :func:`~pixcell_fed.bundle.verify.check_tile` (the site-signed manifest's size
+and sha256, a canonical PNG of the bundle's tile size).
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation import staging
 from pixcell_fed.federation import validation as V
 from pixcell_fed.federation.transport import Reply
-from pixcell_fed.hashing import sha256_bytes
 from pixcell_fed.runlog import get_logger
 
 log = get_logger(__name__)
 
-Verifier = Callable[..., Any]  # verify(bundle_dir, *, complete: bool) -> VerifiedBundle-like
+Verifier = Callable[..., Any]  # verify(bundle_dir, *, complete: bool) -> pixcell_fed.bundle.verify.VerifiedBundle
 
 
 @dataclass
@@ -46,15 +46,6 @@ class SiteStatus:
     generator: str | None = None       # the generator's label from the audit ("PixCell-256", "untrained twin")
     reason: str | None = None
     failed_files: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Tile:
-    """A tile as the site-signed manifest lists it."""
-
-    name: str
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -92,10 +83,11 @@ class SiteTransfer:
     status: SiteStatus
     node: int
     staged: Path | None = None
-    tiles: dict[str, Tile] = field(default_factory=dict)        # the signed manifest
-    pending: dict[str, Tile] = field(default_factory=dict)      # not received yet, in manifest order
+    tiles: dict[str, int] = field(default_factory=dict)         # the signed manifest: tile name -> size
+    pending: dict[str, int] = field(default_factory=dict)       # not received yet, in manifest order
     attempts: dict[str, int] = field(default_factory=dict)
     in_flight: dict[str, list[str]] = field(default_factory=dict)  # message id -> tile names asked for
+    checked: Any = None                                         # the VerifiedBundle of the signed files (preflight)
     verified: Any = None                                        # the VerifiedBundle once complete
     closed: bool = False
     waves: int = 0                                              # request rounds sent to this site
@@ -120,21 +112,21 @@ class SiteTransfer:
             return
         try:
             run_id = self._stage(reply.content, pool_dir)
-            verified = verify(self.staged, complete=False)
-            V.check_bundle_age(L.read_bundle_json(self.staged, verifying=True)["created"], settings.max_bundle_age_days)
+            checked = verify(self.staged, complete=False)
+            V.check_bundle_age(checked.created, settings.max_bundle_age_days)
         except PixcellFedError as exc:
             if self.staged is not None:
                 staging.discard(self.staged)  # nothing unverified stays behind
             self.close("rejected", f"bundle refused before any tile: {exc.message}")
             return
-        self.status.run_id = run_id
+        self.status.run_id, self.checked = run_id, checked
         self.status.audit_verdict, self.status.generator = audit_facts(self.staged)
-        self.tiles = {str(r.file_name): Tile(str(r.file_name), int(r.size), str(r.sha256))
-                      for r in verified.tiles.itertuples()}
+        self.tiles = {name: size for name, (size, _) in checked.tile_records.items()}
         tiles_dir = self.staged / L.TILES
-        # resume: a tile is on disk under its final name only after it matched its signed hash (verified again later)
-        self.pending = {n: t for n, t in self.tiles.items()
-                        if not ((tiles_dir / n).is_file() and (tiles_dir / n).stat().st_size == t.size)}
+        # resume: a tile is on disk under its final name only after check_tile passed on it (in an earlier run of
+        # this same manifest: staging drops the tiles of any other); its size is checked again at the end
+        self.pending = {n: size for n, size in self.tiles.items()
+                        if not ((tiles_dir / n).is_file() and (tiles_dir / n).stat().st_size == size)}
         self.status.n_tiles = len(self.tiles)
         self.status.n_received = len(self.tiles) - len(self.pending)
         if self.status.n_received:
@@ -165,14 +157,14 @@ class SiteTransfer:
         asked = {n for names in self.in_flight.values() for n in names}
         batches: list[list[str]] = []
         batch, size = [], 0
-        for name, tile in self.pending.items():
+        for name, tile_size in self.pending.items():
             if name in asked or self.attempts.get(name, 0) >= settings.max_attempts:
                 continue
-            if batch and size + tile.size > settings.message_bytes:
+            if batch and size + tile_size > settings.message_bytes:
                 batches.append(batch)
                 batch, size = [], 0
             batch.append(name)
-            size += tile.size
+            size += tile_size
         if batch:
             batches.append(batch)
         return batches
@@ -194,20 +186,40 @@ class SiteTransfer:
             log.warning("pooling: a data reply of %s was refused: %s", self.site, exc.message)
             got = {}
         accepted = 0
-        for name in names:
-            tile, blob = self.tiles[name], got.get(name)
-            # the signed manifest's hash is the authority, never what the reply says
-            if blob is not None and len(blob) == tile.size and sha256_bytes(blob) == tile.sha256:
-                staging.write_tile(self.staged, name, blob)
+        for name, ok in zip(names, self._check_tiles(names, got)):
+            if ok:
+                staging.write_tile(self.staged, name, got[name])
                 self.pending.pop(name, None)
-                accepted += tile.size
+                accepted += self.tiles[name]
             else:
                 self.attempts[name] = self.attempts.get(name, 0) + 1
         self.status.n_received = len(self.tiles) - len(self.pending)
         self.status.bytes_received += accepted
-        if accepted < sum(self.tiles[n].size for n in names):
+        if accepted < sum(self.tiles[n] for n in names):
             log.warning("pooling: some tiles from %s were missing or corrupt; asking again", self.site)
         return accepted
+
+    def _check_tiles(self, names: list[str], got: dict[str, bytes]) -> list[bool]:
+        """:meth:`_tile_ok` for each asked tile, by up to 8 threads (decoding and re-encoding release the GIL)."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(8, os.cpu_count() or 1, len(names)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda name: self._tile_ok(name, got.get(name)), names))
+
+    def _tile_ok(self, name: str, blob: bytes | None) -> bool:
+        """The tile's one check: the signed manifest's size and sha256 are the authority, never what the reply says."""
+        from pixcell_fed.bundle.verify import check_tile
+
+        if blob is None:
+            return False
+        try:
+            check_tile(self.checked, name, blob)
+        except PixcellFedError as exc:
+            log.warning("pooling: tile %s of %s refused: %s", name, self.site, exc.message)
+            return False
+        return True
 
     def _reply_tiles(self, content: Any, asked: list[str]) -> dict[str, bytes]:
         where = f"data reply of site {self.site}"

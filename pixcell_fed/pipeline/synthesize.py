@@ -339,16 +339,14 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             if not layout.bundle_dir.is_dir():
                 kept_names = {Path(p).name for p in result.kept}
                 kept = synthetic[synthetic["synthetic_file"].isin(kept_names)]
-                build_bundle(
-                    layout.bundle_dir,
+                build_bundle(  # the builder reads the run's own audit from layout.root/audit
+                    layout.root,
                     site_name=cfg.site.name,
-                    run_id=layout.run_id,
                     tiles=[layout.synthetic_dir / f for f in kept["synthetic_file"]],
+                    tile_size=cfg.tiling.tile_size,
                     labels=list(kept["label"]) if labels else None,
                     generator=_shareable_identity(pipeline.identity),
                     encoder=_shareable_identity(encoder_identity),
-                    audit_summary=json.loads((layout.audit_dir / "audit_summary.json").read_text()),
-                    summary_html=_summary_html(layout),
                     site_key=site_key,
                     forbidden_strings=forbidden,
                 )
@@ -375,7 +373,3 @@ def _shareable_identity(identity: dict) -> dict:
                "vae_sha256", "weights_sha256", "dtype")
     return {k: identity[k] for k in allowed if k in identity}
 
-
-def _summary_html(layout: RunLayout) -> Path | None:
-    path = layout.audit_dir / "audit_summary.html"
-    return path if path.is_file() else None
