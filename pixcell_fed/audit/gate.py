@@ -50,6 +50,8 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
 class TestResult:
     """One test's outcome: what was measured, against what, and a plain sentence for the officer."""
 
+    __test__ = False  # not a pytest test class
+
     name: str
     title: str
     status: str
@@ -58,9 +60,11 @@ class TestResult:
     sentence: str
     null: dict[str, Any] = field(default_factory=dict)
     gates: bool = True
+    figure: dict[str, Any] | None = field(default=None, repr=False)  # figure data (e.g. a ROC), not a statistic
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["figure"]
         out["provenance"] = {k: THRESHOLD_PROVENANCE.get(k, "") for k in self.thresholds}
         return out
 

@@ -170,7 +170,14 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f'<tr><td><code>audit.{_esc(key)}</code></td><td>{_fmt(value)}</td>'
                    f'<td class="small">{_esc(report["provenance"].get(key, "operational setting"))}</td></tr>')
     out.append("</table></section>")
+    out += _figures_section(report)
+    out.append("</body></html>")
+    return "".join(out)
 
+
+def _figures_section(report: dict[str, Any]) -> list[str]:
+    """Histogram, percentiles, ROC, fidelity and the closest pairs: the pages after the first."""
+    out = []
     fig = report["figures"]
     out.append('<section id="figures"><h2>Nearest-neighbour similarity: S&rarr;T against H&rarr;T</h2>')
     out.append('<p class="small">Copy-detector similarity of each synthetic tile (red) and each held-out real tile (blue) '
@@ -211,8 +218,8 @@ def render_html(report: dict[str, Any]) -> str:
                    f'<img src="{d}" alt="difference"><div class="small">similarity {pair["similarity"]:.3f}, pixel '
                    f'{px}{" &mdash; " + _esc(", ".join(pair["reasons"])) if pair["reasons"] else ""}<br>'
                    f'{_esc(Path(pair["synthetic"]).name)} | {_esc(Path(pair["real"]).name)}</div></div>')
-    out.append("</div></section></body></html>")
-    return "".join(out)
+    out.append("</div></section>")
+    return out
 
 
 def write_html(path: Path, report: dict[str, Any]) -> Path:

@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 from pixcell_fed.errors import BundleError
 
-SHAREABLE_AUDIT_FORMAT = 1
 #: top-level keys of a shareable audit summary (``audit_summary.json`` written by the audit, ``audit.json`` in a bundle)
 SHAREABLE_AUDIT_KEYS = frozenset({
     "schema", "format_version",  # version of the summary's layout

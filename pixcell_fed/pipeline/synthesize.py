@@ -258,7 +258,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     """
     import pandas as pd
 
-    from pixcell_fed.audit import run_audit
+    from pixcell_fed.audit import SiteFacts, run_audit
     from pixcell_fed.bundle.build import build_bundle
     from pixcell_fed.bundle.layout import read_bundle_json
     from pixcell_fed.bundle.trail import append_event
@@ -323,8 +323,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 out_dir=layout.audit_dir,
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
-                forbidden_strings=forbidden,
-                extra_feature_spaces=spaces,
+                site=SiteFacts(forbidden_strings=forbidden, feature_spaces=spaces),
             )
             summary.verdict, summary.report = result.verdict, str(result.report_path)
             summary.kept_tiles = len(result.kept)

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from pixcell_fed.audit.roles import list_tiles
-    from pixcell_fed.audit.run import run_audit
+    from pixcell_fed.audit.run import SiteFacts, run_audit
     from pixcell_fed.config import load_site_config
     from pixcell_fed.config.schema import AuditConfig
     from pixcell_fed.errors import ExitCode, PrivacyGateRefused
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     reference = list_tiles(args.reference, role="reference")
     holdout = list_tiles(args.holdout, role="holdout")
     result = run_audit(synthetic, reference, holdout, source_of=None, audit_cfg=cfg, out_dir=args.out,
-                       forbidden_strings=args.forbid)
+                       site=SiteFacts(forbidden_strings=args.forbid))
     counts = {s: sum(t.status == s for t in result.tests) for s in ("PASS", "WARN", "FAIL")}
     problems = [f"{t.title}: {t.status}" for t in result.tests if t.status in ("WARN", "FAIL")]
     if args.format == "json":

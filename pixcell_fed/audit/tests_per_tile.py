@@ -1,0 +1,76 @@
+"""The audit's per-tile tests: each synthetic tile is judged on its own, so dropping a flagged tile repairs them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pixcell_fed.audit.context import AuditContext
+from pixcell_fed.audit.gate import FAIL, NA, PASS, WARN, TestResult
+from pixcell_fed.audit.registry import audit_test
+
+
+@audit_test("copy_detection")
+def copy_detection(ctx: AuditContext, active: np.ndarray) -> TestResult:
+    """Any synthetic tile confirmed as a copy of a conditioning tile fails."""
+    cfg, n, n_h = ctx.cfg, len(active), len(ctx.h_set)
+    copies = int(ctx.s_tile.copy[active].sum())
+    h_copies = int(ctx.h_tile.copy.sum())
+    return TestResult(
+        "copy_detection", "Copies of real tiles", FAIL if copies else PASS,
+        {"copies": copies, "audited": n, "candidates_confirmed": int(np.isfinite(ctx.s_tile.pixel[active]).sum())},
+        {"copy_similarity": cfg.copy_similarity, "copy_pixel_confirm": cfg.copy_pixel_confirm},
+        f"{copies:,} of {n:,} synthetic tiles are confirmed copies of a real conditioning tile (up to rotation, flip, "
+        f"re-compression, colour change, crop or noise); real held-out tiles gave {h_copies:,} of {n_h:,}.",
+        {"copies": h_copies, "size": n_h})
+
+
+@audit_test("paired")
+def paired(ctx: AuditContext, active: np.ndarray) -> TestResult:
+    """Each synthetic tile against its own source t(s): a copy fails, an unusually close one warns."""
+    title = "Each synthetic tile against its own source"
+    if ctx.paired is None:
+        return TestResult("paired", title, NA, {}, {},
+                          "Not applicable: no mapping from synthetic tiles to their source tiles was given.", gates=False)
+    cfg, pairs = ctx.cfg, ctx.paired
+    keep = pairs.among(active)
+    sims = pairs.sims[keep]
+    n_copy, n_z = int(pairs.copy[keep].sum()), int((pairs.z[keep] > cfg.zscore).sum())
+    median = float(np.median(sims)) if sims.size else float("nan")
+    h_median = float(np.median(ctx.h_tile.nn_sim))
+    return TestResult(
+        "paired", title, FAIL if n_copy else WARN if n_z else PASS,
+        {"pairs": int(keep.sum()), "copies": n_copy, "above_zscore": n_z, "median_similarity": median if sims.size else None},
+        {"copy_pixel_confirm": cfg.copy_pixel_confirm, "zscore": cfg.zscore},
+        f"{n_copy:,} of {int(keep.sum()):,} synthetic tiles copy their own source tile and {n_z:,} are closer to it "
+        f"than {cfg.zscore:g} standard deviations above the held-out null; median similarity to the source "
+        f"{median:.3f} against a held-out nearest-neighbour median of {h_median:.3f}.",
+        {"median_nn_similarity": h_median})
+
+
+@audit_test("outliers")
+def outliers(ctx: AuditContext, active: np.ndarray) -> TestResult:
+    """Tiles far above the held-out null (z-score) or much closer to one real tile than to any other warn."""
+    cfg, n, n_h = ctx.cfg, len(active), len(ctx.h_set)
+    n_z = int((ctx.s_tile.z[active] > cfg.zscore).sum())
+    n_r = int((ctx.s_tile.ratio[active] < cfg.nn_ratio).sum())
+    h_z, h_r = int((ctx.h_tile.z > cfg.zscore).sum()), int((ctx.h_tile.ratio < cfg.nn_ratio).sum())
+    return TestResult(
+        "outliers", "Tiles unusually close to one real tile", WARN if (n_z or n_r) else PASS,
+        {"above_zscore": n_z, "below_nn_ratio": n_r, "audited": n},
+        {"zscore": cfg.zscore, "nn_ratio": cfg.nn_ratio},
+        f"{n_z:,} of {n:,} synthetic tiles lie more than {cfg.zscore:g} standard deviations above the held-out null "
+        f"and {n_r:,} are much closer to one real tile than to any other (ratio < {cfg.nn_ratio:.2f}); real held-out "
+        f"tiles gave {h_z:,} and {h_r:,} of {n_h:,}.",
+        {"above_zscore": h_z, "below_nn_ratio": h_r, "size": n_h, "flagged": int(ctx.h_flagged.sum())})
+
+
+@audit_test("identifiers")
+def identifiers(ctx: AuditContext, active: np.ndarray) -> TestResult:
+    """Any identifying content (names, slide properties, image metadata) in a file to ship fails."""
+    n_find = sum(len(ctx.finding_rows.get(int(i), [])) for i in active)
+    n_files = sum(1 for i in active if int(i) in ctx.finding_rows)
+    return TestResult(
+        "identifiers", "Identifying content in the files to ship", FAIL if n_find else PASS,
+        {"findings": n_find, "files": n_files, "scanned": len(active)}, {},
+        f"{n_find:,} identifying item(s) (names, slide properties, image metadata) found in {n_files:,} of "
+        f"{len(active):,} files to ship.")
