@@ -15,7 +15,7 @@ from pixcell_fed.config.schema import AuditConfig
 from pixcell_fed.errors import RegistryError
 from pixcell_fed.testing.audit_tiles import COPY_TRANSFORMS, stripe_tiles, write_tiles
 
-BUILT_IN = ["copy_detection", "paired", "outliers", "identifiers", "replication", "dcr", "authenticity",
+BUILT_IN = ["memorisation", "copy_detection", "paired", "outliers", "identifiers", "replication", "dcr", "authenticity",
             "membership_inference"]
 
 
@@ -67,6 +67,7 @@ def test_a_new_test_is_one_function_and_runs_in_every_round(ctx, extra_test):
     assert [r["tests"]["tiles_counted"] for r in outcome.rounds] == ["WARN", "PASS"]
     assert outcome.test("tiles_counted").statistic == {"audited": 12}
     assert outcome.rounds[0]["verdict"] == "FAIL" and outcome.rounds[0]["dropped"] == 1
+    assert [r["tests"]["memorisation"] for r in outcome.rounds] == ["FAIL", "FAIL"]  # carried, never recomputed
 
 
 def test_the_context_is_built_once_and_holds_every_per_tile_result(ctx):

@@ -49,8 +49,8 @@ def test_clean_set_passes_and_every_test_has_its_fields(clean, sets):
     assert report["sizes"] == {"S": len(sets["new"]), "T": len(sets["T"]), "H": len(sets["H"]),
                                "S_kept": len(sets["new"]), "mapping": True}
     names = {t["name"]: t for t in report["tests"]}
-    assert set(names) == {"copy_detection", "paired", "outliers", "replication", "dcr", "authenticity",
-                          "membership_inference", "identifiers"}
+    assert set(names) == {"memorisation", "copy_detection", "paired", "outliers", "replication", "dcr",
+                          "authenticity", "membership_inference", "identifiers"}
     assert all(t["status"] == "PASS" for t in report["tests"])
     for test in report["tests"]:
         assert {"status", "statistic", "thresholds", "provenance", "sentence"} <= set(test)
@@ -81,20 +81,24 @@ def test_summary_refuses_to_carry_a_real_path(sets):
                   identities={"encoder": {"weights_dir": str(sets["T"][0].parent)}})
 
 
-def test_a_copy_fails_without_dropping_and_dropping_it_passes(sets):
+def test_a_copy_fails_without_dropping_and_dropping_it_leaves_the_memorisation_warning(sets):
     synthetic = sets["new"] + [sets["copy"]]
     failed = run_audit(synthetic, sets["T"], sets["H"], audit_cfg=AuditConfig(drop_flagged=False),
                        out_dir=sets["root"] / "nodrop")
     assert failed.verdict == "FAIL"
     tile = next(t for t in failed.report["tiles"] if t["file"] == str(sets["copy"]))
     assert "copy" in tile["reasons"] and tile["pixel_match"] == str(sets["T"][5])
-    dropped = run_audit(synthetic, sets["T"], sets["H"], audit_cfg=AuditConfig(drop_flagged=True, max_rounds=2),
-                        out_dir=sets["root"] / "drop")
-    assert dropped.verdict == "PASS", dropped.report["tests"]
+    # 1 copy of 36 tiles (2.8%) is within the 5% this test accepts as a rare accident: dropped, the warning stays
+    lenient = AuditConfig(drop_flagged=True, max_rounds=2, max_copy_share=0.05)
+    dropped = run_audit(synthetic, sets["T"], sets["H"], audit_cfg=lenient, out_dir=sets["root"] / "drop")
+    assert dropped.verdict == "WARN", dropped.report["tests"]
+    assert [t.name for t in dropped.tests if t.status not in ("PASS", "N/A")] == ["memorisation"]
     assert sets["copy"] not in dropped.kept and len(dropped.kept) == len(sets["new"])
-    assert [r["verdict"] for r in dropped.report["rounds"]] == ["FAIL", "PASS"]
+    assert [r["verdict"] for r in dropped.report["rounds"]] == ["FAIL", "WARN"]
     summary = json.loads(dropped.summary_path.read_text())
     assert len(summary["kept_sha256"]) == len(sets["new"])
+    strict = run_audit(synthetic, sets["T"], sets["H"], out_dir=sets["root"] / "default")
+    assert strict.verdict == "FAIL" and [r["tests"]["memorisation"] for r in strict.report["rounds"]] == ["FAIL"] * 2
 
 
 def test_paired_check_catches_a_copy_of_its_own_source(sets):

@@ -21,6 +21,11 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
     "copy_pixel_confirm": "Pixel-space confirmation (max band-passed normalised correlation over rotations, flips, "
                           "shifts and zooms). Calibrated on the real CMU-1 slide: planted copies >= 0.91, unrelated "
                           "tiles (including touching neighbours) <= 0.46; 0.60 sits between with margin on both sides.",
+    "max_copy_share": "Largest share of all generated tiles, counted in the first round before anything is dropped, "
+                      "that may be confirmed copies (of any real tile or of their own source) and still be dropped as "
+                      "rare accidents; above it the generator is memorising and every tile it made is suspect, so "
+                      "the audit fails whatever is dropped. 1% is the starting point of issue 12 (a memorising "
+                      "generator copied 140 of 165 tiles); any copy at all warns.",
     "nn_similarity_warn": "Similarity above which a synthetic tile counts as a near replica in the replication "
                           "share, the analogue of SSCD's 90%-precision copy threshold 0.75 (Pizzi et al. 2022; "
                           "Somepalli et al. 2023 used 0.5); reported beside the holdout's share.",

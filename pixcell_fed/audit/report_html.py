@@ -138,6 +138,9 @@ def render_html(report: dict[str, Any]) -> str:
     out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Privacy audit: {verdict}</title>"
            f"<style>{_CSS}</style></head><body>"]
     out.append('<section class="page" id="summary"><h1>Memorisation and privacy audit</h1>')
+    memorisation = next((t for t in report["tests"] if t["name"] == "memorisation"), None)
+    if memorisation is not None:  # the first sentence: how many tiles were copies, and what that means
+        out.append(f'<p id="memorisation-sentence"><strong>{_esc(memorisation["sentence"])}</strong></p>')
     out.append(f'<div class="small">Created {_esc(report["created"])}. On-site report: it shows real tiles and must '
                "not leave the site. The shareable record is audit_summary.json.</div>")
     word = {"PASS": "passed", "WARN": "passed with warnings", "FAIL": "FAILED: nothing may be shipped"}[verdict]

@@ -1,7 +1,9 @@
 """The audit's rounds: run every registered test on the active tiles, drop the flagged ones, run again.
 
 With ``audit.drop_flagged`` the flagged tiles of a round are dropped and the tests re-run on what remains, up to
-``audit.max_rounds`` rounds. The verdict is that of the last round, on exactly the tiles that remain.
+``audit.max_rounds`` rounds. The verdict is that of the last round, on exactly the tiles that remain; tests that
+judge the generator (``carried``, e.g. the memorisation rate) keep their first-round result in every round, so
+dropping the tiles that made them fail cannot turn the verdict into a pass.
 """
 
 from __future__ import annotations
@@ -33,10 +35,17 @@ class RoundsOutcome:
         return next(t for t in self.tests if t.name == name)
 
 
-def run_tests(ctx: AuditContext, active: np.ndarray) -> list[TestResult]:
-    """Every registered test on the synthetic tiles ``active``, in report order."""
+def run_tests(ctx: AuditContext, active: np.ndarray, carried: dict[str, TestResult] | None = None) -> list[TestResult]:
+    """Every registered test on the synthetic tiles ``active``, in report order; ``carried`` holds the first
+    round's results of the carried tests (``None`` in the first round, which computes them)."""
     active = np.asarray(active, dtype=np.int64)
-    return [test.run(ctx, active) for test in registered_tests()]
+    return [carried[test.name] if carried is not None and test.carried else test.run(ctx, active)
+            for test in registered_tests()]
+
+
+def _carried(tests: list[TestResult]) -> dict[str, TestResult]:
+    names = {t.name for t in registered_tests() if t.carried}
+    return {t.name: t for t in tests if t.name in names}
 
 
 def _record(number: int, audited: int, flagged: int, verdict: str, tests: list[TestResult]) -> dict[str, Any]:
@@ -48,8 +57,10 @@ def run_rounds(ctx: AuditContext) -> RoundsOutcome:
     """Round 1 on all of S; then, while tiles are flagged and dropping is on, drop them and audit the rest."""
     cfg = ctx.cfg
     out = RoundsOutcome(FAIL, [], np.arange(len(ctx.roles.synthetic), dtype=np.int64))
+    carried = None
     for number in range(1, cfg.max_rounds + 1):
-        out.tests = run_tests(ctx, out.active)
+        out.tests = run_tests(ctx, out.active, carried)
+        carried = _carried(out.tests) if carried is None else carried
         out.verdict = verdict_of(out.tests)
         flagged = ctx.flagged(out.active)
         out.rounds.append(_record(number, len(out.active), len(flagged), out.verdict, out.tests))
@@ -60,7 +71,7 @@ def run_rounds(ctx: AuditContext) -> RoundsOutcome:
         out.active = np.array([i for i in out.active if i not in out.dropped_in], dtype=np.int64)
         out.rounds[-1]["dropped"] = len(flagged)
         if len(out.active) == 0:  # nothing left: nothing may be shipped
-            out.tests, out.verdict = run_tests(ctx, out.active), FAIL
+            out.tests, out.verdict = run_tests(ctx, out.active, carried), FAIL
             out.rounds.append(_record(number + 1, 0, 0, FAIL, out.tests))
             break
     return out

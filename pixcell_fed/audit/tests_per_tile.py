@@ -1,4 +1,5 @@
-"""The audit's per-tile tests: each synthetic tile is judged on its own, so dropping a flagged tile repairs them."""
+"""The audit's per-tile tests: each synthetic tile is judged on its own, so dropping a flagged tile repairs them;
+and the memorisation rate, which judges the generator by how many of its tiles were copies and is never repaired."""
 
 from __future__ import annotations
 
@@ -7,6 +8,36 @@ import numpy as np
 from pixcell_fed.audit.context import AuditContext
 from pixcell_fed.audit.gate import FAIL, NA, PASS, WARN, TestResult
 from pixcell_fed.audit.registry import audit_test
+
+
+@audit_test("memorisation", carried=True)
+def memorisation(ctx: AuditContext, active: np.ndarray) -> TestResult:
+    """Share of all synthetic tiles, before anything is dropped, confirmed as copies (of any real tile or of their
+    own source). Any copy warns; more than ``audit.max_copy_share`` fails: the generator memorises."""
+    cfg, n = ctx.cfg, len(ctx.roles.synthetic)
+    copied = ctx.s_tile.copy.copy()
+    if ctx.paired is not None:
+        copied[ctx.paired.rows[ctx.paired.copy]] = True
+    k = int(copied.sum())
+    share = k / n if n else 0.0
+    status = FAIL if share > cfg.max_copy_share else WARN if k else PASS
+    return TestResult(
+        "memorisation", "Memorisation rate of the generator", status,
+        {"copies": k, "generated": n, "copy_share": share}, {"max_copy_share": cfg.max_copy_share},
+        memorisation_sentence(k, n, share, cfg.max_copy_share))
+
+
+def memorisation_sentence(copies: int, generated: int, share: float, max_share: float) -> str:
+    """What the number of copies among all generated tiles means, in one sentence for the officer."""
+    if not copies:
+        return f"None of the {generated:,} synthetic tiles is a copy of a real tile: no sign of memorisation."
+    head = f"{copies:,} of the {generated:,} synthetic tiles ({share:.1%}) were copies of real tiles"
+    if share > max_share:
+        return (f"{head}: the generator memorises its inputs (more than the {max_share:.1%} accepted as rare "
+                "accidents), so every tile it made is suspect, including those that escaped detection, and nothing "
+                "from this run may be shipped; dropping the copies does not change this.")
+    return (f"{head}: within the {max_share:.1%} accepted as rare accidents; the copies are dropped and never "
+            "shipped, but look at them in the closest pairs below.")
 
 
 @audit_test("copy_detection")

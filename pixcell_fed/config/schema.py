@@ -106,6 +106,7 @@ class AuditConfig:
 
     copy_similarity: float = 0.65
     copy_pixel_confirm: float = 0.60
+    max_copy_share: float = 0.01
     nn_similarity_warn: float = 0.85
     nn_ratio: float = 1 / 3
     zscore: float = 4.0
@@ -128,6 +129,7 @@ class AuditConfig:
         for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.max_copy_share < 1.0, f"audit.max_copy_share must be in [0, 1) (got {self.max_copy_share})")
         _check(0.0 < self.nn_ratio < 1.0, f"audit.nn_ratio must be in (0, 1) (got {self.nn_ratio})")
         _check(self.zscore > 0, f"audit.zscore must be > 0 (got {self.zscore})")
         _check(0.0 <= self.dcr_score_fail <= self.dcr_score_warn <= 1.0,
