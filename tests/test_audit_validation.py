@@ -68,8 +68,8 @@ def test_copies_fail_the_first_round_and_dropping_them_leaves_a_clean_set_but_th
     assert rounds[0]["verdict"] == "FAIL" and rounds[0]["tests"]["copy_detection"] == "FAIL"
     assert rounds[0]["dropped"] >= 0.99 * sum(len(p) for p in planted["copies"].values())
     assert sorted(map(str, result.kept)) == sorted(map(str, planted["new"]))
-    # the kept set passes every other test; a generator that copied 609 of 713 tiles memorises (issue 12)
-    assert {t.name for t in result.tests if t.status not in ("PASS", "N/A")} == {"memorisation"}, result.report["tests"]
+    # nothing else alarms on the kept set; a generator that copied 609 of 713 tiles memorises (issue 12)
+    assert {t.name for t in result.tests if t.status in ("WARN", "FAIL")} == {"memorisation"}, result.report["tests"]
     assert result.verdict == "FAIL" and rounds[-1]["tests"]["memorisation"] == "FAIL"
 
 

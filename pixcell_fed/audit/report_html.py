@@ -18,7 +18,10 @@ import numpy as np
 from pixcell_fed.atomic import write_text_atomic
 from pixcell_fed.errors import PixcellFedError
 
-_COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "N/A": "#718096"}
+_COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "INCONCLUSIVE": "#5a67d8", "N/A": "#718096"}
+_VERDICT_WORDS = {"PASS": "passed", "WARN": "passed with warnings", "FAIL": "FAILED: nothing may be shipped",
+                  "INCONCLUSIVE": "is INCONCLUSIVE: it found no leak, but the sets are too small for that to mean "
+                                  "the synthetic tiles do not leak"}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:24px;color:#1a202c}
@@ -132,6 +135,36 @@ def _dropped_sentence(report: dict[str, Any]) -> str:
             "by this verdict and must not be shipped.")
 
 
+def first_page_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Plain sentences for the first page: the generator's verdict beside the kept set's, whether the sets are
+    large enough to conclude (and how much more held-out data would help), and how T and H were split."""
+    stats, notes = report["statistics"], []
+    gen, kept = stats["generator_verdict"], stats["kept_set_verdict"]
+    if len(report["rounds"]) > 1:
+        notes.append(("generator-verdict",
+                      f"The generator's verdict, from the first round on everything it made before any tile was "
+                      f"dropped, is {gen}; the kept set's, from the last round, is {kept}. The audit's verdict is the "
+                      "worse of the two: dropping tiles repairs rare accidents, never a leaky generator."))
+    best, target = stats.get("most_sensitive_test"), stats["target_leak_share"]
+    if report["verdict"] == "INCONCLUSIVE" or (best and (best["share"] is None or best["share"] > target)):
+        seen = ("no test could detect a leak of any size" if not best or best["tiles"] is None else
+                f"the most sensitive test ({best['name']}) would only have seen a leak of {best['tiles']:,} tiles "
+                f"({best['share']:.0%} of the audited set) {best['strength']}")
+        more = (f" About {best['holdout_for_target']:,} held-out tiles (there are {report['sizes']['H']:,}) would "
+                f"let it detect a {target:.0%} leak." if best and best.get("holdout_for_target") else
+                " Add held-out slides from more patients (and synthesise from more tiles) to conclude.")
+        notes.append(("too-small", f"The sets are too small to conclude: {seen}, more than the {target:.0%} the "
+                                   f"audit must be able to detect.{more}"))
+    unit = stats["split_unit"]
+    if unit != "patient":
+        how = "by slide (split.unit: slide)" if unit == "slide" else "in a way this audit was not told"
+        notes.append(("split-warning",
+                      f"Warning: T and H were split {how}, not by patient. Slides of one patient may sit on both "
+                      "sides, which makes H look like T and hides leaks; give the labels CSV a patient column to "
+                      "split by patient."))
+    return notes
+
+
 def render_html(report: dict[str, Any]) -> str:
     verdict = report["verdict"]
     sizes = report["sizes"]
@@ -143,11 +176,11 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f'<p id="memorisation-sentence"><strong>{_esc(memorisation["sentence"])}</strong></p>')
     out.append(f'<div class="small">Created {_esc(report["created"])}. On-site report: it shows real tiles and must '
                "not leave the site. The shareable record is audit_summary.json.</div>")
-    word = {"PASS": "passed", "WARN": "passed with warnings", "FAIL": "FAILED: nothing may be shipped"}[verdict]
     out.append(f'<div class="verdict" id="verdict" style="background:{_COLOURS[verdict]}">Verdict: {verdict}</div>')
-    out.append(f'<p id="verdict-sentence">The audit {word}. {sizes["S_kept"]:,} of {sizes["S"]:,} synthetic tiles '
-               f'were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and {sizes["H"]:,} '
-               f'held-out real tiles (H).{_dropped_sentence(report)}</p>')
+    out.append(f'<p id="verdict-sentence">The audit {_VERDICT_WORDS[verdict]}. {sizes["S_kept"]:,} of {sizes["S"]:,} '
+               f'synthetic tiles were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and '
+               f'{sizes["H"]:,} held-out real tiles (H).{_dropped_sentence(report)}</p>')
+    out += [f'<p id="{key}">{_esc(text)}</p>' for key, text in first_page_notes(report)]
     out.append("<table><tr><th>Test</th><th>Status</th><th>Finding</th></tr>")
     for t in report["tests"]:
         out.append(f'<tr><td>{_esc(t["title"])}</td><td>{_badge(t["status"])}</td><td>{_esc(t["sentence"])}</td></tr>')

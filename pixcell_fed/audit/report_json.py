@@ -49,8 +49,8 @@ HIST_BINS = np.linspace(0.0, 1.0, 41)
 def _tile_records(ctx: AuditContext, outcome: RoundsOutcome) -> list[dict[str, Any]]:
     """One on-site record per synthetic tile: hash, kept or dropped and why, nearest real tile, scores."""
     s, kept = ctx.s_tile, set(outcome.active.tolist())
-    paired_sim = np.full(len(s.z), np.nan, np.float32)
-    paired_pixel = np.full(len(s.z), np.nan, np.float32)
+    paired_sim = np.full(len(s.nn_sim), np.nan, np.float32)
+    paired_pixel = np.full(len(s.nn_sim), np.nan, np.float32)
     if ctx.paired is not None:
         paired_sim[ctx.paired.rows], paired_pixel[ctx.paired.rows] = ctx.paired.sims, ctx.paired.pixel
     records = []
@@ -61,7 +61,7 @@ def _tile_records(ctx: AuditContext, outcome: RoundsOutcome) -> list[dict[str, A
             "nearest_similarity": float(s.nn_sim[i]), "nearest_real": str(ctx.roles.reference[int(s.top.idx[i, 0])]),
             "pixel_score": _num(s.pixel[i]),
             "pixel_match": None if s.pixel_match[i] < 0 else str(ctx.roles.reference[int(s.pixel_match[i])]),
-            "z": float(s.z[i]), "nn_ratio": float(s.ratio[i]),
+            "nn_ratio": float(s.ratio[i]),
             "paired_similarity": _num(paired_sim[i]), "paired_pixel_score": _num(paired_pixel[i]),
             "identifier_findings": ctx.finding_rows.get(i, []),
         })
@@ -90,6 +90,21 @@ def _closest_pairs(ctx: AuditContext) -> list[dict[str, Any]]:
             for i in order[: ctx.cfg.closest_pairs]]
 
 
+def _verdicts(ctx: AuditContext, outcome: RoundsOutcome) -> dict[str, Any]:
+    """The two verdicts behind the audit's, how T and H were split, and what the set sizes let the audit see."""
+    family = [t for t in outcome.tests if t.in_family and t.detectable]
+    best = min(family, key=lambda t: t.detectable["share"] if t.detectable["share"] is not None else 2.0,
+               default=None)
+    return {
+        "generator_verdict": outcome.generator_verdict,
+        "kept_set_verdict": outcome.kept_verdict,
+        "generator_tests": {t.name: t.status for t in outcome.generator},
+        "split_unit": ctx.split_unit or "unknown",
+        "target_leak_share": ctx.cfg.target_leak_share,
+        "most_sensitive_test": None if best is None else {"name": best.name, **best.detectable},
+    }
+
+
 def build_report(ctx: AuditContext, outcome: RoundsOutcome, *, fidelity: dict, identities: dict) -> dict[str, Any]:
     """Every number of the audit, for the on-site record and the HTML report."""
     from pixcell_fed.config import to_plain
@@ -100,6 +115,7 @@ def build_report(ctx: AuditContext, outcome: RoundsOutcome, *, fidelity: dict, i
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "verdict": outcome.verdict,
+        "statistics": _verdicts(ctx, outcome),
         "sizes": {**ctx.roles.sizes(), "S_kept": len(outcome.active), "mapping": ctx.roles.has_mapping},
         "config": thresholds,
         "provenance": {k: v for k, v in THRESHOLD_PROVENANCE.items() if k in thresholds},
@@ -122,7 +138,7 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
 
 def _scrub_test(test: dict[str, Any]) -> dict[str, Any]:
     return {k: test[k] for k in ("name", "title", "status", "statistic", "thresholds", "provenance", "sentence",
-                                 "null", "gates")}
+                                 "null", "gates", "level", "p_value", "adjusted_p", "detectable")}
 
 
 def build_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +151,7 @@ def build_summary(report: dict[str, Any]) -> dict[str, Any]:
         "schema": SUMMARY_SCHEMA,
         "created": report["created"],
         "verdict": report["verdict"],
+        "statistics": report["statistics"],
         "sizes": report["sizes"],
         "config": report["config"],
         "provenance": report["provenance"],

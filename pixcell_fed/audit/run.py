@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pixcell_fed.audit.gate import PASS, WARN, TestResult
+from pixcell_fed.audit.gate import FAIL, TestResult
 from pixcell_fed.audit.roles import build_roles
 from pixcell_fed.config.schema import AuditConfig
 from pixcell_fed.runlog import get_logger
@@ -24,12 +24,15 @@ class SiteFacts:
     """What the site knows about its data beyond the three sets of tiles.
 
     ``forbidden_strings``: the site's identifiers (slide names, keys, properties) that must not appear in the
-    shipped files. ``feature_spaces``: name -> encoder (``.embed``) or callable on uint8 NHWC images, reported as
-    fidelity.
+    shipped files. ``feature_spaces``: name -> encoder (``.embed``) or callable on uint8 NHWC images: the
+    membership test runs in each (privacy) and their nearest-neighbour figures are reported (fidelity).
+    ``split_unit``: how T and H were split: "patient", "slide", or None when not known (the report warns unless
+    it is "patient").
     """
 
     forbidden_strings: Sequence[str] = ()
     feature_spaces: Mapping[str, Any] = field(default_factory=dict)
+    split_unit: str | None = None
 
 
 @dataclass
@@ -46,7 +49,8 @@ class AuditResult:
 
     @property
     def passed(self) -> bool:
-        return self.verdict in (PASS, WARN)
+        """Nothing refused: PASS, WARN or INCONCLUSIVE (the officer decides); FAIL blocks the bundle."""
+        return self.verdict != FAIL
 
 
 def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], holdout: Sequence[str | Path], *,
@@ -62,7 +66,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     """
     from pixcell_fed.audit import report_html, report_json
     from pixcell_fed.audit.context import build_context
-    from pixcell_fed.audit.fidelity import fidelity
+    from pixcell_fed.audit.fidelity import embed_roles, fidelity
     from pixcell_fed.audit.rounds import run_rounds
 
     cfg, site = audit_cfg or AuditConfig(), site or SiteFacts()
@@ -70,9 +74,11 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
                         min_holdout_ratio=cfg.min_holdout_ratio)
     log.info("audit: |S|=%d |T|=%d |H|=%d, mapping %s", len(roles.synthetic), len(roles.reference),
              len(roles.holdout), "given" if roles.has_mapping else "absent")
-    ctx = build_context(roles, cfg, site.forbidden_strings)
+    embeddings = embed_roles(site.feature_spaces, roles)
+    ctx = build_context(roles, cfg, forbidden_strings=site.forbidden_strings, embeddings=embeddings,
+                        split_unit=site.split_unit)
     outcome = run_rounds(ctx)
-    report = report_json.build_report(ctx, outcome, fidelity=fidelity(site.feature_spaces, roles, outcome.active),
+    report = report_json.build_report(ctx, outcome, fidelity=fidelity(embeddings, roles, outcome.active),
                                       identities=dict(identities or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

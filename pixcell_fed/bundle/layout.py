@@ -128,7 +128,7 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
         raise _bad(str(exc), verifying=verifying) from exc
     if not isinstance(info["created"], str) or not _DATE_RE.match(info["created"]):
         raise _bad("invalid 'created' date", verifying=verifying)
-    if info["verdict"] not in ("PASS", "WARN", "FAIL"):
+    if info["verdict"] not in ("PASS", "WARN", "INCONCLUSIVE", "FAIL"):
         raise _bad(f"invalid verdict {info['verdict']!r}", verifying=verifying)
     files = info["files"]
     if not isinstance(files, dict) or set(files) != {MANIFEST, AUDIT, SUMMARY_HTML}:

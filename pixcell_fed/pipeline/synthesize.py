@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -21,8 +21,9 @@ from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_byt
                                 write_parquet_atomic)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
-from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_labels
+from pixcell_fed.pipeline.labels import SlideTable, check_labels_cover, load_slide_table
 from pixcell_fed.pipeline.provenance import versions
+from pixcell_fed.pipeline.split import check_split_unit
 from pixcell_fed.pipeline.run_layout import RunLayout, find_or_create_run, run_fingerprint, trail_path
 from pixcell_fed.runlog import get_logger, run_log
 
@@ -96,31 +97,15 @@ def _synthetic_name(tile_id: str, sample: int) -> str:
     return hashlib.sha256(f"{tile_id}:{sample}".encode()).hexdigest()[:20] + ".png"
 
 
-def _split(layout: RunLayout, cfg: SiteConfig, tiles, labels: dict[str, str]) -> tuple[list[str], list[str]]:
-    """T/H split by slide, decided once per run (before any synthesis) and saved.
-
-    With slide labels the split is stratified: each class with at least two slides is split on its own, so the
-    held-out slides (the audit's null and the site's evaluation set) cover the classes.
-    """
-    from pixcell_fed.audit.roles import split_slides
+def _split(layout: RunLayout, cfg: SiteConfig, tiles, table: SlideTable) -> tuple[list[str], list[str]]:
+    """T/H split by patient (or, when set, by slide), decided once per run (before any synthesis) and saved."""
+    from pixcell_fed.pipeline.split import split_by_unit
 
     if layout.split_file.is_file():
         saved = json.loads(layout.split_file.read_text())
         return saved["conditioning"], saved["holdout"]
-    slide_of = dict(zip(tiles["slide_key"], tiles["slide_file"]))
-    groups: dict[str, list[str]] = {}
-    for key in sorted(slide_of):
-        groups.setdefault(labels.get(slide_of[key], ""), []).append(key)
-    if labels and all(len(keys) >= 2 for keys in groups.values()):
-        conditioning, holdout = [], []
-        for keys in groups.values():
-            t, h = split_slides(keys, cfg.split.holdout_fraction, cfg.split.seed)
-            conditioning += t
-            holdout += h
-    else:
-        conditioning, holdout = split_slides(sorted(slide_of), cfg.split.holdout_fraction, cfg.split.seed)
-    conditioning, holdout = sorted(conditioning), sorted(holdout)
-    write_json_atomic(layout.split_file, {"conditioning": conditioning, "holdout": holdout})
+    conditioning, holdout = split_by_unit(dict(zip(tiles["slide_key"], tiles["slide_file"])), table, cfg.split)
+    write_json_atomic(layout.split_file, {"conditioning": conditioning, "holdout": holdout, "unit": cfg.split.unit})
     return conditioning, holdout
 
 
@@ -240,11 +225,12 @@ def _write_eval_set(layout: RunLayout, h_tiles, labels: dict[str, str]) -> None:
             shutil.copyfile(source, target)
 
 
-def _identifying_strings(slides_dir: Path, slide_files: list[str]) -> list[str]:
-    """Strings that must never reach a bundle: slide names and stems, the slides folder, slide property values."""
+def _identifying_strings(slides_dir: Path, slide_files: list[str], patients: Iterable[str] = ()) -> list[str]:
+    """Strings that must never reach a bundle: slide names and stems, the slides folder, slide property values,
+    patient identifiers."""
     from pixcell_fed.slides.identifiers import slide_identifying_strings
 
-    strings = {str(slides_dir.resolve())}
+    strings = {str(slides_dir.resolve()), *patients}
     for name in slide_files:
         strings.update({name, Path(name).stem})
         strings.update(slide_identifying_strings(slides_dir / name))
@@ -270,7 +256,9 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     pixcell_dir = _require(cfg.models.pixcell_dir, "pixcell_dir", "PixCell-256 or PixCell-1024")
     check_tile_size_fits_model(cfg.tiling.tile_size, read_pixcell_variant(pixcell_dir))
     inventory = _slide_inventory(cfg.site.slides_dir)
-    labels = load_slide_labels(cfg.site.labels_csv)
+    table = load_slide_table(cfg.site.labels_csv)
+    labels = table.labels
+    check_split_unit(cfg.split, table, cfg.site.labels_csv)
     site_key = load_private_key(cfg.keys.site_private_key, passphrase=passphrase_from_env(cfg.keys.passphrase_env))
     resolved = to_plain(cfg)
     work_dir = cfg.site.work_dir
@@ -289,8 +277,10 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             tiles = tiles[tiles["slide_file"].isin(summary.slides_ok)]
             summary.tiles = len(tiles)
             check_labels_cover(labels, summary.slides_ok, cfg.site.labels_csv)
+            if cfg.split.unit == "patient":
+                check_labels_cover(table.patients, summary.slides_ok, cfg.site.labels_csv, what="patient")
 
-            conditioning, holdout = _split(layout, cfg, tiles, labels)
+            conditioning, holdout = _split(layout, cfg, tiles, table)
             t_tiles = tiles[tiles["slide_key"].isin(conditioning)]
             h_tiles = tiles[tiles["slide_key"].isin(holdout)]
             summary.conditioning_slides, summary.holdout_slides = len(conditioning), len(holdout)
@@ -312,7 +302,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             summary.synthetic_tiles = len(synthetic)
             summary.models_are_twins = summary.models_are_twins or bool(encoder_identity.get("twin"))
 
-            forbidden = _identifying_strings(cfg.site.slides_dir, summary.slides_ok)
+            forbidden = _identifying_strings(cfg.site.slides_dir, summary.slides_ok, table.patients.values())
             spaces = _audit_feature_spaces(cfg, encoder)
             result = run_audit(
                 [layout.synthetic_dir / f for f in synthetic["synthetic_file"]],
@@ -323,7 +313,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 out_dir=layout.audit_dir,
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
-                site=SiteFacts(forbidden_strings=forbidden, feature_spaces=spaces),
+                site=SiteFacts(forbidden_strings=forbidden, feature_spaces=spaces, split_unit=cfg.split.unit),
             )
             summary.verdict, summary.report = result.verdict, str(result.report_path)
             summary.kept_tiles = len(result.kept)
