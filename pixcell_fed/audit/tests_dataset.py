@@ -106,7 +106,7 @@ def outliers(ctx: AuditContext, active: np.ndarray) -> TestResult:
     p = min(1.0, 2 * min(above.p_value, ratio.p_value))
     m, n_h = len(active), len(h.nn_sim)
     detect = _detectable(ctx, m, lambda size: exact.detectable_top_run(m, size, _alpha(ctx) / 2),
-                         f"at a similarity to their source above every held-out tile's ({above.cut:.2f})")
+                         _strength(above.cut, "above every held-out tile's"))
     h_ratio = int((h.ratio < cfg.nn_ratio).sum())
     return _set_result(
         "outliers", title, p, detect,
@@ -206,10 +206,11 @@ def membership_inference(ctx: AuditContext, active: np.ndarray) -> TestResult:
         figure={"roc": {"fpr": _thin(fpr_curve), "tpr": _thin(tpr_curve), "auc": auc}} if ctx.primary else None)
 
 
-def _strength(similarity: float) -> str:
+def _strength(similarity: float, relation: str = "of at least") -> str:
+    """How close to its source a leaked tile must be for a test to see it, in words."""
     if similarity >= 0.995:
         return "only if they are near-exact copies of their sources"
-    return f"at a similarity to their source of at least {similarity:.2f}"
+    return f"at a similarity to their source {relation} {similarity:.2f}"
 
 
 def _thin(curve: np.ndarray, points: int = 200) -> list[float]:
