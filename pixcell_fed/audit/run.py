@@ -185,7 +185,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
             break
 
     kept = [roles.synthetic[i] for i in active]
-    fidelity = _fidelity(extra_feature_spaces or {}, roles, active)
+    fidelity = _fidelity(extra_feature_spaces or {}, roles, active, device=cfg.device)
     s_hashes = [sha256_file(p) for p in roles.synthetic]
     tiles = []
     active_set = set(active.tolist())
@@ -362,7 +362,7 @@ def _round_tests(cfg: AuditConfig, active: np.ndarray, s_set: F.TileSet, t_set: 
     return tests, mia
 
 
-def _fidelity(spaces: Mapping[str, Any], roles: DataRoles, active: np.ndarray) -> dict[str, Any]:
+def _fidelity(spaces: Mapping[str, Any], roles: DataRoles, active: np.ndarray, *, device: str) -> dict[str, Any]:
     """Per extra feature space (e.g. the conditioning encoder): NN cosine S->T vs H->T and paired cosine."""
     from pixcell_fed.audit.search import topk_cosine
 
@@ -372,8 +372,8 @@ def _fidelity(spaces: Mapping[str, Any], roles: DataRoles, active: np.ndarray) -
         s = F.embed_files(fn, [roles.synthetic[i] for i in active])
         t = F.embed_files(fn, list(roles.reference))
         h = F.embed_files(fn, list(roles.holdout))
-        s_nn = topk_cosine(s, t, 1).sims[:, 0] if len(s) else np.zeros(0)
-        h_nn = topk_cosine(h, t, 1).sims[:, 0]
+        s_nn = topk_cosine(s, t, 1, device=device).sims[:, 0] if len(s) else np.zeros(0)
+        h_nn = topk_cosine(h, t, 1, device=device).sims[:, 0]
         entry: dict[str, Any] = {"dim": int(t.shape[1]), "S->T": st.percentiles(s_nn), "H->T": st.percentiles(h_nn)}
         if roles.has_mapping:
             pos = {int(i): n for n, i in enumerate(active)}

@@ -6,6 +6,7 @@ Each section is a frozen dataclass whose fields are the keys of that YAML sectio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -121,7 +122,7 @@ class AuditConfig:
     drop_flagged: bool = True
     max_rounds: int = 2
     closest_pairs: int = 24
-    device: str = "cpu"
+    device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +140,8 @@ class AuditConfig:
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
 
 
 @dataclass(frozen=True)
