@@ -68,7 +68,7 @@ def _clustered(rng, n, dim=96, centers=None):
 def test_certified_bf16_first_pass_is_exact(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(3)
     keys, centers = _clustered(rng, 900)
     queries, _ = _clustered(rng, 300, centers=centers)
@@ -87,7 +87,7 @@ def test_certified_bf16_first_pass_is_exact(monkeypatch):
 def test_rows_the_bound_cannot_certify_are_recomputed_exactly(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(4)
     base = S.l2_normalize(rng.standard_normal((1, 64)).astype(np.float32))
     # 200 keys that differ from one another by far less than bf16 can resolve: no row can be certified
@@ -109,7 +109,7 @@ def _exact_order(queries, keys, k):
 def test_rows_with_crowded_neighbours_are_certified_by_the_second_tier(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(5)
     dim, group = 256, 30
     queries = S.l2_normalize(rng.standard_normal((20, dim)).astype(np.float32))
@@ -128,7 +128,7 @@ def test_rows_with_crowded_neighbours_are_certified_by_the_second_tier(monkeypat
 def test_certified_pass_is_exact_for_unnormalised_inner_products(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(6)
     keys, centers = _clustered(rng, 1200, dim=384)
     queries, _ = _clustered(rng, 200, dim=384, centers=centers)
@@ -142,7 +142,7 @@ def test_certified_pass_is_exact_for_unnormalised_inner_products(monkeypatch):
 def test_certified_pass_with_fewer_keys_than_candidates_rescores_them_all(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(7)
     keys = S.l2_normalize(rng.standard_normal((30, 64)).astype(np.float32))
     queries = S.l2_normalize(rng.standard_normal((10, 64)).astype(np.float32))
@@ -174,7 +174,7 @@ def _descriptor_like(rng, n, variants, dim=143):
 def test_certified_pass_over_query_and_key_variants_matches_float64(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(8)
     queries, keys = _descriptor_like(rng, 150, 8), _descriptor_like(rng, 700, 10)
     got = S.topk_cosine(queries, keys, 5, normalize=False, block_bytes=1 << 20)  # many chunks
@@ -192,7 +192,7 @@ def test_search_is_ieee_float32_whatever_the_process_matmul_precision(monkeypatc
 
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(9)
     keys, centers = _clustered(rng, 800, dim=128)
     queries, _ = _clustered(rng, 100, dim=128, centers=centers)

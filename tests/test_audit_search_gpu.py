@@ -44,7 +44,7 @@ def _assert_same_as_float64(got, queries, keys, k, exclude_self=False, tie=1e-6)
 
 @pytest.mark.parametrize("dim", [143, 1536])
 def test_certified_first_pass_on_the_gpu_is_exact(monkeypatch, dim):
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(dim)
     keys, centers = _clustered(rng, 3000, dim)
     queries, _ = _clustered(rng, 500, dim, centers)
@@ -57,7 +57,7 @@ def test_certified_first_pass_on_the_gpu_is_exact(monkeypatch, dim):
 
 
 def test_certified_pass_on_the_gpu_with_variants_unnormalised_and_crowded(monkeypatch):
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(11)
     base_q, centers = _clustered(rng, 300, 143)
     base_k, _ = _clustered(rng, 1500, 143, centers)
