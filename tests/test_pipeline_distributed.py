@@ -71,6 +71,7 @@ def test_sharded_run_writes_the_same_tiles_as_one_process(tmp_path, models, one_
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(reference) == 20 and _tile_hashes(tmp_path) == reference
     assert proc.stdout.count("run run-") == 1  # only rank 0 prints the summary
+    assert "rank 1 of 2 on" in proc.stderr and "uses cpu (process group: gloo" in proc.stderr
     run = _run_dir(tmp_path)
     assert (run / "bundle" / "bundle.json").is_file() and (run / "audit" / "audit.json").is_file()
     rank1 = (run / "run.rank1.log").read_text()
@@ -200,3 +201,21 @@ def test_one_process_shares_everything_and_checkpoints_return_at_once():
     assert ranks.share_batches(5, 2) == [0, 1, 2, 3, 4] and ranks.checkpoint("x", 7) == [7]
     two = Ranks(rank=1, world_size=2)
     assert two.share_batches(7, 2) == [2, 3, 6] and two.share(list("abcde")) == ["b", "d"]
+
+
+@pytest.mark.gpu
+def test_sharded_run_on_gpus_talks_nccl_and_writes_the_same_tiles_as_one_gpu_process(tmp_path, models):
+    import torch
+
+    assert torch.cuda.is_available(), "run the gpu tests on a machine with a CUDA GPU"
+    nproc = min(2, torch.cuda.device_count())  # one rank per GPU (a one-GPU machine runs one rank, still over NCCL)
+    config = {**CONFIG, "models": {"device": "auto"}, "audit": {"device": "auto"}}
+    one = make_site(tmp_path / "one", name="site-a", models=models, slides=SLIDES, config=config)
+    plain = subprocess.run([sys.executable, "-m", "site_agent.cli", "synthesize", "--config", str(one)],
+                           capture_output=True, text=True, env=_env(), timeout=900)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    sharded_yaml = make_site(tmp_path / "two", name="site-a", models=models, slides=SLIDES, config=config)
+    sharded = subprocess.run(_torchrun(sharded_yaml, nproc), capture_output=True, text=True, env=_env(), timeout=900)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert "process group: nccl" in sharded.stderr and "uses cuda:0" in sharded.stderr
+    assert _tile_hashes(tmp_path / "two") == _tile_hashes(tmp_path / "one")
