@@ -150,12 +150,12 @@ mode = sys.argv[1]
 with launched_ranks("cpu", wait_timeout=timedelta(seconds=float(sys.argv[2]))) as ranks:
     try:
         with ranks.reporting_failures():
-            print(f"rank {ranks.rank} shares", ranks.share_batches(10, 3), flush=True)
+            print(f"rank {ranks.rank} shares {ranks.share_batches(10, 3)}", flush=True)
             if mode == "fail" and ranks.rank == 1:
                 raise ValueError("the disk of rank 1 is full")
             if mode == "stall" and ranks.rank == 0:
                 time.sleep(60)
-            print(f"rank {ranks.rank} got", ranks.checkpoint("stage one", ranks.rank * 10), flush=True)
+            print(f"rank {ranks.rank} got {ranks.checkpoint('stage one', ranks.rank * 10)}", flush=True)
             ranks.finish()
     except DistributedError as exc:
         print(f"rank {ranks.rank} stopped (exit {int(exc.exit_code)}): {exc.message}", flush=True)
