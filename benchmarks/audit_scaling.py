@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python -m benchmarks.audit_scaling                  # |S| = 10k, 30k, 100k on the CPU (hours: the search is |S| x |T|)
+    python -m benchmarks.audit_scaling                  # |S| = 10k, 30k, 100k on the CPU (about 3 h on 2 cores)
     python -m benchmarks.audit_scaling --device cuda    # the same on a GPU (audit.device: cuda)
     python -m benchmarks.audit_scaling --quick          # |S| = 1k, 2k, 4k: checks the script (prints, records nothing)
 

@@ -102,7 +102,8 @@ def _fmt(value: float | None) -> str:
     return f"{value:.0f}"
 
 
-def capacity(embed_s: float | None, synth_s: float | None, steps: int, mfu: float, peak_tflops: float) -> dict[str, Any]:
+def capacity(embed_s: float | None, synth_s: float | None, steps: int, mfu: float,
+             peak_tflops: float) -> dict[str, Any]:
     """The figures of the table (``embed_s``/``synth_s`` None: not measured here)."""
     from benchmarks.synthesis import flops_per_tile
 
@@ -115,7 +116,8 @@ def capacity(embed_s: float | None, synth_s: float | None, steps: int, mfu: floa
     scaling = recorded("audit_scaling_cpu")
     out: dict[str, Any] = {
         "mfu": mfu, "peak_tflops": peak_tflops, "synthesis_steps_measured": steps,
-        "tflop_embedding_per_tile": round(embed_flop / 1e12, 3), "tflop_synthesis_per_tile": round(synth_flop / 1e12, 3),
+        "tflop_embedding_per_tile": round(embed_flop / 1e12, 3),
+        "tflop_synthesis_per_tile": round(synth_flop / 1e12, 3),
         "cpu_embedding_s_per_tile": embed_s and round(embed_s, 3),
         "cpu_synthesis_s_per_tile": synth_s and round(synth_s * 20 / steps, 2),
         "cpu_tiling_tiles_per_s": tiling.get("folder_job_2_workers_with_png_tiles_per_s") if tiling else None,

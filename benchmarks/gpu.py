@@ -4,7 +4,7 @@ Run from the repository root on a machine with a CUDA GPU:
 
     python -m benchmarks.gpu            # at most 9 minutes (--budget-minutes) on one H100/H200
     python -m benchmarks.gpu --quick    # smaller sizes (about 4 minutes): a first look, recorded nowhere
-    python -m benchmarks.gpu --dry-run  # every step's code path at tiny size on the CPU (no GPU needed; records nothing)
+    python -m benchmarks.gpu --dry-run  # every step's code path at tiny size on the CPU (no GPU; records nothing)
 
 In order (each step runs in its own process, so one failure does not hide the others' figures):
 

@@ -222,7 +222,8 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
     k_res = (kt - kb.float()).norm(dim=2).max().item() * up
     k_norm = kt.norm(dim=2).max().item() * up
     kb_norm = kb.float().norm(dim=2).max().item() * up
-    k_ext = torch.cat([kb, torch.ones((kvar, m, 1), dtype=torch.bfloat16, device=dev)], dim=2).reshape(kvar * m, dim + 1)
+    ones = torch.ones((kvar, m, 1), dtype=torch.bfloat16, device=dev)
+    k_ext = torch.cat([kb, ones], dim=2).reshape(kvar * m, dim + 1)
     sample = torch.linspace(0, m - 1, min(m, _SHIFT_SAMPLE)).round().long().unique().to(dev)
     sample_keys = kb[:, sample].reshape(-1, dim)
     m_eff = m - (1 if exclude_self else 0)
@@ -274,7 +275,7 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
             uncertain = torch.nonzero(~certified).flatten()
             if len(uncertain):
                 recomputed += len(uncertain)
-                for part in torch.split(uncertain, max(1, chunk // 2)):  # float32 blocks: half the rows for the same bytes
+                for part in torch.split(uncertain, max(1, chunk // 2)):  # float32: half the rows, same bytes
                     full = _variant_max(torch.mm(q32[:, part].reshape(-1, dim), kt.reshape(-1, dim).T), groups, kvar)
                     if exclude_self:
                         full[torch.arange(len(part), device=dev), rows[part]] = float("-inf")
