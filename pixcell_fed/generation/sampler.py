@@ -17,7 +17,7 @@ import numpy as np
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.generation.published import VARIANT_BY_TOKENS
-from pixcell_fed.generation.weights import sha256_file
+from pixcell_fed.weights import sha256_file
 
 if TYPE_CHECKING:
     import torch

@@ -63,15 +63,6 @@ def _require(value: Path | None, key: str, what: str) -> Path:
     return value
 
 
-def check_tile_size_fits_model(tile_size: int, variant: int) -> None:
-    """PixCell-256 is conditioned on 256 px tiles and PixCell-1024 on 1024 px tiles (a 4x4 grid of 256 px UNI
-    embeddings); tiles of the other size would condition it on the wrong magnification or grid."""
-    if tile_size != variant:
-        raise ConfigError(f"models.pixcell_dir holds PixCell-{variant}, which is conditioned on {variant} px tiles, "
-                          f"but tiling.tile_size is {tile_size}",
-                          hint=f"set tiling.tile_size: {variant}, or point models.pixcell_dir at PixCell-{tile_size}")
-
-
 def _slide_inventory(slides_dir: Path) -> list[tuple[str, int]]:
     from pixcell_fed.slides.reader import list_slide_files
 
@@ -264,6 +255,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     from pixcell_fed.bundle.trail import append_event
     from pixcell_fed.encoders import load_encoder
     from pixcell_fed.generation import load_pixcell, read_pixcell_variant
+    from pixcell_fed.generation.loader import check_tile_size_fits_model
     from pixcell_fed.keys import load_private_key, passphrase_from_env
     from pixcell_fed.slides.tiler import tile_folder
 

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-TWIN_MARKER = "_pixcell_fed_twin"
+from pixcell_fed.generation.published import TWIN_MARKER
+
 #: Output dim of the twin UNI encoder == caption_channels of the twin transformers.
 TWIN_COND_DIM = 48
 #: Published legacy PixArt keys, kept in the twin's transformer/config.json like in the real one.
