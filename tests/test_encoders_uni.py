@@ -156,3 +156,15 @@ def test_check_folder_is_what_the_loader_runs(uni_dir, tmp_path):
     with pytest.raises(RegistryError) as err:
         check_folder("uni3", uni_dir)
     assert "timm:<arch>" in err.value.hint
+
+
+def test_uni2h_embeds_in_float32_on_every_device(uni_dir):
+    """PixCell's conditioning was extracted in float32: UNI2-h does not follow the generic bf16-on-GPU default."""
+    from pixcell_fed.encoders.uni import compute_dtype
+
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert compute_dtype(None, torch.device(device)) == torch.float32
+        assert compute_dtype("auto", torch.device(device)) == torch.float32
+    assert compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # only when asked for by name
+    enc = load_encoder("uni2-h", uni_dir, device="auto")
+    assert enc.dtype == torch.float32 and enc.identity["dtype"] == "float32"

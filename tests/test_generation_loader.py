@@ -222,3 +222,17 @@ def test_check_folder_reads_no_weights(folders, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "load_file", no_load)
     assert check_folder(folders["p1024_no_pos"]).y_pos_embed_absent
     assert check_vae_folder(folders["vae"], latent_channels=16).config["latent_channels"] == 16
+
+
+@pytest.mark.parametrize("key,value", [("scaling_factor", 0.3611), ("shift_factor", 0.1159)])
+def test_vae_with_other_latent_scaling_is_refused_naming_the_file(folders, tmp_path, key, value):
+    """PixCell's latents decode to the right colours only with SD3.5's scaling and shift (SD3's 0.3611-style VAEs
+    load fine and decode quietly wrong): the loader refuses them and names the config file."""
+    vae = copy_of(folders["vae"], tmp_path)
+    cfg = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(WeightsError) as err:
+        load_pixcell(folders["p256"], vae)
+    assert str(vae / "config.json") in str(err.value)
+    assert f"{key} = {value}" in str(err.value) and "SD3.5" in str(err.value)
+    assert "stable-diffusion-3.5" in err.value.hint

@@ -117,6 +117,17 @@ def check_twin_folder(weights_dir: Path | None, arch: str | None = None) -> Enco
     return _check(weights_dir, twin_only=True)[0]
 
 
+def compute_dtype(dtype: "str | torch.dtype | None", device: "torch.device") -> "torch.dtype":
+    """The dtype UNI2-h runs in: float32 on every device unless another dtype is asked for by name.
+
+    PixCell's conditioning embeddings were extracted from UNI2-h in float32; the generic ``auto`` (bf16 on a GPU)
+    would condition it on embeddings it was never trained on.
+    """
+    import torch
+
+    return torch.float32 if dtype is None or dtype == "auto" else resolve_dtype(dtype, device)
+
+
 def _load(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None", *, twin_only: bool) -> Encoder:
     import torch
 
@@ -124,8 +135,7 @@ def _load(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype 
     with torch.device("meta"):
         model = build_uni(twin_kwargs)
     model.load_state_dict(read_state_dict(checked.weights_file, UNI_SOURCE), strict=True, assign=True)
-    dtype = torch.float32 if dtype is None or dtype == "auto" else resolve_dtype(dtype, device)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=compute_dtype(dtype, device))
     return Encoder(model, name=checked.name, architecture=checked.architecture, dim=checked.dim,
                    weights_file=checked.weights_file, twin=checked.twin, resize=224, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD)
