@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.record import record
     from pixcell_fed.config import TilingConfig
     from pixcell_fed.progress import set_progress_enabled
-    from pixcell_fed.slides.tiler import (_SHARED, iter_slide_tiles, plan_slide_file, shutdown_shared_executors,
-                                          tile_folder)
+    from pixcell_fed.slides.folder_job import tile_folder
+    from pixcell_fed.slides.planning import plan_slide_file
+    from pixcell_fed.slides.tiler import iter_slide_tiles
+    from pixcell_fed.slides.workers import pool_pids, shutdown_shared_executors
     from pixcell_fed.testing.slide_writer import write_aperio_like
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
                 ("tiler_1w", lambda: sum(1 for _ in iter_slide_tiles(path, cfg, workers=1))),
                 ("tiler_2w", lambda: sum(1 for _ in iter_slide_tiles(path, cfg, workers=2))),
             ):
-                pool_pids = list(getattr(_SHARED.get(2), "_processes", None) or {})
-                pool_cpu = process_cpu_seconds(pool_pids)
+                pids = pool_pids(2)
+                pool_cpu = process_cpu_seconds(pids)
                 seconds, cpu_seconds, count = timed(fn)
-                if name == "tiler_2w" and pool_pids:  # the pool existed before this call: count its CPU too
+                if name == "tiler_2w" and pids:  # the pool existed before this call: count its CPU too
                     cpu["tiler_2w_total"] = min(cpu.get("tiler_2w_total", float("inf")),
-                                                cpu_seconds + process_cpu_seconds(pool_pids) - pool_cpu)
+                                                cpu_seconds + process_cpu_seconds(pids) - pool_cpu)
                 if count != n:
                     raise SystemExit(f"{name} produced {count} tiles, expected {n}")
                 wall[name] = min(wall.get(name, float("inf")), seconds)

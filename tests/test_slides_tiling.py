@@ -15,7 +15,10 @@ from pixcell_fed.errors import NoTissueError, SlideError
 from pixcell_fed.slides import tissue
 from pixcell_fed.slides.grid import make_grid
 from pixcell_fed.slides.reader import SlideReader
-from pixcell_fed.slides.tiler import iter_slide_tiles, plan_slide_file, read_tile, slide_key, tile_folder
+from pixcell_fed.slides.folder_job import tile_folder
+from pixcell_fed.slides.planning import plan_slide_file, read_tile
+from pixcell_fed.slides.records import slide_key
+from pixcell_fed.slides.tiler import iter_slide_tiles
 from pixcell_fed.testing import slide_writer
 from pixcell_fed.testing.real_slide import real_slide_path
 
@@ -185,9 +188,9 @@ def test_a_consumer_may_stop_the_stream_early(slide40x):
 _CRASH_HOOK = '''
 import os
 
-import pixcell_fed.slides.tiler as tiler
+import pixcell_fed.slides.planning as planning
 
-_read_tile = tiler.read_tile
+_read_tile = planning.read_tile
 
 
 def read_tile(reader, grid, x, y):
@@ -196,13 +199,13 @@ def read_tile(reader, grid, x, y):
     return _read_tile(reader, grid, x, y)
 
 
-tiler.read_tile = read_tile
+planning.read_tile = read_tile
 '''
 
 _TILE_FOLDER = '''
 import json, sys
 from pixcell_fed.config import TilingConfig
-from pixcell_fed.slides.tiler import tile_folder
+from pixcell_fed.slides.folder_job import tile_folder
 s = tile_folder(sys.argv[1], sys.argv[2], TilingConfig(workers=2, write_overviews=False))
 print(json.dumps({"ok": s.ok, "resumed": s.resumed, "failed": s.failed, "tiles": s.tiles_per_slide}))
 '''
@@ -232,7 +235,7 @@ def test_a_reader_process_crash_costs_one_slide_not_the_run(tmp_path, slide40x):
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    crashed = run({"PYTHONPATH": str(hook)})
+    crashed = run({"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))})
     assert crashed["ok"] == ["a.svs", "c.svs"]
     assert [name for name, _ in crashed["failed"]] == ["b-crash.svs"] and "crashed" in crashed["failed"][0][1]
     key = slide_key("b-crash.svs")

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pixcell_fed.config import TilingConfig
-from pixcell_fed.slides.tiler import COLUMNS, iter_slide_tiles, slide_key
+from pixcell_fed.slides.records import COLUMNS, slide_key
+from pixcell_fed.slides.tiler import iter_slide_tiles
 from pixcell_fed.testing import slide_writer
 from pixcell_fed.testing.real_slide import real_slide_path
 from site_agent.cli import main

@@ -257,7 +257,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
     from pixcell_fed.generation import load_pixcell, read_pixcell_variant
     from pixcell_fed.generation.loader import check_tile_size_fits_model
     from pixcell_fed.keys import load_private_key, passphrase_from_env
-    from pixcell_fed.slides.tiler import tile_folder
+    from pixcell_fed.slides.folder_job import tile_folder
 
     pixcell_dir = _require(cfg.models.pixcell_dir, "pixcell_dir", "PixCell-256 or PixCell-1024")
     check_tile_size_fits_model(cfg.tiling.tile_size, read_pixcell_variant(pixcell_dir))

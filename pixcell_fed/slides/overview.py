@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from pixcell_fed.slides.tiler import TileRecord
+    from pixcell_fed.slides.records import TileRecord
     from pixcell_fed.slides.tissue import Thumbnail
 
 TISSUE_TINT = np.array([40, 200, 60], dtype=np.float32)   # RGB green over tissue

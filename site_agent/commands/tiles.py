@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pixcell_fed.config import TilingConfig, load_site_config
     from pixcell_fed.errors import ExitCode, UsageError
-    from pixcell_fed.slides.tiler import tile_folder
+    from pixcell_fed.slides.folder_job import tile_folder
 
     site = load_site_config(args.config) if args.config else None
     tiling = site.tiling if site else TilingConfig()
