@@ -86,7 +86,7 @@ def cpu_overhead(repeats: int, n_tiles: int, steps: int) -> dict[str, Any]:
     """Tiny twins via the real loader: pipeline.generate vs bare_generate, interleaved, medians."""
     from pixcell_fed.generation import load_pixcell
     from pixcell_fed.generation.sampler import seeds_for
-    from pixcell_fed.testing.twins import TWIN_COND_DIM, save_tiny_pixcell, save_tiny_vae
+    from pixcell_fed.simulation.twins import TWIN_COND_DIM, save_tiny_pixcell, save_tiny_vae
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = load_pixcell(save_tiny_pixcell(Path(tmp) / "p256", 256), save_tiny_vae(Path(tmp) / "vae"), device="cpu")
@@ -164,7 +164,7 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
     from pixcell_fed.generation.loader import DEFAULT_SCHEDULER_CONFIG
     from pixcell_fed.generation.sampler import PixCellPipeline, seeds_for
     from pixcell_fed.generation.transformer import PixCellTransformer2DModel
-    from pixcell_fed.testing.twins import tiny_pixcell_config, tiny_vae_config
+    from pixcell_fed.simulation.twins import tiny_pixcell_config, tiny_vae_config
 
     device = torch.device(device_name)
     fast_dtype = torch.bfloat16

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from pixcell_fed.slides.planning import plan_slide_file
     from pixcell_fed.slides.tiler import iter_slide_tiles
     from pixcell_fed.slides.workers import pool_pids, shutdown_shared_executors
-    from pixcell_fed.testing.slide_writer import write_aperio_like
+    from pixcell_fed.simulation.slide_writer import write_aperio_like
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="16384x12288", help="level-0 size WxH of the generated 40x slide")

@@ -21,3 +21,5 @@ if ! command -v chromium >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v ap
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "setup: could not install chromium; the report rendering test will fail" >&2
 fi
+# The real H&E slide the demo and the tests write their slides from: cached once, so that nothing fetches it later.
+.venv/bin/python -m pixcell_fed.simulation.real_slide >/dev/null
