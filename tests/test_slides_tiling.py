@@ -246,3 +246,43 @@ def test_a_reader_process_crash_costs_one_slide_not_the_run(tmp_path, slide40x):
     healed = run({})
     assert healed["resumed"] == ["a.svs", "c.svs"] and healed["ok"] == ["a.svs", "b-crash.svs", "c.svs"]
     assert healed["tiles"]["b-crash.svs"] == healed["tiles"]["a.svs"] > 0
+
+
+def test_quality_control_drops_inked_tiles_records_why_and_colours_the_overview(tmp_path):
+    """A slide with a blue pen line drawn across real tissue: the inked tiles are read once, judged, listed in
+    tiles.parquet with qc = pen and no PNG, counted in the summary and tiling.json, and filled in the overview."""
+    import json
+    from collections import Counter
+
+    import pandas as pd
+
+    from pixcell_fed.simulation.slide_writer import he_canvas
+    from pixcell_fed.slides.overview import REASON_COLOURS
+
+    pixels = he_canvas((2048, 1536), 0.5, seed=3, full=True)
+    ink = np.zeros(pixels.shape[:2], np.float32)
+    cv2.line(ink, (0, 700), (2047, 820), 1.0, 160, cv2.LINE_AA)  # an 80 um felt-tip line across the slide
+    pixels = np.rint(pixels * (1 - ink[..., None] * (1 - np.array([45, 95, 175]) / 255))).astype(np.uint8)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    slide_writer.write_generic_tiff(slides / "inked.tif", mpp=0.5, pixels=pixels, downsamples=(4,))
+
+    summary = tile_folder(slides, tmp_path / "out", dataclasses.replace(CFG, workers=2))
+    table = pd.read_parquet(tmp_path / "out" / "tiles.parquet")
+    pen = table[table["qc"] == "pen"]
+    assert len(pen) >= 8 and set(table["qc"]) <= {"pass", "pen"}
+    assert summary.qc_dropped == {"pen": len(pen)} and summary.n_tiles == (table["qc"] == "pass").sum()
+    assert (pen["tile_file"] == "").all() and (pen["qc_ink"] >= 0.05).all()
+    written = {p.stem for p in (tmp_path / "out" / "tiles").rglob("*.png")}
+    assert written == set(table.loc[table["qc"] == "pass", "tile_id"])
+    assert all(540 <= y + 256 and y <= 980 for y in pen["y"])  # only tiles the line crosses
+    report = json.loads((tmp_path / "out" / "tiling.json").read_text())
+    assert report["qc_dropped"] == {"pen": len(pen)} and "pen_fraction" in report["qc_provenance"]
+    assert report["tiling"]["qc"]["pen_fraction"] == 0.05
+    overview = cv2.imread(str(tmp_path / "out" / "overviews" / f"{slide_key('inked.tif')}.png"))[..., ::-1]
+    assert (np.abs(overview.astype(int) - REASON_COLOURS["pen"]).sum(axis=2) == 0).sum() >= 8
+
+    for workers in (1, 2):  # the stream drops the same tiles, in this process or in the pool
+        dropped: Counter = Counter()
+        kept = [rec.tile_id for rec, _ in iter_slide_tiles(slides / "inked.tif", CFG, workers=workers, qc_dropped=dropped)]
+        assert kept == list(table.loc[table["qc"] == "pass", "tile_id"]) and dropped == {"pen": len(pen)}

@@ -41,6 +41,7 @@ class SynthesizeSummary:
     slides_ok: list[str] = field(default_factory=list)
     slides_failed: list[tuple[str, str]] = field(default_factory=list)
     tiles: int = 0
+    tiles_dropped_by_qc: dict[str, int] = field(default_factory=dict)
     conditioning_slides: int = 0
     holdout_slides: int = 0
     conditioning_tiles: int = 0
@@ -278,7 +279,8 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             tiling = tile_folder(cfg.site.slides_dir, layout.tiles_dir, cfg.tiling)
             summary.slides_ok, summary.slides_failed = list(tiling.ok), list(tiling.failed)
             tiles = pd.read_parquet(layout.tiles_table)
-            tiles = tiles[tiles["slide_file"].isin(summary.slides_ok)]
+            tiles = tiles[tiles["slide_file"].isin(summary.slides_ok) & (tiles["qc"] == "pass")]
+            summary.tiles_dropped_by_qc = dict(tiling.qc_dropped)
             summary.tiles = len(tiles)
             check_labels_cover(labels, summary.slides_ok, cfg.site.labels_csv)
 

@@ -1,4 +1,4 @@
-"""Plan one slide (resolution, tissue mask, grid, tissue tiles) and read one tile from it.
+"""Plan one slide (resolution, tissue mask, grid, tissue tiles), read one tile from it and judge it (quality control).
 
 Used in the calling process (``workers=1``) and inside the reader processes alike; nothing here holds state.
 """
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pixcell_fed.config.schema import TilingConfig
+from pixcell_fed.config.schema import TileQCConfig, TilingConfig
 from pixcell_fed.errors import NoTissueError, SlideError
 from pixcell_fed.slides.grid import MAX_UPSAMPLE, TileGrid, make_grid
 from pixcell_fed.slides.mpp import resolve_mpp
+from pixcell_fed.slides.quality import TileQC, assess_tile
 from pixcell_fed.slides.reader import SlideReader
 from pixcell_fed.slides.records import SlidePlan, TileRecord, slide_key, tile_id
 
@@ -20,8 +21,9 @@ from pixcell_fed.slides.records import SlidePlan, TileRecord, slide_key, tile_id
 def plan_slide(reader: SlideReader, cfg: TilingConfig, *, overview_path: str | Path | None = None) -> SlidePlan:
     """Resolve the mpp, detect tissue and lay out the grid of one open slide; keep tiles by tissue fraction.
 
-    Writes the overview PNG to ``overview_path`` when given (also when no tissue is found: the admin can look).
-    Raises :class:`SlideError` subclasses for slides that cannot be tiled.
+    Writes the overview PNG to ``overview_path`` when given (also when no tissue is found: the admin can look) and
+    keeps the thumbnail and mask in the plan, so that the folder job can draw it again with quality control's
+    verdicts. Raises :class:`SlideError` subclasses for slides that cannot be tiled.
     """
     from pixcell_fed.slides.tissue import read_thumbnail, tissue_fractions, tissue_mask
 
@@ -64,8 +66,9 @@ def plan_slide(reader: SlideReader, cfg: TilingConfig, *, overview_path: str | P
         raise NoTissueError(f"{name}: tissue found, but no {cfg.tile_size} px tile has at least "
                             f"{cfg.tissue_fraction:.0%} tissue", hint="check the overview image; lower "
                             "tiling.tissue_fraction to keep tiles at the tissue's edges")
+    keep = overview_path is not None
     return SlidePlan(path=str(reader.path), slide_file=name, slide_key=key, resolution=resolution, grid=grid,
-                     records=records, n_grid_tiles=len(xs))
+                     records=records, n_grid_tiles=len(xs), thumbnail=thumb if keep else None, mask=mask if keep else None)
 
 
 def plan_slide_file(slide_path: str | Path, tiling_cfg: TilingConfig) -> SlidePlan:
@@ -83,3 +86,9 @@ def read_tile(reader: SlideReader, grid: TileGrid, x: int, y: int) -> np.ndarray
         interp = cv2.INTER_AREA if grid.level_read > grid.tile_size else cv2.INTER_LINEAR
         img = cv2.resize(img, (grid.tile_size, grid.tile_size), interpolation=interp)
     return img
+
+
+def read_and_judge(reader: SlideReader, grid: TileGrid, record: TileRecord, qc: TileQCConfig) -> tuple[np.ndarray, TileQC]:
+    """Read the tile of ``record`` and run quality control on it (the pixels just read: no second read)."""
+    img = read_tile(reader, grid, record.x, record.y)
+    return img, assess_tile(img, record.tissue_fraction, qc)

@@ -8,6 +8,7 @@ chunks ahead of the consumer. The resumable folder job that writes PNGs and ``ti
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
@@ -17,14 +18,15 @@ import numpy as np
 from pixcell_fed.config.schema import TilingConfig
 from pixcell_fed.errors import SlideError
 from pixcell_fed.slides import workers as pool
-from pixcell_fed.slides.planning import plan_slide, read_tile
+from pixcell_fed.slides.planning import plan_slide, read_and_judge
 from pixcell_fed.slides.reader import SlideReader
 from pixcell_fed.slides.records import TileRecord
 
 
-def iter_slide_tiles(slide_path: str | Path, tiling_cfg: TilingConfig, *,
-                     workers: int | None = None) -> Iterator[tuple[TileRecord, np.ndarray]]:
-    """Stream the kept tiles of one slide as ``(TileRecord, uint8 HxWx3 RGB)`` in row-major grid order.
+def iter_slide_tiles(slide_path: str | Path, tiling_cfg: TilingConfig, *, workers: int | None = None,
+                     qc_dropped: Counter | None = None) -> Iterator[tuple[TileRecord, np.ndarray]]:
+    """Stream the tiles of one slide that pass quality control as ``(TileRecord, uint8 HxWx3 RGB)``, in row-major
+    grid order; ``qc_dropped`` (when given) counts the others by reason.
 
     No PNG round trip: the embedding stage consumes this directly. ``workers`` (default ``tiling_cfg.workers``)
     = 1 reads in this process with one handle; more reads in that many worker processes, each with its own
@@ -32,24 +34,33 @@ def iter_slide_tiles(slide_path: str | Path, tiling_cfg: TilingConfig, *,
     were yielded, if the slide is damaged mid-way).
     """
     workers = tiling_cfg.workers if workers is None else workers
+    dropped = qc_dropped if qc_dropped is not None else Counter()
     reader = SlideReader(slide_path)
     try:
         plan = plan_slide(reader, tiling_cfg)
         if workers <= 1:
             for rec in plan.records:
-                yield rec, read_tile(reader, plan.grid, rec.x, rec.y)
+                img, verdict = read_and_judge(reader, plan.grid, rec, tiling_cfg.qc)
+                if verdict.kept:
+                    yield rec, img
+                else:
+                    dropped[verdict.qc] += 1
             return
     finally:
         reader.close()
     size = pool.chunk_size(tiling_cfg.tile_size)
-    tasks = ((plan.path, plan.grid, [(r.x, r.y) for r in recs], None) for recs in pool.chunks(plan.records, size))
+    tasks = ((plan.path, plan.grid, recs, None, tiling_cfg.qc) for recs in pool.chunks(plan.records, size))
     record_chunks = pool.chunks(plan.records, size)
     executor = pool.shared_executor(workers)
     try:
         for result in pool.ordered_results(executor, pool.task_read, tasks, ahead=3 * workers):
             if result[0] != "ok":
                 pool.raise_task_error(result)
-            yield from zip(next(record_chunks), result[1])
+            for rec, (img, verdict) in zip(next(record_chunks), result[1]):
+                if verdict.kept:
+                    yield rec, img
+                else:
+                    dropped[verdict.qc] += 1
     except BrokenProcessPool as exc:
         pool.discard_executor(workers, executor)
         raise SlideError(f"{plan.slide_file}: a reader process crashed on this file (OpenSlide aborted); the file is "

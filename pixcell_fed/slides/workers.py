@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pixcell_fed.config.schema import TilingConfig
+from pixcell_fed.config.schema import TileQCConfig, TilingConfig
 from pixcell_fed.errors import PixcellFedError, SlideError
 from pixcell_fed.slides import planning
 from pixcell_fed.slides.grid import TileGrid
 from pixcell_fed.slides.reader import SlideReader
+from pixcell_fed.slides.records import TileRecord
 
 #: This worker process's one slide handle and the (path, size, mtime) it was opened for.
 _WORKER: dict[str, Any] = {}
@@ -80,18 +81,18 @@ def task_plan(path: str, cfg: TilingConfig, overview_path: str | None) -> tuple:
         return _error_tuple(exc)
 
 
-def task_read(path: str, grid: TileGrid, positions: Sequence[tuple[int, int]], dest: Sequence[str] | None) -> tuple:
-    """Read tiles; return them, or write them as PNG to ``dest`` (one path each) and return None for each."""
+def task_read(path: str, grid: TileGrid, records: Sequence[TileRecord], dest: Sequence[str] | None,
+              qc: TileQCConfig) -> tuple:
+    """Read and judge tiles: ``(image or None, TileQC)`` each. The image comes back only for a tile that passed and
+    no ``dest`` was given; with ``dest`` (one path each) the tiles that pass are written there as PNG."""
     try:
         reader = _open(path)
-        out: list[np.ndarray | None] = []
-        for i, (x, y) in enumerate(positions):
-            img = planning.read_tile(reader, grid, x, y)
-            if dest is None:
-                out.append(img)
-            else:
+        out: list[tuple[np.ndarray | None, Any]] = []
+        for i, record in enumerate(records):
+            img, verdict = planning.read_and_judge(reader, grid, record, qc)
+            if dest is not None and verdict.kept:
                 write_png(dest[i], img)
-                out.append(None)
+            out.append((img if dest is None and verdict.kept else None, verdict))
         return ("ok", out)
     except PixcellFedError as exc:
         _drop_worker_reader()

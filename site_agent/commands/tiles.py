@@ -47,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
           f"-> {summary.table_path}")
     for name in summary.ok:
         again = " (already done)" if name in summary.resumed else ""
-        print(f"  ok      {name}: {summary.tiles_per_slide[name]} tiles{again}")
+        dropped = ", ".join(f"{n} {reason}" for reason, n in summary.qc_dropped_per_slide.get(name, {}).items())
+        print(f"  ok      {name}: {summary.tiles_per_slide[name]} tiles{again}"
+              + (f"; quality control dropped {dropped}" if dropped else ""))
     for failure in summary.failures:
         print(f"  FAILED  {failure.line}")
+    if summary.qc_dropped:
+        print("quality control dropped " + ", ".join(f"{n} {reason}" for reason, n in summary.qc_dropped.items())
+              + " tiles (see the overviews; thresholds under tiling.qc)")
     print(f"overviews: {out / 'overviews'}   log: {summary.log_path}")
     if not summary.failed:
         return int(ExitCode.OK)
