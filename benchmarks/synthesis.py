@@ -159,7 +159,7 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
     import torch
     from diffusers import AutoencoderKL
 
-    from pixcell_fed.encoders.base import Encoder
+    from pixcell_fed.encoders.base import Encoder, EncoderFolder
     from pixcell_fed.encoders.uni import build_uni, uni_twin_kwargs
     from pixcell_fed.generation.loader import DEFAULT_SCHEDULER_CONFIG
     from pixcell_fed.generation.sampler import PixCellPipeline, seeds_for
@@ -184,8 +184,10 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast about fp32-kept modules (there are none).
         transformer = torch.nn.Module.to(copy.deepcopy(transformer), dtype=dtype).eval().requires_grad_(False)
         vae = torch.nn.Module.to(copy.deepcopy(vae), dtype=vae_dtype).eval().requires_grad_(False)
-        enc = Encoder(copy.deepcopy(encoder_model).to(dtype=dtype), name="uni2-h-sized (random)", architecture="vit_giant_patch14_224",
-                      dim=transformer.config.caption_channels, weights_file=None, weights_sha256="random")
+        # UNI2-h embeds in float32 on every device, as the site pipeline runs it (PixCell's conditioning was fp32).
+        found = EncoderFolder(name="uni2-h-sized (random)", weights_file=None, architecture="vit_giant_patch14_224",
+                              dim=transformer.config.caption_channels)
+        enc = Encoder(copy.deepcopy(encoder_model).to(dtype=torch.float32), found, weights_sha256="random")
         return enc, PixCellPipeline(transformer, vae, dict(DEFAULT_SCHEDULER_CONFIG), twin=True)
 
     enc_fast, pipe_fast = pipeline(t32, v32, e32, fast_dtype, fast_vae_dtype)

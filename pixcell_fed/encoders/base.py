@@ -44,10 +44,11 @@ def find_weights_file(weights_dir: Path | None, what: str, source: str) -> Path:
 
 @dataclass(frozen=True)
 class EncoderFolder:
-    """A checked encoder weight file (nothing loaded): its tensors match the architecture, which gives ``dim``."""
+    """A checked encoder weight file (nothing loaded): its tensors match the architecture, which gives ``dim``.
+    ``weights_file`` is None only for a network built in memory (benchmarks)."""
 
     name: str
-    weights_file: Path
+    weights_file: Path | None
     architecture: str
     dim: int
     twin: bool = False
@@ -55,38 +56,36 @@ class EncoderFolder:
     title: str = ""
 
     def describe(self) -> str:
-        size = format_bytes(self.weights_file.stat().st_size)
+        size = format_bytes(self.weights_file.stat().st_size) if self.weights_file is not None else "in memory"
         return f"{self.title or self.name} at {self.weights_file} ({self.dim}-dim embeddings, {size})"
 
 
-class Encoder:
-    """A feature network plus its preprocessing (Resize(shorter side) -> [0, 1] -> Normalize(mean, std))."""
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize(shorter side) -> [0, 1] -> Normalize(mean, std): the fixed transform an encoder was trained with."""
 
-    def __init__(
-        self,
-        model: "torch.nn.Module",
-        *,
-        name: str,
-        architecture: str,
-        dim: int,
-        weights_file: Path | None,
-        weights_sha256: str | None = None,
-        twin: bool = False,
-        resize: int = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        batch_size: int | None = None,
-    ) -> None:
+    resize: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def of(cls, resize: int, mean: Sequence[float], std: Sequence[float]) -> "Preprocess":
+        return cls(int(resize), tuple(float(m) for m in mean), tuple(float(v) for v in std))
+
+
+class Encoder:
+    """A feature network (``found``: what it is and which file it came from) plus its preprocessing."""
+
+    def __init__(self, model: "torch.nn.Module", found: EncoderFolder, *, preprocess: Preprocess = Preprocess(),
+                 weights_sha256: str | None = None, batch_size: int | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.name = name
-        self.architecture = architecture
-        self.dim = int(dim)
-        self.weights_file = weights_file
+        self.name = found.name
+        self.architecture = found.architecture
+        self.dim = int(found.dim)
+        self.weights_file = found.weights_file
         self._sha256 = weights_sha256
-        self.twin = twin
-        self.resize = int(resize)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.twin = found.twin
+        self.resize, self.mean, self.std = preprocess.resize, preprocess.mean, preprocess.std
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)

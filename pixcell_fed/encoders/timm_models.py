@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.devices import resolve_dtype
-from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, find_weights_file
+from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, Preprocess, find_weights_file
 from pixcell_fed.errors import WeightsError
 from pixcell_fed.weights import compare_shapes, read_json, read_state_dict
 
@@ -73,6 +73,5 @@ def load_timm(weights_dir: Path | None, device: "torch.device", dtype: "torch.dt
     model = model.to(device=device, dtype=resolve_dtype(dtype, device))
     pre = {**model.pretrained_cfg, **cfg.get("pretrained_cfg", {})}
     size = int(pre.get("input_size", (3, 224, 224))[-1])
-    return Encoder(model, name=checked.name, architecture=checked.architecture, dim=checked.dim,
-                   weights_file=checked.weights_file, twin=False, resize=size, mean=pre.get("mean", IMAGENET_MEAN),
-                   std=pre.get("std", IMAGENET_STD))
+    return Encoder(model, checked, preprocess=Preprocess.of(size, pre.get("mean", IMAGENET_MEAN),
+                                                            pre.get("std", IMAGENET_STD)))

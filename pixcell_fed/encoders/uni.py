@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.devices import resolve_dtype
-from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, find_weights_file
+from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, Preprocess, find_weights_file
 from pixcell_fed.errors import WeightsError
 from pixcell_fed.weights import compare_shapes, meta_shapes, read_state_dict, state_shapes
 
@@ -136,9 +136,7 @@ def _load(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype 
         model = build_uni(twin_kwargs)
     model.load_state_dict(read_state_dict(checked.weights_file, UNI_SOURCE), strict=True, assign=True)
     model = model.to(device=device, dtype=compute_dtype(dtype, device))
-    return Encoder(model, name=checked.name, architecture=checked.architecture, dim=checked.dim,
-                   weights_file=checked.weights_file, twin=checked.twin, resize=224, mean=IMAGENET_MEAN,
-                   std=IMAGENET_STD)
+    return Encoder(model, checked, preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def load_uni2h(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None" = None,
