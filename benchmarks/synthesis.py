@@ -13,7 +13,7 @@ VAE calls. The two are interleaved; the overhead is taken from the best of sever
 on a shared 2-core machine single runs are sometimes slowed many-fold by other processes; medians are reported too.
 
 GPU mode: the full-size PixCell-256 architecture (608 M parameters, random weights), a UNI2-h-sized encoder and an
-SD3.5-sized VAE (random weights), bf16 transformer and encoder, bf16 VAE decode, 20 steps with guidance: tiles per
+SD3.5-sized VAE (random weights), bf16 transformer, fp32 encoder (as PixCell extracted its conditioning), bf16 VAE decode, 20 steps with guidance: tiles per
 second from uint8 tiles in to uint8 tiles out, beside a naive batch-1 fp32 loop and the FLOP bound (FLOPs per tile
 counted on the meta device; peak from ``--peak-tflops``, 790 for an H100 as in the issue).
 """
@@ -219,7 +219,7 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
         "gpu_tiles": n_tiles,
         "gpu_batch": bs,
         "gpu_steps": steps,
-        "gpu_dtype": "bf16 transformer+encoder, bf16 VAE" if device.type == "cuda" else "bf16 transformer+encoder, fp32 VAE",
+        "gpu_dtype": "bf16 transformer, fp32 encoder, " + ("bf16 VAE" if device.type == "cuda" else "fp32 VAE"),
         "gpu_tiles_per_s": round(n_tiles / t_fast, 3),
         "gpu_naive_fp32_batch1_tiles_per_s": round(naive_tiles / t_naive, 4),
         "gpu_speedup_vs_naive": round((n_tiles / t_fast) / (naive_tiles / t_naive), 2),
