@@ -4,8 +4,9 @@ over-staining, glare and washed-out areas.
 Each check measures one number on the tile and compares it with a threshold of :class:`TileQCConfig`
 (``tiling.qc`` in site.yaml); :data:`QC_PROVENANCE` says where each default comes from. A tile that fails is
 dropped (no PNG, never conditions PixCell) and recorded with its reason in ``tiles.parquet`` (column ``qc``); when
-several checks fail, :func:`_reason` picks one. All measurements are at the tile's own resolution
-(0.5 um/px for 20x tiles); thresholds were calibrated on the real test slide CMU-1-Small-Region (docs/tiling.md).
+several checks fail, :func:`_reason` picks one. Colours are measured at half the tile's resolution (1 um/px for 20x
+tiles), sharpness at full resolution; thresholds were calibrated on the real test slide CMU-1-Small-Region
+(docs/tiling.md).
 """
 
 from __future__ import annotations
