@@ -7,7 +7,6 @@ otherwise the architecture's own defaults are used. Classifier-head weights are 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
