@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     from pixcell_fed.slides.planning import plan_slide_file
     from pixcell_fed.slides.tiler import iter_slide_tiles
     from pixcell_fed.slides.workers import pool_pids, shutdown_shared_executors
-    from pixcell_fed.simulation.slide_writer import write_aperio_like
+    from pixcell_fed.simulation.slide_writer import he_canvas, write_aperio_like
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="16384x12288", help="level-0 size WxH of the generated 40x slide")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="pixcell-bench-tiling-") as tmp:
         slides = Path(tmp) / "slides"
         slides.mkdir()
-        path = write_aperio_like(slides / "bench40x.svs", size=(width, height), full=True, downsamples=(4, 16))
+        path = write_aperio_like(slides / "bench40x.svs", pixels=he_canvas((width, height), 0.25, full=True))
         cfg = TilingConfig(workers=1)
         plan = plan_slide_file(path, cfg)
         positions = [(r.x, r.y) for r in plan.records]

@@ -29,7 +29,7 @@ CFG = TilingConfig(workers=1)
 def slide40x(tmp_path_factory):
     """Aperio-like 40x (0.25 um/px) with label and macro, lossless tiles so that pixels can be compared exactly."""
     path = tmp_path_factory.mktemp("s40") / "aperio40x.svs"
-    return slide_writer.write_aperio_like(path, size=(4096, 3072), compression="zlib", downsamples=(4, 16))
+    return slide_writer.write_aperio_like(path, size=(4096, 3072), pyramid=slide_writer.Pyramid((4, 16), "zlib"))
 
 
 def block_mean(img: np.ndarray, k: int) -> np.ndarray:
@@ -83,8 +83,8 @@ def test_1024_tiles_are_aligned_4x4_blocks_of_the_256_grid(slide40x):
 
 
 def test_reads_from_the_coarsest_level_that_is_fine_enough(tmp_path):
-    path = slide_writer.write_generic_tiff(tmp_path / "g40.tif", size=(2048, 2048), mpp=0.25, downsamples=(2, 4),
-                                           compression="zlib")
+    path = slide_writer.write_generic_tiff(tmp_path / "g40.tif", size=(2048, 2048), mpp=0.25,
+                                           pyramid=slide_writer.Pyramid((2, 4), "zlib"))
     plan = plan_slide_file(path, CFG)
     assert (plan.grid.level, plan.grid.level_read, plan.grid.read_size) == (1, 256, 512)
     level1 = tifffile.imread(path, key=1)
@@ -125,8 +125,8 @@ def test_two_workers_stream_the_same_tiles_as_one(slide40x):
 
 
 def test_chunked_thumbnail_of_a_single_level_slide(tmp_path, monkeypatch):
-    path = slide_writer.write_generic_tiff(tmp_path / "flat.tif", size=(3000, 2000), mpp=0.5, downsamples=(),
-                                           compression="zlib")
+    path = slide_writer.write_generic_tiff(tmp_path / "flat.tif", size=(3000, 2000), mpp=0.5,
+                                           pyramid=slide_writer.Pyramid((), "zlib"))
     monkeypatch.setattr(tissue, "CHUNK", 500)  # force many chunks; a huge single-level slide gets 4096
     with SlideReader(path) as reader:
         thumb = tissue.read_thumbnail(reader, 256)
@@ -161,7 +161,8 @@ def test_folder_job_resumes_and_redoes_on_changed_settings(tmp_path, slide40x):
 
 
 def test_slides_coarser_than_the_target_are_refused_not_upsampled(tmp_path):
-    path = slide_writer.write_generic_tiff(tmp_path / "10x.tif", size=(1024, 1024), mpp=1.0, downsamples=())
+    path = slide_writer.write_generic_tiff(tmp_path / "10x.tif", size=(1024, 1024), mpp=1.0,
+                                           pyramid=slide_writer.Pyramid(()))
     with pytest.raises(SlideError, match="coarser than the 0.5 um/px"):
         plan_slide_file(path, CFG)
 
@@ -265,7 +266,7 @@ def test_quality_control_drops_inked_tiles_records_why_and_colours_the_overview(
     pixels = np.rint(pixels * (1 - ink[..., None] * (1 - np.array([45, 95, 175]) / 255))).astype(np.uint8)
     slides = tmp_path / "slides"
     slides.mkdir()
-    slide_writer.write_generic_tiff(slides / "inked.tif", mpp=0.5, pixels=pixels, downsamples=(4,))
+    slide_writer.write_generic_tiff(slides / "inked.tif", mpp=0.5, pixels=pixels, pyramid=slide_writer.Pyramid((4,)))
 
     summary = tile_folder(slides, tmp_path / "out", dataclasses.replace(CFG, workers=2))
     table = pd.read_parquet(tmp_path / "out" / "tiles.parquet")

@@ -78,7 +78,7 @@ def make_site(folder: str | Path, *, name: str, models: TwinModels, slides: Sequ
     """
     import yaml
 
-    from pixcell_fed.simulation.slide_writer import he_canvas, write_aperio_like
+    from pixcell_fed.simulation.slide_writer import Identifiers, he_canvas, write_aperio_like
     from pixcell_fed.site_init import init_site
 
     folder = Path(folder)
@@ -92,8 +92,7 @@ def make_site(folder: str | Path, *, name: str, models: TwinModels, slides: Sequ
         if not path.is_file():
             pixels = he_canvas(spec.size, spec.mpp, seed=spec.seed, stain=stain, full=True, source=source)
             write_aperio_like(path, pixels=pixels, mpp=spec.mpp, app_mag=int(round(10 / spec.mpp)),
-                              description_fields=spec.description_fields, label_text=spec.label_text,
-                              macro_text=spec.macro_text)
+                              identifiers=Identifiers(spec.description_fields, spec.label_text, spec.macro_text))
     labels = {s.file_name: s.label for s in slides if s.label is not None}
     settings: dict[str, Any] = {
         "site": {"name": name, "slides_dir": "slides", "work_dir": "work"},

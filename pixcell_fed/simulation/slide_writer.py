@@ -11,7 +11,9 @@ the cached copy, or any ``source`` file of it), rescaled to the slide's resoluti
 * :func:`write_untiled_tiff` - a single-level, untiled (strip) TIFF that OpenSlide cannot read by region.
 * :func:`write_blank_slide` - glass only, no tissue.
 
-``stain=`` applies an H&E colour perturbation (:func:`perturb_stain`) so that a demo can make sites that differ.
+:func:`he_canvas` makes level 0 (``stain=`` applies an H&E colour perturbation, :func:`perturb_stain`, so that a demo
+can make sites that differ; ``full=`` covers the whole glass); :class:`Pyramid` and :class:`Identifiers` say how the
+file stores it and which identifiers it carries.
 Needs ``tifffile`` and ``imagecodecs``.
 """
 
@@ -24,7 +26,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["GLASS_RGB", "StainVariation", "he_canvas", "perturb_stain", "write_aperio_like", "write_blank_slide",
+__all__ = ["GLASS_RGB", "Identifiers", "Pyramid", "StainVariation", "he_canvas", "perturb_stain", "write_aperio_like", "write_blank_slide",
            "write_corrupted", "write_generic_tiff", "write_not_a_slide", "write_truncated", "write_untiled_tiff"]
 
 Compression = Literal["jpeg", "zlib", "none"]
@@ -194,6 +196,26 @@ def _pyramid(level0: np.ndarray, downsamples: Sequence[int]) -> list[np.ndarray]
     return levels
 
 
+@dataclass(frozen=True)
+class Pyramid:
+    """How a slide file stores its pixels: the reduced levels' downsample factors and the tile compression."""
+
+    downsamples: Sequence[int] = (4, 16)
+    compression: Compression = "jpeg"
+    quality: int = 85
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    """Where real slides carry patient identifiers: ``description_fields`` are added to the ImageDescription as
+    ``|Key = Value`` (as Aperio writes ``Filename``, ``User``, ``Date``); ``label_text`` and ``macro_text`` are drawn
+    on the label and macro images (privacy tests check they never leave the site)."""
+
+    description_fields: Mapping[str, str] | None = None
+    label_text: str = "S-00-0000"
+    macro_text: str | None = None
+
+
 def _tiff_kwargs(compression: Compression, quality: int) -> dict:
     if compression == "jpeg":
         return {"compression": "jpeg", "compressionargs": {"level": quality}, "photometric": "rgb"}
@@ -203,43 +225,40 @@ def _tiff_kwargs(compression: Compression, quality: int) -> dict:
 
 
 def write_aperio_like(path: str | Path, *, size: tuple[int, int] = (8192, 6144), mpp: float = 0.25,
-                      app_mag: int = 40, downsamples: Sequence[int] = (4, 16), compression: Compression = "jpeg",
-                      quality: int = 85, seed: int = 0, stain: StainVariation | None = None,
-                      description_fields: Mapping[str, str] | None = None, label_text: str = "S-00-0000",
-                      macro_text: str | None = None, include_mpp: bool = True,
-                      pixels: np.ndarray | None = None, full: bool = False) -> Path:
+                      app_mag: int = 40, pixels: np.ndarray | None = None, pyramid: Pyramid = Pyramid(),
+                      identifiers: Identifiers = Identifiers(), include_mpp: bool = True) -> Path:
     """Write an Aperio-like SVS: 40x (0.25 um/px) by default, with thumbnail, reduced levels, label and macro.
 
-    ``description_fields`` are added to the ImageDescription as ``|Key = Value`` (as Aperio writes ``Filename``,
-    ``User``, ``Date``); ``label_text`` and ``macro_text`` are drawn on the label and macro images. Both are
-    where real slides carry patient identifiers. ``include_mpp=False`` leaves ``MPP`` out (objective power only).
-    ``pixels`` replaces the generated level 0 (uint8 HxWx3); ``full`` covers the whole glass with tissue.
+    ``pixels``: level 0 (uint8 HxWx3; default ``he_canvas(size, mpp)``: make it with :func:`he_canvas` for another
+    seed, stain or full glass). ``include_mpp=False`` leaves ``MPP`` out (objective power only).
     """
     import cv2
     import tifffile
 
     path = Path(path)
-    level0 = pixels if pixels is not None else he_canvas(size, mpp, seed=seed, stain=stain, full=full)
+    level0 = pixels if pixels is not None else he_canvas(size, mpp)
     height, width = level0.shape[:2]
+    compression, quality = pyramid.compression, pyramid.quality
     fields = {"AppMag": str(app_mag)}
     if include_mpp:
         fields["MPP"] = f"{mpp:.4f}"
-    fields.update(description_fields or {})
+    fields.update(identifiers.description_fields or {})
     head = f"Aperio Image Library v12.0.0 \r\n{width}x{height} (256x256) {compression.upper()}/RGB Q={quality}"
     description = head + "".join(f"|{k} = {v}" for k, v in fields.items())
     kw = _tiff_kwargs(compression, quality)
-    reduced = _pyramid(level0, downsamples)
+    reduced = _pyramid(level0, pyramid.downsamples)
     smallest = reduced[-1] if reduced else level0
     thumb_w = min(smallest.shape[1], 768)
     thumbnail = cv2.resize(smallest, (thumb_w, max(1, round(thumb_w * height / width))), interpolation=cv2.INTER_AREA)
-    label = _label_image(label_text)
+    label = _label_image(identifiers.label_text)
     macro_w = 1280
     macro_h = max(1, round(macro_w * height / width / 2.5))
     macro = np.full((macro_h, macro_w, 3), 250, dtype=np.uint8)
 
     small = cv2.resize(smallest, (macro_w - macro_h - 20, macro_h - 20), interpolation=cv2.INTER_AREA)
     macro[10:10 + small.shape[0], macro_h + 10:macro_h + 10 + small.shape[1]] = small
-    macro[:, :macro_h] = cv2.resize(_label_image(macro_text if macro_text is not None else label_text),
+    macro_text = identifiers.macro_text if identifiers.macro_text is not None else identifiers.label_text
+    macro[:, :macro_h] = cv2.resize(_label_image(macro_text),
                                     (macro_h, macro_h), interpolation=cv2.INTER_AREA)
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         tif.write(level0, tile=(256, 256), description=description, metadata=None, **kw)
@@ -257,19 +276,17 @@ def write_aperio_like(path: str | Path, *, size: tuple[int, int] = (8192, 6144),
 
 def write_generic_tiff(path: str | Path, *, size: tuple[int, int] = (4096, 3072), mpp: float | None = 0.5,
                        resolution_unit: Literal["CENTIMETER", "INCH", "NONE"] = "CENTIMETER",
-                       downsamples: Sequence[int] = (2, 4, 8), compression: Compression = "jpeg",
-                       quality: int = 85, seed: int = 0, stain: StainVariation | None = None,
-                       tissue: bool = True, pixels: np.ndarray | None = None) -> Path:
+                       pyramid: Pyramid = Pyramid(downsamples=(2, 4, 8)), pixels: np.ndarray | None = None) -> Path:
     """Write a generic tiled pyramidal TIFF; ``mpp=None`` writes no resolution tags (OpenSlide reports no mpp).
 
     ``resolution_unit`` chooses how the resolution is stored (pixels per centimeter or per inch; ``NONE`` stores
-    a unitless ratio that must not be taken as a resolution).
+    a unitless ratio that must not be taken as a resolution). ``pixels``: level 0 (default ``he_canvas(size, mpp)``).
     """
     import tifffile
 
     path = Path(path)
-    level0 = pixels if pixels is not None else he_canvas(size, mpp or 0.5, seed=seed, stain=stain, tissue=tissue)
-    kw = _tiff_kwargs(compression, quality)
+    level0 = pixels if pixels is not None else he_canvas(size, mpp or 0.5)
+    kw = _tiff_kwargs(pyramid.compression, pyramid.quality)
 
     def resolution(d: int) -> dict:
         if mpp is None:
@@ -280,14 +297,14 @@ def write_generic_tiff(path: str | Path, *, size: tuple[int, int] = (4096, 3072)
 
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         tif.write(level0, tile=(256, 256), metadata=None, **resolution(1), **kw)
-        for d, lvl in zip(downsamples, _pyramid(level0, downsamples)):
+        for d, lvl in zip(pyramid.downsamples, _pyramid(level0, pyramid.downsamples)):
             tif.write(lvl, tile=(256, 256), metadata=None, subfiletype=1, **resolution(d), **kw)
     return path
 
 
 def write_blank_slide(path: str | Path, *, size: tuple[int, int] = (2048, 1536), mpp: float = 0.5) -> Path:
     """A generic tiled TIFF of empty glass: a valid slide with no tissue."""
-    return write_generic_tiff(path, size=size, mpp=mpp, tissue=False, downsamples=(4,))
+    return write_generic_tiff(path, mpp=mpp, pyramid=Pyramid(downsamples=(4,)), pixels=he_canvas(size, mpp, tissue=False))
 
 
 def write_untiled_tiff(path: str | Path, *, size: tuple[int, int] = (12000, 9000), mpp: float | None = 0.5) -> Path:
