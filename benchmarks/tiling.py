@@ -57,14 +57,52 @@ def timed(fn) -> tuple[float, float, int]:
     return time.perf_counter() - wall, time.process_time() - cpu, count
 
 
+def contest(path: Path, plan, cfg, repeats: int) -> tuple[dict[str, float], dict[str, float], Counter]:
+    """Best wall and CPU seconds of the plain loop and the tiler on 1 and 2 workers over the same tiles, and the
+    tiles quality control dropped. Raises SystemExit when a contender reads another number of tiles."""
+    from pixcell_fed.slides.tiler import iter_slide_tiles
+    from pixcell_fed.slides.workers import pool_pids
+
+    positions = [(r.x, r.y) for r in plan.records]
+    n = len(positions)
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    dropped: Counter = Counter()
+
+    def tiler(workers: int) -> int:
+        """Tiles read: those yielded plus those quality control dropped."""
+        counts: Counter = Counter()
+        kept = sum(1 for _ in iter_slide_tiles(path, cfg, workers=workers, qc_dropped=counts))
+        dropped.clear()
+        dropped.update(counts)
+        return kept + sum(counts.values())
+
+    for _ in range(repeats):  # interleave the contenders so that load spikes hit each of them alike
+        for name, fn in (
+            ("plain", lambda: plain_loop(path, positions, plan.grid.level_read, 256)),
+            ("tiler_1w", lambda: tiler(1)),
+            ("tiler_2w", lambda: tiler(2)),
+        ):
+            pids = pool_pids(2)
+            pool_cpu = process_cpu_seconds(pids)
+            seconds, cpu_seconds, count = timed(fn)
+            if name == "tiler_2w" and pids:  # the pool existed before this call: count its CPU too
+                cpu["tiler_2w_total"] = min(cpu.get("tiler_2w_total", float("inf")),
+                                            cpu_seconds + process_cpu_seconds(pids) - pool_cpu)
+            if count != n:
+                raise SystemExit(f"{name} produced {count} tiles, expected {n}")
+            wall[name] = min(wall.get(name, float("inf")), seconds)
+            cpu[name] = min(cpu.get(name, float("inf")), cpu_seconds)
+    return wall, cpu, dropped
+
+
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.record import record
     from pixcell_fed.config import TilingConfig
     from pixcell_fed.progress import set_progress_enabled
     from pixcell_fed.slides.folder_job import tile_folder
     from pixcell_fed.slides.planning import plan_slide_file
-    from pixcell_fed.slides.tiler import iter_slide_tiles
-    from pixcell_fed.slides.workers import pool_pids, shutdown_shared_executors
+    from pixcell_fed.slides.workers import shutdown_shared_executors
     from pixcell_fed.simulation.slide_writer import he_canvas, write_aperio_like
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,34 +128,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{plan.n_grid_tiles}; read {plan.grid.level_read} px at level {plan.grid.level} -> 256 px")
         plain_loop(path, positions[:20], plan.grid.level_read, 256)  # warm the page cache for everyone
 
-        wall: dict[str, float] = {}
-        cpu: dict[str, float] = {}
-        dropped: Counter = Counter()
-
-        def tiler(workers: int) -> int:
-            """Tiles read: those yielded plus those quality control dropped."""
-            counts: Counter = Counter()
-            kept = sum(1 for _ in iter_slide_tiles(path, cfg, workers=workers, qc_dropped=counts))
-            dropped.clear()
-            dropped.update(counts)
-            return kept + sum(counts.values())
-
-        for _ in range(args.repeats):  # interleave the contenders so that load spikes hit each of them alike
-            for name, fn in (
-                ("plain", lambda: plain_loop(path, positions, plan.grid.level_read, 256)),
-                ("tiler_1w", lambda: tiler(1)),
-                ("tiler_2w", lambda: tiler(2)),
-            ):
-                pids = pool_pids(2)
-                pool_cpu = process_cpu_seconds(pids)
-                seconds, cpu_seconds, count = timed(fn)
-                if name == "tiler_2w" and pids:  # the pool existed before this call: count its CPU too
-                    cpu["tiler_2w_total"] = min(cpu.get("tiler_2w_total", float("inf")),
-                                                cpu_seconds + process_cpu_seconds(pids) - pool_cpu)
-                if count != n:
-                    raise SystemExit(f"{name} produced {count} tiles, expected {n}")
-                wall[name] = min(wall.get(name, float("inf")), seconds)
-                cpu[name] = min(cpu.get(name, float("inf")), cpu_seconds)
+        wall, cpu, dropped = contest(path, plan, cfg, args.repeats)
         out = Path(tmp) / "out"
         folder_s, _, _ = timed(lambda: tile_folder(slides, out, TilingConfig(workers=2)).n_tiles)
         shutdown_shared_executors()
