@@ -32,6 +32,25 @@ class SiteSection:
 
 
 @dataclass(frozen=True)
+class TileQCConfig:
+    """Per-tile quality control (``tiling.qc``): each threshold's provenance is
+    ``pixcell_fed.slides.quality.QC_PROVENANCE`` (written into tiling.json), each check in docs/tiling.md."""
+
+    enabled: bool = True
+    pen_fraction: float = 0.05
+    blur_laplacian_var: float = 250.0
+    fold_fraction: float = 0.04
+    glare_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("pen_fraction", "fold_fraction", "glare_fraction"):
+            value = getattr(self, name)
+            _check(0.0 < value <= 1.0, f"tiling.qc.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.blur_laplacian_var <= 1e6,
+               f"tiling.qc.blur_laplacian_var must be in [0, 1e6] (got {self.blur_laplacian_var}; 0 turns it off)")
+
+
+@dataclass(frozen=True)
 class TilingConfig:
     """How slides become tiles."""
 
@@ -45,6 +64,7 @@ class TilingConfig:
     workers: int = 2
     mpp_overrides: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     write_overviews: bool = True
+    qc: TileQCConfig = field(default_factory=TileQCConfig)
 
     def __post_init__(self) -> None:
         _check(0.05 <= self.target_mpp <= 20, f"tiling.target_mpp must be in [0.05, 20] (got {self.target_mpp})")
