@@ -14,7 +14,7 @@ VAE calls. The two are interleaved; the overhead is taken from the best of sever
 on a shared 2-core machine single runs are sometimes slowed many-fold by other processes; medians are reported too.
 
 GPU mode: the full-size PixCell-256 architecture (608 M parameters, random weights), a UNI2-h-sized encoder and an
-SD3.5-sized VAE (random weights), bf16 transformer and encoder, bf16 VAE decode, 20 steps with guidance: tiles per
+SD3.5-sized VAE (random weights), bf16 transformer, fp32 encoder (as PixCell extracted its conditioning), bf16 VAE decode, 20 steps with guidance: tiles per
 second from uint8 tiles in to uint8 tiles out, beside a naive batch-1 fp32 loop and the FLOP bound (FLOPs per tile
 counted on the meta device; peak from ``--peak-tflops``, 790 for an H100 as in the issue).
 """
@@ -87,7 +87,7 @@ def cpu_overhead(repeats: int, n_tiles: int, steps: int) -> dict[str, Any]:
     """Tiny twins via the real loader: pipeline.generate vs bare_generate, interleaved, medians."""
     from pixcell_fed.generation import load_pixcell
     from pixcell_fed.generation.sampler import seeds_for
-    from pixcell_fed.testing.twins import TWIN_COND_DIM, save_tiny_pixcell, save_tiny_vae
+    from pixcell_fed.simulation.twins import TWIN_COND_DIM, save_tiny_pixcell, save_tiny_vae
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = load_pixcell(save_tiny_pixcell(Path(tmp) / "p256", 256), save_tiny_vae(Path(tmp) / "vae"), device="cpu")
@@ -160,12 +160,12 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
     import torch
     from diffusers import AutoencoderKL
 
-    from pixcell_fed.encoders.base import Encoder
+    from pixcell_fed.encoders.base import Encoder, EncoderFolder
     from pixcell_fed.encoders.uni import build_uni, uni_twin_kwargs
     from pixcell_fed.generation.loader import DEFAULT_SCHEDULER_CONFIG
     from pixcell_fed.generation.sampler import PixCellPipeline, seeds_for
     from pixcell_fed.generation.transformer import PixCellTransformer2DModel
-    from pixcell_fed.testing.twins import tiny_pixcell_config, tiny_vae_config
+    from pixcell_fed.simulation.twins import tiny_pixcell_config, tiny_vae_config
 
     device = torch.device(device_name)
     fast_dtype = torch.bfloat16
@@ -185,8 +185,10 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast about fp32-kept modules (there are none).
         transformer = torch.nn.Module.to(copy.deepcopy(transformer), dtype=dtype).eval().requires_grad_(False)
         vae = torch.nn.Module.to(copy.deepcopy(vae), dtype=vae_dtype).eval().requires_grad_(False)
-        enc = Encoder(copy.deepcopy(encoder_model).to(dtype=dtype), name="uni2-h-sized (random)", architecture="vit_giant_patch14_224",
-                      dim=transformer.config.caption_channels, weights_file=None, weights_sha256="random")
+        # UNI2-h embeds in float32 on every device, as the site pipeline runs it (PixCell's conditioning was fp32).
+        found = EncoderFolder(name="uni2-h-sized (random)", weights_file=None, architecture="vit_giant_patch14_224",
+                              dim=transformer.config.caption_channels)
+        enc = Encoder(copy.deepcopy(encoder_model).to(dtype=torch.float32), found, weights_sha256="random")
         return enc, PixCellPipeline(transformer, vae, dict(DEFAULT_SCHEDULER_CONFIG), twin=True)
 
     enc_fast, pipe_fast = pipeline(t32, v32, e32, fast_dtype, fast_vae_dtype)
@@ -218,7 +220,7 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
         "gpu_tiles": n_tiles,
         "gpu_batch": bs,
         "gpu_steps": steps,
-        "gpu_dtype": "bf16 transformer+encoder, bf16 VAE" if device.type == "cuda" else "bf16 transformer+encoder, fp32 VAE",
+        "gpu_dtype": "bf16 transformer, fp32 encoder, " + ("bf16 VAE" if device.type == "cuda" else "fp32 VAE"),
         "gpu_tiles_per_s": round(n_tiles / t_fast, 3),
         "gpu_naive_fp32_batch1_tiles_per_s": round(naive_tiles / t_naive, 4),
         "gpu_speedup_vs_naive": round((n_tiles / t_fast) / (naive_tiles / t_naive), 2),

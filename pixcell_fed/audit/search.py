@@ -35,7 +35,7 @@ class TopK:
 
 def search_device(device: str | None):
     """The torch device of a search: ``auto``/None -> CUDA when present, else CPU; any other name as given."""
-    from pixcell_fed.generation.weights import resolve_device
+    from pixcell_fed.devices import resolve_device
 
     return resolve_device(device)
 

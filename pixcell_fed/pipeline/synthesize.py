@@ -43,6 +43,7 @@ class SynthesizeSummary:
     slides_ok: list[str] = field(default_factory=list)
     slides_failed: list[tuple[str, str]] = field(default_factory=list)
     tiles: int = 0
+    tiles_dropped_by_qc: dict[str, int] = field(default_factory=dict)
     conditioning_slides: int = 0
     holdout_slides: int = 0
     conditioning_tiles: int = 0
@@ -63,15 +64,6 @@ def _require(value: Path | None, key: str, what: str) -> Path:
     if value is None:
         raise ConfigError(f"models.{key} is not set", hint=f"set models.{key} to the local folder of {what}")
     return value
-
-
-def check_tile_size_fits_model(tile_size: int, variant: int) -> None:
-    """PixCell-256 is conditioned on 256 px tiles and PixCell-1024 on 1024 px tiles (a 4x4 grid of 256 px UNI
-    embeddings); tiles of the other size would condition it on the wrong magnification or grid."""
-    if tile_size != variant:
-        raise ConfigError(f"models.pixcell_dir holds PixCell-{variant}, which is conditioned on {variant} px tiles, "
-                          f"but tiling.tile_size is {tile_size}",
-                          hint=f"set tiling.tile_size: {variant}, or point models.pixcell_dir at PixCell-{tile_size}")
 
 
 def _slide_inventory(slides_dir: Path) -> list[tuple[str, int]]:
@@ -347,8 +339,9 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
     from pixcell_fed.bundle.trail import append_event
     from pixcell_fed.encoders import load_encoder
     from pixcell_fed.generation import load_pixcell, read_pixcell_variant
+    from pixcell_fed.generation.loader import check_tile_size_fits_model
     from pixcell_fed.keys import load_private_key, passphrase_from_env
-    from pixcell_fed.slides.tiler import tile_folder
+    from pixcell_fed.slides.folder_job import tile_folder
 
     pixcell_dir = _require(cfg.models.pixcell_dir, "pixcell_dir", "PixCell-256 or PixCell-1024")
     check_tile_size_fits_model(cfg.tiling.tile_size, read_pixcell_variant(pixcell_dir))
@@ -369,7 +362,8 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
             tiling = tile_folder(cfg.site.slides_dir, layout.tiles_dir, cfg.tiling)
             summary.slides_ok, summary.slides_failed = list(tiling.ok), list(tiling.failed)
             tiles = pd.read_parquet(layout.tiles_table)
-            tiles = tiles[tiles["slide_file"].isin(summary.slides_ok)]
+            tiles = tiles[tiles["slide_file"].isin(summary.slides_ok) & (tiles["qc"] == "pass")]
+            summary.tiles_dropped_by_qc = dict(tiling.qc_dropped)
             summary.tiles = len(tiles)
             check_labels_cover(labels, summary.slides_ok, cfg.site.labels_csv)
 

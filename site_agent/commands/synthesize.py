@@ -53,6 +53,9 @@ def format_summary(s) -> str:
     lines += [f"  failed: {name}: {reason}" for name, reason in s.slides_failed]
     lines.append(f"tiles: {s.tiles} ({s.conditioning_slides} conditioning slides -> {s.conditioning_tiles} conditioning "
                  f"tiles; {s.holdout_slides} held-out slides -> {s.holdout_tiles} held-out tiles)")
+    if s.tiles_dropped_by_qc:
+        lines.append("  dropped by tile quality control: "
+                     + ", ".join(f"{n} {reason}" for reason, n in s.tiles_dropped_by_qc.items()))
     lines.append(f"synthetic tiles: {s.synthetic_tiles} generated, {s.kept_tiles} kept after the audit")
     lines.append(f"audit verdict: {s.verdict}; report: {s.report}")
     if s.bundle:
