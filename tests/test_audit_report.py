@@ -132,6 +132,7 @@ def test_paired_check_catches_a_copy_of_its_own_source(sets):
     assert next(t for t in res.tests if t.name == "paired").status == "FAIL"
 
 
+@pytest.mark.slow
 def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     html = clean.report_path.read_text()
     assert "<svg" in html and "data:image/png;base64," in html

@@ -87,12 +87,14 @@ def test_synthetic_tiles_inherit_their_slide_label(finished_site):
     assert set(manifest["label"]) <= {"tumour", "normal"} and manifest["label"].notna().all()
 
 
-def test_nothing_identifying_reaches_the_approved_bundle(finished_site, tmp_path):
+def test_nothing_identifying_reaches_the_approved_bundle(finished_site, tmp_path, models):
     folder, site_yaml, _ = finished_site
     (run,) = [p for p in (folder / "work" / "runs").iterdir() if p.is_dir()]
     assert site_agent("officer-key", "--out", str(tmp_path)).returncode == 0
     key = tmp_path / "officer.key"
-    approve = site_agent("approve", str(run / "bundle"), "--key", str(key), "--yes")
+    officers = {"keys": {"officers": [(tmp_path / "officer.pub").read_text().strip()]}}  # listed in site.yaml
+    make_site(folder, name="site-a", models=models, slides=[], config=officers)
+    approve = site_agent("approve", str(run / "bundle"), "--key", str(key), "--config", str(site_yaml), "--yes")
     assert approve.returncode == 0, approve.stderr
     # every byte of the shipped bundle: no marker, no slide name or folder, no embedding
     needles = [m.encode() for m in MARKERS] + [str(folder).encode(), b"tiles.parquet", b".svs"]
@@ -112,6 +114,7 @@ def test_nothing_identifying_reaches_the_approved_bundle(finished_site, tmp_path
             assert row not in data, f"an embedding row was found in {path.name}"
 
 
+@pytest.mark.slow
 def test_rerun_reuses_everything_and_second_site_reproduces_the_set(finished_site, tmp_path, models):
     folder, site_yaml, _ = finished_site
     before = synthetic_set(folder)
@@ -200,6 +203,7 @@ def models_1024(tmp_path_factory):
     return write_twin_models(tmp_path_factory.mktemp("models1024"), pixcell_variant=1024)
 
 
+@pytest.mark.slow
 def test_pixcell_1024_site_end_to_end(tmp_path, models_1024):
     """PixCell-1024: 1024 px tiles at 20x, each conditioned by its 4x4 grid of UNI embeddings, 1024 px surrogates,
     audited and bundled like the 256 px ones."""

@@ -30,16 +30,16 @@ def embed_roles(spaces: Mapping[str, Any], roles: DataRoles) -> dict[str, dict[s
 
 
 def fidelity(embeddings: Mapping[str, Mapping[str, np.ndarray]], roles: DataRoles,
-             active: np.ndarray) -> dict[str, Any]:
+             active: np.ndarray, *, device: str = "cpu") -> dict[str, Any]:
     """Per encoder space: NN cosine percentiles S->T (kept tiles) and H->T, and s against t(s) when mapped."""
     from pixcell_fed.audit.search import topk_cosine
 
     out: dict[str, Any] = {}
     for name, emb in embeddings.items():
         s, t, h = emb["S"][active], emb["T"], emb["H"]
-        s_nn = topk_cosine(s, t, 1).sims[:, 0] if len(s) else np.zeros(0)
+        s_nn = topk_cosine(s, t, 1, device=device).sims[:, 0] if len(s) else np.zeros(0)
         entry: dict[str, Any] = {"dim": int(t.shape[1]), "S->T": st.percentiles(s_nn),
-                                 "H->T": st.percentiles(topk_cosine(h, t, 1).sims[:, 0])}
+                                 "H->T": st.percentiles(topk_cosine(h, t, 1, device=device).sims[:, 0])}
         pos = {int(i): n for n, i in enumerate(active)}
         pairs = [(pos[i], j) for i, j in roles.source_index.items() if i in pos]
         if pairs:

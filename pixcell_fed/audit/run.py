@@ -78,7 +78,8 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     ctx = build_context(roles, cfg, forbidden_strings=site.forbidden_strings, embeddings=embeddings,
                         split_unit=site.split_unit)
     outcome = run_rounds(ctx)
-    report = report_json.build_report(ctx, outcome, fidelity=fidelity(embeddings, roles, outcome.active),
+    figures = fidelity(embeddings, roles, outcome.active, device=cfg.device)
+    report = report_json.build_report(ctx, outcome, fidelity=figures,
                                       identities=dict(identities or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ embedding) is refused with the exact location of the offending value.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Mapping
@@ -125,6 +126,11 @@ def check_shareable_value(value: Any, where: str) -> None:
             check_shareable_value(item, f"{where}[{i}]")
         return
     raise BundleError(f"{where}: unsupported value of type {type(value).__name__}", hint="use JSON values only")
+
+
+def audit_json_text(summary: Mapping) -> str:
+    """How a shareable audit is written as a bundle's ``audit.json`` (verification demands these bytes)."""
+    return json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
 
 
 def validate_identity(identity: Any, what: str) -> dict:

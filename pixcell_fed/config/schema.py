@@ -6,6 +6,7 @@ Each section is a frozen dataclass whose fields are the keys of that YAML sectio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +33,25 @@ class SiteSection:
 
 
 @dataclass(frozen=True)
+class TileQCConfig:
+    """Per-tile quality control (``tiling.qc``): each threshold's provenance is
+    ``pixcell_fed.slides.quality.QC_PROVENANCE`` (written into tiling.json), each check in docs/tiling.md."""
+
+    enabled: bool = True
+    pen_fraction: float = 0.05
+    blur_laplacian_var: float = 250.0
+    fold_fraction: float = 0.04
+    glare_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("pen_fraction", "fold_fraction", "glare_fraction"):
+            value = getattr(self, name)
+            _check(0.0 < value <= 1.0, f"tiling.qc.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.blur_laplacian_var <= 1e6,
+               f"tiling.qc.blur_laplacian_var must be in [0, 1e6] (got {self.blur_laplacian_var}; 0 turns it off)")
+
+
+@dataclass(frozen=True)
 class TilingConfig:
     """How slides become tiles."""
 
@@ -45,6 +65,7 @@ class TilingConfig:
     workers: int = 2
     mpp_overrides: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     write_overviews: bool = True
+    qc: TileQCConfig = field(default_factory=TileQCConfig)
 
     def __post_init__(self) -> None:
         _check(0.05 <= self.target_mpp <= 20, f"tiling.target_mpp must be in [0.05, 20] (got {self.target_mpp})")
@@ -122,7 +143,7 @@ class AuditConfig:
     drop_flagged: bool = True
     max_rounds: int = 2
     closest_pairs: int = 24
-    device: str = "cpu"
+    device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
         for name in ("copy_similarity", "copy_pixel_confirm"):
@@ -141,14 +162,55 @@ class AuditConfig:
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
 
 
 @dataclass(frozen=True)
 class KeysConfig:
-    """The site's signing key (Ed25519)."""
+    """The site's signing key and the public keys of its privacy officers (Ed25519)."""
 
     site_private_key: Path = Path("keys/site_signing.key")
     passphrase_env: str | None = None
+    officers: tuple[str, ...] = ()  # the only keys 'site-agent approve' and 'reject' accept
+
+    def __post_init__(self) -> None:
+        from pixcell_fed.errors import KeyFileError
+        from pixcell_fed.keys import parse_public_key, public_key_raw
+
+        seen: dict[bytes, int] = {}
+        for i, text in enumerate(self.officers):
+            try:
+                raw = public_key_raw(parse_public_key(text, source=f"keys.officers[{i}]"))
+            except KeyFileError as exc:
+                raise ValueError(f"{exc.message} (paste the line 'site-agent officer-key' printed)") from exc
+            _check(raw not in seen, f"keys.officers[{i}] repeats keys.officers[{seen.get(raw)}]")
+            seen[raw] = i
+
+
+@dataclass(frozen=True)
+class DPPolicy:
+    """The site's own limits for the DP fine-tune on its real tiles (``federation.dp``). A coordinator's request
+    can only ask for less privacy loss than these allow; everything else is refused before training."""
+
+    epsilon_budget: float = 8.0            # total epsilon this site ever spends (at delta), over rounds, runs, restarts
+    delta: float | None = None             # null = 1/(10 N) rounded down to a power of ten (N: training tiles)
+    min_noise_multiplier: float = 1.0      # requests with less noise are refused
+    max_grad_norm: float = 1.0             # largest per-tile clipping norm a request may ask for
+    max_local_epochs: int = 1              # most passes over the training tiles in one round
+    min_batch_size: int = 4                # expected batch size (Poisson sampling) bounds of a request
+    max_batch_size: int = 256
+    count_granularity: int = 100           # examples reported rounded to a multiple of this; 0 = not reported
+
+    def __post_init__(self) -> None:
+        _check(0 < self.epsilon_budget <= 100, f"federation.dp.epsilon_budget must be in (0, 100] (got {self.epsilon_budget})")
+        _check(self.delta is None or 0 < self.delta <= 1e-2, f"federation.dp.delta must be in (0, 0.01] or null (got {self.delta})")
+        _check(0.3 <= self.min_noise_multiplier <= 100,
+               f"federation.dp.min_noise_multiplier must be in [0.3, 100] (got {self.min_noise_multiplier})")
+        _check(0 < self.max_grad_norm <= 100, f"federation.dp.max_grad_norm must be in (0, 100] (got {self.max_grad_norm})")
+        _check(self.max_local_epochs >= 1, "federation.dp.max_local_epochs must be at least 1")
+        _check(1 <= self.min_batch_size <= self.max_batch_size, "federation.dp: need 1 <= min_batch_size <= max_batch_size")
+        _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
 @dataclass(frozen=True)
@@ -163,6 +225,19 @@ class FederationConfig:
     eval_dir: Path | None = None
     bundle_dir: Path | None = None
     train_dir: Path | None = None
+    dp: DPPolicy = field(default_factory=DPPolicy)
+    # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
+    # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.
+    app_sha256: tuple[str, ...] | str = ()
+
+    def __post_init__(self) -> None:
+        from pixcell_fed.hashing import is_sha256_hex
+
+        pins = (self.app_sha256,) if isinstance(self.app_sha256, str) else tuple(self.app_sha256)
+        for pin in pins:
+            _check(is_sha256_hex(pin),
+                   f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')")
+        object.__setattr__(self, "app_sha256", pins)  # always a tuple after loading
 
 
 @dataclass(frozen=True)
