@@ -106,6 +106,10 @@ class FederationError(PixcellFedError):
     """The Flower deployment or a pooling exchange failed."""
 
 
+class DistributedError(PixcellFedError):
+    """A rank of a sharded run (torchrun) failed, lost contact with the others or waited past its timeout."""
+
+
 class PartialSuccess(PixcellFedError):
     """The job finished, but some items failed; their reasons are in the summary."""
 

@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pixcell_fed.doctor import (
-    CHECK_ORDER,
-    CHECKS,
-    CheckResult,
-    read_safetensors_header,
-    run_doctor,
-)
+from pixcell_fed.doctor import CHECK_ORDER, CHECKS, CheckResult, run_doctor
 from pixcell_fed.generation.published import PUBLISHED_PIXCELL
 from pixcell_fed.site_init import init_site
 from pixcell_fed.testing.twins import save_tiny_pixcell, save_tiny_uni, save_tiny_vae
+from pixcell_fed.weights import read_safetensors_header
 from site_agent.cli import main as site_agent
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

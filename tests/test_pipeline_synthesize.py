@@ -114,6 +114,7 @@ def test_nothing_identifying_reaches_the_approved_bundle(finished_site, tmp_path
             assert row not in data, f"an embedding row was found in {path.name}"
 
 
+@pytest.mark.slow
 def test_rerun_reuses_everything_and_second_site_reproduces_the_set(finished_site, tmp_path, models):
     folder, site_yaml, _ = finished_site
     before = synthetic_set(folder)
@@ -202,6 +203,7 @@ def models_1024(tmp_path_factory):
     return write_twin_models(tmp_path_factory.mktemp("models1024"), pixcell_variant=1024)
 
 
+@pytest.mark.slow
 def test_pixcell_1024_site_end_to_end(tmp_path, models_1024):
     """PixCell-1024: 1024 px tiles at 20x, each conditioned by its 4x4 grid of UNI embeddings, 1024 px surrogates,
     audited and bundled like the 256 px ones."""
@@ -219,7 +221,9 @@ def test_pixcell_1024_site_end_to_end(tmp_path, models_1024):
     synthetic = sorted((run / "synthetic").glob("*.png"))
     assert len(synthetic) == 6 and all(Image.open(p).size == (1024, 1024) for p in synthetic)
     audit = json.loads((run / "audit" / "audit.json").read_text())
-    assert audit["verdict"] in ("PASS", "WARN") and audit["sizes"]["S"] == 6
+    # 6 synthetic tiles cannot show that a 5% leak is absent: no alarm, and the audit says it cannot conclude
+    assert audit["verdict"] == "INCONCLUSIVE" and audit["sizes"]["S"] == 6
+    assert audit["statistics"]["split_unit"] == "slide"
     assert "PixCell-1024" in json.dumps(audit["identities"])
     manifest = pd.read_parquet(run / "bundle" / "manifest.parquet")
     assert len(manifest) >= 1 and set(manifest["label"]) <= {"tumour", "normal"}

@@ -143,4 +143,11 @@ def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig"
     except PixcellFedError as exc:
         raise P.Refusal("unavailable", exc.message) from exc
     policy.check_tiles_per_class([lab for _, lab in items], limits)
-    return policy.aggregate(model_metrics(model, spec, items), limits)
+    return rounded_answer(model_metrics(model, spec, items), limits)
+
+
+def rounded_answer(metrics: dict[str, Any], limits: "FederationEvaluationConfig") -> dict[str, float]:
+    """What a site answers: the aggregate metrics rounded to ``round_digits``, and the number of tiles evaluated."""
+    out = {name: round(float(metrics[name]), limits.round_digits) for name in METRIC_NAMES}
+    out["n"] = float(int(metrics["n"]))
+    return out

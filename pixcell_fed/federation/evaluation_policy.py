@@ -4,7 +4,8 @@ request can only tighten, and the checks that run before any real tile is read.
 * the model: an architecture of the site's list, a kind (recipe) the site evaluates, keyword arguments from the
   site's allow-list (numbers only, each within its bounds), a bounded input size and class list, no weights file;
 * the weights: plain numeric arrays of exactly the model's names and shapes (never a pickle);
-* the answer: aggregate metrics only, rounded, over at least ``min_tiles_per_class`` tiles of every class.
+* the held-out set: at least ``min_tiles_per_class`` tiles of every class (the answer, aggregate metrics
+  rounded to ``round_digits``, is :func:`pixcell_fed.federation.evaluation.rounded_answer`).
 
 Every refusal is a :class:`~pixcell_fed.federation.protocol.Refusal`: only its generic code leaves the site.
 """
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from pixcell_fed.bundle.manifest import LABEL_RE
 from pixcell_fed.config.schema import FederationEvaluationConfig
 from pixcell_fed.federation import protocol as P
-from pixcell_fed.federation.evaluation import METRIC_NAMES
 
 if TYPE_CHECKING:
     from pixcell_fed.training.models import ModelSpec
@@ -107,10 +107,3 @@ def check_tiles_per_class(labels: Sequence[str], limits: FederationEvaluationCon
     if not counts or small:
         raise P.Refusal("too-few-tiles", f"held-out classes with fewer than {limits.min_tiles_per_class} tiles: "
                                          f"{', '.join(small) or '(no tiles)'}")
-
-
-def aggregate(metrics: Mapping[str, Any], limits: FederationEvaluationConfig) -> dict[str, float]:
-    """The answer: the aggregate metrics rounded to ``round_digits``, and the number of tiles evaluated."""
-    out = {name: round(float(metrics[name]), limits.round_digits) for name in METRIC_NAMES}
-    out["n"] = float(int(metrics["n"]))
-    return out
