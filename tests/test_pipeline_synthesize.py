@@ -102,8 +102,9 @@ def test_nothing_identifying_reaches_the_approved_bundle(finished_site, tmp_path
     approve = site_agent("approve", str(run / "bundle"), "--key", str(key), "--config", str(site_yaml), "--yes")
     assert approve.returncode == 0, approve.stderr
     trust = tmp_path / "trust.yaml"  # the consortium lists the site's key and its officer's
-    trust.write_text(f"sites:\n  site-a:\n    signing_key: {(folder / 'keys' / 'site_signing.pub').read_text().strip()}\n"
-                     f"    officers:\n      - {officers['keys']['officers'][0]}\n")
+    site_key = (folder / "keys" / "site_signing.pub").read_text().strip()
+    trust.write_text(f"sites:\n  site-a:\n    signing_key: {site_key}\n    officers:\n"
+                     f"      - {officers['keys']['officers'][0]}\n")
     assert coordinator(["verify", str(run / "bundle"), "--trust", str(trust)]) == 0  # summary page included
     # every byte of the shipped bundle: no marker, no slide name or folder, no embedding
     needles = [m.encode() for m in MARKERS] + [str(folder).encode(), b"tiles.parquet", b".svs"]
