@@ -123,4 +123,4 @@ class DPRefused(PrivacyGateRefused):
 
 class PrivacyLedgerError(DPRefused):
     """The site's privacy ledger is missing, damaged or out of step with the audit trail: no DP training until a
-    privacy officer resets it (``site-agent privacy-ledger reset``)."""
+    privacy officer resets it (``site-agent privacy-ledger-reset``)."""

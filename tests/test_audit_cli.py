@@ -47,6 +47,10 @@ def test_default_gate_drops_an_accepted_rare_copy_and_exits_0(folders, capsys):
     assert "split in a way this audit was not told" in out
     assert "20 of 21 synthetic tiles" in out and str(folders / "out0" / "audit.html") in out
     assert (folders / "out0" / "audit_summary.json").is_file()
+    page = folders / "out0" / "audit_summary.html"  # the shareable page says what was dropped, as audit.html does
+    assert f"(page: {page})" in out
+    for html in (page, folders / "out0" / "audit.html"):
+        assert "1 flagged synthetic tiles (" in html.read_text() and "dropped in earlier rounds" in html.read_text()
     report = json.loads((folders / "out0" / "audit.json").read_text())
     assert next(t for t in report["tests"] if t["name"] == "paired")["status"] == "N/A"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 
@@ -97,6 +98,42 @@ def test_shareable_summary_has_no_real_names_paths_or_tiles(clean, sets):
     validate_shareable_audit(summary)  # the bundle's allow-list accepts it as is
 
 
+def test_the_shareable_page_is_inert_and_names_no_file_of_any_role(clean, sets):
+    from pixcell_fed.bundle.html import check_inert_html
+
+    assert clean.summary_page_path == clean.summary_path.with_suffix(".html")
+    data = clean.summary_page_path.read_bytes()
+    check_inert_html(data)  # what the bundle builder and 'coordinator verify' demand
+    page = data.decode("utf-8")
+    shown = html.unescape(page)
+    for path in (*sets["new"], *sets["T"], *sets["H"]):
+        assert path.name not in shown and path.stem not in shown and str(path.parent) not in shown
+    assert str(sets["root"]) not in shown and "data:image" not in page and "<img" not in page  # no tile at all
+    summary = json.loads(clean.summary_path.read_text())
+    assert "Verdict: INCONCLUSIVE" in shown and 'id="too-small"' in page and 'id="split-warning"' in page
+    for test in summary["tests"]:  # every test with its plain sentence, from the shareable summary
+        assert html.escape(test["sentence"]) in page and html.escape(test["title"]) in page
+    assert "ab" * 32 in page and 'class="figure-hist"' in page and 'class="figure-roc"' in page
+    assert "mean-colour (3 dims)" in shown and 'id="null"' in page  # fidelity figures and the null's numbers
+
+
+def test_the_shareable_page_refuses_a_real_name_even_html_escaped(clean, tmp_path):
+    from pixcell_fed.audit.report_summary_html import write_summary_html
+    from pixcell_fed.audit.roles import DataRoles
+
+    folder = tmp_path / "scans&slides"  # '&' is written '&amp;' in the page: the check reads the page as shown too
+    roles = DataRoles((folder / "syn0001.png",), (folder / "ref0001.png",), (folder / "hold0001.png",), {})
+    summary = json.loads(clean.summary_path.read_text())
+    for leak in (str(folder), "ref0001.png"):
+        tampered = json.loads(json.dumps(summary))
+        tampered["identities"]["generator"]["note"] = leak
+        with pytest.raises(AuditError, match="shareable summary page would contain 1 file name"):
+            write_summary_html(tmp_path / "page.html", tampered, roles)
+        assert not (tmp_path / "page.html").exists()  # nothing written
+    write_summary_html(tmp_path / "page.html", summary, roles)
+    assert "Verdict: INCONCLUSIVE" in (tmp_path / "page.html").read_text()
+
+
 def test_summary_refuses_to_carry_a_real_path(sets):
     with pytest.raises(AuditError, match="shareable audit summary"):
         run_audit(sets["new"][:5], sets["T"], sets["H"], out_dir=sets["root"] / "leak",
@@ -133,7 +170,7 @@ def test_paired_check_catches_a_copy_of_its_own_source(sets):
 
 
 @pytest.mark.slow
-def test_html_report_renders_in_headless_chromium(clean, tmp_path):
+def test_both_html_reports_render_in_headless_chromium(clean, tmp_path):
     html = clean.report_path.read_text()
     assert "<svg" in html and "data:image/png;base64," in html
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -144,14 +181,19 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     assert "Verdict: INCONCLUSIVE" in dom.stdout and "The audit is INCONCLUSIVE" in dom.stdout
     assert 'class="figure-hist"' in dom.stdout and 'class="figure-roc"' in dom.stdout
     assert dom.stdout.count('alt="nearest real"') >= 3 and 'id="percentiles"' in dom.stdout
-    shot = tmp_path / "page.png"
-    run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-    img = cv2.imread(str(shot))
-    assert img is not None and img.shape[0] >= 1000 and float(img.std()) > 20
-    banner = np.array([0xD8, 0x67, 0x5A])  # the INCONCLUSIVE banner's indigo, BGR
-    assert (np.abs(img.astype(int) - banner).sum(axis=2) < 30).sum() > 2000  # the verdict banner was painted
+    shareable = clean.summary_page_path.resolve().as_uri()  # under its Content-Security-Policy
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", shareable], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and "Verdict: INCONCLUSIVE" in dom.stdout and 'class="figure-hist"' in dom.stdout
+    for page in (url, shareable):
+        shot = tmp_path / "page.png"
+        run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+        img = cv2.imread(str(shot))
+        assert img is not None and img.shape[0] >= 1000 and float(img.std()) > 20
+        banner = np.array([0xD8, 0x67, 0x5A])  # the INCONCLUSIVE banner's indigo, BGR: the inline styles apply
+        assert (np.abs(img.astype(int) - banner).sum(axis=2) < 30).sum() > 2000  # the verdict banner was painted
+        shot.unlink()
 
 
 def test_a_set_of_only_copies_is_dropped_entirely_and_fails_with_strict_json(sets):

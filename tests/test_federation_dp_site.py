@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from pixcell_fed.bundle.approval import SiteAuthority
 from pixcell_fed.bundle.state import trail_path
 from pixcell_fed.bundle.trail import append_event, verify_trail
 from pixcell_fed.federation import dp_ledger as L
@@ -173,6 +174,16 @@ def test_lost_or_damaged_ledger_fails_closed(site, damage):
     assert "ledger" in (site.parent / "work" / REQUEST_LOG).read_text()  # and in the site's own log
 
 
+def _authority(config, *officers) -> SiteAuthority:
+    """What site.yaml says: the site's name, its work folder and the public keys of its privacy officers."""
+    return SiteAuthority(name="alpha", work_dir=config.parent / "work", officers=tuple(k.public_key() for k in officers))
+
+
+def _ledger_files(config) -> dict[str, bytes]:
+    work = config.parent / "work"
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+
+
 def test_officer_reset_keeps_every_spend_and_is_signed(site):
     from pixcell_fed.keys import fingerprint, generate_private_key
 
@@ -181,7 +192,8 @@ def test_officer_reset_keeps_every_spend_and_is_signed(site):
     _damage_edit(L.ledger_path(site.parent / "work"))
     assert _reply(_train(site, round_no=2)).status == "refused"
     officer = generate_private_key()
-    summary = L.reset_ledger(site.parent / "work", officer, site="alpha", reason="disk restored from backup")
+    summary = L.reset_ledger(_authority(site, generate_private_key(), officer), officer,
+                             reason="disk restored from backup")
     assert summary["restored_rounds"] == 1 and summary["officer"] == fingerprint(officer.public_key())
     assert (L.ledger_dir(site.parent / "work") / summary["previous"] / "ledger.jsonl").is_file()  # kept, not deleted
     reset = _trail(site)[-1]
@@ -192,12 +204,33 @@ def test_officer_reset_keeps_every_spend_and_is_signed(site):
     assert after.status == "trained" and abs(after.epsilon - epsilon_spent([ONE_ROUND, ONE_ROUND], DELTA)) < 1e-9
 
 
+def test_a_reset_by_a_key_the_site_does_not_list_is_refused_and_changes_nothing(site):
+    """Before, any Ed25519 key reset the ledger: an insider with a key of their own could replace it at will."""
+    from pixcell_fed.errors import ConfigError, ExitCode, PrivacyGateRefused
+    from pixcell_fed.keys import generate_private_key
+
+    _spend(site, 1)
+    _damage_edit(L.ledger_path(site.parent / "work"))
+    before = _ledger_files(site)
+    officer, stranger = generate_private_key(), generate_private_key()
+    with pytest.raises(PrivacyGateRefused, match="not one of the privacy officers of site alpha") as refused:
+        L.reset_ledger(_authority(site, officer), stranger, reason="disk restored", confirm=lambda: True)
+    assert refused.value.exit_code == ExitCode.PRIVACY_REFUSED
+    with pytest.raises(ConfigError, match="lists no privacy officer"):
+        L.reset_ledger(_authority(site), officer, reason="disk restored")
+    assert _ledger_files(site) == before  # nothing moved aside, nothing appended to the ledger or the trail
+    assert L.ledger_status(site.parent / "work", budget=8.0, delta=DELTA)["ok"] is False  # still damaged
+    L.reset_ledger(_authority(site, officer), officer, reason="disk restored")
+    assert L.read_ledger(site.parent / "work").records  # the listed officer reset it, the spend carried over
+
+
 def test_forged_reset_is_refused(site):
     """A reset entry whose signature does not verify (chain and trail intact) does not count as a reset."""
     from pixcell_fed.keys import generate_private_key
 
     _spend(site, 1)
-    L.reset_ledger(site.parent / "work", generate_private_key(), site="alpha", reason="test")
+    officer = generate_private_key()
+    L.reset_ledger(_authority(site, officer), officer, reason="test")
     ledger = L.ledger_path(site.parent / "work")
     entry = json.loads(ledger.read_text().splitlines()[0])
     fields = {k: v for k, v in entry.items() if k not in ("seq", "time", "event", "prev")}
@@ -322,7 +355,7 @@ def test_coordinator_rounds_average_trained_sites_and_report_the_others(tmp_path
 def test_cli_shows_the_spend_refuses_a_damaged_ledger_and_an_officer_resets_it(site, capsys):
     from site_agent.cli import main
 
-    from pixcell_fed.keys import write_key_pair
+    from pixcell_fed.keys import public_key_text, write_key_pair
 
     _spend(site, 1)
     assert main(["privacy-ledger", "--config", str(site), "--format", "json"]) == 0
@@ -332,7 +365,14 @@ def test_cli_shows_the_spend_refuses_a_damaged_ledger_and_an_officer_resets_it(s
     _damage_edit(L.ledger_path(site.parent / "work"))
     assert main(["privacy-ledger", "--config", str(site)]) == 3
     assert "DAMAGED" in capsys.readouterr().out
-    key, _, _ = write_key_pair(site.parent / "officer" / "officer.key")
+    key, _, public = write_key_pair(site.parent / "officer" / "officer.key")
+    stranger, _, _ = write_key_pair(site.parent / "stranger" / "officer.key")
+    config = yaml.safe_load(site.read_text())
+    config["keys"] = {"officers": [public_key_text(public)]}  # the administrator lists the officer in site.yaml
+    site.write_text(yaml.safe_dump(config))
+    before = _ledger_files(site)
+    assert main(["privacy-ledger-reset", "--config", str(site), "--key", str(stranger), "--reason", "x", "--yes"]) == 3
+    assert "not one of the privacy officers" in capsys.readouterr().err and _ledger_files(site) == before
     assert main(["privacy-ledger-reset", "--config", str(site), "--key", str(key), "--reason", "restored", "--yes"]) == 0
     assert "1 round(s) carried over" in capsys.readouterr().out
     assert main(["privacy-ledger", "--config", str(site), "--format", "json"]) == 0

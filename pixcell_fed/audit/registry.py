@@ -16,17 +16,17 @@ privacy feature space (the copy descriptor, the conditioning encoder, extra enco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pixcell_fed.registry import Registry
 
 if TYPE_CHECKING:
-    from pixcell_fed.audit.context import AuditContext
     from pixcell_fed.audit.gate import TestResult
 
-TestFn = Callable[["AuditContext", np.ndarray], "TestResult"]
+#: ``(ctx: AuditContext, active) -> TestResult``; the context is not imported here because it imports this registry
+TestFn = Callable[[Any, np.ndarray], "TestResult"]
 LEVELS = ("tile", "set", "generator")
 
 

@@ -123,7 +123,7 @@ def _pair_images(syn_path: str, real_path: str, side: int = 128) -> tuple[str, s
 
 
 def _dropped_sentence(report: dict[str, Any]) -> str:
-    dropped = [t for t in report["tiles"] if t.get("dropped_in_round")]
+    dropped = [t for t in report["tiles"] if not t["kept"]]  # a tile not kept was dropped in an earlier round
     if not dropped:
         return ""
     reasons: dict[str, int] = {}
@@ -165,17 +165,31 @@ def first_page_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
     return notes
 
 
+ONSITE_NOTE = ("On-site report: it shows real tiles and must not leave the site. The shareable record is "
+               "audit_summary.json.")
+
+
 def render_html(report: dict[str, Any]) -> str:
     verdict = report["verdict"]
-    sizes = report["sizes"]
     out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Privacy audit: {verdict}</title>"
            f"<style>{_CSS}</style></head><body>"]
-    out.append('<section class="page" id="summary"><h1>Memorisation and privacy audit</h1>')
+    out += first_page(report, note=ONSITE_NOTE)
+    out += _figures_section(report)
+    out.append("</body></html>")
+    return "".join(out)
+
+
+def first_page(report: dict[str, Any], *, note: str) -> list[str]:
+    """The first page, from fields the on-site report and the shareable summary both have: the verdict and one
+    plain sentence per test, data-role sizes, rounds, identities, thresholds with provenance. ``note`` (plain
+    text) says which report this is."""
+    verdict = report["verdict"]
+    sizes = report["sizes"]
+    out = ['<section class="page" id="summary"><h1>Memorisation and privacy audit</h1>']
     memorisation = next((t for t in report["tests"] if t["name"] == "memorisation"), None)
     if memorisation is not None:  # the first sentence: how many tiles were copies, and what that means
         out.append(f'<p id="memorisation-sentence"><strong>{_esc(memorisation["sentence"])}</strong></p>')
-    out.append(f'<div class="small">Created {_esc(report["created"])}. On-site report: it shows real tiles and must '
-               "not leave the site. The shareable record is audit_summary.json.</div>")
+    out.append(f'<div class="small">Created {_esc(report["created"])}. {_esc(note)}</div>')
     out.append(f'<div class="verdict" id="verdict" style="background:{_COLOURS[verdict]}">Verdict: {verdict}</div>')
     out.append(f'<p id="verdict-sentence">The audit {_VERDICT_WORDS[verdict]}. {sizes["S_kept"]:,} of {sizes["S"]:,} '
                f'synthetic tiles were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and '
@@ -206,16 +220,13 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f'<tr><td><code>audit.{_esc(key)}</code></td><td>{_fmt(value)}</td>'
                    f'<td class="small">{_esc(report["provenance"].get(key, "operational setting"))}</td></tr>')
     out.append("</table></section>")
-    out += _figures_section(report)
-    out.append("</body></html>")
-    return "".join(out)
+    return out
 
 
-def _figures_section(report: dict[str, Any]) -> list[str]:
-    """Histogram, percentiles, ROC, fidelity and the closest pairs: the pages after the first."""
-    out = []
-    fig = report["figures"]
-    out.append('<section id="figures"><h2>Nearest-neighbour similarity: S&rarr;T against H&rarr;T</h2>')
+def similarity_figures(fig: dict[str, Any]) -> list[str]:
+    """The nearest-neighbour histogram S->T against H->T, its percentiles and the membership ROC (numbers only: both
+    the on-site report and the shareable page show them)."""
+    out = ['<h2>Nearest-neighbour similarity: S&rarr;T against H&rarr;T</h2>']
     out.append('<p class="small">Copy-detector similarity of each synthetic tile (red) and each held-out real tile (blue) '
                'to its nearest conditioning tile. Copies sit at the far right; a red mass right of the blue one '
                'means the synthetic set is closer to T than new real tissue is.</p>')
@@ -232,6 +243,12 @@ def _figures_section(report: dict[str, Any]) -> list[str]:
         out.append("<h2>Membership inference ROC</h2><p class=\"small\">Attack: a real tile is called a member of T "
                    "when it is similar to some synthetic tile. The diagonal is chance.</p>")
         out.append(roc_svg(fig["roc"]["fpr"], fig["roc"]["tpr"], fig["roc"]["auc"]))
+    return out
+
+
+def _figures_section(report: dict[str, Any]) -> list[str]:
+    """Histogram, percentiles, ROC, fidelity and the closest pairs: the pages after the first."""
+    out = ['<section id="figures">', *similarity_figures(report["figures"])]
     if report["fidelity"]:
         out.append("<h2>Fidelity in encoder spaces (not privacy)</h2><p class=\"small\">Cosine similarity in the "
                    "conditioning encoder's and other encoders' spaces. S is generated to match T there, so these "

@@ -191,17 +191,23 @@ def _occurring(text: str, needles: set[str]) -> list[str]:
     return sorted(found)
 
 
-def write_summary(path: Path, summary: dict[str, Any], roles: DataRoles) -> Path:
-    """Write the summary after checking that no file name or folder of any role appears in it (fail closed)."""
-    text = json.dumps(summary, sort_keys=True, default=str)
-    folded = text.casefold()
+def check_no_role_names(text: str, roles: DataRoles, *, what: str) -> None:
+    """Fail closed: refuse a shareable text (``what``: which file it is) in which any file name or folder of S, T or
+    H appears (case-insensitive). Nothing is written when it raises."""
     needles = set()
     for p in (*roles.synthetic, *roles.reference, *roles.holdout):
         needles.add(p.name)
         needles.add(str(p.parent.resolve()))
-    leaks = _occurring(folded, {n.casefold() for n in needles if len(n) >= 5})
+    leaks = _occurring(text.casefold(), {n.casefold() for n in needles if len(n) >= 5})
     if leaks:
-        raise AuditError(f"the shareable audit summary would contain {len(leaks)} file name(s) or folder(s), e.g. "
-                         f"{leaks[0]!r}; it was not written",
+        raise AuditError(f"{what} would contain {len(leaks)} file name(s) or folder(s), e.g. {leaks[0]!r}; it was "
+                         "not written",
                          hint="identities passed to run_audit must not contain paths or real file names")
+
+
+def write_summary(path: Path, summary: dict[str, Any], roles: DataRoles) -> Path:
+    """Write the summary after checking that no file name or folder of any role appears in it (fail closed)."""
+    # the text as a reader decodes it: names outside ASCII would hide behind \u escapes in json.dumps's default
+    text = json.dumps(summary, sort_keys=True, default=str, ensure_ascii=False)
+    check_no_role_names(text, roles, what="the shareable audit summary")
     return write_json_atomic(path, summary)

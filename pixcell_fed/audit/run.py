@@ -46,6 +46,7 @@ class AuditResult:
     summary_path: Path
     tests: list[TestResult] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    summary_page_path: Path | None = None  # audit_summary.html, the shareable page
 
     @property
     def passed(self) -> bool:
@@ -58,13 +59,14 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
               identities: Mapping[str, Any] | None = None, site: SiteFacts | None = None) -> AuditResult:
     """Audit synthetic tiles S against their conditioning tiles T with held-out tiles H as the null.
 
-    Writes ``out_dir/audit.json`` and ``out_dir/audit.html`` (on-site: real file names, real tiles) and
+    Writes ``out_dir/audit.json`` and ``out_dir/audit.html`` (on-site: real file names, real tiles),
     ``out_dir/audit_summary.json`` (shareable: statistics, verdicts, thresholds, identities, hashes of the
-    audited synthetic files; no real tiles, names, paths or embeddings). ``source_of`` maps each synthetic tile
-    (path, file name or stem) to its source tile in T. ``identities``: the models' identities with weight hashes
-    (no paths), recorded in the reports. ``site``: the site's identifiers and encoder spaces (:class:`SiteFacts`).
+    audited synthetic files; no real tiles, names, paths or embeddings) and ``out_dir/audit_summary.html`` (its
+    inert page, for the consortium). ``source_of`` maps each synthetic tile (path, file name or stem) to its
+    source tile in T. ``identities``: the models' identities with weight hashes (no paths), recorded in the
+    reports. ``site``: the site's identifiers and encoder spaces (:class:`SiteFacts`).
     """
-    from pixcell_fed.audit import report_html, report_json
+    from pixcell_fed.audit import report_html, report_json, report_summary_html
     from pixcell_fed.audit.context import build_context
     from pixcell_fed.audit.fidelity import embed_roles, fidelity
     from pixcell_fed.audit.rounds import run_rounds
@@ -84,7 +86,9 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_json.write_report(out_dir / "audit.json", report)
-    summary_path = report_json.write_summary(out_dir / "audit_summary.json", report_json.build_summary(report), roles)
+    summary = report_json.build_summary(report)
+    summary_path = report_json.write_summary(out_dir / "audit_summary.json", summary, roles)
+    page_path = report_summary_html.write_summary_html(out_dir / "audit_summary.html", summary, roles)
     html_path = report_html.write_html(out_dir / "audit.html", report)
     kept = [roles.synthetic[i] for i in outcome.active]
-    return AuditResult(outcome.verdict, kept, html_path, json_path, summary_path, outcome.tests, report)
+    return AuditResult(outcome.verdict, kept, html_path, json_path, summary_path, outcome.tests, report, page_path)

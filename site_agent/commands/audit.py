@@ -9,8 +9,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "audit", help="memorisation and privacy audit of a folder of synthetic tiles",
         description="Audit synthetic tiles (S) against the real tiles that conditioned them (T) with real tiles of "
-                    "slides never used for conditioning (H) as the null. Writes audit.json, audit.html (on-site) and "
-                    "audit_summary.json (shareable) into --out. Without a mapping s -> t(s) the paired test is "
+                    "slides never used for conditioning (H) as the null. Writes audit.json, audit.html (on-site), "
+                    "audit_summary.json and its inert page audit_summary.html (shareable) into --out. Without a mapping s -> t(s) the paired test is "
                     "reported as not applicable. Exit 0 for PASS, WARN or INCONCLUSIVE (too few tiles to conclude; the "
                     "officer decides), 3 when the gate refuses (FAIL).")
     p.add_argument("--synthetic", required=True, metavar="DIR", help="folder of synthetic PNG/JPEG tiles (S)")
@@ -49,14 +49,16 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"verdict": result.verdict, "kept": len(result.kept), "audited": len(synthetic),
                           "tests": {t.name: t.status for t in result.tests}, "report": str(result.report_path),
-                          "summary": str(result.summary_path)}, indent=2))
+                          "summary": str(result.summary_path), "summary_page": str(result.summary_page_path)},
+                         indent=2))
     else:
         print(f"Audit verdict {result.verdict}: {len(result.kept)} of {len(synthetic)} synthetic tiles audited in the "
               f"final round against {len(reference)} conditioning and {len(holdout)} held-out tiles; "
               f"{counts['PASS']} tests passed, {counts['WARN']} warned, {counts['FAIL']} failed, "
               f"{counts['INCONCLUSIVE']} inconclusive"
               + (f" ({'; '.join(problems)})" if problems else "") + ". "
-              f"Report: {result.report_path} (on-site only); shareable summary: {result.summary_path}.")
+              f"Report: {result.report_path} (on-site only); shareable summary: {result.summary_path} "
+              f"(page: {result.summary_page_path}).")
         for _, note in first_page_notes(result.report):
             print(note)
     if result.verdict == "FAIL":
