@@ -29,3 +29,5 @@ if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]] && [[ $(id -
   (apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null) \
     || echo "setup: could not install nginx; under CI the nginx configuration test will fail" >&2
 fi
+# The real H&E slide the demo and the tests write their slides from: cached once, so that nothing fetches it later.
+.venv/bin/python -m pixcell_fed.simulation.real_slide >/dev/null

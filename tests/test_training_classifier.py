@@ -69,6 +69,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_ddp_on_cpu(pool, tmp_path):
     out = tmp_path / "ddp"
     cfg = json.dumps({"arch": TINY_VIT["arch"], "kwargs": TINY_VIT["kwargs"], "img_size": 32, "epochs": 1, "batch_size": 4})

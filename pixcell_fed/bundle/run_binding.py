@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from pixcell_fed.bundle import layout as L
-from pixcell_fed.bundle.state import AUDIT_SUMMARY, AUDIT_SUMMARY_PATH, RUN_JSON, audit_dir
+from pixcell_fed.bundle.work_layout import AUDIT_SUMMARY, AUDIT_SUMMARY_PATH, RUN_JSON, audit_dir
 from pixcell_fed.errors import BundleError
 
 

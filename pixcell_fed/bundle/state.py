@@ -1,12 +1,4 @@
-"""Where runs, bundles and the audit trail live in a site's work folder, and what state each is in.
-
-Layout (inside ``site.work_dir``)::
-
-    audit_trail.jsonl            every synthesize, approve, reject and export, hash-chained
-    audit_trail.jsonl.head       count and hash of the trail's last entry
-    runs/<run_id>/               one synthesize run (the pipeline's own files: run.json, tiles, audit/...)
-    runs/<run_id>/audit/         the run's audit: audit_summary.json (shareable), audit_summary.html, audit.html
-    runs/<run_id>/bundle/        the run's bundle, once built
+"""What state each run and bundle of a site's work folder is in (the layout: :mod:`pixcell_fed.bundle.work_layout`).
 
 A run's own state is read from ``runs/<run_id>/run.json`` (keys ``state`` and ``verdict``) when the pipeline
 wrote one. A bundle counts only while it is its run's (:mod:`pixcell_fed.bundle.run_binding`): status shows
@@ -19,43 +11,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pixcell_fed.bundle.work_layout import (  # noqa: F401  (re-exported: the work folder's names)
+    TRAIL_FILE, RUNS_DIR, BUNDLE_DIR, RUN_JSON, STATE_UNUSABLE, AUDIT_DIR,
+    AUDIT_SUMMARY, AUDIT_SUMMARY_HTML, AUDIT_REPORT, AUDIT_SUMMARY_PATH, audit_dir,
+    bundle_dir, run_dir, trail_path, work_dir_of_bundle,
+)
 from pixcell_fed.errors import BundleError, TrailError
-
-TRAIL_FILE = "audit_trail.jsonl"
-RUNS_DIR = "runs"
-BUNDLE_DIR = "bundle"
-RUN_JSON = "run.json"
-STATE_UNUSABLE = "unusable"  # shown instead of a bundle's state when it is not (or no longer) its run's
-AUDIT_DIR = "audit"
-AUDIT_SUMMARY = "audit_summary.json"        # the audit's shareable summary: becomes the bundle's audit.json
-AUDIT_SUMMARY_HTML = "audit_summary.html"   # the audit's shareable page, bundled when present
-AUDIT_REPORT = "audit.html"                 # the on-site report (real tiles): never bundled
-AUDIT_SUMMARY_PATH = f"{AUDIT_DIR}/{AUDIT_SUMMARY}"
-
-
-def trail_path(work_dir: str | Path) -> Path:
-    return Path(work_dir) / TRAIL_FILE
-
-
-def run_dir(work_dir: str | Path, run_id: str) -> Path:
-    return Path(work_dir) / RUNS_DIR / run_id
-
-
-def bundle_dir(work_dir: str | Path, run_id: str) -> Path:
-    return run_dir(work_dir, run_id) / BUNDLE_DIR
-
-
-def audit_dir(run: str | Path) -> Path:
-    """The audit folder of the run folder ``run``."""
-    return Path(run) / AUDIT_DIR
-
-
-def work_dir_of_bundle(bundle: str | Path) -> Path | None:
-    """The work folder holding ``bundle`` when it sits at ``<work>/runs/<run>/bundle``, else ``None``."""
-    bundle = Path(bundle).resolve()
-    if bundle.parent.parent.name == RUNS_DIR:
-        return bundle.parent.parent.parent
-    return None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ site pins the consortium app (``site-agent app-hash``) and joins with ``site-age
 pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier and has every site evaluate it
 on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
 deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+The real slide comes from the local cache that ``scripts/setup.sh`` fills, or from the file the user gives
+(``--slide``): nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: fl
 
 
 def _slides(site_index: int):
-    from pixcell_fed.testing.sites import SlideSpec
+    from pixcell_fed.simulation.sites import SlideSpec
 
     specs = []
     for k in range(SLIDES_PER_LABEL * len(LABELS)):
@@ -84,15 +86,27 @@ def _slides(site_index: int):
     return specs
 
 
-def _make_sites(out: Path, models) -> dict[str, Path]:
-    from pixcell_fed.testing.sites import make_site
-    from pixcell_fed.testing.slide_writer import StainVariation
+def _make_sites(out: Path, models, source: Path | None) -> dict[str, Path]:
+    from pixcell_fed.simulation.sites import make_site
+    from pixcell_fed.simulation.slide_writer import StainVariation
 
     configs = {}
     for i, (name, stain) in enumerate(SITES):
         configs[name] = make_site(out / "sites" / name, name=name, models=models, slides=_slides(i),
-                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG)
+                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG, source=source)
     return configs
+
+
+def _real_slide(out: Path, slide: str | Path | None) -> Path | None:
+    """The real slide to write the hospitals' slides from: ``slide`` (checked), else the cached copy; None when
+    every slide of a previous run is already there. Raises UsageError (nothing is ever downloaded here)."""
+    from pixcell_fed.simulation.real_slide import cached_real_slide, check_real_slide
+
+    if slide is not None:
+        return check_real_slide(slide)
+    written = all((out / "sites" / name / "slides" / spec.file_name).is_file()
+                  for i, (name, _) in enumerate(SITES) for spec in _slides(i))
+    return None if written else cached_real_slide()
 
 
 def _bundle_of(site_dir: Path) -> Path:
@@ -102,14 +116,19 @@ def _bundle_of(site_dir: Path) -> Path:
     return bundles[-1].parent
 
 
-def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
-    """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are."""
+def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: float = 1500.0) -> DemoResult:
+    """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are.
+
+    ``slide``: the real slide CMU-1-Small-Region.svs (default: the copy ``scripts/setup.sh`` cached). Raises
+    :class:`~pixcell_fed.errors.UsageError` when neither is there; nothing is downloaded.
+    """
     from pixcell_fed.bundle.layout import STATE_APPROVED, read_bundle_json
     from pixcell_fed.federation import deployment as D
     from pixcell_fed.federation.services import start_coordinator_serve
-    from pixcell_fed.testing.sites import make_site, write_twin_models
+    from pixcell_fed.simulation.sites import make_site, write_twin_models
 
     out = Path(out).resolve()
+    source = _real_slide(out, slide)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     demo_log = logs / "demo-commands.log"
@@ -121,7 +140,7 @@ def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
 
     log.info("1/6 tiny untrained model twins and three simulated hospitals (real H&E, site-specific stains)")
     models = write_twin_models(out / "models")
-    configs = _make_sites(out, models)
+    configs = _make_sites(out, models, source)
 
     log.info("2/6 each site: site-agent synthesize (tiles -> embeddings -> synthetic tiles -> audit -> bundle)")
     for name, config in configs.items():
