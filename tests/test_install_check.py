@@ -209,6 +209,40 @@ def test_each_lock_pins_every_dependency_within_its_range(role, python):
     assert all(line.startswith("    --hash=sha256:") for line in text.splitlines() if "--hash" in line)
 
 
+def _third_party_imports() -> dict[str, set[str]]:
+    """Top-level module -> our files importing it, for every import of a module that is neither ours nor stdlib."""
+    import ast
+
+    ours = {"pixcell_fed", "site_agent", "coordinator"}
+    found: dict[str, set[str]] = {}
+    for package in sorted(ours):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names} - ours - set(sys.stdlib_module_names):
+                    found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_module_the_code_imports_is_a_declared_dependency():
+    """A module the package imports (even inside a function) must come from [project] dependencies, which the
+    locks pin: one that only arrives through an extra or another package's dependencies breaks the day that
+    changes (scipy, imported by the audit since issue 20, was only in the 'test' extra)."""
+    declared = {canonicalize_name(Requirement(spec).name) for spec in _pyproject()["project"]["dependencies"]}
+    providers = metadata.packages_distributions()
+    imports = _third_party_imports()
+    assert {"torch", "flwr", "yaml"} <= set(imports)  # module level and inside functions alike
+    undeclared = {module: sorted(files) for module, files in imports.items()
+                  if not {canonicalize_name(d) for d in providers.get(module, [])} & declared}
+    assert not undeclared, f"imported but not in pyproject.toml's dependencies (add them, run scripts/lock.sh): " \
+                           f"{undeclared}"
+
+
 def test_the_locks_name_this_release_and_pin_the_same_set():
     texts = {role: lock_file(role).read_text() for role in LOCK_ROLES}
     for role, text in texts.items():
