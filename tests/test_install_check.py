@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from import_graph import module_files
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -210,22 +211,22 @@ def test_each_lock_pins_every_dependency_within_its_range(role, python):
 
 
 def _third_party_imports() -> dict[str, set[str]]:
-    """Top-level module -> our files importing it, for every import of a module that is neither ours nor stdlib."""
+    """Top-level module -> our modules importing it, for every import of a module that is neither ours nor stdlib
+    (read where the packages are imported from: the repository, or site-packages under scripts/check_python.sh)."""
     import ast
 
     ours = {"pixcell_fed", "site_agent", "coordinator"}
     found: dict[str, set[str]] = {}
-    for package in sorted(ours):
-        for path in sorted((REPO / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                    names = [node.module]
-                else:
-                    continue
-                for top in {name.split(".")[0] for name in names} - ours - set(sys.stdlib_module_names):
-                    found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    for module, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names} - ours - set(sys.stdlib_module_names):
+                found.setdefault(top, set()).add(module)
     return found
 
 
