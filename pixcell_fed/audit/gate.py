@@ -43,6 +43,9 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
     "mia_auc_fail": "Membership-inference AUC above which the test fails, when significantly above 0.5.",
     "min_holdout": "Smallest holdout set the audit accepts: fewer tiles cannot calibrate a null (house default).",
     "min_holdout_ratio": "Smallest |H| / |T| accepted: audit.md asks |H| >= |T| / 2, ideally equal.",
+    "fidelity_warn_fd_ratio": "Fidelity, not privacy: warns when FD(S, T) / FD(H, T) (Fréchet distance in an encoder "
+                              "space against real held-out tissue on as many tiles; PixCell reports FD-type "
+                              "fidelity) is significantly above this value; off (null) by default, house setting.",
 }
 
 

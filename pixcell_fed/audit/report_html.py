@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pixcell_fed.atomic import write_text_atomic
+from pixcell_fed.audit.fidelity_report import html_section as fidelity_html_section
 from pixcell_fed.errors import PixcellFedError
 
 _COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "N/A": "#718096"}
@@ -189,15 +190,8 @@ def render_html(report: dict[str, Any]) -> str:
         out.append("<h2>Membership inference ROC</h2><p class=\"small\">Attack: a real tile is called a member of T "
                    "when it is similar to some synthetic tile. The diagonal is chance.</p>")
         out.append(roc_svg(fig["roc"]["fpr"], fig["roc"]["tpr"], fig["roc"]["auc"]))
-    if report["fidelity"]:
-        out.append("<h2>Fidelity in encoder spaces (not privacy)</h2><p class=\"small\">Cosine similarity in the "
-                   "conditioning encoder's and other encoders' spaces. S is generated to match T there, so these "
-                   "measure fidelity, not privacy.</p><table><tr><th>Space</th><th>S&rarr;T</th><th>H&rarr;T</th>"
-                   "<th>s vs t(s)</th></tr>")
-        for name, e in report["fidelity"].items():
-            out.append(f"<tr><td>{_esc(name)} ({e['dim']} dims)</td><td>{_fmt(e['S->T'])}</td><td>{_fmt(e['H->T'])}</td>"
-                       f"<td>{_fmt(e.get('paired', 'n/a'))}</td></tr>")
-        out.append("</table>")
+    out.append(fidelity_html_section(report["fidelity"], report["identities"],
+                                     report["config"].get("fidelity_warn_fd_ratio")))
     out.append('<h2>Closest pairs, worst first</h2><p class="small">synthetic (rotated/flipped to match) | nearest real '
                'tile | difference (white = equal). On-site review only.</p><div class="pairs" id="closest-pairs">')
     for pair in report["closest_pairs"]:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from pixcell_fed.atomic import write_json_atomic
 from pixcell_fed.audit.copy_features import DESCRIPTOR_NAME
+from pixcell_fed.audit.fidelity_report import summary_section as fidelity_summary_section
 from pixcell_fed.audit.gate import THRESHOLD_PROVENANCE, TestResult
 from pixcell_fed.audit.roles import DataRoles
 from pixcell_fed.errors import AuditError
@@ -91,7 +92,7 @@ def build_summary(report: dict[str, Any]) -> dict[str, Any]:
         "tests": [_scrub_test(t) for t in report["tests"]],
         "null": report["null"],
         "figures": report["figures"],
-        "fidelity": report["fidelity"],
+        "fidelity": fidelity_summary_section(report["fidelity"]),
         "identifier_findings_by_kind": findings_by_kind,
         "tiles": [{"sha256": t["sha256"], "kept": t["kept"], "flagged": t["flagged"], "reasons": t["reasons"],
                    "nearest_similarity": t["nearest_similarity"]} for t in report["tiles"]],

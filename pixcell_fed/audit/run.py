@@ -16,6 +16,8 @@ import numpy as np
 
 from pixcell_fed.audit import features as F
 from pixcell_fed.audit import statistics as st
+from pixcell_fed.audit.fidelity import fidelity_figures
+from pixcell_fed.audit.fidelity_report import fidelity_test
 from pixcell_fed.audit.gate import FAIL, NA, PASS, WARN, TestResult, status_two_sided, verdict_of
 from pixcell_fed.audit.identifiers import scan_for_identifiers
 from pixcell_fed.audit.roles import DataRoles, build_roles
@@ -186,6 +188,12 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
 
     kept = [roles.synthetic[i] for i in active]
     fidelity = _fidelity(extra_feature_spaces or {}, roles, active)
+    fidelity_result = fidelity_test(fidelity, cfg.fidelity_warn_fd_ratio)  # None unless the site set a threshold
+    if fidelity_result is not None:
+        tests.append(fidelity_result)
+        if fidelity_result.status == WARN and verdict == PASS:
+            verdict = rounds[-1]["verdict"] = WARN
+        rounds[-1]["tests"]["fidelity"] = fidelity_result.status
     s_hashes = [sha256_file(p) for p in roles.synthetic]
     tiles = []
     active_set = set(active.tolist())
@@ -363,7 +371,9 @@ def _round_tests(cfg: AuditConfig, active: np.ndarray, s_set: F.TileSet, t_set: 
 
 
 def _fidelity(spaces: Mapping[str, Any], roles: DataRoles, active: np.ndarray) -> dict[str, Any]:
-    """Per extra feature space (e.g. the conditioning encoder): NN cosine S->T vs H->T and paired cosine."""
+    """Per extra feature space (e.g. the conditioning encoder): NN cosine S->T vs H->T, paired cosine, and the
+    fidelity figures of :func:`~pixcell_fed.audit.fidelity.fidelity_figures` (FD against the H->T floor,
+    precision/recall, density/coverage)."""
     from pixcell_fed.audit.search import topk_cosine
 
     out: dict[str, Any] = {}
@@ -383,5 +393,6 @@ def _fidelity(spaces: Mapping[str, Any], roles: DataRoles, active: np.ndarray) -
                 b = np.stack([t[j] for _, j in pairs])
                 cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
                 entry["paired"] = st.percentiles(cos)
+        entry.update(fidelity_figures(s, t, h))
         out[name] = entry
     return out

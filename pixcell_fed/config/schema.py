@@ -143,8 +143,13 @@ class AuditConfig:
     closest_pairs: int = 24
     device: str = "cpu"
     seed: int = 0
+    # fidelity (docs/audit.md, "Fidelity"): never gates unless set; then WARN when FD(S,T)/FD(H,T) is above it
+    fidelity_warn_fd_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        _check(self.fidelity_warn_fd_ratio is None or 1.0 <= self.fidelity_warn_fd_ratio <= 1000.0,
+               f"audit.fidelity_warn_fd_ratio must be null or in [1, 1000] (got {self.fidelity_warn_fd_ratio}; "
+               "1 = as close to the conditioning tiles as new real tissue)")
         for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
