@@ -28,6 +28,7 @@ class CoordinatorConfig:
     max_attempts: int = 3                       # requests per tile before giving up on it
     reply_timeout_s: float = 600.0              # how long one exchange may wait for replies
     recipe: Literal["classifier", "ssl"] = "classifier"
+    ssl_method: Literal["simclr", "dino"] = "simclr"  # the ssl recipe's method
     arch: str = "vit_tiny_patch16_224"          # timm backbone
     model_kwargs: Mapping[str, Any] | None = None  # timm keyword arguments (e.g. depth, embed_dim)
     img_size: int = 224
