@@ -39,6 +39,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(handle_evaluate(msg.content, _settings(context)), reply_to=msg)
 
 
+@app.evaluate("augmentation")
+def augmentation(msg: Message, context: Context) -> Message:
+    from pixcell_fed.federation.site_server import handle_augmentation
+
+    return Message(handle_augmentation(msg.content, _settings(context)), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from pixcell_fed.federation.site_server import handle_train

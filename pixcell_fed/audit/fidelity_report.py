@@ -38,7 +38,7 @@ def fidelity_test(fidelity: Mapping[str, Any], warn_fd_ratio: float | None):
     for name, entry in fidelity.items():
         ratio = (entry.get("fd") or {}).get("ratio") or {}
         if ratio.get("value") is not None:
-            parts.append(f"{name}: {_interval_text(ratio)}")
+            parts.append(f"{name}: {interval_text(ratio)}")
     status = WARN if WARN in statuses.values() else PASS if PASS in statuses.values() else NA
     sentence = (f"FD(S, T) / FD(H, T) {'; '.join(parts) if parts else 'could not be computed (no encoder space)'}; "
                 f"warns when a ratio's {_confidence(fidelity):.0%} interval lies wholly above {warn_fd_ratio:g} "
@@ -82,7 +82,7 @@ def _num(value: Any) -> str:
         else f"{value:.3f}"
 
 
-def _interval_text(cell: Mapping[str, Any] | None) -> str:
+def interval_text(cell: Mapping[str, Any] | None) -> str:
     if not cell or cell.get("value") is None:
         return "n/a"
     if cell.get("low") is None:
@@ -128,16 +128,16 @@ def html_section(fidelity: Mapping[str, Any], identities: Mapping[str, Any] | No
                    "<th>What it asks</th></tr>")
         fd = entry.get("fd")
         if fd:
-            out.append(f'<tr><td>Fréchet distance to T</td><td>{_interval_text(fd.get("S->T"))}</td>'
-                       f'<td>{_interval_text(fd.get("H->T"))}</td><td class="small">distance between the Gaussians '
+            out.append(f'<tr><td>Fréchet distance to T</td><td>{interval_text(fd.get("S->T"))}</td>'
+                       f'<td>{interval_text(fd.get("H->T"))}</td><td class="small">distance between the Gaussians '
                        "fitted to each set and to T (Heusel et al. 2017); lower is closer</td></tr>")
-            out.append(f'<tr><td><b>FD ratio S / H</b></td><td colspan="2"><b>{_interval_text(fd.get("ratio"))}</b></td>'
+            out.append(f'<tr><td><b>FD ratio S / H</b></td><td colspan="2"><b>{interval_text(fd.get("ratio"))}</b></td>'
                        '<td class="small">1 = as close to T as new real tissue; far above 1 = not</td></tr>')
         for key, title, meaning in MANIFOLD_FIGURES:
             cell = entry.get(key)
             if cell:
-                out.append(f"<tr><td>{esc(title)}</td><td>{_interval_text(cell.get('S'))}</td>"
-                           f"<td>{_interval_text(cell.get('H'))}</td><td class=\"small\">{esc(meaning)}</td></tr>")
+                out.append(f"<tr><td>{esc(title)}</td><td>{interval_text(cell.get('S'))}</td>"
+                           f"<td>{interval_text(cell.get('H'))}</td><td class=\"small\">{esc(meaning)}</td></tr>")
         if "S->T" in entry:
             out.append(f"<tr><td>Nearest-neighbour cosine to T (percentiles)</td><td>{_pct(entry['S->T'])}</td>"
                        f"<td>{_pct(entry['H->T'])}</td><td class=\"small\">similarity of each tile to its most similar "

@@ -213,6 +213,55 @@ class DPPolicy:
         _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
+#: Backbones a site fine-tunes locally by default: small timm ViT/DeiT/ConvNeXt models a CPU trains in minutes.
+LOCAL_TRAINING_ARCHITECTURES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
+                                "deit_small_patch16_224", "convnext_atto", "convnext_femto", "convnext_tiny")
+#: timm keyword arguments a local fine-tune request may carry by default, each within [min, max] (numbers only).
+LOCAL_TRAINING_MODEL_KWARGS = MappingProxyType({
+    "patch_size": (4.0, 32.0), "depth": (1.0, 12.0), "embed_dim": (16.0, 768.0), "num_heads": (1.0, 12.0),
+    "mlp_ratio": (1.0, 8.0),
+})
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    """The site's own recipe, budget and model allow-list for the opt-in measurement of what the pool adds
+    (``federation.local_training``; docs/federation.md, "What the pool adds at each site"). A coordinator's request
+    can only lower ``epochs`` and ``max_tiles``; everything else is the site's."""
+
+    epochs: int = 3                       # passes over the training tiles, the same for both fine-tunes
+    max_tiles: int = 2000                 # at most this many training tiles (a seeded sample, stratified by label)
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    mode: Literal["finetune", "linear_probe"] = "finetune"
+    architectures: tuple[str, ...] = LOCAL_TRAINING_ARCHITECTURES   # timm backbones this site will train
+    model_kwargs: Mapping[str, tuple[float, float]] = field(default_factory=lambda: LOCAL_TRAINING_MODEL_KWARGS)
+    max_img_size: int = 256               # largest model input (pixels)
+    max_weights_mb: float = 512.0         # largest model the coordinator may send
+    generic_weights: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))  # arch: weights file
+    bootstrap: int = 1000                 # replicates of the paired bootstrap interval of the difference
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.epochs <= 1000, f"federation.local_training.epochs must be in [1, 1000] (got {self.epochs})")
+        _check(self.max_tiles >= 2, f"federation.local_training.max_tiles must be at least 2 (got {self.max_tiles})")
+        _check(1 <= self.batch_size <= 4096, "federation.local_training.batch_size must be in [1, 4096]")
+        _check(0 < self.lr <= 1 and 0 <= self.weight_decay <= 1,
+               "federation.local_training: need 0 < lr <= 1 and 0 <= weight_decay <= 1")
+        _check(all(a and a.replace("_", "").isalnum() for a in self.architectures),
+               "federation.local_training.architectures must be timm model names")
+        for name, bounds in self.model_kwargs.items():
+            _check(name.replace("_", "").isalnum() and len(bounds) == 2 and bounds[0] <= bounds[1],
+                   f"federation.local_training.model_kwargs[{name!r}] must be [min, max] with min <= max")
+        _check(16 <= self.max_img_size <= 4096, "federation.local_training.max_img_size must be in [16, 4096]")
+        _check(0 < self.max_weights_mb <= 65536, "federation.local_training.max_weights_mb must be in (0, 65536]")
+        for arch in self.generic_weights:
+            _check(arch in self.architectures,
+                   f"federation.local_training.generic_weights names {arch!r}, which is not in its architectures")
+        _check(self.bootstrap >= 100, "federation.local_training.bootstrap must be at least 100")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How this site joins the consortium's Flower deployment."""
@@ -226,6 +275,10 @@ class FederationConfig:
     bundle_dir: Path | None = None
     train_dir: Path | None = None
     dp: DPPolicy = field(default_factory=DPPolicy)
+    # opt-in: fine-tune a small classifier on train_dir twice (from the pool's model and from a generic start) and
+    # send back only the two sets of metrics on the held-out tiles and their difference
+    allow_local_training: bool = False
+    local_training: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
     # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
     # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.
     app_sha256: tuple[str, ...] | str = ()

@@ -39,6 +39,9 @@ class CoordinatorConfig:
     lr: float = 3e-4
     seed: int = 0
     evaluate: bool = True                       # send the model to every site for evaluation on real tiles
+    augmentation_value: bool = True             # ask every site what the pool adds (sites opt in; metrics only)
+    augmentation_epochs: int = 0                # 0 = each site's own budget; more than a site allows is never used
+    augmentation_max_tiles: int = 0             # 0 = each site's own budget
     dp_rounds: int = 0                          # > 0: federated DP fine-tune on the sites' real tiles afterwards
     dp_noise_multiplier: float = 1.0            # asked of each site; a site refuses less than its own floor
     dp_max_grad_norm: float = 1.0
@@ -51,6 +54,15 @@ class CoordinatorConfig:
             raise ValueError("coordinator: need min-sites >= 1, max-attempts >= 1, chunk-mb > 0, epochs >= 1, dp-rounds >= 0")
         if self.dp_rounds:
             self.dp_settings  # noqa: B018 -- the DP settings' own range checks, at load time
+        if self.augmentation_epochs < 0 or self.augmentation_max_tiles < 0:
+            raise ValueError("coordinator: augmentation-epochs and augmentation-max-tiles must be >= 0 (0 = the site's own)")
+
+    @property
+    def augmentation_request(self):
+        """What the augmentation round asks of the sites (each site's own budget where 0)."""
+        from pixcell_fed.federation.augmentation_value import AugmentationRequest
+
+        return AugmentationRequest(epochs=self.augmentation_epochs or None, max_tiles=self.augmentation_max_tiles or None)
 
     @property
     def dp_settings(self):

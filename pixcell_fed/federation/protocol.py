@@ -12,6 +12,9 @@ Every exchange is one Flower message with a ``RecordDict``:
   the site answers with metrics only.
 * ``train`` -- one round of the DP fine-tune on the site's real tiles; the site answers with updated weights,
   the number of examples and the privacy spent.
+* ``evaluate.augmentation`` -- what the pool adds at a site (opt-in): the site fine-tunes from the model sent and
+  from a generic start on its own tiles and answers with the two sets of metrics and their difference only
+  (:mod:`pixcell_fed.federation.augmentation_value`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MSG_MANIFEST = "query.manifest"
 MSG_CHUNK = "query.chunk"
 MSG_EVALUATE = "evaluate"
 MSG_TRAIN = "train"
+MSG_AUGMENTATION = "evaluate.augmentation"
 
 # record keys
 KEY_REQUEST = "request"          # ConfigRecord sent by the coordinator

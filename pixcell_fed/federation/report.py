@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic, write_text_atomic
+from pixcell_fed.federation.augmentation_report import augmentation_section_html
+from pixcell_fed.federation.site_fidelity import fidelity_section_html
 
 #: What the DP figures mean (docs/federation.md, "What the guarantee covers").
 DP_GUARANTEE = ("Privacy unit: one real tile of a site's training set. Epsilon is each site's own total over every "
@@ -81,6 +83,7 @@ def render_html(report: dict[str, Any]) -> str:
     out.append(_table(["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "note"],
                       [[s, st.get("status"), st.get("run_id"), st.get("generator"), st.get("n_tiles"), st.get("n_received"),
                         st.get("audit_verdict"), st.get("reason")] for s, st in sorted(sites.items())]))
+    out.append(fidelity_section_html(report.get("fidelity") or {}, twins))
     training = report.get("training")
     out.append("<h2>Training</h2>")
     if training:
@@ -103,6 +106,7 @@ def render_html(report: dict[str, Any]) -> str:
         rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0)), pooled.get("accuracy"), pooled.get("balanced_accuracy"),
                      pooled.get("macro_f1")])
     out.append(_table(["site", "tiles", "accuracy", "balanced accuracy", "macro F1"], rows) if rows else "<p>no evaluation</p>")
+    out.append(augmentation_section_html(report.get("augmentation"), twins))
     dp = report.get("dp")
     if dp:
         out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")

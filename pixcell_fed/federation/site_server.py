@@ -133,6 +133,13 @@ def handle_evaluate(request: "RecordDict", site: SiteSettings) -> "RecordDict":
                        P.KEY_INFO: ConfigRecord({"site-name": site.site_name, "probe": str(metrics.get("probe", ""))})})
 
 
+def handle_augmentation(request: "RecordDict", site: SiteSettings) -> "RecordDict":
+    """Answer ``evaluate.augmentation``: what the pool adds here, if the site allows local training (metrics only)."""
+    from pixcell_fed.federation.augmentation_value import SiteLocalTraining, site_augmentation
+
+    return site_augmentation(request, SiteLocalTraining.of(site))
+
+
 def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None" = None) -> "RecordDict":
     """Answer ``train``: one DP-SGD round on the site's real tiles, within the site's own DP policy and budget
     (weights and privacy spent back, or a refusal with its reason). ``state`` (Flower's node state) is not used:

@@ -117,6 +117,8 @@ class FakeTransport:
                 out[node] = Reply(content=reply)
             elif kind == P.MSG_EVALUATE:
                 out[node] = Reply(content=site_server.handle_evaluate(content, site))
+            elif kind == P.MSG_AUGMENTATION:
+                out[node] = Reply(content=site_server.handle_augmentation(content, site))
             elif kind == P.MSG_TRAIN:
                 from flwr.app import RecordDict
 
