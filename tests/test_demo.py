@@ -86,7 +86,19 @@ def test_demo_consortium_runs_end_to_end_offline_and_reuses_its_set_up(tmp_path)
         assert sorted(counts) == ["normal", "tumour"] and all(counts.values())  # both classes held out
         assert metrics["n"] == sum(counts.values()) and metrics["n_classes"] == 2
         assert _recall_sums(metrics["accuracy"], metrics["balanced_accuracy"], list(counts.values()))
-    assert "untrained twin" in (out / "coordinator" / "work" / "report" / "report.html").read_text()
+    page = (out / "coordinator" / "work" / "report" / "report.html").read_text()
+    assert "untrained twin" in page
+    # fidelity per site (from each signed audit) and what the pool adds where a site allows it (hospital-a)
+    assert set(report["fidelity"]) == set(pool["complete"]) and all(report["fidelity"].values())
+    for site in pool["complete"]:
+        (space,) = report["fidelity"][site].values()
+        assert space["fd"]["ratio"]["value"] > 0 and space["coverage"]["S"] is not None
+        (audit_page,) = (out / "sites" / site / "work" / "runs").glob("*/audit/audit.html")
+        assert 'id="fidelity"' in audit_page.read_text() and "untrained twin" in audit_page.read_text()
+    augmentation = report["augmentation"]
+    assert augmentation["hospital-b"] == augmentation["hospital-c"] == {"status": "not-allowed"}
+    assert augmentation["hospital-a"]["status"] == "done" and augmentation["hospital-a"]["epochs"] == 2
+    assert "Fidelity of each site" in page and "What the pool adds at each site" in page
     for line in first.stdout.splitlines():
         if "audit report" in line or "consortium report" in line:
             assert Path(line.rsplit(" ", 1)[1]).is_file(), line
