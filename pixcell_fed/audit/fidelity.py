@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 K_NEIGHBOURS = 5
-#: bootstrap replicates: each FD replicate builds three covariances and two trace terms (about a second at 2,000
-#: tiles x 1,536 features on two cores); a count replicate is one resampled mean
+#: bootstrap replicates: each FD replicate builds three covariances and two trace terms (``python -m
+#: benchmarks.fidelity`` times them at a site's sizes); a count replicate is one resampled mean
 FD_BOOTSTRAP = 100
 COUNT_BOOTSTRAP = 1000
 CONFIDENCE = 0.95

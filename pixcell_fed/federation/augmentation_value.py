@@ -367,8 +367,6 @@ def _record(ctx: SiteLocalTraining, **fields: Any) -> None:
     from pixcell_fed.bundle.state import trail_path
     from pixcell_fed.bundle.trail import append_event
 
-    if ctx.work_dir is None:
-        raise Refused("unavailable", "no work folder whose audit trail could record the answer")
     append_event(trail_path(ctx.work_dir), TRAIL_EVENT, **fields)
 
 
@@ -379,6 +377,8 @@ def site_augmentation(request: "RecordDict", ctx: SiteLocalTraining) -> "RecordD
                  ctx.site_name)
         return status_reply(STATUS_NOT_ALLOWED)
     try:
+        if ctx.work_dir is None:  # checked first: an answer the trail cannot record is never computed
+            raise Refused("unavailable", "no work folder whose audit trail could record the answer")
         measured, epochs, baseline = measure(request, ctx)
         reply = done_reply(measured, epochs=epochs, baseline=baseline)
         _record(ctx, sent=dict(reply[P.KEY_METRICS]), baseline=baseline)

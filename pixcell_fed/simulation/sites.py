@@ -118,26 +118,15 @@ def write_local_training_set(run_dir: str | Path, labels_csv: str | Path, folder
     folder, where fine-tuned models are evaluated) are left out, so training and held-out tiles never meet.
     """
     import json
-    import os
-    import shutil
 
     import pandas as pd
 
-    from pixcell_fed.pipeline.labels import load_slide_labels
+    from pixcell_fed.pipeline.labels import link_tiles_by_label, load_slide_labels
     from pixcell_fed.pipeline.run_layout import RunLayout
 
-    layout, folder = RunLayout(Path(run_dir)), Path(folder)
+    layout = RunLayout(Path(run_dir))
     conditioning = set(json.loads(layout.split_file.read_text())["conditioning"])
     labels = load_slide_labels(labels_csv)
     tiles = pd.read_parquet(layout.tiles_table)
     tiles = tiles[tiles["slide_key"].isin(conditioning) & (tiles["qc"] == "pass") & tiles["slide_file"].isin(labels)]
-    for tile_file, slide_file in zip(tiles["tile_file"], tiles["slide_file"]):
-        source, target = layout.tiles_dir / tile_file, folder / labels[slide_file] / Path(tile_file).name
-        if target.is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-    return folder
+    return link_tiles_by_label(layout.tiles_dir, tiles["tile_file"], tiles["slide_file"], labels, Path(folder))
