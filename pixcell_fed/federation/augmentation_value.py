@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from flwr.app import RecordDict
 
     from pixcell_fed.config.schema import LocalTrainingConfig
-    from pixcell_fed.federation.site_server import SiteSettings
     from pixcell_fed.training.models import ModelSpec
 
 log = get_logger(__name__)
@@ -203,17 +202,19 @@ class SiteLocalTraining:
     rules: "LocalTrainingConfig"
 
     @classmethod
-    def of(cls, site: "SiteSettings") -> "SiteLocalTraining":
-        """From the SuperNode's settings and the site's own site.yaml; no site.yaml: not allowed (fail closed)."""
+    def of(cls, site_name: str, config_file: Path | None, *, train_dir: Path | None = None,
+           eval_dir: Path | None = None) -> "SiteLocalTraining":
+        """From the SuperNode's settings (folders it names win) and the site's own site.yaml; no site.yaml: not
+        allowed (fail closed)."""
         from pixcell_fed.config import load_site_config
         from pixcell_fed.config.schema import LocalTrainingConfig
 
-        if site.config_file is None:
-            return cls(site.site_name, False, None, site.eval_dir, None, LocalTrainingConfig())
-        cfg = load_site_config(site.config_file)
+        if config_file is None:
+            return cls(site_name, False, None, eval_dir, None, LocalTrainingConfig())
+        cfg = load_site_config(config_file)
         fed = cfg.federation
-        return cls(site.site_name, fed.allow_local_training, site.train_dir or fed.train_dir,
-                   site.eval_dir or fed.eval_dir, cfg.site.work_dir, fed.local_training)
+        return cls(site_name, fed.allow_local_training, train_dir or fed.train_dir, eval_dir or fed.eval_dir,
+                   cfg.site.work_dir, fed.local_training)
 
 
 def _refuse_model(detail: str) -> Refused:

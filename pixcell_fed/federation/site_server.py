@@ -137,7 +137,8 @@ def handle_augmentation(request: "RecordDict", site: SiteSettings) -> "RecordDic
     """Answer ``evaluate.augmentation``: what the pool adds here, if the site allows local training (metrics only)."""
     from pixcell_fed.federation.augmentation_value import SiteLocalTraining, site_augmentation
 
-    return site_augmentation(request, SiteLocalTraining.of(site))
+    return site_augmentation(request, SiteLocalTraining.of(site.site_name, site.config_file, train_dir=site.train_dir,
+                                                           eval_dir=site.eval_dir))
 
 
 def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None" = None) -> "RecordDict":

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     import torch
 
     from pixcell_fed.training.models import ModelSpec
-    from pixcell_fed.training.ssl import SSLConfig
 
 log = get_logger(__name__)
 
@@ -158,10 +157,10 @@ class _Views:
         return self.transform(Image.fromarray(load_image(self.items[i][0], self.spec.img_size)))
 
 
-def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: "SSLConfig", spec: "ModelSpec",
+def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any, spec: "ModelSpec",
                state_path: Path) -> list[dict]:
-    """DINO on the images of ``items``; writes the teacher backbone to ``out_dir`` (resumable per epoch);
-    returns the training curve."""
+    """DINO on the images of ``items`` with the ssl recipe's config ``cfg`` (an ``SSLConfig``); writes the teacher
+    backbone to ``out_dir`` (resumable per epoch); returns the training curve."""
     import torch
     from torch.utils.data import DataLoader
 
