@@ -1,4 +1,4 @@
-"""The audit's fidelity figures (``pixcell_fed.audit.fidelity``): their cost at a site's sizes, and the Fréchet
+"""The audit's fidelity figures (``pixcell_fed.audit.fidelity_metrics``): their cost at a site's sizes, and the Fréchet
 distance against the usual FID code path in the same run.
 
 Run from the repository root: ``python -m benchmarks.fidelity`` (``--quick`` for a smoke-sized run that is printed,
@@ -50,7 +50,7 @@ def timed(fn, *args, **kwargs):
 
 def main() -> int:
     from benchmarks.record import record
-    from pixcell_fed.audit.fidelity import fidelity_figures, frechet_distance
+    from pixcell_fed.audit.fidelity_metrics import fidelity_figures, frechet_distance
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke-sized run (printed, not recorded)")

@@ -1,4 +1,4 @@
-"""Fidelity figures (pixcell_fed.audit.fidelity): Fréchet distance against closed forms, precision/recall and
+"""Fidelity figures (pixcell_fed.audit.fidelity_metrics): Fréchet distance against closed forms, precision/recall and
 density/coverage against hand-computed cases and a brute-force reference, and the figures on real H&E tiles."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pixcell_fed.audit import fidelity as F
+from pixcell_fed.audit import fidelity_metrics as F
 
 
 def _random_spd(d: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from pixcell_fed.audit.fidelity import fidelity_figures
+from pixcell_fed.audit.fidelity_metrics import fidelity_figures
 from pixcell_fed.audit.fidelity_report import summary_section
 from pixcell_fed.federation.site_fidelity import audit_fidelity, fidelity_section_html, pooled_fidelity
 

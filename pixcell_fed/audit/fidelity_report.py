@@ -1,6 +1,6 @@
 """The fidelity section of the audit's outputs: the optional warning test, the shareable numbers and the HTML.
 
-The figures themselves are :mod:`pixcell_fed.audit.fidelity`; ``audit.json`` keeps them whole under
+The figures themselves are :mod:`pixcell_fed.audit.fidelity_metrics`; ``audit.json`` keeps them whole under
 ``"fidelity"`` (one entry per encoder space). This module turns them into the ``fidelity`` test (only when
 ``audit.fidelity_warn_fd_ratio`` is set: fidelity never gates by default), the numbers-only section of the
 shareable ``audit_summary.json`` and the section of ``audit.html``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from typing import Any, Mapping
 
-from pixcell_fed.audit.fidelity import fd_ratio_status
+from pixcell_fed.audit.fidelity_metrics import fd_ratio_status
 
 #: the four manifold figures, each with what it asks (docs/audit.md, "Fidelity")
 MANIFOLD_FIGURES = (

@@ -16,7 +16,7 @@ import numpy as np
 
 from pixcell_fed.audit import features as F
 from pixcell_fed.audit import statistics as st
-from pixcell_fed.audit.fidelity import fidelity_figures
+from pixcell_fed.audit.fidelity_metrics import fidelity_figures
 from pixcell_fed.audit.fidelity_report import fidelity_test
 from pixcell_fed.audit.gate import FAIL, NA, PASS, WARN, TestResult, status_two_sided, verdict_of
 from pixcell_fed.audit.identifiers import scan_for_identifiers
@@ -372,7 +372,7 @@ def _round_tests(cfg: AuditConfig, active: np.ndarray, s_set: F.TileSet, t_set: 
 
 def _fidelity(spaces: Mapping[str, Any], roles: DataRoles, active: np.ndarray) -> dict[str, Any]:
     """Per extra feature space (e.g. the conditioning encoder): NN cosine S->T vs H->T, paired cosine, and the
-    fidelity figures of :func:`~pixcell_fed.audit.fidelity.fidelity_figures` (FD against the H->T floor,
+    fidelity figures of :func:`~pixcell_fed.audit.fidelity_metrics.fidelity_figures` (FD against the H->T floor,
     precision/recall, density/coverage)."""
     from pixcell_fed.audit.search import topk_cosine
 

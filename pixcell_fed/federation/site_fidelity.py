@@ -1,6 +1,6 @@
 """Each pooled site's fidelity figures, read from the signed shareable audit of its bundle, for the consortium
 report: FD(S, T) against the held-out floor FD(H, T), their ratio, and precision, recall, density and coverage
-of S and of H, per encoder space (:mod:`pixcell_fed.audit.fidelity` computed them at the site).
+of S and of H, per encoder space (:mod:`pixcell_fed.audit.fidelity_metrics` computed them at the site).
 
 The audit travelled with the bundle and was verified with it; its numbers are still checked here (finite, in
 their ranges) before they reach the report, and names are kept only when they are plain.
