@@ -46,22 +46,3 @@ def check_labels_cover(labels: dict[str, str], slide_files: list[str], source: s
     if missing:
         raise ConfigError(f"{source}: no label for {len(missing)} slide(s), e.g. {missing[0]!r}",
                           hint="add a row for every slide in the slides folder, or remove the slide")
-
-
-def link_tiles_by_label(tiles_dir: Path, tile_files, slide_files, labels: dict[str, str], folder: Path) -> Path:
-    """Real tiles of labelled slides as ``folder/<label>/<tile>.png`` (hard links, copies where linking fails; tiles
-    already there are kept): the layout a site's evaluation and training folders use."""
-    import os
-    import shutil
-
-    for tile_file, slide_file in zip(tile_files, slide_files):
-        source = Path(tiles_dir) / tile_file
-        target = Path(folder) / labels[slide_file] / source.name
-        if target.is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-    return Path(folder)

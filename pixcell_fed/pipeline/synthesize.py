@@ -215,7 +215,7 @@ def _write_eval_set(layout: RunLayout, h_tiles, labels: dict[str, str]) -> None:
     Held-out slides never conditioned synthesis, so a shared model trained on the pooled synthetic sets is
     evaluated on tiles it has never seen any trace of. Site-internal: only metrics computed on it leave.
     """
-    from pixcell_fed.pipeline.labels import link_tiles_by_label
+    from pixcell_fed.pipeline.labelled_tiles import link_tiles_by_label
 
     if not labels:
         return

@@ -121,7 +121,8 @@ def write_local_training_set(run_dir: str | Path, labels_csv: str | Path, folder
 
     import pandas as pd
 
-    from pixcell_fed.pipeline.labels import link_tiles_by_label, load_slide_labels
+    from pixcell_fed.pipeline.labelled_tiles import link_tiles_by_label
+    from pixcell_fed.pipeline.labels import load_slide_labels
     from pixcell_fed.pipeline.run_layout import RunLayout
 
     layout = RunLayout(Path(run_dir))
