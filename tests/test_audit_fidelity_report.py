@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pixcell_fed.audit.run import run_audit
+from pixcell_fed.audit.run import SiteFacts, run_audit
 from pixcell_fed.config.schema import AuditConfig
 from pixcell_fed.testing.audit_tiles import stripe_tiles, write_tiles
 
@@ -49,9 +49,10 @@ def _numbers_only(value, where="fidelity"):
 
 def test_figures_reach_every_output_and_do_not_gate_by_default(sets):
     plain = run_audit(sets["S"], sets["T"], sets["H"], audit_cfg=AuditConfig(), out_dir=sets["root"] / "plain",
-                      extra_feature_spaces=SPACES, identities=TWIN)
+                      site=SiteFacts(feature_spaces=SPACES), identities=TWIN)
     report = json.loads(plain.json_path.read_text())
-    assert "fidelity" not in {t["name"] for t in report["tests"]}  # reported, not a test
+    fidelity_test = next(t for t in report["tests"] if t["name"] == "fidelity")
+    assert fidelity_test["status"] == "N/A" and "not set" in fidelity_test["sentence"]  # reported, never gating
     for name, entry in report["fidelity"].items():
         assert entry["sizes"]["compared"] == min(len(sets["S"]), len(sets["H"]))
         assert entry["fd"]["S->T"]["value"] > 0 and entry["fd"]["H->T"]["value"] > 0
@@ -76,7 +77,7 @@ def test_figures_reach_every_output_and_do_not_gate_by_default(sets):
 
     # the same data with a threshold no ratio reaches: a PASS test that leaves the verdict as it was
     lenient = run_audit(sets["S"], sets["T"], sets["H"], audit_cfg=AuditConfig(fidelity_warn_fd_ratio=1000.0),
-                        out_dir=sets["root"] / "lenient", extra_feature_spaces=SPACES)
+                        out_dir=sets["root"] / "lenient", site=SiteFacts(feature_spaces=SPACES))
     tests = {t.name: t for t in lenient.tests}
     assert tests["fidelity"].status == "PASS" and lenient.verdict == plain.verdict
 
@@ -84,7 +85,7 @@ def test_figures_reach_every_output_and_do_not_gate_by_default(sets):
 def test_a_set_far_from_real_tissue_warns_when_a_threshold_is_set(sets):
     cfg = AuditConfig(fidelity_warn_fd_ratio=1.5)
     result = run_audit(sets["noise"], sets["T"], sets["H"], audit_cfg=cfg, out_dir=sets["root"] / "noise",
-                       extra_feature_spaces=SPACES)
+                       site=SiteFacts(feature_spaces=SPACES))
     test = next(t for t in result.tests if t.name == "fidelity")
     assert test.status == "WARN" and test.gates and result.verdict in ("WARN", "FAIL")
     assert set(test.statistic["statuses"].values()) == {"WARN"}

@@ -3,8 +3,9 @@ only; and what a coordinator cannot make a site do with the message.
 
 Attacks shown to fail (each would be possible with a handler that trusted the request): asking for more epochs or
 tiles than the site allows, crafted models (unlisted or oversized architecture, keyword arguments out of bounds,
-a weights file to open, weights of other names, shapes or values), training on the held-out tiles, and getting
-anything but the fixed set of metrics back (weights, error texts)."""
+a weights file to open, weights of other names, shapes or values), training on the held-out tiles, asking again
+and again past the site's evaluation query budget, and getting anything but the fixed set of metrics back
+(weights, error texts). Every request goes through the site's one boundary, ``site_server.answer``."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import yaml
 
 from pixcell_fed.federation import augmentation_value as A
 from pixcell_fed.federation import protocol as P
-from pixcell_fed.federation.site_server import SiteSettings, handle_augmentation
+from pixcell_fed.federation.site_server import SiteSettings, answer
 from pixcell_fed.testing.federation import TINY_VIT, FakeTransport, make_site_bundles, real_labelled_tiles
 from pixcell_fed.training.models import ModelSpec, build_model
 
-RULES = {"epochs": 2, "max_tiles": 40, "batch_size": 8, "lr": 1e-3, "bootstrap": 200,
-         "architectures": ["vit_tiny_patch16_224"], "max_img_size": 64,
-         "model_kwargs": {"patch_size": [4, 16], "depth": [1, 4], "embed_dim": [16, 96], "num_heads": [1, 4]}}
+RULES = {"epochs": 2, "max_tiles": 40, "batch_size": 8, "lr": 1e-3, "bootstrap": 200}
+LIMITS = {"architectures": ["vit_tiny_patch16_224"], "max_img_size": 64, "round_digits": 3,
+          "max_queries_per_run": 1000, "max_queries_per_day": 1000,
+          "model_kwargs": {"patch_size": [4, 16], "depth": [1, 4], "embed_dim": [16, 96], "num_heads": [1, 4]}}
+RUNS = iter(range(1, 1_000_000))
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +36,29 @@ def sites(tmp_path_factory):
                              n_eval=40, n_train=24)
 
 
-def _site_yaml(site, *, allow: bool = True, rules: dict | None = None, **federation) -> Path:
-    path = site.bundle_dir.parent.parent.parent.parent / f"site-{allow}-{len(federation)}.yaml"
+def _site_yaml(site, *, allow: bool = True, rules: dict | None = None, limits: dict | None = None,
+               train_dir: Path | None = None, work_dir: Path | None = None) -> Path:
+    """The site's own site.yaml; the SuperNode's node config names it (as ``site-agent serve`` does)."""
+    path = site.bundle_dir.parent.parent.parent.parent / f"site-{site.name}-{next(RUNS)}.yaml"
     path.write_text(yaml.safe_dump({
-        "site": {"name": site.name, "work_dir": str(site.bundle_dir.parent.parent.parent)},
-        "federation": {"allow_local_training": allow, "train_dir": str(site.train_dir),
-                       "local_training": {**RULES, **(rules or {})}, **federation}}))
+        "site": {"name": site.name, "work_dir": str(work_dir or site.bundle_dir.parent.parent.parent)},
+        "federation": {"allow_local_training": allow, "train_dir": str(train_dir or site.train_dir),
+                       "local_training": {**RULES, **(rules or {})}, "evaluation": {**LIMITS, **(limits or {})}}}))
     return path
 
 
-def _settings(site, config: Path | None, **overrides) -> SiteSettings:
-    return SiteSettings(site.name, site.bundle_dir, overrides.get("eval_dir", site.eval_dir),
-                        overrides.get("train_dir"), config_file=config)
+def _settings(site, config: Path | None) -> SiteSettings:
+    node = {P.NODE_SITE_NAME: site.name, P.NODE_BUNDLE_DIR: str(site.bundle_dir), P.NODE_EVAL_DIR: str(site.eval_dir),
+            P.NODE_TRAIN_DIR: str(site.train_dir)}
+    if config is not None:
+        node[P.NODE_TRAIN_DIR] = yaml.safe_load(config.read_text())["federation"]["train_dir"]
+        node[P.NODE_SITE_CONFIG] = str(config)
+    return SiteSettings.from_node_config(node)
+
+
+def handle_augmentation(content, site: SiteSettings, *, flower_run: int | None = None):
+    """The site's answer through its one boundary, as its ClientApp gives it."""
+    return answer(P.MSG_AUGMENTATION, content, site, flower_run=next(RUNS) if flower_run is None else flower_run)
 
 
 def _spec(**kwargs) -> ModelSpec:
@@ -60,7 +74,9 @@ def _request(spec: ModelSpec | None = None, state: dict | None = None, **asked):
 
 
 def _info(reply) -> dict:
-    return dict(reply[P.KEY_INFO])
+    """The reply's status: the answer's info, or ``{"status": "refused", "code": ...}`` for a refusal."""
+    code = P.error_code(reply)
+    return dict(reply[P.KEY_INFO]) if code is None else {"status": "refused", "code": code}
 
 
 @pytest.fixture()
@@ -83,7 +99,7 @@ def test_a_site_that_does_not_allow_it_runs_nothing(sites, monkeypatch, no_tiles
     alpha = sites.by_name["alpha"]
     for config in (None, _site_yaml(alpha, allow=False)):  # no site.yaml at all: not allowed (fail closed)
         reply = handle_augmentation(_request(), _settings(alpha, config))
-        assert _info(reply) == {"status": "not-allowed"} and P.KEY_METRICS not in reply and P.KEY_MODEL not in reply
+        assert _info(reply) == {"status": "refused", "code": "not-allowed"} and set(reply.keys()) == {P.KEY_ERROR}
 
 
 # ---------------------------------------------------------------------------------------- the whole round
@@ -198,7 +214,7 @@ def test_models_outside_the_sites_rules_are_refused_before_any_tile_is_read(site
     assert _info(reply) == {"status": "refused", "code": code}
 
 
-def test_a_spec_naming_a_weights_file_is_refused(sites, no_tiles_read):
+def test_a_spec_naming_a_weights_file_is_refused(sites, no_tiles_read):  # the evaluation policy's rule
     from flwr.app import ConfigRecord
 
     alpha = sites.by_name["alpha"]
@@ -206,7 +222,7 @@ def test_a_spec_naming_a_weights_file_is_refused(sites, no_tiles_read):
     wire = json.loads(str(content[P.KEY_MODEL_CONFIG]["spec"]))
     content[P.KEY_MODEL_CONFIG] = ConfigRecord({"spec": json.dumps({**wire, "pretrained_file": "/etc/passwd"})})
     reply = handle_augmentation(content, _settings(alpha, _site_yaml(alpha)))
-    assert _info(reply) == {"status": "refused", "code": "bad-request"}
+    assert _info(reply) == {"status": "refused", "code": "refused-model"}
 
 
 def _weights_variants():
@@ -228,7 +244,7 @@ def test_crafted_weights_are_refused_before_any_tile_is_read(sites, no_tiles_rea
 
 def test_oversized_weights_are_refused(sites, no_tiles_read):
     alpha = sites.by_name["alpha"]
-    reply = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, rules={"max_weights_mb": 0.01})))
+    reply = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, limits={"max_weights_mb": 0.01})))
     assert _info(reply) == {"status": "refused", "code": "refused-weights"}
 
 
@@ -236,13 +252,13 @@ def test_the_held_out_tiles_are_never_training_tiles(sites, tmp_path):
     import shutil
 
     alpha = sites.by_name["alpha"]
-    same = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, train_dir=str(alpha.eval_dir))))
+    same = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, train_dir=alpha.eval_dir)))
     assert _info(same) == {"status": "refused", "code": "unavailable"}
     leaky = tmp_path / "train"
     shutil.copytree(alpha.train_dir, leaky)
     label = next(p for p in alpha.eval_dir.iterdir() if p.is_dir())
     shutil.copy(next(label.glob("*.png")), leaky / label.name / "copied-held-out.png")
-    reply = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, train_dir=str(leaky))))
+    reply = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, train_dir=leaky)))
     assert _info(reply) == {"status": "refused", "code": "unavailable"}
 
 
@@ -252,8 +268,42 @@ def test_only_the_fixed_metrics_leave(sites):
     assert set(reply.keys()) == {P.KEY_METRICS, P.KEY_INFO}  # no weights, no files, no text beyond status
     assert _info(reply) == {"status": "done", "baseline": "random-init"}
     assert set(dict(reply[P.KEY_METRICS])) == set(A._metric_keys())
+    assert all(round(v, 3) == v for v in dict(reply[P.KEY_METRICS]).values())  # rounded to the site's round_digits
     parsed = A.AugmentationReply.from_record(reply, max_epochs=None)
     assert parsed.row()["n"] == 40
+
+
+def test_each_answer_is_charged_to_the_evaluation_query_budget(sites, tmp_path, monkeypatch):
+    """A coordinator cannot use the message as an unmetered oracle on the held-out tiles: past the site's per-run
+    budget it is refused before any tile is read, and evaluations and augmentation requests share the budget."""
+    import pixcell_fed.training.local_finetune as L
+    from pixcell_fed.federation.query_budget import budget_path
+
+    monkeypatch.setattr(L, "finetune", lambda *a, **k: None)  # the budget, not the training, is under test
+    alpha = sites.by_name["alpha"]
+    work = tmp_path / "work"
+    work.mkdir()
+    site = _settings(alpha, _site_yaml(alpha, limits={"max_queries_per_run": 2}, work_dir=work))
+    assert _info(handle_augmentation(_request(), site, flower_run=7))["status"] == "done"
+    assert _info(handle_augmentation(_request(), site, flower_run=7))["status"] == "done"
+    assert json.loads(budget_path(work).read_text())["runs"]["7"] == 2
+    import pixcell_fed.training.data as data
+
+    monkeypatch.setattr(data, "labelled_folder", lambda folder: pytest.fail("a tile folder was read past the budget"))
+    assert _info(handle_augmentation(_request(), site, flower_run=7)) == {"status": "refused",
+                                                                           "code": "budget-exhausted"}
+    evaluation = P.request_record()
+    P.model_to_records(build_model(_spec()).state_dict(), _spec(), evaluation)
+    assert P.error_code(answer(P.MSG_EVALUATE, evaluation, site, flower_run=7)) == "budget-exhausted"
+
+
+def test_too_few_held_out_tiles_of_a_class_are_refused(sites, monkeypatch):
+    import pixcell_fed.training.local_finetune as L
+
+    monkeypatch.setattr(L, "finetune", lambda *a, **k: pytest.fail("trained although the answer is refused"))
+    alpha = sites.by_name["alpha"]
+    reply = handle_augmentation(_request(), _settings(alpha, _site_yaml(alpha, limits={"min_tiles_per_class": 1000})))
+    assert _info(reply) == {"status": "refused", "code": "too-few-tiles"}
 
 
 # --------------------------------------------------------------------------------- what a reply cannot claim
@@ -276,10 +326,9 @@ def test_forged_replies_never_reach_the_report():
     assert A.AugmentationReply.from_record(_forged(), max_epochs=2).row()["status"] == "done"
     for bad in (_forged(**{"pool-accuracy": 1.5}), _forged(**{"difference-accuracy": 0.3}), _forged(epochs=5.0),
                 _forged(n=2.5), _forged(info={"status": "great"}), _forged(info={"baseline": "<script>"}),
+                _forged(info={"note": "my secret path /data/x"}),
                 _forged(**{"extra-number": 1.0}), _forged(**{"difference-macro_f1-low": 0.2})):
         with pytest.raises(A.FederationError):
             A.AugmentationReply.from_record(bad, max_epochs=2)
-    refused = A.status_reply("refused", "internal")
-    assert A.AugmentationReply.from_record(refused, max_epochs=2).row() == {"status": "refused", "code": "internal"}
-    with pytest.raises(A.FederationError):
-        A.AugmentationReply.from_record(A.status_reply("refused", "my secret path /data/x"), max_epochs=2)
+    assert A.AugmentationReply.refused("internal").row() == {"status": "refused", "code": "internal"}
+    assert A.AugmentationReply.refused("not-allowed").row() == {"status": "not-allowed"}

@@ -1,17 +1,15 @@
-"""The fidelity section of the audit's outputs: the optional warning test, the shareable numbers and the HTML.
+"""The fidelity section of the audit's outputs: the shareable numbers and the HTML.
 
-The figures themselves are :mod:`pixcell_fed.audit.fidelity_metrics`; ``audit.json`` keeps them whole under
-``"fidelity"`` (one entry per encoder space). This module turns them into the ``fidelity`` test (only when
-``audit.fidelity_warn_fd_ratio`` is set: fidelity never gates by default), the numbers-only section of the
-shareable ``audit_summary.json`` and the section of ``audit.html``.
+The maths is :mod:`pixcell_fed.audit.fidelity_metrics`; :mod:`pixcell_fed.audit.fidelity` computes the figures per
+encoder space (``audit.json`` keeps them whole under ``"fidelity"``) and holds the optional ``fidelity`` test. This
+module renders them: the numbers-only section of the shareable ``audit_summary.json``, and the section of
+``audit.html`` and of the shareable page ``audit_summary.html``.
 """
 
 from __future__ import annotations
 
 import html
 from typing import Any, Mapping
-
-from pixcell_fed.audit.fidelity_metrics import fd_ratio_status
 
 #: the four manifold figures, each with what it asks (docs/audit.md, "Fidelity")
 MANIFOLD_FIGURES = (
@@ -22,31 +20,6 @@ MANIFOLD_FIGURES = (
 )
 _NUMERIC_KEYS = ("dim", "k", "confidence", "bootstrap", "bootstrap_seed", "sizes", "fd", "S->T", "H->T", "paired",
                  *(name for name, _, _ in MANIFOLD_FIGURES))
-
-
-# -------------------------------------------------------------------------------------------------- the test
-
-def fidelity_test(fidelity: Mapping[str, Any], warn_fd_ratio: float | None):
-    """The ``fidelity`` test result when ``warn_fd_ratio`` is set (else None: the figures are reported, never
-    gated): WARN when some space's FD(S, T) / FD(H, T) is significantly above the threshold."""
-    from pixcell_fed.audit.gate import NA, PASS, WARN, TestResult
-
-    if warn_fd_ratio is None:
-        return None
-    statuses = {name: fd_ratio_status(entry, warn_fd_ratio) for name, entry in fidelity.items()}
-    parts = []
-    for name, entry in fidelity.items():
-        ratio = (entry.get("fd") or {}).get("ratio") or {}
-        if ratio.get("value") is not None:
-            parts.append(f"{name}: {interval_text(ratio)}")
-    status = WARN if WARN in statuses.values() else PASS if PASS in statuses.values() else NA
-    sentence = (f"FD(S, T) / FD(H, T) {'; '.join(parts) if parts else 'could not be computed (no encoder space)'}; "
-                f"warns when a ratio's {_confidence(fidelity):.0%} interval lies wholly above {warn_fd_ratio:g} "
-                "(1 = as close to the conditioning tiles as new real tissue of this site).")
-    return TestResult("fidelity", "Fidelity: Fréchet distance against the held-out floor", status,
-                      {"fd_ratio": {n: ((e.get("fd") or {}).get("ratio") or {}).get("value") for n, e in fidelity.items()},
-                       "statuses": statuses},
-                      {"fidelity_warn_fd_ratio": warn_fd_ratio}, sentence, gates=status != NA)
 
 
 def _confidence(fidelity: Mapping[str, Any]) -> float:
@@ -119,7 +92,7 @@ def html_section(fidelity: Mapping[str, Any], identities: Mapping[str, Any] | No
         + "</p>")
     for name, entry in fidelity.items():
         sizes = entry.get("sizes") or {}
-        out.append(f"<h3>{esc(str(name))} ({esc(str(entry.get('dim')))} dimensions)</h3>")
+        out.append(f"<h3>{esc(str(name))} ({esc(str(entry.get('dim')))} dims)</h3>")
         if sizes:
             out.append(f'<p class="small">S and H compared on {sizes.get("compared", 0):,} tiles each (of '
                        f'{sizes.get("S", 0):,} and {sizes.get("H", 0):,}), against all {sizes.get("T", 0):,} tiles of T; '

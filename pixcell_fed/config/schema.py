@@ -6,6 +6,7 @@ Each section is a frozen dataclass whose fields are the keys of that YAML sectio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -110,13 +111,16 @@ class SynthesisConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Which slides condition synthesis (T) and which are held out (H), split by slide."""
+    """Which slides condition synthesis (T) and which are held out (H): whole patients (the labels CSV's patient
+    column), or, only when set explicitly, single slides."""
 
     holdout_fraction: float = 0.34
     seed: int = 0
+    unit: Literal["patient", "slide"] = "patient"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.holdout_fraction < 1.0, "split.holdout_fraction must be strictly between 0 and 1")
+        _check(self.unit in ("patient", "slide"), f"split.unit must be 'patient' or 'slide' (got {self.unit!r})")
 
 
 @dataclass(frozen=True)
@@ -126,23 +130,20 @@ class AuditConfig:
 
     copy_similarity: float = 0.65
     copy_pixel_confirm: float = 0.60
-    nn_similarity_warn: float = 0.85
+    max_copy_share: float = 0.01
     nn_ratio: float = 1 / 3
-    zscore: float = 4.0
-    replication_percentile_margin: float = 0.05
-    dcr_score_warn: float = 0.8
-    dcr_score_fail: float = 0.5
-    authenticity_margin: float = 0.15
-    mia_auc_warn: float = 0.6
-    mia_auc_fail: float = 0.7
+    alpha: float = 0.05
+    fail_alpha: float = 0.001
+    target_leak_share: float = 0.05
+    encoder_membership_tpr_warn: float = 0.05
+    encoder_membership_tpr_fail: float = 0.25
     min_holdout: int = 20
     min_holdout_ratio: float = 0.5
     top_k: int = 5
     drop_flagged: bool = True
     max_rounds: int = 2
     closest_pairs: int = 24
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
     # fidelity (docs/audit.md, "Fidelity"): never gates unless set; then WARN when FD(S,T)/FD(H,T) is above it
     fidelity_warn_fd_ratio: float | None = None
 
@@ -150,20 +151,24 @@ class AuditConfig:
         _check(self.fidelity_warn_fd_ratio is None or 1.0 <= self.fidelity_warn_fd_ratio <= 1000.0,
                f"audit.fidelity_warn_fd_ratio must be null or in [1, 1000] (got {self.fidelity_warn_fd_ratio}; "
                "1 = as close to the conditioning tiles as new real tissue)")
-        for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
+        for name in ("copy_similarity", "copy_pixel_confirm"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.max_copy_share < 1.0, f"audit.max_copy_share must be in [0, 1) (got {self.max_copy_share})")
         _check(0.0 < self.nn_ratio < 1.0, f"audit.nn_ratio must be in (0, 1) (got {self.nn_ratio})")
-        _check(self.zscore > 0, f"audit.zscore must be > 0 (got {self.zscore})")
-        _check(0.0 <= self.dcr_score_fail <= self.dcr_score_warn <= 1.0,
-               "audit: need 0 <= dcr_score_fail <= dcr_score_warn <= 1")
-        _check(0.0 <= self.authenticity_margin <= 1.0, "audit.authenticity_margin must be in [0, 1]")
-        _check(0.5 <= self.mia_auc_warn <= self.mia_auc_fail <= 1.0, "audit: need 0.5 <= mia_auc_warn <= mia_auc_fail <= 1")
+        _check(0.0 < self.fail_alpha <= self.alpha <= 0.2,
+               f"audit: need 0 < fail_alpha <= alpha <= 0.2 (got {self.fail_alpha}, {self.alpha})")
+        _check(0.0 < self.target_leak_share <= 1.0,
+               f"audit.target_leak_share must be in (0, 1] (got {self.target_leak_share})")
+        _check(0.0 <= self.encoder_membership_tpr_warn <= self.encoder_membership_tpr_fail <= 1.0,
+               "audit: need 0 <= encoder_membership_tpr_warn <= encoder_membership_tpr_fail <= 1")
         _check(self.min_holdout >= 2, "audit.min_holdout must be at least 2")
         _check(0.0 <= self.min_holdout_ratio <= 10.0, "audit.min_holdout_ratio must be in [0, 10]")
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
 
 
 @dataclass(frozen=True)
@@ -213,21 +218,24 @@ class DPPolicy:
         _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
-#: Backbones a site fine-tunes locally by default: small timm ViT/DeiT/ConvNeXt models a CPU trains in minutes.
-LOCAL_TRAINING_ARCHITECTURES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
-                                "deit_small_patch16_224", "convnext_atto", "convnext_femto", "convnext_tiny")
-#: timm keyword arguments a local fine-tune request may carry by default, each within [min, max] (numbers only).
-LOCAL_TRAINING_MODEL_KWARGS = MappingProxyType({
-    "patch_size": (4.0, 32.0), "depth": (1.0, 12.0), "embed_dim": (16.0, 768.0), "num_heads": (1.0, 12.0),
-    "mlp_ratio": (1.0, 8.0),
+#: Backbones a site evaluates by default: timm ViT/DeiT/ConvNeXt (the families that also train under DP-SGD).
+EVALUATION_ARCHITECTURES = (
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
+    "deit_small_patch16_224", "deit_base_patch16_224", "convnext_tiny", "convnext_small",
+)
+#: timm keyword arguments a site accepts in an evaluation request by default, with their [min, max] (numbers only).
+EVALUATION_MODEL_KWARGS = MappingProxyType({
+    "patch_size": (4.0, 32.0), "depth": (1.0, 24.0), "embed_dim": (16.0, 1024.0), "num_heads": (1.0, 16.0),
+    "mlp_ratio": (1.0, 8.0), "drop_rate": (0.0, 0.9), "drop_path_rate": (0.0, 0.9),
 })
 
 
 @dataclass(frozen=True)
 class LocalTrainingConfig:
-    """The site's own recipe, budget and model allow-list for the opt-in measurement of what the pool adds
+    """The site's own recipe and budget for the opt-in measurement of what the pool adds
     (``federation.local_training``; docs/federation.md, "What the pool adds at each site"). A coordinator's request
-    can only lower ``epochs`` and ``max_tiles``; everything else is the site's."""
+    can only lower ``epochs`` and ``max_tiles``; everything else is the site's. Which models the site accepts, how
+    large, and how many such queries it answers are its evaluation limits (``federation.evaluation``)."""
 
     epochs: int = 3                       # passes over the training tiles, the same for both fine-tunes
     max_tiles: int = 2000                 # at most this many training tiles (a seeded sample, stratified by label)
@@ -235,10 +243,6 @@ class LocalTrainingConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     mode: Literal["finetune", "linear_probe"] = "finetune"
-    architectures: tuple[str, ...] = LOCAL_TRAINING_ARCHITECTURES   # timm backbones this site will train
-    model_kwargs: Mapping[str, tuple[float, float]] = field(default_factory=lambda: LOCAL_TRAINING_MODEL_KWARGS)
-    max_img_size: int = 256               # largest model input (pixels)
-    max_weights_mb: float = 512.0         # largest model the coordinator may send
     generic_weights: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))  # arch: weights file
     bootstrap: int = 1000                 # replicates of the paired bootstrap interval of the difference
     seed: int = 0
@@ -249,17 +253,37 @@ class LocalTrainingConfig:
         _check(1 <= self.batch_size <= 4096, "federation.local_training.batch_size must be in [1, 4096]")
         _check(0 < self.lr <= 1 and 0 <= self.weight_decay <= 1,
                "federation.local_training: need 0 < lr <= 1 and 0 <= weight_decay <= 1")
+        _check(self.bootstrap >= 100, "federation.local_training.bootstrap must be at least 100")
+
+
+@dataclass(frozen=True)
+class FederationEvaluationConfig:
+    """What this site's federated evaluation accepts and answers. A coordinator's request can only tighten it."""
+
+    architectures: tuple[str, ...] = EVALUATION_ARCHITECTURES
+    kinds: tuple[Literal["classifier", "encoder"], ...] = ("classifier", "encoder")
+    model_kwargs: Mapping[str, tuple[float, float]] = field(default_factory=lambda: EVALUATION_MODEL_KWARGS)
+    max_img_size: int = 512
+    max_classes: int = 64
+    max_weights_mb: float = 1024.0
+    min_tiles_per_class: int = 10
+    round_digits: int = 2
+    max_queries_per_run: int = 4
+    max_queries_per_day: int = 20
+
+    def __post_init__(self) -> None:
         _check(all(a and a.replace("_", "").isalnum() for a in self.architectures),
-               "federation.local_training.architectures must be timm model names")
+               "federation.evaluation.architectures must be timm model names")
         for name, bounds in self.model_kwargs.items():
             _check(name.replace("_", "").isalnum() and len(bounds) == 2 and bounds[0] <= bounds[1],
-                   f"federation.local_training.model_kwargs[{name!r}] must be [min, max] with min <= max")
-        _check(16 <= self.max_img_size <= 4096, "federation.local_training.max_img_size must be in [16, 4096]")
-        _check(0 < self.max_weights_mb <= 65536, "federation.local_training.max_weights_mb must be in (0, 65536]")
-        for arch in self.generic_weights:
-            _check(arch in self.architectures,
-                   f"federation.local_training.generic_weights names {arch!r}, which is not in its architectures")
-        _check(self.bootstrap >= 100, "federation.local_training.bootstrap must be at least 100")
+                   f"federation.evaluation.model_kwargs[{name!r}] must be [min, max] with min <= max")
+        _check(16 <= self.max_img_size <= 4096, "federation.evaluation.max_img_size must be in [16, 4096]")
+        _check(2 <= self.max_classes <= 10000, "federation.evaluation.max_classes must be in [2, 10000]")
+        _check(0 < self.max_weights_mb <= 65536, "federation.evaluation.max_weights_mb must be in (0, 65536]")
+        _check(self.min_tiles_per_class >= 1, "federation.evaluation.min_tiles_per_class must be at least 1")
+        _check(0 <= self.round_digits <= 6, "federation.evaluation.round_digits must be in [0, 6]")
+        _check(self.max_queries_per_run >= 0 and self.max_queries_per_day >= 0,
+               "federation.evaluation.max_queries_per_run and max_queries_per_day must be >= 0 (0 = no evaluation)")
 
 
 @dataclass(frozen=True)
@@ -274,6 +298,7 @@ class FederationConfig:
     eval_dir: Path | None = None
     bundle_dir: Path | None = None
     train_dir: Path | None = None
+    evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     dp: DPPolicy = field(default_factory=DPPolicy)
     # opt-in: fine-tune a small classifier on train_dir twice (from the pool's model and from a generic start) and
     # send back only the two sets of metrics on the held-out tiles and their difference
@@ -291,6 +316,9 @@ class FederationConfig:
             _check(is_sha256_hex(pin),
                    f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')")
         object.__setattr__(self, "app_sha256", pins)  # always a tuple after loading
+        for arch in self.local_training.generic_weights:
+            _check(arch in self.evaluation.architectures, f"federation.local_training.generic_weights names {arch!r}, "
+                                                          "which is not in federation.evaluation.architectures")
 
 
 @dataclass(frozen=True)
