@@ -75,7 +75,8 @@ def _per_tile(queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, null: st.NullM
 def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], holdout: Sequence[str | Path], *,
               source_of: Mapping[str, str] | None = None, audit_cfg: AuditConfig | None = None,
               out_dir: str | Path, extra_feature_spaces: Mapping[str, Any] | None = None,
-              identities: Mapping[str, Any] | None = None, forbidden_strings: Sequence[str] = ()) -> AuditResult:
+              identities: Mapping[str, Any] | None = None, forbidden_strings: Sequence[str] = (),
+              conditioning: Mapping[str, Any] | None = None) -> AuditResult:
     """Audit synthetic tiles S against their conditioning tiles T with held-out tiles H as the null.
 
     Writes ``out_dir/audit.json`` and ``out_dir/audit.html`` (on-site: real file names, real tiles) and
@@ -83,7 +84,9 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     audited synthetic files; no real tiles, names, paths or embeddings). ``source_of`` maps each synthetic tile
     (path, file name or stem) to its source tile in T. ``extra_feature_spaces``: name -> encoder (``.embed``) or
     callable on uint8 NHWC images, reported as fidelity. ``forbidden_strings``: the site's identifiers (slide
-    names, keys, properties) that must not appear in the shipped files.
+    names, keys, properties) that must not appear in the shipped files. ``conditioning``: the run's conditioning
+    claim (:meth:`pixcell_fed.privacy.conditioning.ConditioningClaim.to_record`), stated in every report; in dp mode
+    the shareable summary keeps only what the gate needs (:func:`report_json.dp_minimal_summary`).
     """
     from pixcell_fed.audit import report_html, report_json
 
@@ -222,9 +225,13 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
         fidelity=fidelity, closest=closest, findings=findings, identities=dict(identities or {}),
         null={"mean": null.mean, "std": null.std, "h_flagged": int(h_flagged.sum()), "h_size": len(h_set),
               "h_copies": int(h_tile.copy(cfg).sum())})
+    if conditioning is not None:
+        report["conditioning"] = dict(conditioning)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_json.write_report(out_dir / "audit.json", report)
     summary = report_json.build_summary(report)
+    if (conditioning or {}).get("mode") == "dp":
+        summary = report_json.dp_minimal_summary(summary)
     summary_path = report_json.write_summary(out_dir / "audit_summary.json", summary, roles)
     html_path = report_html.write_html(out_dir / "audit.html", report)
     return AuditResult(verdict, kept, html_path, json_path, summary_path, tests, report)

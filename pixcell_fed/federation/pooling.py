@@ -97,6 +97,7 @@ class SiteStatus:
     bytes_received: int = 0
     audit_verdict: str | None = None
     generator: str | None = None       # the generator's label from the audit ("PixCell-256", "untrained twin")
+    conditioning: dict | None = None   # the signed conditioning claim (mode, dp guarantee) from bundle.json
     reason: str | None = None
     failed_files: list[str] = field(default_factory=list)
 
@@ -222,6 +223,16 @@ def _generator_label(bundle_dir: Path) -> str | None:
     return str(label) if label is not None else None
 
 
+def _conditioning(bundle_dir: Path) -> dict | None:
+    """The bundle's signed conditioning claim (validated when bundle.json is read), for the consortium report."""
+    from pixcell_fed.bundle.layout import read_bundle_json
+
+    try:
+        return read_bundle_json(bundle_dir, verifying=True)["conditioning"]
+    except PixcellFedError:
+        return None
+
+
 def _file_ok(path: Path, size: int, digest: str) -> bool:
     return path.is_file() and path.stat().st_size == size and P.sha256_hex(path.read_bytes()) == digest
 
@@ -278,6 +289,7 @@ def pool_bundles(transport: Transport, pool_dir: str | Path, verify: Verifier, *
         status.n_tiles = int(len(manifest))
         status.audit_verdict = _audit_verdict(bundle_dir)
         status.generator = _generator_label(bundle_dir)
+        status.conditioning = _conditioning(bundle_dir)
         node_of[name] = node
         active[node] = {"name": name, "dir": bundle_dir, "manifest": manifest, "verified": verified,
                         "attempts": {}, "pending": []}
@@ -425,6 +437,7 @@ def _earlier_rows(pool_dir: Path, sites: dict[str, SiteStatus], connected: set[s
         sites[site] = SiteStatus(site=site, status="complete", run_id=run_id, n_tiles=n, n_received=n,
                                  audit_verdict=_audit_verdict(pool_dir / "bundles" / site / str(run_id)),
                                  generator=_generator_label(pool_dir / "bundles" / site / str(run_id)),
+                                 conditioning=_conditioning(pool_dir / "bundles" / site / str(run_id)),
                                  reason="pooled in an earlier run; not connected now")
         log.info("pooling: keeping %d tiles of %s pooled in an earlier run", n, site)
     return rows

@@ -21,6 +21,7 @@ from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_byt
                                 write_parquet_atomic)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
+from pixcell_fed.pipeline.conditioning import audit_config_for, condition_embeddings
 from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_labels
 from pixcell_fed.pipeline.provenance import versions
 from pixcell_fed.pipeline.run_layout import RunLayout, find_or_create_run, run_fingerprint, trail_path
@@ -47,6 +48,7 @@ class SynthesizeSummary:
     conditioning_tiles: int = 0
     holdout_tiles: int = 0
     synthetic_tiles: int = 0
+    conditioning: str | None = None  # the conditioning mode and, for dp, its guarantee (one line)
     kept_tiles: int = 0
     verdict: str | None = None
     report: str | None = None
@@ -117,16 +119,30 @@ def _split(layout: RunLayout, cfg: SiteConfig, tiles, labels: dict[str, str]) ->
 
 
 def _conditioning_rows(cfg: SiteConfig, t_tiles, n_holdout: int):
-    """The conditioning tiles: all of T, capped by config and so that |H| >= |T| / 2 for the audit's null."""
+    """The conditioning tiles: all of T, at most ``synthesis.max_tiles_per_slide`` per slide, capped by config and
+    so that |H| >= |T| / 2 for the audit's null."""
     cap = 2 * n_holdout
     if cfg.synthesis.max_conditioning_tiles is not None:
         cap = min(cap, cfg.synthesis.max_conditioning_tiles)
-    rows = t_tiles.sort_values("tile_id")
+    rows = _cap_per_slide(t_tiles.sort_values("tile_id"), cfg.synthesis.max_tiles_per_slide, cfg.synthesis.seed)
     if len(rows) > cap:
         rng = np.random.default_rng(cfg.synthesis.seed)
         rows = rows.iloc[np.sort(rng.choice(len(rows), size=cap, replace=False))]
         log.info("conditioning on %d of %d tiles of the conditioning slides (|H| = %d)", cap, len(t_tiles), n_holdout)
     return rows.reset_index(drop=True)
+
+
+def _cap_per_slide(rows, cap: int | None, seed: int):
+    """At most ``cap`` tiles of each slide (a random choice with the run's seed), in the order given."""
+    if cap is None:
+        return rows
+    rng = np.random.default_rng([seed, cap])
+    keep = np.zeros(len(rows), dtype=bool)
+    for positions in rows.groupby("slide_key", sort=True).indices.values():
+        keep[positions if len(positions) <= cap else rng.choice(positions, size=cap, replace=False)] = True
+    if not keep.all():
+        log.info("conditioning on at most %d tiles per slide (%d of %d tiles)", cap, int(keep.sum()), len(rows))
+    return rows[keep]
 
 
 def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
@@ -302,6 +318,9 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             summary.models_are_twins = bool(pipeline.identity.get("twin"))
             encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=cfg.models.device)
             cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder)
+            cond, conditioning = condition_embeddings(cfg, layout, rows, cond, labels, generated=lambda tile_id: any(
+                (layout.synthetic_dir / _synthetic_name(tile_id, s)).is_file() for s in range(cfg.synthesis.samples_per_tile)))
+            summary.conditioning = conditioning.short()
             synthetic = _generate(cfg, layout, pipeline, rows, cond, labels)
             summary.synthetic_tiles = len(synthetic)
             summary.models_are_twins = summary.models_are_twins or bool(encoder_identity.get("twin"))
@@ -313,12 +332,13 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 [layout.tiles_dir / f for f in rows["tile_file"]],
                 [layout.tiles_dir / f for f in h_tiles["tile_file"]],
                 source_of=dict(zip(synthetic["synthetic_file"], (Path(f).name for f in synthetic["source_tile_file"]))),
-                audit_cfg=cfg.audit,
+                audit_cfg=audit_config_for(cfg),
                 out_dir=layout.audit_dir,
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
                 forbidden_strings=forbidden,
                 extra_feature_spaces=spaces,
+                conditioning=conditioning.to_record(),
             )
             summary.verdict, summary.report = result.verdict, str(result.report_path)
             summary.kept_tiles = len(result.kept)
