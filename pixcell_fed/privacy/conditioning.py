@@ -236,8 +236,10 @@ def clip_tiles(embeddings: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np
         raise ValueError("embeddings must be finite")
     flat = x.reshape(len(x), -1)
     norms = np.linalg.norm(flat, axis=1)
-    scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
-    return (flat * scale[:, None]).reshape(x.shape), norms > clip_norm
+    clipped = norms > clip_norm
+    scale = np.ones_like(norms)
+    scale[clipped] = clip_norm / norms[clipped]
+    return (flat * scale[:, None]).reshape(x.shape), clipped
 
 
 def secure_standard_normal(shape: Sequence[int]) -> np.ndarray:
