@@ -8,7 +8,7 @@ that survive. When ``audit.drop_flagged`` is on, flagged tiles are dropped and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -86,11 +86,14 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     callable on uint8 NHWC images, reported as fidelity. ``forbidden_strings``: the site's identifiers (slide
     names, keys, properties) that must not appear in the shipped files. ``conditioning``: the run's conditioning
     claim (:meth:`pixcell_fed.privacy.conditioning.ConditioningClaim.to_record`), stated in every report; in dp mode
-    the shareable summary keeps only what the gate needs (:func:`report_json.dp_minimal_summary`).
+    no tile is dropped (the gate only passes or fails) and the shareable summary keeps only what the gate needs
+    (:func:`report_json.dp_minimal_summary`).
     """
     from pixcell_fed.audit import report_html, report_json
 
     cfg = audit_cfg or AuditConfig()
+    if (conditioning or {}).get("mode") == "dp" and cfg.drop_flagged:  # dropping would pick the shipped set by
+        cfg = replace(cfg, drop_flagged=False)                          # looking at real tiles: pass or fail only
     out_dir = Path(out_dir)
     roles = build_roles(synthetic, reference, holdout, source_of=source_of, min_holdout=cfg.min_holdout,
                         min_holdout_ratio=cfg.min_holdout_ratio)

@@ -11,14 +11,12 @@ store is lost while synthetic tiles made from it remain, the run is refused rath
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Callable, Mapping
 
 import numpy as np
 
 from pixcell_fed.config import SiteConfig
-from pixcell_fed.config.schema import AuditConfig
 from pixcell_fed.errors import PrivacyGateRefused
 from pixcell_fed.pipeline.run_layout import RunLayout
 from pixcell_fed.privacy.conditioning import (ConditioningClaim, dp_claim, exact_claim, mix_within_groups, mixed_claim,
@@ -37,15 +35,6 @@ _MIX_SALT = 0x6D697865
 def tiles_per_slide(rows) -> int:
     """The most conditioning tiles any one slide contributes."""
     return int(rows["slide_key"].value_counts().max()) if len(rows) else 0
-
-
-def audit_config_for(cfg: SiteConfig) -> AuditConfig:
-    """The audit's settings for this run: in dp mode flagged tiles are never dropped (dropping would choose the
-    shipped set by looking at the real tiles, outside the guarantee); the gate only passes or fails."""
-    if cfg.synthesis.conditioning == "dp" and cfg.audit.drop_flagged:
-        log.info("dp conditioning: the audit does not drop flagged tiles (audit.drop_flagged is ignored)")
-        return dataclasses.replace(cfg.audit, drop_flagged=False)
-    return cfg.audit
 
 
 def condition_embeddings(cfg: SiteConfig, layout: RunLayout, rows, embeddings: np.ndarray,

@@ -21,7 +21,7 @@ from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_byt
                                 write_parquet_atomic)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
-from pixcell_fed.pipeline.conditioning import audit_config_for, condition_embeddings
+from pixcell_fed.pipeline.conditioning import condition_embeddings
 from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_labels
 from pixcell_fed.pipeline.provenance import versions
 from pixcell_fed.pipeline.run_layout import RunLayout, find_or_create_run, run_fingerprint, trail_path
@@ -332,7 +332,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 [layout.tiles_dir / f for f in rows["tile_file"]],
                 [layout.tiles_dir / f for f in h_tiles["tile_file"]],
                 source_of=dict(zip(synthetic["synthetic_file"], (Path(f).name for f in synthetic["source_tile_file"]))),
-                audit_cfg=audit_config_for(cfg),
+                audit_cfg=cfg.audit,
                 out_dir=layout.audit_dir,
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
