@@ -53,18 +53,19 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     r1 = _psd_sqrt(s1)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+    return max(0.0, float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross))
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
     """Improved precision and recall (Kynkaenniemi et al. 2019): the share of fake samples inside the real
     manifold (union of k-NN balls of the real samples) and of real samples inside the fake manifold."""
+    from scipy.spatial.distance import cdist
+
     def radii(a):
-        d = np.linalg.norm(a[:, None] - a[None], axis=-1)
-        return np.sort(d, axis=1)[:, min(k, len(a) - 1)]
+        return np.sort(cdist(a, a), axis=1)[:, min(k, len(a) - 1)]
 
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    d = np.linalg.norm(fake[:, None] - real[None], axis=-1)
+    d = cdist(fake, real)
     precision = float(np.mean((d <= radii(real)[None]).any(axis=1)))
     recall = float(np.mean((d.T <= radii(fake)[None]).any(axis=1)))
     return precision, recall
