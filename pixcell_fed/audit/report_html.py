@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pixcell_fed.atomic import write_text_atomic
+from pixcell_fed.audit.conditioning_section import conditioning_html
 from pixcell_fed.errors import PixcellFedError
 
 _COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "N/A": "#718096"}
@@ -132,32 +133,6 @@ def _dropped_sentence(report: dict[str, Any]) -> str:
             "by this verdict and must not be shipped.")
 
 
-def _conditioning_html(record: dict[str, Any] | None) -> str:
-    """The run's conditioning privacy in plain words; for dp, the mechanism and what the guarantee leaves out."""
-    if not record:
-        return ""
-    out = [f'<div id="conditioning"><h2>Conditioning privacy: {_esc(record["mode"])}</h2>'
-           f'<p id="conditioning-statement">{_esc(record["statement"])}</p>']
-    if record["mode"] == "dp":
-        rows = (("Per real tile", f'epsilon {record["tile_epsilon"]:.3g}, delta {record["tile_delta"]:.0e}'),
-                ("Per slide", f'epsilon {record["slide_epsilon"]:.3g}, delta {record["slide_delta"]:.0e} (at most '
-                              f'{record["slide_tiles"]} conditioning tiles per slide'
-                              f'{"" if record["slide_tiles_capped"] else ", as found in this run"})'),
-                ("Mechanism", record["mechanism"]),
-                ("Clip norm, sensitivity, sigma", f'{record["clip_norm"]:.4g}, {record["sensitivity"]:.4g}, '
-                                                  f'{record["sigma"]:.4g} ({record["vectors_per_tile"]} embedding '
-                                                  'vector(s) per tile, clipped together)'),
-                ("Neighbouring data sets", record["neighbouring"]))
-        out.append('<table id="conditioning-guarantee">' + "".join(
-            f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows) + "</table>")
-        out.append(f'<p id="conditioning-not-covered"><b>{_esc(record["not_covered"])}</b> In dp mode the audit drops '
-                   "no tile: its gate only passes or fails the whole set. The shareable summary carries only the "
-                   "verdict, each test's status, the number of synthetic tiles audited and kept, and their hashes; "
-                   "each test's status reveals at most a few bits about the real tiles. The figures below are for "
-                   "this site only.</p>")
-    return "".join(out) + "</div>"
-
-
 def render_html(report: dict[str, Any]) -> str:
     verdict = report["verdict"]
     sizes = report["sizes"]
@@ -171,7 +146,7 @@ def render_html(report: dict[str, Any]) -> str:
     out.append(f'<p id="verdict-sentence">The audit {word}. {sizes["S_kept"]:,} of {sizes["S"]:,} synthetic tiles '
                f'were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and {sizes["H"]:,} '
                f'held-out real tiles (H).{_dropped_sentence(report)}</p>')
-    out.append(_conditioning_html(report.get("conditioning")))
+    out.append(conditioning_html(report.get("conditioning")))
     out.append("<table><tr><th>Test</th><th>Status</th><th>Finding</th></tr>")
     for t in report["tests"]:
         out.append(f'<tr><td>{_esc(t["title"])}</td><td>{_badge(t["status"])}</td><td>{_esc(t["sentence"])}</td></tr>')

@@ -96,27 +96,7 @@ def build_summary(report: dict[str, Any]) -> dict[str, Any]:
         "tiles": [{"sha256": t["sha256"], "kept": t["kept"], "flagged": t["flagged"], "reasons": t["reasons"],
                    "nearest_similarity": t["nearest_similarity"]} for t in report["tiles"]],
         "kept_sha256": report["kept_sha256"],
-        **({"conditioning": report["conditioning"]} if "conditioning" in report else {}),
     }
-
-
-#: what a dp-conditioned set ships of its audit: the gate's outcome, not the statistics behind it
-_DP_SUMMARY_KEYS = ("schema", "created", "verdict", "config", "provenance", "identities", "identifier_findings_by_kind",
-                    "kept_sha256", "conditioning")
-
-
-def dp_minimal_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The shareable summary of a dp-conditioned set: the verdict, each test's name and status, the number of
-    synthetic tiles audited and kept, thresholds, identities, the metadata findings on the shipped files, the kept
-    hashes and the conditioning claim. The audit looked at the real tiles themselves, so anything computed from
-    them (similarities, histograms, percentiles, ROC curves, fidelity, the sizes of T and H, which tiles were
-    flagged) is outside the dp guarantee and stays on site (audit.json, audit.html); what ships reveals a few bits
-    per test (pass, warn or fail) about the real tiles, which the conditioning claim says in words."""
-    out = {k: summary[k] for k in _DP_SUMMARY_KEYS if k in summary}
-    out["sizes"] = {k: summary["sizes"][k] for k in ("S", "S_kept") if k in summary.get("sizes", {})}
-    out["tests"] = [{k: t[k] for k in ("name", "title", "status", "gates") if k in t} for t in summary["tests"]]
-    out["tiles"] = [{"sha256": t["sha256"], "kept": t["kept"]} for t in summary["tiles"]]
-    return out
 
 
 def write_summary(path: Path, summary: dict[str, Any], roles: DataRoles) -> Path:

@@ -8,7 +8,7 @@ that survive. When ``audit.drop_flagged`` is on, flagged tiles are dropped and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -87,13 +87,11 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     names, keys, properties) that must not appear in the shipped files. ``conditioning``: the run's conditioning
     claim (:meth:`pixcell_fed.privacy.conditioning.ConditioningClaim.to_record`), stated in every report; in dp mode
     no tile is dropped (the gate only passes or fails) and the shareable summary keeps only what the gate needs
-    (:func:`report_json.dp_minimal_summary`).
+    (:mod:`pixcell_fed.audit.conditioning_section`).
     """
-    from pixcell_fed.audit import report_html, report_json
+    from pixcell_fed.audit import conditioning_section, report_html, report_json
 
-    cfg = audit_cfg or AuditConfig()
-    if (conditioning or {}).get("mode") == "dp" and cfg.drop_flagged:  # dropping would pick the shipped set by
-        cfg = replace(cfg, drop_flagged=False)                          # looking at real tiles: pass or fail only
+    cfg = conditioning_section.audit_settings(audit_cfg or AuditConfig(), conditioning)  # dp: no tile dropped
     out_dir = Path(out_dir)
     roles = build_roles(synthetic, reference, holdout, source_of=source_of, min_holdout=cfg.min_holdout,
                         min_holdout_ratio=cfg.min_holdout_ratio)
@@ -232,9 +230,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
         report["conditioning"] = dict(conditioning)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_json.write_report(out_dir / "audit.json", report)
-    summary = report_json.build_summary(report)
-    if (conditioning or {}).get("mode") == "dp":
-        summary = report_json.dp_minimal_summary(summary)
+    summary = conditioning_section.shareable_summary(report_json.build_summary(report), conditioning)
     summary_path = report_json.write_summary(out_dir / "audit_summary.json", summary, roles)
     html_path = report_html.write_html(out_dir / "audit.html", report)
     return AuditResult(verdict, kept, html_path, json_path, summary_path, tests, report)
