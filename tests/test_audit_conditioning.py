@@ -70,3 +70,16 @@ def test_dp_summary_ships_the_gate_not_the_statistics(audits):
     text = json.dumps(dp)
     for number in (f"{t['nearest_similarity']}" for t in plain["tiles"][:5]):
         assert number not in text  # no similarity to a real tile
+
+
+def test_the_shareable_page_of_a_dp_set_shows_the_guarantee_and_is_inert(audits):
+    from pixcell_fed.audit.conditioning_section import dp_summary_page_body
+    from pixcell_fed.bundle.html import INERT_CSP_META, check_inert_html
+
+    summary = json.loads(audits["dp"].summary_path.read_text())
+    body = "".join(dp_summary_page_body(summary))
+    page = f'<!DOCTYPE html><html><head><meta charset="utf-8">{INERT_CSP_META}<title>t</title></head><body>{body}</body></html>'
+    check_inert_html(page.encode())
+    assert "Conditioning privacy: dp" in body and "Not covered by the guarantee" in body
+    assert f"{len(summary['tiles'])} of {len(summary['tiles'])} synthetic tiles were audited" in body
+    assert all(t["title"] in body for t in summary["tests"]) and "Verdict: FAIL" in body

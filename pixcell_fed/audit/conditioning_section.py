@@ -72,3 +72,27 @@ def conditioning_html(record: Mapping[str, Any] | None) -> str:
             f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>")
         out.append(f'<p id="conditioning-not-covered"><b>{esc(record["not_covered"])}</b> {esc(DP_AUDIT_LIMITS)}</p>')
     return "".join(out) + "</div>"
+
+
+def dp_summary_page_body(summary: Mapping[str, Any]) -> list[str]:
+    """The body of the shareable summary page (``audit_summary.html``) of a dp set, from what its minimal summary
+    holds: the verdict, the claim with what it does not cover, each test's status, identities and thresholds. The
+    caller wraps it in the inert page (Content-Security-Policy first in ``<head>``)."""
+    esc = html.escape
+    sizes = summary.get("sizes", {})
+    out = ['<section class="page" id="summary"><h1>Memorisation and privacy audit: shareable summary</h1>',
+           f'<div class="small">Created {esc(str(summary.get("created", "")))}. Shareable summary of a set made with '
+           "differentially private conditioning: it carries the audit's decision, not the statistics behind it.</div>",
+           f'<h2 id="verdict">Verdict: {esc(summary["verdict"])}</h2>',
+           f'<p id="verdict-sentence">{sizes.get("S_kept", 0):,} of {sizes.get("S", 0):,} synthetic tiles were '
+           "audited; none was dropped.</p>",
+           conditioning_html(summary.get("conditioning")),
+           '<table id="tests"><tr><th>Test</th><th>Status</th></tr>']
+    out += [f'<tr><td>{esc(t["title"])}</td><td>{esc(t["status"])}</td></tr>' for t in summary.get("tests", [])]
+    out.append('</table><h2>Models and encoders</h2><table id="identities">')
+    for name, ident in summary.get("identities", {}).items():
+        body = ", ".join(f"{k}: {v}" for k, v in ident.items()) if isinstance(ident, Mapping) else str(ident)
+        out.append(f"<tr><td>{esc(name)}</td><td>{esc(body)}</td></tr>")
+    out.append('</table><h2>Thresholds</h2><table id="thresholds">')
+    out += [f"<tr><td>audit.{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in summary.get("config", {}).items()]
+    return out + ["</table></section>"]
