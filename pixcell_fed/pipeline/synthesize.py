@@ -90,6 +90,15 @@ def _synthetic_name(tile_id: str, sample: int) -> str:
     return hashlib.sha256(f"{tile_id}:{sample}".encode()).hexdigest()[:20] + ".png"
 
 
+def _synthesised(cfg: SiteConfig, layout: RunLayout):
+    """Whether a conditioning tile (by id) already has a synthetic tile in the run."""
+    def any_sample(tile_id: str) -> bool:
+        return any((layout.synthetic_dir / _synthetic_name(tile_id, s)).is_file()
+                   for s in range(cfg.synthesis.samples_per_tile))
+
+    return any_sample
+
+
 def _split(layout: RunLayout, cfg: SiteConfig, tiles, labels: dict[str, str]) -> tuple[list[str], list[str]]:
     """T/H split by slide, decided once per run (before any synthesis) and saved.
 
@@ -318,8 +327,8 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             summary.models_are_twins = bool(pipeline.identity.get("twin"))
             encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=cfg.models.device)
             cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder)
-            cond, conditioning = condition_embeddings(cfg, layout, rows, cond, labels, generated=lambda tile_id: any(
-                (layout.synthetic_dir / _synthetic_name(tile_id, s)).is_file() for s in range(cfg.synthesis.samples_per_tile)))
+            cond, conditioning = condition_embeddings(cfg, layout, rows, cond, labels,
+                                                      generated=_synthesised(cfg, layout))
             summary.conditioning = conditioning.short()
             synthetic = _generate(cfg, layout, pipeline, rows, cond, labels)
             summary.synthetic_tiles = len(synthetic)
