@@ -215,6 +215,34 @@ def check_slides(ctx: DoctorContext) -> CheckResult | None:
     return CheckResult("slides", "OK", f"{len(files)} slide file(s) in {folder}")
 
 
+@register_check("slide table")
+def check_slide_table(ctx: DoctorContext) -> CheckResult | None:
+    """The slide table (``site.labels_csv``) as synthesize reads it: it loads, a patient split (``split.unit:
+    patient``, the default) has its patient column, and every slide of the slides folder has its row."""
+    if ctx.config is None:
+        return None
+    from pixcell_fed.errors import ConfigError
+    from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_table
+    from pixcell_fed.pipeline.split import check_split_unit
+    from pixcell_fed.slides.reader import list_slide_files
+
+    name, site, unit = "slide table", ctx.config.site, ctx.config.split.unit
+    slides = [p.name for p in list_slide_files(site.slides_dir)] if site.slides_dir.is_dir() else []
+    try:  # the pipeline's own loader and checks, so that the doctor refuses with synthesize's words
+        table = load_slide_table(site.labels_csv)
+        check_split_unit(ctx.config.split, table, site.labels_csv)
+        check_labels_cover(table.labels, slides, site.labels_csv)
+        if unit == "patient":
+            check_labels_cover(table.patients, slides, site.labels_csv, what="patient")
+    except ConfigError as exc:
+        return CheckResult(name, "FAIL", f"site-agent synthesize would refuse (exit 2): {exc.message}", exc.hint or "")
+    if unit == "slide":
+        return CheckResult(name, "OK", f"split.unit: slide, chosen in site.yaml: T and H are split by slide and the "
+                           f"audit report says so ({len(table.labels)} labelled slide(s))")
+    return CheckResult(name, "OK", f"{site.labels_csv}: {len(set(table.patients.values()))} patient(s) for "
+                       f"{len(table.patients)} slide(s), {len(table.labels)} labelled; T and H split by patient")
+
+
 @register_check("work folder")
 def check_work_folder(ctx: DoctorContext) -> CheckResult:
     """The work folder (or the current folder without a config) is writable and has free space."""
@@ -367,6 +395,30 @@ def check_site_key(ctx: DoctorContext) -> CheckResult | None:
                                f"the trust file must list the key of {path}: replace {pub_path} with that key's "
                                "public half")
     return CheckResult("site key", "OK", detail)
+
+
+@register_check("officers")
+def check_officers(ctx: DoctorContext) -> CheckResult | None:
+    """The privacy officers site.yaml lists (``keys.officers``): the only keys the approve gate and the privacy
+    ledger reset accept."""
+    if ctx.config is None:
+        return None
+    from pixcell_fed.bundle.approval import SiteAuthority
+    from pixcell_fed.keys import fingerprint, public_key_raw
+
+    officers = SiteAuthority.from_config(ctx.config).officers
+    if not officers:
+        return CheckResult("officers", "WARN", "keys.officers in site.yaml lists no privacy officer: every approval "
+                           "(and privacy ledger reset) will be refused, so no bundle can leave the site",
+                           "the privacy officer runs 'site-agent officer-key --out DIR' on a machine of their own; "
+                           "add the line it prints ('- ed25519:...') under keys.officers in site.yaml")
+    public = ctx.facts.get("site_public_key")
+    if public is not None and public_key_raw(public) in {public_key_raw(k) for k in officers}:
+        return CheckResult("officers", "WARN", "keys.officers lists the site's own signing key, which may never "
+                           "approve", "remove it from keys.officers; officers decide with keys of their own "
+                           "('site-agent officer-key')")
+    return CheckResult("officers", "OK", f"{len(officers)} privacy officer key(s): "
+                       + ", ".join(fingerprint(k) for k in officers))
 
 
 @register_check("trust file")

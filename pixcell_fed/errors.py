@@ -106,6 +106,10 @@ class FederationError(PixcellFedError):
     """The Flower deployment or a pooling exchange failed."""
 
 
+class DistributedError(PixcellFedError):
+    """A rank of a sharded run (torchrun) failed, lost contact with the others or waited past its timeout."""
+
+
 class PartialSuccess(PixcellFedError):
     """The job finished, but some items failed; their reasons are in the summary."""
 
@@ -119,4 +123,4 @@ class DPRefused(PrivacyGateRefused):
 
 class PrivacyLedgerError(DPRefused):
     """The site's privacy ledger is missing, damaged or out of step with the audit trail: no DP training until a
-    privacy officer resets it (``site-agent privacy-ledger reset``)."""
+    privacy officer resets it (``site-agent privacy-ledger-reset``)."""

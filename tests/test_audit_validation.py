@@ -62,13 +62,15 @@ def test_at_most_1_percent_of_new_and_held_out_tiles_are_flagged(planted):
     assert report["null"]["h_copies"] == 0
 
 
-def test_copies_fail_the_first_round_and_dropping_them_leaves_a_passing_set(planted):
+def test_copies_fail_the_first_round_and_dropping_them_leaves_a_clean_set_but_the_generator_fails(planted):
     result = planted["result"]
     rounds = result.report["rounds"]
     assert rounds[0]["verdict"] == "FAIL" and rounds[0]["tests"]["copy_detection"] == "FAIL"
     assert rounds[0]["dropped"] >= 0.99 * sum(len(p) for p in planted["copies"].values())
-    assert result.verdict == "PASS", result.report["tests"]
     assert sorted(map(str, result.kept)) == sorted(map(str, planted["new"]))
+    # nothing else alarms on the kept set; a generator that copied 609 of 713 tiles memorises (issue 12)
+    assert {t.name for t in result.tests if t.status in ("WARN", "FAIL")} == {"memorisation"}, result.report["tests"]
+    assert result.verdict == "FAIL" and rounds[-1]["tests"]["memorisation"] == "FAIL"
 
 
 def test_touching_but_not_overlapping_tiles_of_one_slide_are_not_copies():

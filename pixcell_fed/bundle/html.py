@@ -9,8 +9,8 @@ HTML parser (:mod:`html.parser`) and, against parser differences, with a raw sca
 - no external URL anywhere: links are ``#anchors``, images are ``data:image/(png|jpeg|gif|webp)`` URIs, CSS
   ``url(...)`` points at the same, no CSS ``@import``, no CSS escapes that could spell them;
 - no ``<meta http-equiv="refresh">`` or any ``http-equiv`` other than the policy below;
-- a Content-Security-Policy meta, first in ``<head>``, of exactly :data:`INERT_CSP` (nothing may load, inline
-  styles and ``data:`` images may show), so that a browser enforces all of this too.
+- a Content-Security-Policy meta, first in ``<head>``, of exactly :data:`~pixcell_fed.html_policy.INERT_CSP`
+  (nothing may load, inline styles and ``data:`` images may show), so that a browser enforces all of this too.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import re
 from html.parser import HTMLParser
 
 from pixcell_fed.errors import BundleError
+from pixcell_fed.html_policy import INERT_CSP, INERT_CSP_META
 
-INERT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-INERT_CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{INERT_CSP}">'
 MAX_SUMMARY_HTML_BYTES = 50 * 1024 * 1024
 
 _HTML_TAGS = {

@@ -147,7 +147,7 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
     size = info["tile_size"]
     if isinstance(size, bool) or not isinstance(size, int) or not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:
         raise _bad(f"invalid 'tile_size' {size!r} (expected {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px)", verifying=verifying)
-    if info["verdict"] not in ("PASS", "WARN", "FAIL"):
+    if info["verdict"] not in ("PASS", "WARN", "INCONCLUSIVE", "FAIL"):
         raise _bad(f"invalid verdict {info['verdict']!r}", verifying=verifying)
     try:
         ConditioningClaim.from_record(info["conditioning"])

@@ -18,7 +18,7 @@ from pixcell_fed.errors import BundleError
 SHAREABLE_AUDIT_KEYS = frozenset({
     "schema", "format_version",  # version of the summary's layout
     "created",
-    "verdict",         # "PASS" | "WARN" | "FAIL"
+    "verdict",         # "PASS" | "WARN" | "INCONCLUSIVE" | "FAIL"
     "sizes",           # sizes of S, T and H
     "config",          # the audit's thresholds and settings
     "thresholds",
@@ -37,7 +37,7 @@ SHAREABLE_AUDIT_KEYS = frozenset({
 })
 HASHES_KEY = "kept_sha256"
 REQUIRED_AUDIT_KEYS = ("verdict", HASHES_KEY)
-VERDICTS = ("PASS", "WARN", "FAIL")
+VERDICTS = ("PASS", "WARN", "INCONCLUSIVE", "FAIL")
 #: key-name tokens whose values may only be numbers (counts): names, paths and identifiers hide behind them
 NAME_KEY_TOKENS = frozenset({
     "path", "paths", "file", "files", "filename", "filenames", "dir", "directory", "folder", "slide", "slides",

@@ -6,6 +6,7 @@ Each section is a frozen dataclass whose fields are the keys of that YAML sectio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -139,13 +140,16 @@ class SynthesisConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Which slides condition synthesis (T) and which are held out (H), split by slide."""
+    """Which slides condition synthesis (T) and which are held out (H): whole patients (the labels CSV's patient
+    column), or, only when set explicitly, single slides."""
 
     holdout_fraction: float = 0.34
     seed: int = 0
+    unit: Literal["patient", "slide"] = "patient"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.holdout_fraction < 1.0, "split.holdout_fraction must be strictly between 0 and 1")
+        _check(self.unit in ("patient", "slide"), f"split.unit must be 'patient' or 'slide' (got {self.unit!r})")
 
 
 @dataclass(frozen=True)
@@ -155,39 +159,40 @@ class AuditConfig:
 
     copy_similarity: float = 0.65
     copy_pixel_confirm: float = 0.60
-    nn_similarity_warn: float = 0.85
+    max_copy_share: float = 0.01
     nn_ratio: float = 1 / 3
-    zscore: float = 4.0
-    replication_percentile_margin: float = 0.05
-    dcr_score_warn: float = 0.8
-    dcr_score_fail: float = 0.5
-    authenticity_margin: float = 0.15
-    mia_auc_warn: float = 0.6
-    mia_auc_fail: float = 0.7
+    alpha: float = 0.05
+    fail_alpha: float = 0.001
+    target_leak_share: float = 0.05
+    encoder_membership_tpr_warn: float = 0.05
+    encoder_membership_tpr_fail: float = 0.25
     min_holdout: int = 20
     min_holdout_ratio: float = 0.5
     top_k: int = 5
     drop_flagged: bool = True
     max_rounds: int = 2
     closest_pairs: int = 24
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
-        for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
+        for name in ("copy_similarity", "copy_pixel_confirm"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.max_copy_share < 1.0, f"audit.max_copy_share must be in [0, 1) (got {self.max_copy_share})")
         _check(0.0 < self.nn_ratio < 1.0, f"audit.nn_ratio must be in (0, 1) (got {self.nn_ratio})")
-        _check(self.zscore > 0, f"audit.zscore must be > 0 (got {self.zscore})")
-        _check(0.0 <= self.dcr_score_fail <= self.dcr_score_warn <= 1.0,
-               "audit: need 0 <= dcr_score_fail <= dcr_score_warn <= 1")
-        _check(0.0 <= self.authenticity_margin <= 1.0, "audit.authenticity_margin must be in [0, 1]")
-        _check(0.5 <= self.mia_auc_warn <= self.mia_auc_fail <= 1.0, "audit: need 0.5 <= mia_auc_warn <= mia_auc_fail <= 1")
+        _check(0.0 < self.fail_alpha <= self.alpha <= 0.2,
+               f"audit: need 0 < fail_alpha <= alpha <= 0.2 (got {self.fail_alpha}, {self.alpha})")
+        _check(0.0 < self.target_leak_share <= 1.0,
+               f"audit.target_leak_share must be in (0, 1] (got {self.target_leak_share})")
+        _check(0.0 <= self.encoder_membership_tpr_warn <= self.encoder_membership_tpr_fail <= 1.0,
+               "audit: need 0 <= encoder_membership_tpr_warn <= encoder_membership_tpr_fail <= 1")
         _check(self.min_holdout >= 2, "audit.min_holdout must be at least 2")
         _check(0.0 <= self.min_holdout_ratio <= 10.0, "audit.min_holdout_ratio must be in [0, 10]")
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,48 @@ class DPPolicy:
         _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
+#: Backbones a site evaluates by default: timm ViT/DeiT/ConvNeXt (the families that also train under DP-SGD).
+EVALUATION_ARCHITECTURES = (
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
+    "deit_small_patch16_224", "deit_base_patch16_224", "convnext_tiny", "convnext_small",
+)
+#: timm keyword arguments a site accepts in an evaluation request by default, with their [min, max] (numbers only).
+EVALUATION_MODEL_KWARGS = MappingProxyType({
+    "patch_size": (4.0, 32.0), "depth": (1.0, 24.0), "embed_dim": (16.0, 1024.0), "num_heads": (1.0, 16.0),
+    "mlp_ratio": (1.0, 8.0), "drop_rate": (0.0, 0.9), "drop_path_rate": (0.0, 0.9),
+})
+
+
+@dataclass(frozen=True)
+class FederationEvaluationConfig:
+    """What this site's federated evaluation accepts and answers. A coordinator's request can only tighten it."""
+
+    architectures: tuple[str, ...] = EVALUATION_ARCHITECTURES
+    kinds: tuple[Literal["classifier", "encoder"], ...] = ("classifier", "encoder")
+    model_kwargs: Mapping[str, tuple[float, float]] = field(default_factory=lambda: EVALUATION_MODEL_KWARGS)
+    max_img_size: int = 512
+    max_classes: int = 64
+    max_weights_mb: float = 1024.0
+    min_tiles_per_class: int = 10
+    round_digits: int = 2
+    max_queries_per_run: int = 4
+    max_queries_per_day: int = 20
+
+    def __post_init__(self) -> None:
+        _check(all(a and a.replace("_", "").isalnum() for a in self.architectures),
+               "federation.evaluation.architectures must be timm model names")
+        for name, bounds in self.model_kwargs.items():
+            _check(name.replace("_", "").isalnum() and len(bounds) == 2 and bounds[0] <= bounds[1],
+                   f"federation.evaluation.model_kwargs[{name!r}] must be [min, max] with min <= max")
+        _check(16 <= self.max_img_size <= 4096, "federation.evaluation.max_img_size must be in [16, 4096]")
+        _check(2 <= self.max_classes <= 10000, "federation.evaluation.max_classes must be in [2, 10000]")
+        _check(0 < self.max_weights_mb <= 65536, "federation.evaluation.max_weights_mb must be in (0, 65536]")
+        _check(self.min_tiles_per_class >= 1, "federation.evaluation.min_tiles_per_class must be at least 1")
+        _check(0 <= self.round_digits <= 6, "federation.evaluation.round_digits must be in [0, 6]")
+        _check(self.max_queries_per_run >= 0 and self.max_queries_per_day >= 0,
+               "federation.evaluation.max_queries_per_run and max_queries_per_day must be >= 0 (0 = no evaluation)")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How this site joins the consortium's Flower deployment."""
@@ -249,6 +296,7 @@ class FederationConfig:
     eval_dir: Path | None = None
     bundle_dir: Path | None = None
     train_dir: Path | None = None
+    evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     dp: DPPolicy = field(default_factory=DPPolicy)
     # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
     # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.

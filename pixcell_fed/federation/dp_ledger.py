@@ -11,9 +11,10 @@ the one before, a head file guards the end). Each round is written to the audit 
 the same step record and the ledger position it will take), then to the ledger; so the trail is a second copy of
 every spend, and the ledger is checked against the trail's last DP entry each time it is read. A ledger that is
 missing, edited, cut short, replaced by an older copy or behind the trail refuses all DP training
-(:class:`~pixcell_fed.errors.PrivacyLedgerError`) until a privacy officer resets it: the reset, signed with the
-officer's key, moves the damaged ledger aside and starts a new one that carries over every spend recorded in the
-trail, so a reset never forgets privacy already spent.
+(:class:`~pixcell_fed.errors.PrivacyLedgerError`) until a privacy officer resets it: the reset, signed with the key
+of an officer the site lists in ``keys.officers`` (the approve gate's check), moves the damaged ledger aside and
+starts a new one that carries over every spend recorded in the trail, so a reset never forgets privacy already
+spent.
 
 Epsilon is always computed from the whole ledger (all rounds, runs, restarts and training sets, composed), at the
 smallest delta the site has used.
@@ -30,10 +31,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pixcell_fed.errors import PrivacyLedgerError, TrailError
 from pixcell_fed.training.dp import DPSteps
+
+if TYPE_CHECKING:
+    from pixcell_fed.bundle.approval import SiteAuthority
 
 LEDGER_DIR = "privacy_ledger"
 LEDGER_FILE = "ledger.jsonl"
@@ -45,7 +49,7 @@ TRAIL_RESET = "dp-ledger-reset"
 RESET_STATEMENT = "pixcell-fed-privacy-ledger-reset"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESET_HINT = ("a privacy officer must check what happened, then reset the ledger: "
-               "site-agent privacy-ledger reset --config site.yaml --key OFFICER_KEY --reason '...'")
+               "site-agent privacy-ledger-reset --config site.yaml --key OFFICER_KEY --reason '...'")
 
 
 def ledger_dir(work_dir: str | Path) -> Path:
@@ -229,18 +233,30 @@ def _spends_in_trail(work_dir: Path) -> list[dict[str, Any]]:
             for e in entries if e["event"] == TRAIL_TRAIN]
 
 
-def reset_ledger(work_dir: str | Path, officer_key, *, site: str, reason: str) -> dict[str, Any]:
-    """An officer's reset: move the current ledger aside, start a new one that carries over every spend the audit
-    trail recorded, signed with ``officer_key`` (Ed25519), and record the reset in the trail. Returns a summary."""
+def reset_ledger(site: "SiteAuthority", officer_key, *, reason: str,
+                 confirm: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """An officer's reset of the ledger of ``site`` (its name, work folder and officers, from its own site.yaml):
+    move the current ledger aside, start a new one that carries over every spend the audit trail recorded, signed
+    with ``officer_key`` (Ed25519), and record the reset in the trail. Returns a summary.
+
+    Refused before anything is asked, moved or written: a key the site does not list in ``keys.officers``
+    (:class:`~pixcell_fed.errors.PrivacyGateRefused`, exit 3; the approve gate's own check), a site that lists no
+    officer (:class:`~pixcell_fed.errors.ConfigError`), a reason that is not one line, and (after the checks)
+    ``confirm()`` returning False (:class:`~pixcell_fed.errors.UsageError`).
+    """
     from pixcell_fed.bundle.state import trail_path
     from pixcell_fed.bundle.trail import append_event, head_path
-    from pixcell_fed.keys import fingerprint, public_key_text
+    from pixcell_fed.errors import UsageError
+    from pixcell_fed.keys import public_key_text
 
     from pixcell_fed.atomic import folder_lock
 
-    work_dir = Path(work_dir)
     if not reason.strip() or "\n" in reason:
         raise PrivacyLedgerError("a ledger reset needs a one-line reason", hint="pass --reason '...'")
+    officer = site.officer_fingerprint(officer_key.public_key())
+    if confirm is not None and not confirm():
+        raise UsageError("reset not confirmed; nothing was changed", hint="type 'reset' at the prompt, or pass --yes")
+    work_dir = site.work_dir
     with folder_lock(ledger_dir(work_dir), what="DP training round or ledger reset"):
         restored = _spends_in_trail(work_dir)
         path = ledger_path(work_dir)
@@ -253,15 +269,14 @@ def reset_ledger(work_dir: str | Path, officer_key, *, site: str, reason: str) -
             for p in moved:
                 shutil.move(str(p), str(aside / p.name))
             previous = aside.name
-        fields = {"site": site, "reset_time": now.isoformat(timespec="seconds"), "reason": reason.strip(),
+        fields = {"site": site.name, "reset_time": now.isoformat(timespec="seconds"), "reason": reason.strip(),
                   "previous": previous, "restored": restored}
         signature = base64.b64encode(officer_key.sign(_reset_statement(fields))).decode("ascii")
-        public = officer_key.public_key()
-        signed = {"officer": fingerprint(public), "officer_key": public_key_text(public), "signature": signature}
+        signed = {"officer": officer, "officer_key": public_key_text(officer_key.public_key()), "signature": signature}
         append_event(path, EVENT_RESET, **fields, **signed)
         append_event(trail_path(work_dir), TRAIL_RESET, reason=fields["reason"], previous=previous,
                      restored_rounds=len(restored), ledger_seq=0, **signed)
-    return {"previous": previous, "restored_rounds": len(restored), "officer": signed["officer"]}
+    return {"previous": previous, "restored_rounds": len(restored), "officer": officer}
 
 
 def ledger_status(work_dir: str | Path, *, budget: float, delta: float | None) -> dict[str, Any]:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic, write_text_atomic
+from pixcell_fed.federation.evaluation import METRIC_NAMES
+
+_METRIC_HEADERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
 
 #: What the DP figures mean (docs/federation.md, "What the guarantee covers").
 DP_GUARANTEE = ("Privacy unit: one real tile of a site's training set. Epsilon is each site's own total over every "
@@ -84,6 +87,32 @@ def _curve(history: list[dict], keys: tuple[str, ...]) -> str:
     return "".join(parts)
 
 
+def _metric_header(first: str) -> list[str]:
+    return [first, "tiles"] + [_METRIC_HEADERS[name] for name in METRIC_NAMES]
+
+
+def _sites_section(pool: dict[str, Any]) -> list[str]:
+    sites = pool.get("sites", {})
+    out = ["<h2>Sites</h2>", _table(
+        ["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "conditioning privacy",
+         "note"],
+        [[s, st.get("status"), st.get("run_id"), st.get("generator"), st.get("n_tiles"), st.get("n_received"),
+          st.get("audit_verdict"), _conditioning(st.get("conditioning")), st.get("reason")]
+         for s, st in sorted(sites.items())]),
+        f"<p>{html.escape(CONDITIONING_NOTE)}</p>"]
+    if pool.get("conditioning_requirement"):
+        out.append(f"<p>The consortium requires {html.escape(str(pool['conditioning_requirement']))}; a bundle "
+                   "offering less is rejected before any of its tiles is transferred.</p>")
+    if pool.get("ignored_nodes"):
+        out.append("<p class='bad'>Connected nodes ignored (their key is no trusted site's, or does not match the "
+                   "name they were registered under):</p><ul>"
+                   + "".join(f"<li>{html.escape(str(n))}</li>" for n in pool["ignored_nodes"]) + "</ul>")
+    if pool.get("removed_sites"):
+        out.append(f"<p>Removed from the pool (no longer in the trust file): "
+                   f"{html.escape(', '.join(pool['removed_sites']))}.</p>")
+    return out
+
+
 def render_html(report: dict[str, Any]) -> str:
     pool = report.get("pool", {})
     sites = pool.get("sites", {})
@@ -96,13 +125,7 @@ def render_html(report: dict[str, Any]) -> str:
     if twins:
         out.append(f"<p class='bad'>The synthetic tiles of {html.escape(', '.join(twins))} come from untrained twin "
                    "models (a demo or test set-up): the figures below show the plumbing, not model quality.</p>")
-    out.append("<h2>Sites</h2>")
-    out.append(_table(["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict",
-                       "conditioning privacy", "note"],
-                      [[s, st.get("status"), st.get("run_id"), st.get("generator"), st.get("n_tiles"), st.get("n_received"),
-                        st.get("audit_verdict"), _conditioning(st.get("conditioning")), st.get("reason")]
-                       for s, st in sorted(sites.items())]))
-    out.append(f"<p>{html.escape(CONDITIONING_NOTE)}</p>")
+    out += _sites_section(pool)
     training = report.get("training")
     out.append("<h2>Training</h2>")
     if training:
@@ -117,14 +140,13 @@ def render_html(report: dict[str, Any]) -> str:
     rows = []
     for site, m in sorted(report.get("evaluation", {}).items()):
         if "error" in m:
-            rows.append([site, "error: " + str(m["error"]), "", "", ""])
+            rows.append([site, "error: " + str(m["error"])] + [""] * len(METRIC_NAMES))
         else:
-            rows.append([site, int(m.get("n", 0)), m.get("accuracy"), m.get("balanced_accuracy"), m.get("macro_f1")])
+            rows.append([site, int(m.get("n", 0))] + [m.get(name) for name in METRIC_NAMES])
     pooled = report.get("pooled_evaluation") or {}
     if pooled:
-        rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0)), pooled.get("accuracy"), pooled.get("balanced_accuracy"),
-                     pooled.get("macro_f1")])
-    out.append(_table(["site", "tiles", "accuracy", "balanced accuracy", "macro F1"], rows) if rows else "<p>no evaluation</p>")
+        rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0))] + [pooled.get(name) for name in METRIC_NAMES])
+    out.append(_table(_metric_header("site"), rows) if rows else "<p>no evaluation</p>")
     dp = report.get("dp")
     if dp:
         out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")
@@ -134,9 +156,9 @@ def render_html(report: dict[str, Any]) -> str:
                           [[s, v.get("status"), v.get("rounds"), v.get("epsilon"), v.get("delta"), v.get("epsilon_remaining"),
                             v.get("examples", "not reported"), v.get("reason") or ""]
                            for s, v in sorted(dp.get("privacy", {}).items())]))
-        rows = [[s, int(m.get("n", 0)), m.get("accuracy"), m.get("balanced_accuracy"), m.get("macro_f1")]
+        rows = [[s, int(m.get("n", 0))] + [m.get(name) for name in METRIC_NAMES]
                 for s, m in sorted(dp.get("evaluation", {}).items()) if "error" not in m]
-        out.append(_table(["site (after DP fine-tune)", "tiles", "accuracy", "balanced accuracy", "macro F1"], rows))
+        out.append(_table(_metric_header("site (after DP fine-tune)"), rows))
     out.append(f"<p>Generated by pixcell-fed in {report.get('seconds', 0)} s. Only metrics left the sites.</p></body></html>")
     return "".join(out)
 

@@ -70,6 +70,10 @@ class RunLayout:
     def log_file(self) -> Path:
         return self.root / "run.log"
 
+    def rank_log_file(self, rank: int) -> Path:
+        """The log of one rank of a sharded run (rank 0 writes ``run.log``)."""
+        return self.log_file if rank == 0 else self.root / f"run.rank{rank}.log"
+
     @property
     def state_file(self) -> Path:
         """``run.json``: the run's state (read by ``site-agent status``) and its finished stages."""

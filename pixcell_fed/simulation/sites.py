@@ -98,6 +98,8 @@ def make_site(folder: str | Path, *, name: str, models: TwinModels, slides: Sequ
         "site": {"name": name, "slides_dir": "slides", "work_dir": "work"},
         "models": {"pixcell_dir": str(models.pixcell_dir), "vae_dir": str(models.vae_dir),
                    "encoder": models.encoder, "encoder_dir": str(models.encoder_dir), "device": "cpu"},
+        # every simulated slide is cut from the same real slide, so there are no patients to hold out
+        "split": {"unit": "slide"},
     }
     if labels:
         (folder / "labels.csv").write_text("slide,label\n" + "".join(f"{k},{v}\n" for k, v in sorted(labels.items())))

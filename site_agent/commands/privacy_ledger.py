@@ -21,7 +21,9 @@ def register(subparsers) -> None:
         "privacy-ledger-reset", help="privacy officer: replace a damaged privacy ledger (signed, in the audit trail)",
         description="Move the current privacy ledger aside (kept), start a new one carrying over every DP round the "
                     "audit trail recorded (a reset never forgets privacy spent), sign the reset with the officer's "
-                    "key and record it in the audit trail. Refused when the audit trail itself is broken.")
+                    "key and record it in the audit trail. Only a privacy officer the site lists in site.yaml "
+                    "(keys.officers) may reset: any other key exits 3, and nothing is changed. Refused when the "
+                    "audit trail itself is broken.")
     r.add_argument("--config", required=True, metavar="FILE", help="site.yaml")
     r.add_argument("--key", required=True, metavar="OFFICER_KEY", help="the privacy officer's private key file")
     r.add_argument("--passphrase-env", metavar="VAR", default=None, help="environment variable holding the key's passphrase")
@@ -58,7 +60,15 @@ def run_status(args: argparse.Namespace) -> int:
     return int(ExitCode.OK) if status["ok"] else int(ExitCode.PRIVACY_REFUSED)
 
 
+def _confirm_reset() -> bool:
+    """Asked only after the key was found among the site's officers."""
+    print("Type 'reset' to replace the ledger (every round the audit trail recorded is carried over): ",
+          end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip() == "reset"
+
+
 def run_reset(args: argparse.Namespace) -> int:
+    from pixcell_fed.bundle.approval import SiteAuthority
     from pixcell_fed.config import load_site_config
     from pixcell_fed.errors import UsageError
     from pixcell_fed.federation.dp_ledger import reset_ledger
@@ -72,12 +82,8 @@ def run_reset(args: argparse.Namespace) -> int:
     if site_pub.is_file() and public_key_raw(load_public_key(site_pub)) == public_key_raw(key.public_key()):
         raise UsageError("the officer key is the site's own signing key",
                          hint="the privacy officer resets with a key of their own ('site-agent officer-key')")
-    if not args.yes:
-        print("Type 'reset' to replace the ledger (every round the audit trail recorded is carried over): ",
-              end="", file=sys.stderr, flush=True)
-        if sys.stdin.readline().strip() != "reset":
-            raise UsageError("reset not confirmed; nothing was changed", hint="type 'reset' at the prompt, or pass --yes")
-    result = reset_ledger(cfg.site.work_dir, key, site=cfg.site.name, reason=args.reason)
+    result = reset_ledger(SiteAuthority.from_config(cfg), key, reason=args.reason,
+                          confirm=None if args.yes else _confirm_reset)
     kept = f"; the old ledger is kept in {result['previous']}" if result["previous"] else ""
     print(f"privacy ledger reset by {result['officer']}: {result['restored_rounds']} round(s) carried over{kept}")
     return 0
