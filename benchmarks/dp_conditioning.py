@@ -10,7 +10,7 @@ and records:
   and H->T in the copy detector's space, and of each synthetic tile to its own source), from ``run_audit``;
 - fidelity in the conditioning encoder's space: the Frechet distance ratio FD(S, T) / FD(H, T) (1 = as close to T
   as new real tissue) and k-NN precision and recall (Kynkaenniemi et al. 2019, k = 5) of S against T. These come
-  from a small local helper (below) until the audit's shared fidelity module (issue 15) lands on main.
+  from the audit's own fidelity module (``pixcell_fed/audit/fidelity_metrics.py``).
 
 By default it runs on a simulated site: slides written from the real CMU-1-Small-Region H&E slide, with the tiny
 UNTRAINED twins. That checks the pipeline and the measurement, not the trade-off: untrained twins generate
