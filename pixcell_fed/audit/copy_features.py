@@ -131,18 +131,26 @@ def read_tile(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Thumbnails and descriptors of tile files, read in a small thread pool (cv2 releases the GIL)."""
+def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", workers: int = 2,
+                   work_side: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Thumbnails, descriptors and (with ``work_side``) the uint8 grayscale working images of region-level copy
+    detection (:func:`pixcell_fed.audit.keypoints.work_image`) of tile files, each file read once, in a small
+    thread pool (cv2 releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from pixcell_fed.audit.keypoints import work_image
     from pixcell_fed.progress import progress
 
     thumbs = np.empty((len(paths), GRAY_SIZE, GRAY_SIZE), dtype=np.float32)
+    works = None if work_side is None else np.empty((len(paths), work_side, work_side), dtype=np.uint8)
 
     def one(i: int) -> None:
-        thumbs[i] = to_gray_thumb(read_tile(paths[i]))
+        tile = read_tile(paths[i])
+        thumbs[i] = to_gray_thumb(tile)
+        if works is not None:
+            works[i] = work_image(tile, work_side)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in progress(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="tile"):
             pass
-    return thumbs, descriptor_from_thumb(thumbs)
+    return thumbs, descriptor_from_thumb(thumbs), works

@@ -43,6 +43,24 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
     "mia_auc_fail": "Membership-inference AUC above which the test fails, when significantly above 0.5.",
     "min_holdout": "Smallest holdout set the audit accepts: fewer tiles cannot calibrate a null (house default).",
     "min_holdout_ratio": "Smallest |H| / |T| accepted: audit.md asks |H| >= |T| / 2, ideally equal.",
+    # Region-level copy detection (pixcell_fed/audit/region_copy.py); figures from docs/audit.md, "Region copies".
+    "region_copy_min_fraction": "Smallest copied region that flags a synthetic tile, as a share of its area (issue 17: "
+                                "a quarter, 128 x 128 px of a 256 px tile, the same share of a 1024 px tile). The "
+                                "measured region falls short of the true one along its border, so a tile is flagged "
+                                "when it reaches 0.8 x this share. Calibrated on pairs of overlapping tiles of the real "
+                                "CMU-1 slide: 25% overlaps measure >= 0.219 in 95% of pairs, 18.75% overlaps <= 0.19, "
+                                "12.5% overlaps <= 0.125; held-out tiles and non-overlapping neighbours measure 0.",
+    "region_copy_min_inliers": "Keypoint matches a similarity transform (RANSAC) must explain before the pixel check. "
+                               "Calibrated on the real CMU-1 slide: planted quarter-tile copies give >= 16 inliers, "
+                               "held-out tiles against the conditioning tiles never pass the transform and pixel "
+                               "checks together even at 3.",
+    "region_copy_correlation": "Local normalised correlation of aligned, band-passed tissue that counts as the same "
+                               "tissue (Gaussian window of nuclei scale). Calibrated on the real CMU-1 slide: aligned "
+                               "copies, blurred or restained, correlate at a median >= 0.8; unrelated tissue at its "
+                               "best RANSAC alignment leaves no region at 0.6.",
+    "region_copy_candidates": "Real tiles (or mirror images) verified per synthetic tile, nearest by VLAD similarity of "
+                              "local SIFT descriptors; on the real CMU-1 slide every planted region copy was found "
+                              "among the first 5.",
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pixcell_fed.audit import features as F
+from pixcell_fed.audit import region_copy as rc
 from pixcell_fed.audit import statistics as st
 from pixcell_fed.audit.gate import FAIL, NA, PASS, WARN, TestResult, status_two_sided, verdict_of
 from pixcell_fed.audit.identifiers import scan_for_identifiers
@@ -56,20 +57,27 @@ class _PerTile:
     pixel_match: np.ndarray
     z: np.ndarray
     ratio: np.ndarray
+    region: rc.RegionCopies | None = None
 
     @property
     def nn_sim(self) -> np.ndarray:
         return self.top.sims[:, 0]
 
     def copy(self, cfg: AuditConfig) -> np.ndarray:
-        return np.nan_to_num(self.pixel, nan=-1.0) >= cfg.copy_pixel_confirm
+        """Whole-tile copies (pixel-confirmed) and region copies (geometrically and pixel-confirmed)."""
+        whole = np.nan_to_num(self.pixel, nan=-1.0) >= cfg.copy_pixel_confirm
+        return whole if self.region is None else whole | self.region.flagged(cfg.region_copy_min_fraction)
 
 
-def _per_tile(queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, null: st.NullModel | None, top=None) -> _PerTile:
+def _per_tile(queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, null: st.NullModel | None, top=None,
+              region_index: rc.RealIndex | None = None) -> _PerTile:
     top = F.search_real(queries, t, cfg.top_k, device=cfg.device) if top is None else top
     pixel, match = F.confirm_candidates(queries, t, top, cfg.copy_similarity)
     z = null.z(top.sims[:, 0]) if null is not None else np.zeros(len(queries))
-    return _PerTile(top, pixel, match, z, st.nn_distance_ratio(top.sims))
+    region = None if region_index is None else rc.find_region_copies(
+        queries.work, region_index, candidates=cfg.region_copy_candidates, min_inliers=cfg.region_copy_min_inliers,
+        correlation=cfg.region_copy_correlation, device=cfg.device)
+    return _PerTile(top, pixel, match, z, st.nn_distance_ratio(top.sims), region)
 
 
 def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], holdout: Sequence[str | Path], *,
@@ -94,15 +102,17 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     log.info("audit: |S|=%d |T|=%d |H|=%d, mapping %s", len(roles.synthetic), len(roles.reference),
              len(roles.holdout), "given" if roles.has_mapping else "absent")
     rng = np.random.default_rng(cfg.seed)
-    s_set = F.TileSet.from_files(roles.synthetic, "synthetic")
-    t_set = F.TileSet.from_files(roles.reference, "reference")
-    h_set = F.TileSet.from_files(roles.holdout, "holdout")
+    work_side = rc.kp.WORK_SIDE if cfg.region_copy else None
+    s_set = F.TileSet.from_files(roles.synthetic, "synthetic", work_side=work_side)
+    t_set = F.TileSet.from_files(roles.reference, "reference", work_side=work_side)
+    h_set = F.TileSet.from_files(roles.holdout, "holdout", work_side=work_side)
+    region_index = rc.RealIndex.build(t_set.work, seed=cfg.seed) if cfg.region_copy else None
 
     # The null: H against T, as if H were synthetic.
     h_top = F.search_real(h_set, t_set, cfg.top_k, device=cfg.device)
     null = st.NullModel.fit(h_top.sims[:, 0])
-    h_tile = _per_tile(h_set, t_set, cfg, null, top=h_top)
-    s_tile = _per_tile(s_set, t_set, cfg, null)
+    h_tile = _per_tile(h_set, t_set, cfg, null, top=h_top, region_index=region_index)
+    s_tile = _per_tile(s_set, t_set, cfg, null, region_index=region_index)
     t_self = F.search_real(t_set, t_set, 1, device=cfg.device, exclude_self=True)
     t_self_dist = 1.0 - t_self.sims[:, 0] if t_self.sims.shape[1] else np.ones(len(t_set))
 
@@ -201,6 +211,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
             "paired_similarity": None if np.isnan(paired_sim[i]) else float(paired_sim[i]),
             "paired_pixel_score": None if np.isnan(paired_pixel[i]) else float(paired_pixel[i]),
             "identifier_findings": finding_rows.get(i, []),
+            "region_copy": rc.evidence(s_tile.region, i, roles.reference),
         })
     act = active
     figures = {
@@ -211,12 +222,22 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
         "roc": {"fpr": [float(x) for x in mia.fpr], "tpr": [float(x) for x in mia.tpr], "auc": mia.auc}
         if mia is not None else None,
     }
-    order = sorted(range(n_s), key=lambda i: (-np.nan_to_num(s_tile.pixel[i], nan=-1.0), -s_tile.nn_sim[i]))
-    closest = [{"synthetic": str(roles.synthetic[i]),
-                "real": str(roles.reference[int(s_tile.pixel_match[i] if s_tile.pixel_match[i] >= 0 else s_tile.top.idx[i, 0])]),
-                "similarity": float(s_tile.nn_sim[i]),
-                "pixel_score": None if np.isnan(s_tile.pixel[i]) else float(s_tile.pixel[i]),
-                "reasons": list(reasons[i])} for i in order[: cfg.closest_pairs]]
+    # Copies first (each with the matched region drawn when it is a region copy), then the closest pairs.
+    s_copy = s_tile.copy(cfg)
+    whole_copy = np.nan_to_num(s_tile.pixel, nan=-1.0) >= cfg.copy_pixel_confirm
+    region_fraction = np.zeros(n_s) if s_tile.region is None else s_tile.region.fraction
+    order = sorted(range(n_s), key=lambda i: (not s_copy[i], -np.nan_to_num(s_tile.pixel[i], nan=-1.0),
+                                              -region_fraction[i], -s_tile.nn_sim[i]))
+    shown = max(cfg.closest_pairs, min(int(s_copy.sum()), rc.FLAGGED_SHOWN))
+    closest = []
+    for i in order[:shown]:
+        region = None if whole_copy[i] or not s_copy[i] else rc.evidence(s_tile.region, i, roles.reference)
+        j = int(s_tile.pixel_match[i] if s_tile.pixel_match[i] >= 0 else s_tile.top.idx[i, 0])
+        closest.append({"synthetic": str(roles.synthetic[i]),
+                        "real": region["real"] if region else str(roles.reference[j]),
+                        "similarity": float(s_tile.nn_sim[i]),
+                        "pixel_score": None if np.isnan(s_tile.pixel[i]) else float(s_tile.pixel[i]),
+                        "reasons": list(reasons[i]), "region": region})
     report = report_json.build_report(
         cfg=cfg, verdict=verdict, roles=roles, kept=kept, rounds=rounds, tests=tests, tiles=tiles, figures=figures,
         fidelity=fidelity, closest=closest, findings=findings, identities=dict(identities or {}),
@@ -242,12 +263,20 @@ def _round_tests(cfg: AuditConfig, active: np.ndarray, s_set: F.TileSet, t_set: 
     # 1. Per-tile copy detection: any confirmed copy fails.
     copies = int(s_tile.copy(cfg)[act].sum()) if n else 0
     h_copies = int(h_tile.copy(cfg).sum())
+    region_copies = int(s_tile.region.flagged(cfg.region_copy_min_fraction)[act].sum()) if n and s_tile.region else 0
     tests.append(TestResult(
         "copy_detection", "Copies of real tiles", FAIL if copies else PASS,
-        {"copies": copies, "audited": n, "candidates_confirmed": int(np.isfinite(s_tile.pixel[act]).sum()) if n else 0},
-        {"copy_similarity": cfg.copy_similarity, "copy_pixel_confirm": cfg.copy_pixel_confirm},
+        {"copies": copies, "audited": n, "candidates_confirmed": int(np.isfinite(s_tile.pixel[act]).sum()) if n else 0,
+         "region_copies": region_copies},
+        {"copy_similarity": cfg.copy_similarity, "copy_pixel_confirm": cfg.copy_pixel_confirm,
+         **({"region_copy_min_fraction": cfg.region_copy_min_fraction,
+             "region_copy_min_inliers": cfg.region_copy_min_inliers,
+             "region_copy_correlation": cfg.region_copy_correlation} if cfg.region_copy else {})},
         f"{copies:,} of {n:,} synthetic tiles are confirmed copies of a real conditioning tile (up to rotation, flip, "
-        f"re-compression, colour change, crop or noise); real held-out tiles gave {h_copies:,} of {n_h:,}.",
+        f"re-compression, colour change, crop or noise)"
+        + (f", {region_copies:,} of them because a region of at least {cfg.region_copy_min_fraction:.0%} of the tile "
+           f"copies part of a real tile (any rotation, flip, scale 0.7-1.4)" if cfg.region_copy else "")
+        + f"; real held-out tiles gave {h_copies:,} of {n_h:,}.",
         {"copies": h_copies, "size": n_h}))
 
     # 2. Paired check s vs its own source t(s).

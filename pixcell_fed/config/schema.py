@@ -123,6 +123,11 @@ class AuditConfig:
     closest_pairs: int = 24
     device: str = "cpu"
     seed: int = 0
+    region_copy: bool = True
+    region_copy_min_fraction: float = 0.25
+    region_copy_candidates: int = 5
+    region_copy_min_inliers: int = 6
+    region_copy_correlation: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
@@ -139,6 +144,14 @@ class AuditConfig:
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
+        _check(0.0 < self.region_copy_min_fraction <= 1.0,
+               f"audit.region_copy_min_fraction must be in (0, 1] (got {self.region_copy_min_fraction})")
+        _check(1 <= self.region_copy_candidates <= 100,
+               f"audit.region_copy_candidates must be in [1, 100] (got {self.region_copy_candidates})")
+        _check(self.region_copy_min_inliers >= 3,
+               f"audit.region_copy_min_inliers must be at least 3 (got {self.region_copy_min_inliers})")
+        _check(0.0 < self.region_copy_correlation < 1.0,
+               f"audit.region_copy_correlation must be in (0, 1) (got {self.region_copy_correlation})")
 
 
 @dataclass(frozen=True)
