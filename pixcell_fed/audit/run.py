@@ -224,14 +224,14 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     }
     # Copies first (each with the matched region drawn when it is a region copy), then the closest pairs.
     s_copy = s_tile.copy(cfg)
-    whole_copy = np.nan_to_num(s_tile.pixel, nan=-1.0) >= cfg.copy_pixel_confirm
+    region_copy = np.zeros(n_s, bool) if s_tile.region is None else s_tile.region.flagged(cfg.region_copy_min_fraction)
     region_fraction = np.zeros(n_s) if s_tile.region is None else s_tile.region.fraction
-    order = sorted(range(n_s), key=lambda i: (not s_copy[i], -np.nan_to_num(s_tile.pixel[i], nan=-1.0),
-                                              -region_fraction[i], -s_tile.nn_sim[i]))
+    order = sorted(range(n_s), key=lambda i: (not s_copy[i], -max(np.nan_to_num(s_tile.pixel[i], nan=-1.0),
+                                                                  region_fraction[i]), -s_tile.nn_sim[i]))
     shown = max(cfg.closest_pairs, min(int(s_copy.sum()), rc.FLAGGED_SHOWN))
     closest = []
     for i in order[:shown]:
-        region = None if whole_copy[i] or not s_copy[i] else rc.evidence(s_tile.region, i, roles.reference)
+        region = rc.evidence(s_tile.region, i, roles.reference) if region_copy[i] else None
         j = int(s_tile.pixel_match[i] if s_tile.pixel_match[i] >= 0 else s_tile.top.idx[i, 0])
         closest.append({"synthetic": str(roles.synthetic[i]),
                         "real": region["real"] if region else str(roles.reference[j]),

@@ -3,8 +3,8 @@
 Used by the audit's tests and benchmark: regions of the slide stand in for the data roles (conditioning tiles T,
 held-out tiles H, genuinely new "synthetic" tiles). :data:`COPY_TRANSFORMS` make planted whole-tile copies,
 :data:`REGION_COPY_TRANSFORMS` planted copies of part of a real tile (halves, mosaics of quarters, rotations by any
-angle, crops and shrinks, blur, stain changes), and :func:`shifted_tile_pairs` real tiles that overlap by a given
-share, for the detector's calibration.
+angle, crops and shrinks, blur, stain changes), and :func:`overlapping_tiles` real tiles that overlap partly, for
+the region detector's calibration.
 """
 
 from __future__ import annotations
@@ -246,35 +246,42 @@ def plant_region_copies(kind: str, reals: np.ndarray, fillers: np.ndarray, rng: 
     return np.stack(out) if out else np.zeros((0, *reals.shape[1:]), np.uint8)
 
 
-def shifted_tile_pairs(overlap: float, n: int, *, seed: int, size: int = 256, min_tissue: float = 0.5
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` pairs of real tiles cut from the slide so that they overlap by ``overlap`` of a tile's area: the
-    second is the first shifted sideways, downwards or diagonally. Returns (first tiles, second tiles)."""
+def overlapping_tiles(n: int, *, seed: int, overlap_range: tuple[float, float] = (0.03, 0.6), size: int = 256,
+                      min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real tiles and query tiles that overlap them partly, cut from the slide, for calibrating region copies.
+
+    Each of the ``n`` queries is a real tile shifted sideways, downwards or diagonally so that the two share a
+    random ``overlap_range`` share of a tile's area. Returns (real tiles (n, size, size, 3), query tiles, and each
+    query's true overlap: the largest share of its area it shares with any of the real tiles).
+    """
     pixels = slide_pixels()
     mask = tissue_mask(pixels)
     rng = np.random.default_rng(seed)
-    firsts, seconds = [], []
-    attempts = 0
-    while len(firsts) < n and attempts < 100 * n:
-        attempts += 1
-        way = int(rng.integers(3))
-        if way < 2:   # a band: the shift along one axis leaves `overlap` of the tile
-            shift = int(round(size * (1.0 - overlap)))
-            dy, dx = (shift, 0) if way == 0 else (0, shift)
-        else:         # a corner: equal shifts along both axes
-            shift = int(round(size * (1.0 - np.sqrt(overlap))))
+    reals, queries, real_at, query_at = [], [], [], []
+    while len(queries) < n:
+        share = rng.uniform(*overlap_range)
+        if rng.random() < 2 / 3:   # a band: shifted along one axis
+            shift = int(round(size * (1.0 - share)))
+            dy, dx = (shift, 0) if rng.random() < 0.5 else (0, shift)
+        else:                      # a corner: shifted along both axes
+            shift = int(round(size * (1.0 - np.sqrt(share))))
             dy, dx = shift, shift
-        y = int(rng.integers(0, pixels.shape[0] - size - dy + 1))
-        x = int(rng.integers(0, pixels.shape[1] - size - dx + 1))
-        a, b = (slice(y, y + size), slice(x, x + size)), (slice(y + dy, y + dy + size), slice(x + dx, x + dx + size))
-        shared = (slice(y + dy, y + size), slice(x + dx, x + size))
-        if mask[a].mean() < min_tissue or mask[b].mean() < min_tissue or mask[shared].mean() < min_tissue:
+        dy, dx = dy * int(rng.choice([-1, 1])), dx * int(rng.choice([-1, 1]))
+        y = int(rng.integers(max(0, -dy), pixels.shape[0] - size - max(0, dy) + 1))
+        x = int(rng.integers(max(0, -dx), pixels.shape[1] - size - max(0, dx) + 1))
+        a = (slice(y, y + size), slice(x, x + size))
+        b = (slice(y + dy, y + dy + size), slice(x + dx, x + dx + size))
+        shared = (slice(max(y, y + dy), min(y, y + dy) + size), slice(max(x, x + dx), min(x, x + dx) + size))
+        if min(mask[a].mean(), mask[b].mean(), mask[shared].mean()) < min_tissue:
             continue
-        firsts.append(np.array(pixels[a]))
-        seconds.append(np.array(pixels[b]))
-    if len(firsts) < n:
-        raise ValueError(f"found only {len(firsts)} of {n} tile pairs overlapping by {overlap:.0%} with enough tissue")
-    return np.stack(firsts), np.stack(seconds)
+        reals.append(np.array(pixels[a]))
+        queries.append(np.array(pixels[b]))
+        real_at.append((y, x))
+        query_at.append((y + dy, x + dx))
+    r, q = np.array(real_at), np.array(query_at)
+    inter = (np.clip(size - np.abs(q[:, None, 0] - r[None, :, 0]), 0, None)
+             * np.clip(size - np.abs(q[:, None, 1] - r[None, :, 1]), 0, None))
+    return np.stack(reals), np.stack(queries), inter.max(axis=1) / float(size * size)
 
 
 def random_augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
