@@ -14,7 +14,8 @@ their tiled L2 distance too, reported beside it.
 Region copies (:func:`aligned_region`): once a similarity transform aligns a synthetic tile with a real one (found
 from keypoints, :mod:`pixcell_fed.audit.region_copy`), the same band-passed images are compared by *local*
 normalised correlation in a Gaussian window, and the copied region is the convex hull of the largest connected
-area where they agree. Local correlation is blind to a stain change that varies slowly across the tile.
+area where they agree, grown by the 2 px the correlation window loses at a region's border. Local correlation is
+blind to a stain change that varies slowly across the tile.
 """
 
 from __future__ import annotations
@@ -117,10 +118,15 @@ def best_aligned_variant(synthetic: np.ndarray, real: np.ndarray) -> int:
     return int(np.argmax(scores))
 
 
-REGION_BAND = (0.6 / 96, 4.5 / 96)
-"""Band-pass sigmas of :func:`aligned_region` as shares of the working image's side (0.6 and 4.5 px at 96 px)."""
-REGION_WINDOW = 4.8 / 96
-"""Sigma of the Gaussian window of the local correlation, as a share of the side (4.8 px at 96 px: nuclei scale)."""
+REGION_BAND = (0.5 / 80, 3.75 / 80)
+"""Band-pass sigmas of :func:`aligned_region` as shares of the working image's side (0.5 and 3.75 px at 80 px)."""
+REGION_WINDOW = 4.0 / 80
+"""Sigma of the Gaussian window of the local correlation, as a share of the side (4 px at 80 px: 13 px of a 256 px
+tile, the scale of a few nuclei)."""
+REGION_BORDER = 2.0 / 80
+"""The agreeing area ends a little inside a copied region's border, where the correlation window straddles copied
+and new tissue; the hull is grown by this share of the side (2 px at 80 px) to make up for it. Where the region
+ends at the edge of the real tile's footprint (overlapping tiles) the measure is clipped to the footprint."""
 TEXTURE_FLOOR = 0.05
 """Windows whose band-passed variance is below this share of the tile's median carry no structure (glass, flat
 stain) and can confirm nothing."""
@@ -171,5 +177,7 @@ def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarra
     hull = cv2.convexHull(cv2.findNonZero(component.astype(np.uint8)))
     filled = np.zeros(agree.shape, np.uint8)
     cv2.fillConvexPoly(filled, hull, 1)
+    grow = max(1, int(round(REGION_BORDER * side)))
+    filled = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
     fraction = float((filled.astype(bool) & inside).mean())
     return AlignedRegion(fraction, hull.reshape(-1, 2).astype(np.float32), float(np.median(ncc[component])))

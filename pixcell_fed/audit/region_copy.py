@@ -17,7 +17,7 @@ steps per synthetic tile, each with a well-kept implementation:
    band-passed images (:func:`pixcell_fed.audit.pixel_confirm.aligned_region`); the copied region is the convex
    hull of the largest area that agrees, measured as a share of the synthetic tile.
 
-The cost per synthetic tile is one keypoint detection on a 96 px image, one row of a small exact search and
+The cost per synthetic tile is one keypoint detection on an 80 px image, one row of a small exact search and
 ``candidates`` pair verifications, independent of how many real tiles there are (but for the search row).
 """
 
@@ -34,8 +34,8 @@ from pixcell_fed.audit.pixel_confirm import aligned_region
 
 RATIO = 0.85
 """Lowe's ratio test: a match is kept when its descriptor distance is below this share of the second nearest's."""
-RANSAC_THRESHOLD = 1.5 / kp.WORK_SIDE
-"""RANSAC reprojection threshold as a share of the working image's side (1.5 px at 96 px)."""
+RANSAC_THRESHOLD = 1.25 / 80
+"""RANSAC reprojection threshold as a share of the working image's side (1.25 px at 80 px)."""
 SCALE_RANGE = (0.6, 1.7)
 """Similarity scales accepted between a synthetic region and its real source (copies are sought at 0.7-1.4)."""
 MEASURED_SHARE = 0.8
