@@ -159,3 +159,44 @@ def test_tiles_overlapping_a_real_tile_by_less_than_the_region_are_not_flagged_a
     assert not flagged[small].any()
     assert flagged[large].mean() >= 0.95
     assert (measured - true).max() <= 0.02   # the measured region never claims more than the tiles share
+
+
+def test_the_null_stays_clear_of_the_flag_with_relaxed_settings():
+    """Margin of the defaults: held-out and new tiles against the conditioning tiles with fewer inliers required, a
+    lower correlation and four times the candidates still give no region near the flag threshold."""
+    reals, _ = stripe_tiles(T_ROLE)
+    others = np.concatenate([stripe_tiles(NEW_ROLE)[0], stripe_tiles(H_ROLE)[0]])
+    index = rc.RealIndex.build(np.stack([kp.work_image(t) for t in reals]), seed=0)
+    found = rc.find_region_copies(np.stack([kp.work_image(t) for t in others]), index, candidates=20, min_inliers=3,
+                                  correlation=0.4)
+    inliers = max([m.inliers for m in found.matches if m] or [0])
+    print(f"null, relaxed (3 inliers, correlation 0.4, 20 candidates): largest region {found.fraction.max():.3f}, "
+          f"{int((found.fraction > 0).sum())} of {len(others)} tiles with any region, at most {inliers} inliers")
+    assert found.fraction.max() < 0.5 * rc.flag_threshold(AuditConfig().region_copy_min_fraction)
+    assert inliers < AuditConfig().region_copy_min_inliers
+
+
+@pytest.mark.slow
+def test_region_copies_are_found_among_many_overlapping_real_tiles():
+    """The candidate search at scale: 1,000 more real tiles from the same stripes (overlapping each other and the
+    copied tiles, rotated, flipped, colour-jittered) join the conditioning set."""
+    from pixcell_fed.testing.audit_tiles import random_augment, random_region_tiles, slide_pixels
+
+    reals, _ = stripe_tiles(T_ROLE)
+    news, _ = stripe_tiles(NEW_ROLE)
+    rng = np.random.default_rng(0)
+    height = slide_pixels().shape[0]
+    stripes = [(y0, min(height, y0 + 384)) for k, y0 in enumerate(range(0, height, 384)) if k % 3 == T_ROLE]
+    extra = np.concatenate([random_region_tiles(1000 // len(stripes), y0, y1, seed=i, min_tissue=0.4)
+                            for i, (y0, y1) in enumerate(stripes)])
+    extra = np.stack([random_augment(t, rng) for t in extra])
+    index = rc.RealIndex.build(np.stack([kp.work_image(t) for t in np.concatenate([reals, extra])]), seed=0)
+    cfg = AuditConfig()
+    for kind in REGION_COPY_TRANSFORMS:
+        copies = plant_region_copies(kind, reals, news, rng)
+        found = rc.find_region_copies(np.stack([kp.work_image(t) for t in copies]), index,
+                                      candidates=cfg.region_copy_candidates, min_inliers=cfg.region_copy_min_inliers,
+                                      correlation=cfg.region_copy_correlation)
+        share = float(found.flagged(cfg.region_copy_min_fraction).mean())
+        print(f"{kind} among {len(index):,} real tiles: {share:.1%} flagged")
+        assert share >= 0.95, kind
