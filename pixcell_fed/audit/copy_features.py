@@ -27,8 +27,8 @@ DCT_K = 12
 DESCRIPTOR_NAME = f"gray{GRAY_SIZE}-dct{DCT_K}-dihedral"
 
 
-def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
-    """A uint8 RGB (H, W, 3) or gray (H, W) tile as a float32 (size, size) grayscale thumbnail in [0, 1]."""
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """A uint8 RGB (H, W, 3), RGBA or gray (H, W) tile as a 2-D grayscale array."""
     import cv2
 
     arr = np.asarray(image)
@@ -38,7 +38,14 @@ def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
         arr = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
     if arr.ndim != 2:
         raise ValueError(f"expected an image of shape (H, W, 3) or (H, W), got {np.asarray(image).shape}")
-    thumb = cv2.resize(arr.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return arr
+
+
+def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
+    """A uint8 RGB (H, W, 3) or gray (H, W) tile as a float32 (size, size) grayscale thumbnail in [0, 1]."""
+    import cv2
+
+    thumb = cv2.resize(to_gray(image).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
     return thumb / 255.0
 
 

@@ -65,13 +65,9 @@ def work_image(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     """A uint8 RGB (H, W, 3) or gray (H, W) tile as a uint8 (side, side) grayscale working image."""
     import cv2
 
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[..., :3]
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
-    if arr.ndim != 2:
-        raise ValueError(f"expected an image of shape (H, W, 3) or (H, W), got {np.asarray(image).shape}")
+    from pixcell_fed.audit.copy_features import to_gray
+
+    arr = to_gray(image)
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     return cv2.resize(arr, (side, side), interpolation=cv2.INTER_AREA)
