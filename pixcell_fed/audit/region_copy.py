@@ -105,7 +105,9 @@ class RealIndex:
     keys: np.ndarray
 
     @classmethod
-    def build(cls, works: np.ndarray, *, seed: int, workers: int = 2) -> "RealIndex":
+    def build(cls, works: np.ndarray, *, seed: int = 0, workers: int = 2) -> "RealIndex":
+        """Keypoints of the real working images (N, side, side) and the vocabulary fitted on them; ``seed`` fixes
+        the k-means and PCA sampling, so the same real tiles give the same index."""
         points = kp.detect_all(works, workers=workers, desc="finding keypoints of real tiles")
         vocabulary = kp.Vocabulary.fit(points, seed=seed)
         if vocabulary is None:

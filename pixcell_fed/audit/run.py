@@ -106,7 +106,7 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     s_set = F.TileSet.from_files(roles.synthetic, "synthetic", work_side=work_side)
     t_set = F.TileSet.from_files(roles.reference, "reference", work_side=work_side)
     h_set = F.TileSet.from_files(roles.holdout, "holdout", work_side=work_side)
-    region_index = rc.RealIndex.build(t_set.work, seed=cfg.seed) if cfg.region_copy else None
+    region_index = rc.RealIndex.build(t_set.work) if cfg.region_copy else None
 
     # The null: H against T, as if H were synthetic.
     h_top = F.search_real(h_set, t_set, cfg.top_k, device=cfg.device)
