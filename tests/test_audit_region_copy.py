@@ -64,7 +64,8 @@ def test_a_rotated_mirrored_half_copy_is_found_with_its_geometry(tiles):
     assert found.fraction >= rc.flag_threshold(CFG.region_copy_min_fraction)
 
 
-@pytest.mark.parametrize("kind, scale, fraction", [("shrink80", 1.25, (0.45, 0.65)), ("crop70_resize", 0.7, (0.7, 1.0))])
+@pytest.mark.parametrize("kind, scale, fraction",
+                         [("shrink80", 1.25, (0.45, 0.65)), ("crop70_resize", 0.7, (0.7, 1.0))])
 def test_the_scale_of_a_rescaled_copy_is_recovered(tiles, kind, scale, fraction):
     reals, news = tiles
     copy = plant_region_copies(kind, reals[20:21], news[7:8], np.random.default_rng(1))[0]

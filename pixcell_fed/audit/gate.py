@@ -52,16 +52,16 @@ THRESHOLD_PROVENANCE: dict[str, str] = {
                                 "the true overlap by more than 0.006; overlaps under 18.75% were never flagged, "
                                 "overlaps of 25-30% in 24 of 25 pairs, larger ones always; planted quarter-tile "
                                 "mosaics measured >= 0.25 (p5 0.257) and were all flagged.",
-    "region_copy_min_inliers": "Keypoint matches the similarity transform (RANSAC) must explain before the pixel check. "
-                               "Calibrated on the real CMU-1 slide: planted region copies give >= 10 inliers (quarter "
+    "region_copy_min_inliers": "Keypoint matches the similarity transform (RANSAC) must explain before the pixel "
+                               "check. Calibrated on the real CMU-1 slide: planted region copies give >= 10 inliers (quarter "
                                "mosaics, 70% crops), held-out and new tiles against the conditioning tiles at most 4.",
     "region_copy_correlation": "Local normalised correlation of aligned, band-passed tissue that counts as the same "
                                "tissue. Calibrated on the real CMU-1 slide: planted region copies (blurred, restained, "
                                "rotated, rescaled) correlate at a median >= 0.90 inside the region; unrelated tissue "
                                "leaves no region even with relaxed settings (3 inliers, correlation 0.4: largest "
                                "region 0.08 of a tile).",
-    "region_copy_candidates": "Real tiles (or mirror images) verified per synthetic tile, nearest by VLAD similarity of "
-                              "local SIFT descriptors: every planted region copy on the real CMU-1 slide was confirmed "
+    "region_copy_candidates": "Real tiles (or mirror images) verified per synthetic tile, nearest by VLAD similarity "
+                              "of local SIFT descriptors: every planted region copy on the real CMU-1 slide was confirmed "
                               "among the first 5, also among 1,000 overlapping distractor tiles.",
 }
 

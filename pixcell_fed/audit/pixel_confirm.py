@@ -142,7 +142,8 @@ class AlignedRegion:
     correlation: float
 
 
-def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarray, *, threshold: float) -> AlignedRegion:
+def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarray, *,
+                   threshold: float) -> AlignedRegion:
     """The region of ``synthetic`` that matches ``real`` once aligned by ``transform`` (2 x 3, synthetic pixels ->
     real pixels; both square grayscale working images): the convex hull of the largest connected area whose local
     normalised correlation of band-passed images reaches ``threshold``, clipped to where the real tile lies."""

@@ -230,18 +230,18 @@ def evidence(copies: RegionCopies | None, i: int, real_names: Sequence[Any]) -> 
     return {"real": str(real_names[match.real]), **match.to_dict()}
 
 
-def draw_region_pair(synthetic: np.ndarray, real: np.ndarray, evidence: dict[str, Any], side: int = 128
+def draw_region_pair(synthetic: np.ndarray, real: np.ndarray, region: dict[str, Any], side: int = 128
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the on-site report: the synthetic tile and the real tile (uint8 RGB, any size) at ``side`` px with the
-    matched region outlined on both, and the real tile aligned onto the synthetic one (same outline): where the
-    region is a copy, the first and third images show the same tissue in the same place."""
+    matched region (``region``, as :func:`evidence` gives it) outlined on both, and the real tile aligned onto the
+    synthetic one (same outline): where the region is a copy, the first and third show the same tissue."""
     import cv2
 
     syn = cv2.resize(np.ascontiguousarray(synthetic), (side, side), interpolation=cv2.INTER_AREA)
     rea = cv2.resize(np.ascontiguousarray(real), (side, side), interpolation=cv2.INTER_AREA)
     to_px = np.diag([side, side, 1.0])
     from_px = np.diag([1.0 / side, 1.0 / side, 1.0])
-    unit = np.vstack([np.asarray(evidence["transform"], dtype=np.float64), [0.0, 0.0, 1.0]])
+    unit = np.vstack([np.asarray(region["transform"], dtype=np.float64), [0.0, 0.0, 1.0]])
     aligned = cv2.warpAffine(rea, (to_px @ unit @ from_px)[:2], (side, side),
                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
     colour = (255, 0, 255)
@@ -253,5 +253,5 @@ def draw_region_pair(synthetic: np.ndarray, real: np.ndarray, evidence: dict[str
             cv2.polylines(out, [pts.reshape(-1, 1, 2)], isClosed=True, color=colour, thickness=2)
         return out
 
-    return (outlined(syn, evidence["outline_synthetic"]), outlined(rea, evidence["outline_real"]),
-            outlined(aligned, evidence["outline_synthetic"]))
+    return (outlined(syn, region["outline_synthetic"]), outlined(rea, region["outline_real"]),
+            outlined(aligned, region["outline_synthetic"]))
