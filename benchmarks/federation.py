@@ -1,5 +1,6 @@
-"""Federation benchmark: pooling ~300 MB from three sites over the loopback Flower deployment (TLS, site
-authentication) against a plain loopback HTTP copy of the same bytes, and the classifier recipe's training
+"""Federation benchmark: pooling ~300 MB from three sites over the locked-down loopback Flower deployment (TLS,
+site authentication, the coordinator's Fleet front, the sites' pinned launchers) against a plain loopback HTTP copy
+of the same bytes, and the classifier recipe's training
 throughput against a bare timm training loop on the same tiles.
 
 Run from the repository root::
@@ -82,22 +83,41 @@ def http_copy(dirs: dict[str, Path], dest: Path) -> tuple[float, int]:
 
 
 def deployment_pool(root: Path, bundles: dict[str, Path], trust: Path, chunk_mb: float) -> dict:
-    """Run the coordinator app over SuperLink + 3 SuperNodes (TLS, auth); returns the pool report."""
-    from pixcell_fed.federation import deployment as D
+    """Run the coordinator app over the locked-down deployment the sites run: 'coordinator serve' (SuperLink on
+    loopback behind the Fleet front), 'coordinator register-site''s key check, three 'site-agent serve' (SuperNode
+    in process isolation + the pinned launcher). Returns the pool report."""
+    import sys
 
-    flwr_home, logs, work = root / "flwr_home", root / "logs", root / "coordinator"
-    tls = D.make_tls(root / "certs")
+    import yaml
+
+    from pixcell_fed.bundle.trust import add_site_to_trust_file, load_trust
+    from pixcell_fed.federation import deployment as D
+    from pixcell_fed.federation.app_bundle import app_sha256
+    from pixcell_fed.federation.services import start_coordinator_serve
+
+    flwr_home, logs, work, certs = root / "flwr_home", root / "logs", root / "coordinator", root / "certs"
+    env = {**D.flower_env(flwr_home), "PIXCELL_FED_NO_PROGRESS": "1"}
+    entries = yaml.safe_load(trust.read_text())["sites"]
+    keys = {site: D.make_site_auth_key(root / "keys", site) for site in bundles}
+    for site in bundles:
+        add_site_to_trust_file(trust, site, signing_key=entries[site]["signing_key"], officers=entries[site]["officers"],
+                               auth_key=keys[site][1].read_text())
+    port, internal = D.free_port(), D.free_port()
     procs = []
     try:
-        port = D.free_port()
-        procs.append(D.start_superlink(port=port, tls=tls, node_auth=True, flwr_home=flwr_home, log_dir=logs))
-        D.write_flwr_config(flwr_home, "bench", f"127.0.0.1:{port}", root_certificates=tls.ca_cert)
+        procs.append(start_coordinator_serve(certs, port=port, internal_port=internal, env=env, log_path=logs / "serve.log"))
+        store, pin = load_trust(trust), app_sha256()
         for site, bundle in bundles.items():
-            private, public = D.make_site_auth_key(root / "keys", site)
-            D.register_site(public, "bench", site, flwr_home=flwr_home)
-            procs.append(D.start_supernode(site, superlink=f"127.0.0.1:{port}", port=D.free_port(),
-                                           node_config={"site-name": site, "bundle-dir": str(bundle)}, flwr_home=flwr_home,
-                                           log_dir=logs, root_certificates=tls.ca_cert, auth_private_key=private))
+            D.register_site(keys[site][1], site, trust=store, superlink=f"127.0.0.1:{internal}", ca_cert=certs / "ca.crt",
+                            flwr_home=flwr_home, connection="bench")
+            config = root / f"{site}.yaml"
+            config.write_text(yaml.safe_dump({
+                "site": {"name": site, "work_dir": str(bundle.parents[2])},
+                "federation": {"superlink": f"127.0.0.1:{port}", "root_certificates": str(certs / "ca.crt"),
+                               "auth_private_key": str(keys[site][0]), "port": D.free_port(), "bundle_dir": str(bundle),
+                               "app_sha256": pin}}))
+            procs.append(D.Process(f"site-{site}", [sys.executable, "-m", "site_agent.cli", "serve", "--config", str(config)],
+                                   log_path=logs / f"site-{site}.log", env=env))
         settings = D.write_run_config(root / "run.toml", {
             "work-dir": str(work), "trust-file": str(trust), "expected-sites": ",".join(bundles), "min-sites": len(bundles),
             "chunk-mb": chunk_mb, "arch": "vit_tiny_patch16_224", "img-size": 32, "epochs": 1, "evaluate": False,
@@ -212,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = (
         "| measure | pixcell-fed | baseline | ratio |\n|---|---|---|---|\n"
-        f"| pool {mb:.0f} MB from 3 sites (s) | {figures['flower_pool_s']} (Flower, TLS + auth, verified) | "
+        f"| pool {mb:.0f} MB from 3 sites (s) | {figures['flower_pool_s']} (Flower, TLS + auth + Fleet front, verified) | "
         f"{figures['http_copy_s']} (loopback HTTP copy) | {figures['pool_vs_http_time_ratio']}x |\n"
         f"| training throughput (images/s, ViT 4-layer, 64 px) | {figures['recipe_images_per_s']} (classifier recipe) | "
         f"{figures['bare_timm_images_per_s']} (bare timm loop) | {figures['recipe_vs_bare']}x |\n"

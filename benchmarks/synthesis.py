@@ -6,6 +6,7 @@ Run from the repository root:
     python -m benchmarks.synthesis --gpu           # + full-size PixCell-256 on one CUDA GPU (target >= 25 tiles/s on an H100)
     python -m benchmarks.synthesis --gpu --dry-run # the GPU code path at tiny size on the CPU (checks it runs; records nothing)
     python -m benchmarks.synthesis --threads 1     # steadier CPU timings on a busy shared machine
+    python -m benchmarks.synthesis --processes 2   # sharded: 2 torchrun processes against 1, 1 thread each (>= 1.7x)
 
 CPU mode: tiny random twins written in the published layout and loaded by the real loader; ``PixCellPipeline.generate``
 (20 steps, guidance 2.0) is timed against a bare loop written here that makes the same transformer, scheduler and
@@ -13,7 +14,7 @@ VAE calls. The two are interleaved; the overhead is taken from the best of sever
 on a shared 2-core machine single runs are sometimes slowed many-fold by other processes; medians are reported too.
 
 GPU mode: the full-size PixCell-256 architecture (608 M parameters, random weights), a UNI2-h-sized encoder and an
-SD3.5-sized VAE (random weights), bf16 transformer and encoder, bf16 VAE decode, 20 steps with guidance: tiles per
+SD3.5-sized VAE (random weights), bf16 transformer, fp32 encoder (as PixCell extracted its conditioning), bf16 VAE decode, 20 steps with guidance: tiles per
 second from uint8 tiles in to uint8 tiles out, beside a naive batch-1 fp32 loop and the FLOP bound (FLOPs per tile
 counted on the meta device; peak from ``--peak-tflops``, 790 for an H100 as in the issue).
 """
@@ -86,7 +87,7 @@ def cpu_overhead(repeats: int, n_tiles: int, steps: int) -> dict[str, Any]:
     """Tiny twins via the real loader: pipeline.generate vs bare_generate, interleaved, medians."""
     from pixcell_fed.generation import load_pixcell
     from pixcell_fed.generation.sampler import seeds_for
-    from pixcell_fed.testing.twins import TWIN_COND_DIM, save_tiny_pixcell, save_tiny_vae
+    from pixcell_fed.simulation.twins import TWIN_COND_DIM, save_tiny_pixcell, save_tiny_vae
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = load_pixcell(save_tiny_pixcell(Path(tmp) / "p256", 256), save_tiny_vae(Path(tmp) / "vae"), device="cpu")
@@ -159,12 +160,12 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
     import torch
     from diffusers import AutoencoderKL
 
-    from pixcell_fed.encoders.base import Encoder
+    from pixcell_fed.encoders.base import Encoder, EncoderFolder
     from pixcell_fed.encoders.uni import build_uni, uni_twin_kwargs
     from pixcell_fed.generation.loader import DEFAULT_SCHEDULER_CONFIG
     from pixcell_fed.generation.sampler import PixCellPipeline, seeds_for
     from pixcell_fed.generation.transformer import PixCellTransformer2DModel
-    from pixcell_fed.testing.twins import tiny_pixcell_config, tiny_vae_config
+    from pixcell_fed.simulation.twins import tiny_pixcell_config, tiny_vae_config
 
     device = torch.device(device_name)
     fast_dtype = torch.bfloat16
@@ -184,8 +185,10 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast about fp32-kept modules (there are none).
         transformer = torch.nn.Module.to(copy.deepcopy(transformer), dtype=dtype).eval().requires_grad_(False)
         vae = torch.nn.Module.to(copy.deepcopy(vae), dtype=vae_dtype).eval().requires_grad_(False)
-        enc = Encoder(copy.deepcopy(encoder_model).to(dtype=dtype), name="uni2-h-sized (random)", architecture="vit_giant_patch14_224",
-                      dim=transformer.config.caption_channels, weights_file=None, weights_sha256="random")
+        # UNI2-h embeds in float32 on every device, as the site pipeline runs it (PixCell's conditioning was fp32).
+        found = EncoderFolder(name="uni2-h-sized (random)", weights_file=None, architecture="vit_giant_patch14_224",
+                              dim=transformer.config.caption_channels)
+        enc = Encoder(copy.deepcopy(encoder_model).to(dtype=torch.float32), found, weights_sha256="random")
         return enc, PixCellPipeline(transformer, vae, dict(DEFAULT_SCHEDULER_CONFIG), twin=True)
 
     enc_fast, pipe_fast = pipeline(t32, v32, e32, fast_dtype, fast_vae_dtype)
@@ -217,12 +220,110 @@ def gpu_throughput(device_name: str, n_tiles: int, batch: int | None, naive_tile
         "gpu_tiles": n_tiles,
         "gpu_batch": bs,
         "gpu_steps": steps,
-        "gpu_dtype": "bf16 transformer+encoder, bf16 VAE" if device.type == "cuda" else "bf16 transformer+encoder, fp32 VAE",
+        "gpu_dtype": "bf16 transformer, fp32 encoder, " + ("bf16 VAE" if device.type == "cuda" else "fp32 VAE"),
         "gpu_tiles_per_s": round(n_tiles / t_fast, 3),
         "gpu_naive_fp32_batch1_tiles_per_s": round(naive_tiles / t_naive, 4),
         "gpu_speedup_vs_naive": round((n_tiles / t_fast) / (naive_tiles / t_naive), 2),
         "gpu_peak_mem_gib": round(peak_gb, 2) if peak_gb is not None else None,
         "gpu_target_tiles_per_s": 25.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded synthesis: N processes (torchrun, gloo) against one, on the twins, one thread each
+# ---------------------------------------------------------------------------------------------------------------
+def shard_worker(models_dir: str, tiles_dir: str, work_dir: str, steps: int, batch: int, result: str) -> None:
+    """One process of the sharded benchmark (a plain process, or one torchrun rank): the pipeline's own embedding
+    and generation stages (``_embed_conditioning`` and ``_generate``) on the tiles of ``tiles_dir``, timed on rank 0
+    between the checkpoints that all ranks pass."""
+    import hashlib
+    import json
+
+    import pandas as pd
+    import torch
+
+    from pixcell_fed.config.schema import SiteConfig, SynthesisConfig
+    from pixcell_fed.encoders import load_encoder
+    from pixcell_fed.generation import load_pixcell
+    from pixcell_fed.pipeline.distributed import launched_ranks
+    from pixcell_fed.pipeline.run_layout import RunLayout
+    from pixcell_fed.pipeline.synthesize import _embed_conditioning, _generate
+
+    torch.set_num_threads(1)
+    models = Path(models_dir)
+    cfg = SiteConfig(synthesis=SynthesisConfig(steps=steps, batch_size=batch, guidance=2.0))
+    files = sorted(p.name for p in Path(tiles_dir).glob("*.png"))
+    with launched_ranks("cpu") as ranks:
+        layout = RunLayout(Path(work_dir))
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout_tiles = layout.tiles_dir
+        if ranks.is_main and not layout_tiles.exists():
+            layout_tiles.symlink_to(Path(tiles_dir).resolve(), target_is_directory=True)
+        pipe = load_pixcell(models / "pixcell-256-twin", models / "sd35-vae-twin", device="cpu")
+        encoder = load_encoder("uni2-h-twin", models / "uni2-h-twin", device="cpu")
+        rows = pd.DataFrame({"tile_id": [Path(f).stem for f in files], "tile_file": files,
+                             "slide_file": ["bench.svs"] * len(files)})
+        ranks.checkpoint("ready")
+        t0 = time.perf_counter()
+        cond, _ = _embed_conditioning(cfg, layout, rows, pipe.variant, encoder, ranks)
+        ranks.checkpoint("embedded")
+        t1 = time.perf_counter()
+        table = _generate(cfg, layout, pipe, rows, cond, {}, ranks)
+        t2 = time.perf_counter()
+        if ranks.is_main:
+            digest = hashlib.sha256()
+            for name in sorted(table["synthetic_file"]):
+                digest.update((layout.synthetic_dir / name).read_bytes())
+            Path(result).write_text(json.dumps({"processes": ranks.world_size, "tiles": len(files), "embed_s": t1 - t0,
+                                                "generate_s": t2 - t1, "tiles_sha256": digest.hexdigest()}))
+        ranks.finish()
+
+
+def sharded_speedup(processes: int, n_tiles: int, steps: int, batch: int, repeats: int) -> dict[str, Any]:
+    """Embedding + generation of ``n_tiles`` twin tiles by ``processes`` torchrun ranks against one plain process,
+    one thread each; the best of ``repeats`` alternating runs of each (startup and model loading excluded)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import cv2
+
+    from pixcell_fed.testing.audit_tiles import random_region_tiles
+    from pixcell_fed.testing.sites import write_twin_models
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PIXCELL_FED_NO_PROGRESS": "1"}
+    runs: dict[int, list[dict]] = {1: [], processes: []}
+    with tempfile.TemporaryDirectory(prefix="pixcell-fed-sharded-") as tmp:
+        root = Path(tmp)
+        write_twin_models(root / "models")
+        tiles = root / "tiles"
+        tiles.mkdir()
+        for i, tile in enumerate(random_region_tiles(n_tiles, 0, 2220, seed=0)):
+            cv2.imwrite(str(tiles / f"tile{i:05d}.png"), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
+        for rep in range(repeats):
+            for procs in ((1, processes) if rep % 2 == 0 else (processes, 1)):
+                work, result = root / f"work-{procs}-{rep}", root / f"result-{procs}-{rep}.json"
+                worker = ["-m", "benchmarks.synthesis", "--shard-worker", str(root / "models"), str(tiles), str(work),
+                          str(steps), str(batch), str(result)]
+                launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                             "--standalone", f"--nproc_per_node={procs}"]
+                proc = subprocess.run(launch + worker, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    raise SystemExit(f"the {procs}-process run failed:\n{proc.stderr[-3000:]}")
+                runs[procs].append(json.loads(result.read_text()))
+    best = {p: min(r["embed_s"] + r["generate_s"] for r in rs) for p, rs in runs.items()}
+    hashes = {r["tiles_sha256"] for rs in runs.values() for r in rs}
+    return {
+        "sharded_processes": processes, "sharded_tiles": n_tiles, "sharded_steps": steps, "sharded_batch": batch,
+        "sharded_repeats": repeats, "threads_per_process": 1,
+        "one_process_s": round(best[1], 3), "sharded_s": round(best[processes], 3),
+        "one_process_tiles_per_s": round(n_tiles / best[1], 3),
+        "sharded_tiles_per_s": round(n_tiles / best[processes], 3),
+        "sharded_speedup": round(best[1] / best[processes], 2), "sharded_speedup_target": 1.7,
+        "sharded_embed_s": round(min(r["embed_s"] for r in runs[processes]), 3),
+        "one_process_embed_s": round(min(r["embed_s"] for r in runs[1]), 3),
+        "same_tile_bytes": len(hashes) == 1,
     }
 
 
@@ -239,7 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch in this process (default: torch's choice); 1 steadies timings on a busy machine")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak of the card for the FLOP bound")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="instead: sharded synthesis with N torchrun processes against one, 1 thread each "
+                             "(target >= 1.7x for 2)")
+    parser.add_argument("--sharded-tiles", type=int, default=48, help="tiles for --processes")
+    parser.add_argument("--sharded-batch", type=int, default=2, help="synthesis batch for --processes")
+    parser.add_argument("--quick", action="store_true", help="with --processes: a smoke-sized run, recorded nowhere")
+    parser.add_argument("--shard-worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.shard_worker:
+        models, tiles, work, steps, batch, result = args.shard_worker
+        shard_worker(models, tiles, work, int(steps), int(batch), result)
+        return 0
+    if args.processes:
+        return _record_sharded(args)
     if args.threads is not None:
         import torch
 
@@ -297,6 +411,32 @@ def main(argv: list[str] | None = None) -> int:
         headline += "; GPU throughput not measured (no GPU)"
     record("synthesis", "Synthesis (PixCell sampler)", command, figures, "\n".join(rows), headline=headline)
     return 0
+
+
+def _record_sharded(args: argparse.Namespace) -> int:
+    if args.processes < 2:
+        raise SystemExit("--processes needs at least 2 (it is compared with one process)")
+    tiles, steps, repeats = (8, 4, 1) if args.quick else (args.sharded_tiles, args.steps, 3)
+    figures = sharded_speedup(args.processes, tiles, steps, args.sharded_batch, repeats)
+    figures["quick"] = args.quick
+    table = (
+        "| tiny twins, CPU, 1 thread per process | seconds (best of "
+        f"{figures['sharded_repeats']}) | tiles/s |\n|---|---|---|\n"
+        f"| one process: embedding + generation of {tiles} tiles x {steps} steps, batch {args.sharded_batch} | "
+        f"{figures['one_process_s']} | {figures['one_process_tiles_per_s']} |\n"
+        f"| {args.processes} torchrun processes (gloo), same work | {figures['sharded_s']} | "
+        f"{figures['sharded_tiles_per_s']} |\n"
+        f"| speed-up (target >= 1.7 for 2) | {figures['sharded_speedup']}x | |\n\n"
+        f"Same tile bytes in every run: {figures['same_tile_bytes']}. Timed on rank 0 between checkpoints that every "
+        "rank passes (process start and model loading excluded); the stages are the pipeline's own "
+        "(`_embed_conditioning`, `_generate`)."
+    )
+    headline = (f"sharded synthesis {figures['sharded_speedup']}x with {args.processes} processes against 1 on the "
+                f"twins, 1 thread each (target >= 1.7x); same tile bytes: {figures['same_tile_bytes']}")
+    record("synthesis_sharded", "Sharded synthesis (torchrun, CPU processes)",
+           f"python -m benchmarks.synthesis --processes {args.processes}" + (" --quick" if args.quick else ""),
+           figures, table, headline=headline)
+    return 0 if figures["same_tile_bytes"] else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pixcell_fed.cli_support import run_cli
 COMMANDS: tuple[str, ...] = (
     "coordinator.commands.verify",
     "coordinator.commands.serve",
+    "coordinator.commands.fleet_front",
     "coordinator.commands.run",
     "coordinator.commands.trust",
     "coordinator.commands.demo",

@@ -106,7 +106,21 @@ class FederationError(PixcellFedError):
     """The Flower deployment or a pooling exchange failed."""
 
 
+class DistributedError(PixcellFedError):
+    """A rank of a sharded run (torchrun) failed, lost contact with the others or waited past its timeout."""
+
+
 class PartialSuccess(PixcellFedError):
     """The job finished, but some items failed; their reasons are in the summary."""
 
     exit_code = ExitCode.PARTIAL
+
+
+class DPRefused(PrivacyGateRefused):
+    """A DP-SGD round was refused before training: model not DP-correct, request outside the site's policy,
+    settings with no finite privacy guarantee, or the site's privacy budget would be exceeded."""
+
+
+class PrivacyLedgerError(DPRefused):
+    """The site's privacy ledger is missing, damaged or out of step with the audit trail: no DP training until a
+    privacy officer resets it (``site-agent privacy-ledger-reset``)."""

@@ -20,20 +20,29 @@ administrator's; it cannot approve.
 
    This writes `officer.key` (private, mode 0600: never share it, never copy it into the site folder) and
    `officer.pub`, and prints the public key as one line `ed25519:...`.
-2. Send that public key line to the consortium, who lists it under `sites: {name}: officers:` in the trust
-   file. The site's own public key, for `signing_key:`, is `keys/site_signing.pub` in this folder:
+2. Give that public key line to the site administrator, who adds it to this site's `site.yaml`:
+
+       keys:
+         officers:
+           - ed25519:...
+
+   Only the keys listed there can approve or reject this site's bundles. Send the same line to the consortium,
+   who lists it under `sites: {name}: officers:` in the trust file. The site's own public key, for
+   `signing_key:`, is `keys/site_signing.pub` in this folder:
 
        {public_key}
 
 3. When a run ends, `site-agent status --config site.yaml` lists the bundles awaiting approval. Review:
 
-       site-agent approve work/runs/<run>/bundle --key ~/officer-key/officer.key --passphrase-env OFFICER_PASSPHRASE
+       site-agent approve work/runs/<run>/bundle --config site.yaml --key ~/officer-key/officer.key --passphrase-env OFFICER_PASSPHRASE
 
-   shows the verdict and where the reports are, asks for confirmation and signs. To refuse:
+   checks that the bundle is intact and exactly what its run audited, shows the verdict and where the reports
+   are, asks for confirmation and signs. To refuse:
 
-       site-agent reject work/runs/<run>/bundle --reason "what is wrong"
+       site-agent reject work/runs/<run>/bundle --config site.yaml --key ~/officer-key/officer.key --reason "what is wrong"
 
-   Both are recorded in the site's audit trail (`work/audit_trail.jsonl`). See docs/privacy-officer-approval.md.
+   Both are recorded in the site's audit trail (`work/audit_trail.jsonl`) with your key's fingerprint. See
+   docs/privacy-officer-approval.md.
 """
 
 

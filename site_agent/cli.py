@@ -16,6 +16,9 @@ COMMANDS = (
     "site_agent.commands.status",
     "site_agent.commands.audit",
     "site_agent.commands.serve",
+    "site_agent.commands.privacy_ledger",
+    "site_agent.commands.app_hash",
+    "site_agent.commands.launcher",
     "site_agent.commands.doctor",
 )
 

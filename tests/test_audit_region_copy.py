@@ -3,6 +3,8 @@ pixel check, and the audit with the detector switched off (the old detector, whi
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -159,6 +161,23 @@ def test_the_old_detector_misses_region_copies_that_the_region_detector_flags(tm
         flagged[on] = [("copy" in tiles_[str(p)]["reasons"]) for p in s_paths]
     assert sum(flagged[True][20:]) == len(copies) and not any(flagged[True][:20])
     assert sum(flagged[False][20:]) <= len(copies) // 4   # the whole-tile detector sees few of them
+    copy_test = next(t for t in result.tests if t.name == "copy_detection")
+    assert copy_test.statistic["region_copies"] >= len(copies) - sum(flagged[False][20:])
+    assert f"{copy_test.statistic['region_copies']} of them because a region" in copy_test.sentence
+    _region_evidence_stays_on_site(result)
+
+
+def _region_evidence_stays_on_site(result) -> None:
+    """The on-site report has the evidence of every region copy; neither shareable file has any of it."""
+    on_site = [t["region_copy"] for t in result.report["tiles"] if t["region_copy"]]
+    assert on_site and all({"real", "outline_synthetic", "transform"} <= set(r) for r in on_site)
+    assert any(p["region"] for p in result.report["closest_pairs"])
+    summary = json.loads(result.summary_path.read_text())
+    assert all(set(t) == {"sha256", "kept", "flagged", "reasons", "nearest_similarity"} for t in summary["tiles"])
+    assert "closest_pairs" not in summary
+    for text in (result.summary_path.read_text(), result.summary_page_path.read_text()):
+        for evidence in ("outline_", '"transform"', '"mirrored"', "ref00", "copy00"):
+            assert evidence not in text, evidence
 
 
 @pytest.mark.parametrize("key, value", [("region_copy_min_fraction", 0.0), ("region_copy_min_fraction", 1.5),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 
@@ -9,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pixcell_fed.audit.run import run_audit
+from pixcell_fed.audit.run import SiteFacts, run_audit
 from pixcell_fed.config.schema import AuditConfig
 from pixcell_fed.errors import AuditError
 from pixcell_fed.testing.audit_tiles import COPY_TRANSFORMS, stripe_tiles, write_tiles
@@ -39,27 +40,49 @@ def clean(sets):
     mapping = {p.name: sets["T"][i % len(sets["T"])].name for i, p in enumerate(sets["new"])}
     return run_audit(sets["new"], sets["T"], sets["H"], source_of=mapping, audit_cfg=AuditConfig(),
                      out_dir=sets["root"] / "clean", identities=ident,
-                     extra_feature_spaces={"mean-colour": _mean_colour})
+                     site=SiteFacts(feature_spaces={"mean-colour": _mean_colour}))
 
 
-def test_clean_set_passes_or_warns_and_every_test_has_its_fields(clean, sets):
-    assert clean.verdict in ("PASS", "WARN")
+def test_a_small_clean_set_is_inconclusive_and_every_test_has_its_fields(clean, sets):
+    # new tissue of the same slide: nothing found, but 35 synthetic tiles against 68 held-out ones cannot show
+    # that a 5% leak is absent, so the dataset-level tests (and the verdict) say INCONCLUSIVE, not PASS
+    assert clean.verdict == "INCONCLUSIVE", [(t.name, t.status) for t in clean.tests]
     report = json.loads(clean.json_path.read_text())
     assert report["verdict"] == clean.verdict
     assert report["sizes"] == {"S": len(sets["new"]), "T": len(sets["T"]), "H": len(sets["H"]),
                                "S_kept": len(sets["new"]), "mapping": True}
     names = {t["name"]: t for t in report["tests"]}
-    assert set(names) == {"copy_detection", "paired", "outliers", "replication", "dcr", "authenticity",
-                          "membership_inference", "identifiers"}
-    assert names["copy_detection"]["status"] == "PASS" and names["paired"]["status"] == "PASS"
+    assert set(names) == {"memorisation", "copy_detection", "paired", "identifiers", "replication", "outliers",
+                          "dcr", "authenticity", "membership_inference", "membership_inference:mean-colour"}
+    assert {n: t["status"] for n, t in names.items() if t["level"] != "set"} == {
+        "memorisation": "PASS", "copy_detection": "PASS", "paired": "PASS", "identifiers": "PASS"}
+    for test in (t for t in report["tests"] if t["level"] == "set"):
+        assert test["status"] == "INCONCLUSIVE" and 0 <= test["p_value"] <= test["adjusted_p"] <= 1
+        assert test["detectable"]["share"] is None or test["detectable"]["share"] > 0.05
+        assert "Inconclusive" in test["sentence"]
     for test in report["tests"]:
         assert {"status", "statistic", "thresholds", "provenance", "sentence"} <= set(test)
         assert all(test["provenance"][k] for k in test["thresholds"])
+    assert names["membership_inference:mean-colour"]["thresholds"] == {"encoder_membership_tpr_warn": 0.05,
+                                                                       "encoder_membership_tpr_fail": 0.25}
+    stats = report["statistics"]
+    assert stats["generator_verdict"] == stats["kept_set_verdict"] == "INCONCLUSIVE" and stats["split_unit"] == "unknown"
+    best = stats["most_sensitive_test"]
+    assert best["share"] > 0.05 and best["holdout_for_target"] > len(sets["H"])
     tile = report["tiles"][0]
     assert {"file", "sha256", "flagged", "reasons", "nearest_similarity"} <= set(tile)
     assert report["identities"]["conditioning_encoder"]["weights_sha256"] == "cd" * 32
     assert report["fidelity"]["mean-colour"]["dim"] == 3 and "paired" in report["fidelity"]["mean-colour"]
-    assert 0.0 <= names["membership_inference"]["statistic"]["auc"] <= 1.0
+
+
+def test_the_first_page_says_the_set_is_too_small_how_much_would_help_and_how_t_and_h_were_split(clean):
+    html = clean.report_path.read_text()
+    too_small = html[html.index('<p id="too-small">'):]
+    too_small = too_small[: too_small.index("</p>")]
+    assert "too small to conclude" in too_small and "held-out tiles (there are 68)" in too_small
+    assert "would let it detect a 5% leak" in too_small
+    assert '<p id="split-warning">' in html and "not by patient" in html
+    assert html.index('id="too-small"') < html.index("<table>")  # on the first page, before the tests
 
 
 def test_shareable_summary_has_no_real_names_paths_or_tiles(clean, sets):
@@ -75,26 +98,66 @@ def test_shareable_summary_has_no_real_names_paths_or_tiles(clean, sets):
     validate_shareable_audit(summary)  # the bundle's allow-list accepts it as is
 
 
+def test_the_shareable_page_is_inert_and_names_no_file_of_any_role(clean, sets):
+    from pixcell_fed.bundle.html import check_inert_html
+
+    assert clean.summary_page_path == clean.summary_path.with_suffix(".html")
+    data = clean.summary_page_path.read_bytes()
+    check_inert_html(data)  # what the bundle builder and 'coordinator verify' demand
+    page = data.decode("utf-8")
+    shown = html.unescape(page)
+    for path in (*sets["new"], *sets["T"], *sets["H"]):
+        assert path.name not in shown and path.stem not in shown and str(path.parent) not in shown
+    assert str(sets["root"]) not in shown and "data:image" not in page and "<img" not in page  # no tile at all
+    summary = json.loads(clean.summary_path.read_text())
+    assert "Verdict: INCONCLUSIVE" in shown and 'id="too-small"' in page and 'id="split-warning"' in page
+    for test in summary["tests"]:  # every test with its plain sentence, from the shareable summary
+        assert html.escape(test["sentence"]) in page and html.escape(test["title"]) in page
+    assert "ab" * 32 in page and 'class="figure-hist"' in page and 'class="figure-roc"' in page
+    assert "mean-colour (3 dims)" in shown and 'id="null"' in page  # fidelity figures and the null's numbers
+
+
+def test_the_shareable_page_refuses_a_real_name_even_html_escaped(clean, tmp_path):
+    from pixcell_fed.audit.report_summary_html import write_summary_html
+    from pixcell_fed.audit.roles import DataRoles
+
+    folder = tmp_path / "scans&slides"  # '&' is written '&amp;' in the page: the check reads the page as shown too
+    roles = DataRoles((folder / "syn0001.png",), (folder / "ref0001.png",), (folder / "hold0001.png",), {})
+    summary = json.loads(clean.summary_path.read_text())
+    for leak in (str(folder), "ref0001.png"):
+        tampered = json.loads(json.dumps(summary))
+        tampered["identities"]["generator"]["note"] = leak
+        with pytest.raises(AuditError, match="shareable summary page would contain 1 file name"):
+            write_summary_html(tmp_path / "page.html", tampered, roles)
+        assert not (tmp_path / "page.html").exists()  # nothing written
+    write_summary_html(tmp_path / "page.html", summary, roles)
+    assert "Verdict: INCONCLUSIVE" in (tmp_path / "page.html").read_text()
+
+
 def test_summary_refuses_to_carry_a_real_path(sets):
     with pytest.raises(AuditError, match="shareable audit summary"):
         run_audit(sets["new"][:5], sets["T"], sets["H"], out_dir=sets["root"] / "leak",
                   identities={"encoder": {"weights_dir": str(sets["T"][0].parent)}})
 
 
-def test_a_copy_fails_without_dropping_and_dropping_it_passes(sets):
+def test_a_copy_fails_without_dropping_and_dropping_it_leaves_the_memorisation_warning(sets):
     synthetic = sets["new"] + [sets["copy"]]
     failed = run_audit(synthetic, sets["T"], sets["H"], audit_cfg=AuditConfig(drop_flagged=False),
                        out_dir=sets["root"] / "nodrop")
     assert failed.verdict == "FAIL"
     tile = next(t for t in failed.report["tiles"] if t["file"] == str(sets["copy"]))
     assert "copy" in tile["reasons"] and tile["pixel_match"] == str(sets["T"][5])
-    dropped = run_audit(synthetic, sets["T"], sets["H"], audit_cfg=AuditConfig(drop_flagged=True, max_rounds=2),
-                        out_dir=sets["root"] / "drop")
-    assert dropped.verdict == "PASS", dropped.report["tests"]
+    # 1 copy of 36 tiles (2.8%) is within the 5% this test accepts as a rare accident: dropped, the warning stays
+    lenient = AuditConfig(drop_flagged=True, max_rounds=2, max_copy_share=0.05)
+    dropped = run_audit(synthetic, sets["T"], sets["H"], audit_cfg=lenient, out_dir=sets["root"] / "drop")
+    assert dropped.verdict == "WARN", dropped.report["tests"]
+    assert [t.name for t in dropped.tests if t.status in ("WARN", "FAIL")] == ["memorisation"]
     assert sets["copy"] not in dropped.kept and len(dropped.kept) == len(sets["new"])
-    assert [r["verdict"] for r in dropped.report["rounds"]] == ["FAIL", "PASS"]
+    assert [r["verdict"] for r in dropped.report["rounds"]] == ["FAIL", "WARN"]
     summary = json.loads(dropped.summary_path.read_text())
     assert len(summary["kept_sha256"]) == len(sets["new"])
+    strict = run_audit(synthetic, sets["T"], sets["H"], out_dir=sets["root"] / "default")
+    assert strict.verdict == "FAIL" and [r["tests"]["memorisation"] for r in strict.report["rounds"]] == ["FAIL"] * 2
 
 
 def test_paired_check_catches_a_copy_of_its_own_source(sets):
@@ -106,7 +169,8 @@ def test_paired_check_catches_a_copy_of_its_own_source(sets):
     assert next(t for t in res.tests if t.name == "paired").status == "FAIL"
 
 
-def test_html_report_renders_in_headless_chromium(clean, tmp_path):
+@pytest.mark.slow
+def test_both_html_reports_render_in_headless_chromium(clean, tmp_path):
     html = clean.report_path.read_text()
     assert "<svg" in html and "data:image/png;base64," in html
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -114,17 +178,22 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     url = clean.report_path.resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert f"Verdict: {clean.verdict}" in dom.stdout and "The audit passed" in dom.stdout
+    assert "Verdict: INCONCLUSIVE" in dom.stdout and "The audit is INCONCLUSIVE" in dom.stdout
     assert 'class="figure-hist"' in dom.stdout and 'class="figure-roc"' in dom.stdout
     assert dom.stdout.count('alt="nearest real"') >= 3 and 'id="percentiles"' in dom.stdout
-    shot = tmp_path / "page.png"
-    run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-    img = cv2.imread(str(shot))
-    assert img is not None and img.shape[0] >= 1000 and float(img.std()) > 20
-    banner = np.array([0x37, 0x7F, 0x1A]) if clean.verdict == "PASS" else np.array([0x1F, 0x79, 0xB7])  # BGR
-    assert (np.abs(img.astype(int) - banner).sum(axis=2) < 30).sum() > 2000  # the verdict banner was painted
+    shareable = clean.summary_page_path.resolve().as_uri()  # under its Content-Security-Policy
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", shareable], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and "Verdict: INCONCLUSIVE" in dom.stdout and 'class="figure-hist"' in dom.stdout
+    for page in (url, shareable):
+        shot = tmp_path / "page.png"
+        run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+        img = cv2.imread(str(shot))
+        assert img is not None and img.shape[0] >= 1000 and float(img.std()) > 20
+        banner = np.array([0xD8, 0x67, 0x5A])  # the INCONCLUSIVE banner's indigo, BGR: the inline styles apply
+        assert (np.abs(img.astype(int) - banner).sum(axis=2) < 30).sum() > 2000  # the verdict banner was painted
+        shot.unlink()
 
 
 def test_a_set_of_only_copies_is_dropped_entirely_and_fails_with_strict_json(sets):

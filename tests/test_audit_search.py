@@ -68,7 +68,7 @@ def _clustered(rng, n, dim=96, centers=None):
 def test_certified_bf16_first_pass_is_exact(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(3)
     keys, centers = _clustered(rng, 900)
     queries, _ = _clustered(rng, 300, centers=centers)
@@ -87,7 +87,7 @@ def test_certified_bf16_first_pass_is_exact(monkeypatch):
 def test_rows_the_bound_cannot_certify_are_recomputed_exactly(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(4)
     base = S.l2_normalize(rng.standard_normal((1, 64)).astype(np.float32))
     # 200 keys that differ from one another by far less than bf16 can resolve: no row can be certified
@@ -109,7 +109,7 @@ def _exact_order(queries, keys, k):
 def test_rows_with_crowded_neighbours_are_certified_by_the_second_tier(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(5)
     dim, group = 256, 30
     queries = S.l2_normalize(rng.standard_normal((20, dim)).astype(np.float32))
@@ -128,7 +128,7 @@ def test_rows_with_crowded_neighbours_are_certified_by_the_second_tier(monkeypat
 def test_certified_pass_is_exact_for_unnormalised_inner_products(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(6)
     keys, centers = _clustered(rng, 1200, dim=384)
     queries, _ = _clustered(rng, 200, dim=384, centers=centers)
@@ -142,7 +142,7 @@ def test_certified_pass_is_exact_for_unnormalised_inner_products(monkeypatch):
 def test_certified_pass_with_fewer_keys_than_candidates_rescores_them_all(monkeypatch):
     from pixcell_fed.audit import search as S
 
-    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a: True)
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
     rng = np.random.default_rng(7)
     keys = S.l2_normalize(rng.standard_normal((30, 64)).astype(np.float32))
     queries = S.l2_normalize(rng.standard_normal((10, 64)).astype(np.float32))
@@ -154,3 +154,69 @@ def test_certified_pass_with_fewer_keys_than_candidates_rescores_them_all(monkey
     np.fill_diagonal(exact, -np.inf)
     assert own.recomputed_rows == 0
     assert np.array_equal(own.idx, np.argsort(-exact, axis=1, kind="stable")[:, :29])
+
+
+def _exact_variant_order(q_variants, key_variants, k, exclude_self=False):
+    """float64 top-k of the max over every (query variant, key variant) pair."""
+    exact = np.einsum("gnd,vmd->gvnm", q_variants.astype(np.float64), key_variants.astype(np.float64)).max(axis=(0, 1))
+    if exclude_self:
+        np.fill_diagonal(exact, -np.inf)
+    return np.argsort(-exact, axis=1, kind="stable")[:, :k], exact
+
+
+def _descriptor_like(rng, n, variants, dim=143):
+    """Unit vectors in clusters, each with `variants` slightly perturbed versions (like rotations and crops)."""
+    base, _ = _clustered(rng, n, dim=dim)
+    out = base[None] + 0.3 * rng.standard_normal((variants, n, dim)).astype(np.float32)
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def test_certified_pass_over_query_and_key_variants_matches_float64(monkeypatch):
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
+    rng = np.random.default_rng(8)
+    queries, keys = _descriptor_like(rng, 150, 8), _descriptor_like(rng, 700, 10)
+    got = S.topk_cosine(queries, keys, 5, normalize=False, block_bytes=1 << 20)  # many chunks
+    want, exact = _exact_variant_order(queries, keys, 5)
+    assert got.recomputed_rows <= queries.shape[1] // 10
+    assert np.array_equal(got.idx, want)
+    assert np.abs(got.sims - np.take_along_axis(exact, want, 1)).max() < 1e-5
+    # queries that are the keys, each row's own key left out (the audit's T -> T search)
+    own = S.topk_cosine(keys[:8], keys, 3, normalize=False, exclude_self=True)
+    assert np.array_equal(own.idx, _exact_variant_order(keys[:8], keys, 3, exclude_self=True)[0])
+
+
+def test_search_is_ieee_float32_whatever_the_process_matmul_precision(monkeypatch):
+    import torch
+
+    from pixcell_fed.audit import search as S
+
+    monkeypatch.setattr(S, "_bf16_gemm_pays", lambda *a, **kw: True)
+    rng = np.random.default_rng(9)
+    keys, centers = _clustered(rng, 800, dim=128)
+    queries, _ = _clustered(rng, 100, dim=128, centers=centers)
+    q, k = S.l2_normalize(queries), S.l2_normalize(keys)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # lets oneDNN (and cuBLAS: TF32) compute float32 products in bf16
+    try:
+        got = S.topk_cosine(q, k, 5, normalize=False)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored after the search
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert np.array_equal(got.idx, _exact_order(q, k, 5))
+
+
+def test_audit_device_setting_is_checked_and_auto_falls_back_to_the_cpu():
+    import pytest
+    import torch
+
+    from pixcell_fed.audit.search import search_device
+    from pixcell_fed.config.schema import AuditConfig
+
+    assert AuditConfig().device == "auto"
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        AuditConfig(device=good)
+    with pytest.raises(ValueError, match="audit.device"):
+        AuditConfig(device="gpu0")
+    assert search_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -82,13 +82,15 @@ def test_at_most_1_percent_of_new_and_held_out_tiles_are_flagged(planted):
     assert not any(tiles[str(p)]["region_copy"] for p in planted["new"])   # not even a region below the threshold
 
 
-def test_copies_fail_the_first_round_and_dropping_them_leaves_a_passing_set(planted):
+def test_copies_fail_the_first_round_and_dropping_them_leaves_a_clean_set_but_the_generator_fails(planted):
     result = planted["result"]
     rounds = result.report["rounds"]
     assert rounds[0]["verdict"] == "FAIL" and rounds[0]["tests"]["copy_detection"] == "FAIL"
     assert rounds[0]["dropped"] >= 0.99 * sum(len(p) for p in planted["copies"].values())
-    assert result.verdict == "PASS", result.report["tests"]
     assert sorted(map(str, result.kept)) == sorted(map(str, planted["new"]))
+    # nothing else alarms on the kept set; a generator that copied 609 of 713 tiles memorises (issue 12)
+    assert {t.name for t in result.tests if t.status in ("WARN", "FAIL")} == {"memorisation"}, result.report["tests"]
+    assert result.verdict == "FAIL" and rounds[-1]["tests"]["memorisation"] == "FAIL"
 
 
 def test_region_copies_are_drawn_in_the_on_site_report_and_absent_from_the_shareable_summary(planted):
@@ -104,9 +106,16 @@ def test_region_copies_are_drawn_in_the_on_site_report_and_absent_from_the_share
             assert len(outline) >= 3 and all(-0.05 <= v <= 1.05 for point in outline for v in point)
     html = result.report_path.read_text()
     assert "the matched region outlined on both" in html and "region " in html and "% of the tile" in html
-    summary = result.summary_path.read_text()
-    assert "outline_" not in summary and "ref0" not in summary   # no region evidence, no real tile names
+    # Neither shareable file carries region evidence (outlines, transforms, real tile names), only counts
+    summary, page = result.summary_path.read_text(), result.summary_page_path.read_text()
+    for text in (summary, page):
+        for leak in ("outline_", '"transform"', '"mirrored"', "ref0", "copy-half_tile"):
+            assert leak not in text, leak
     assert json.loads(summary)["verdict"] == result.verdict
+    assert all("region_copy" not in t for t in json.loads(summary)["tiles"])
+    # ... only the copy test's count (of the last round, after the copies were dropped) and the thresholds
+    copy_test = next(t for t in json.loads(summary)["tests"] if t["name"] == "copy_detection")
+    assert copy_test["statistic"]["region_copies"] == 0 and copy_test["provenance"]["region_copy_min_fraction"]
 
 
 def _checkerboard() -> tuple[np.ndarray, np.ndarray]:

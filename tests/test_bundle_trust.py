@@ -23,7 +23,8 @@ def test_officer_of_one_site_cannot_sign_for_another(tmp_path):
     officer_a = _pub()
     trust = tmp_path / "trust.yaml"
     add_site_to_trust_file(trust, "site-a", signing_key=_pub(), officers=[officer_a])
-    with pytest.raises(ConfigError, match=r"sites.site-b.signing_key is already used at sites.site-a.officers\[0\]"):
+    with pytest.raises(ConfigError, match=r"sites.site-b.signing_key \(the signing key of site site-b\) is already used at "
+                                          r"sites.site-a.officers\[0\] \(an officer key of site site-a\)"):
         add_site_to_trust_file(trust, "site-b", signing_key=officer_a, officers=[_pub()])
     assert set(load_trust(trust).sites) == {"site-a"}  # nothing was written
 
@@ -40,7 +41,8 @@ def test_auth_key_reused_across_sites_refused(tmp_path):
     auth = _auth(tmp_path, "site-a")
     trust = tmp_path / "trust.yaml"
     add_site_to_trust_file(trust, "site-a", signing_key=_pub(), officers=[_pub()], auth_key=auth)
-    with pytest.raises(ConfigError, match="sites.site-b.auth_key is already used at sites.site-a.auth_key"):
+    with pytest.raises(ConfigError, match=r"sites.site-b.auth_key \(the SuperNode key of site site-b\) is already used at "
+                                          r"sites.site-a.auth_key \(the SuperNode key of site site-a\)"):
         add_site_to_trust_file(trust, "site-b", signing_key=_pub(), officers=[_pub()], auth_key=auth)
 
 

@@ -1,4 +1,7 @@
-"""The README's main command: the demo consortium, end to end, and a second run that reuses what the first made."""
+"""The README's main command: the demo consortium, end to end, and a second run that reuses what the first made.
+
+The demo takes the real slide from the local cache (or ``--slide``) and never reaches the network for it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from import_graph import import_graph, reachable
 
-def demo(out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIXCELL_FED_NO_PROGRESS": "1"}
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=1500)
+from pixcell_fed.testing.real_slide import real_slide_path
+
+#: Any pip run inside the demo fails at once: no index, and an index URL nothing listens on.
+NO_REGISTRY = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": ""}
+
+
+def demo(out: Path, *args: str, cache: Path, timeout: float = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PIXCELL_FED_NO_PROGRESS": "1", "PIXCELL_FED_CACHE": str(cache), **NO_REGISTRY}
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--out", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def runs(out: Path) -> dict[str, list[str]]:
@@ -20,19 +31,61 @@ def runs(out: Path) -> dict[str, list[str]]:
             for site in sorted((out / "sites").iterdir())}
 
 
-def test_demo_consortium_runs_end_to_end_and_reuses_its_set_up(tmp_path):
+def test_demo_code_does_not_import_the_test_material():
+    graph = import_graph()
+    for module in (m for m in graph if m.startswith(("pixcell_fed.demo", "coordinator.commands.demo"))):
+        leaks = sorted(m for m in reachable(graph, module) if m.startswith("pixcell_fed.testing"))
+        assert not leaks, f"{module} imports {leaks}"
+
+
+def test_without_a_cached_slide_the_demo_stops_at_once_and_says_what_to_do(tmp_path):
+    result = demo(tmp_path / "demo", cache=tmp_path / "empty-cache", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "CMU-1-Small-Region.svs is not in the local cache" in result.stderr
+    assert "scripts/setup.sh" in result.stderr and "--slide" in result.stderr
+    assert "pip" not in result.stderr and not (tmp_path / "demo" / "models").exists()  # stopped before any work
+
+    wrong = tmp_path / "other.svs"
+    wrong.write_bytes(b"II*\x00 not the slide")
+    result = demo(tmp_path / "demo", "--slide", str(wrong), cache=tmp_path / "empty-cache", timeout=120)
+    assert result.returncode == 2 and "is not CMU-1-Small-Region.svs" in result.stderr
+
+
+def _eval_counts(site: Path) -> dict[str, int]:
+    """Real held-out tiles per label in the site's run: what the site evaluates the shared model on."""
+    (run,) = [p for p in (site / "work" / "runs").iterdir() if p.is_dir()]
+    return {label.name: len(list(label.glob("*.png"))) for label in sorted((run / "eval").iterdir())}
+
+
+def _recall_sums(accuracy: float, balanced: float, counts: list[int]) -> bool:
+    """Whether some numbers of correct tiles per class give both this accuracy and this balanced accuracy."""
+    n = sum(counts)
+    (n0, n1) = counts
+    return any(abs((k0 + k1) / n - accuracy) < 1e-9 and abs((k0 / n0 + k1 / n1) / 2 - balanced) < 1e-9
+               for k0 in range(n0 + 1) for k1 in range(n1 + 1))
+
+
+@pytest.mark.slow
+def test_demo_consortium_runs_end_to_end_offline_and_reuses_its_set_up(tmp_path):
     out = tmp_path / "demo"
-    first = demo(out)
+    slide = real_slide_path()
+    first = demo(out, "--slide", str(slide), cache=tmp_path / "empty-cache")  # no cached slide, no registry
     assert first.returncode == 0, first.stderr[-4000:]
     assert "UNTRAINED twins" in first.stdout
     report = json.loads((out / "coordinator" / "work" / "report" / "report.json").read_text())
     pool = report["pool"]
     assert pool["complete"] == ["hospital-a", "hospital-b", "hospital-c"] and pool["missing"] == []
     for site, status in pool["sites"].items():
-        assert status["generator"] == "untrained twin" and status["audit_verdict"] in ("PASS", "WARN")
-        assert status["n_received"] == status["n_tiles"] > 0
-        metrics = report["evaluation"][site]
-        assert metrics["n"] > 0 and 0 <= metrics["balanced_accuracy"] <= 1
+        site_dir = out / "sites" / site
+        (audit,) = (site_dir / "work" / "runs").glob("*/audit/audit.json")
+        assert status["generator"] == "untrained twin"
+        assert status["audit_verdict"] == json.loads(audit.read_text())["verdict"]  # what the site's audit said
+        bundled = len(list((site_dir / "work" / "runs").glob("*/bundle/tiles/*.png")))
+        assert status["n_received"] == status["n_tiles"] == bundled > 0
+        metrics, counts = report["evaluation"][site], _eval_counts(site_dir)
+        assert sorted(counts) == ["normal", "tumour"] and all(counts.values())  # both classes held out
+        assert metrics["n"] == sum(counts.values()) and metrics["n_classes"] == 2
+        assert _recall_sums(metrics["accuracy"], metrics["balanced_accuracy"], list(counts.values()))
     assert "untrained twin" in (out / "coordinator" / "work" / "report" / "report.html").read_text()
     for line in first.stdout.splitlines():
         if "audit report" in line or "consortium report" in line:
@@ -44,7 +97,7 @@ def test_demo_consortium_runs_end_to_end_and_reuses_its_set_up(tmp_path):
     before = runs(out)
     bundle = next((out / "sites" / "hospital-a" / "work" / "runs").glob("*/bundle/bundle.json"))
     stamp = bundle.stat().st_mtime_ns
-    second = demo(out)
+    second = demo(out, cache=tmp_path / "empty-cache")  # every slide is written: the real slide is not needed
     assert second.returncode == 0, second.stderr[-4000:]
     assert runs(out) == before, "a second demo run must continue the same site runs, not start new ones"
     assert bundle.stat().st_mtime_ns == stamp

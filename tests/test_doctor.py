@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pixcell_fed.doctor import (
-    CHECK_ORDER,
-    CHECKS,
-    CheckResult,
-    read_safetensors_header,
-    run_doctor,
-)
+from pixcell_fed.doctor import CHECK_ORDER, CHECKS, CheckResult, run_doctor
 from pixcell_fed.generation.published import PUBLISHED_PIXCELL
 from pixcell_fed.site_init import init_site
 from pixcell_fed.testing.twins import save_tiny_pixcell, save_tiny_uni, save_tiny_vae
+from pixcell_fed.weights import read_safetensors_header
 from site_agent.cli import main as site_agent
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -37,14 +32,21 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+SLIDE_TABLE = "slide,label,patient\nscan-01.svs,tumour,patient-01\nscan-02.svs,normal,patient-02\n"
+
+
 def make_site(tmp_path: Path, models: dict[str, Path], *, name: str = "site-a", tile_size: int = 256,
-              **overrides: Path) -> Path:
-    """A site folder from 'site-agent init' whose config points at (copies of) the twin folders."""
+              slide_table: str | None = SLIDE_TABLE, **overrides: Path) -> Path:
+    """A site folder from 'site-agent init' whose config points at (copies of) the twin folders, with a slide table
+    (site.labels_csv) holding ``slide_table`` unless it is None."""
     result = init_site(tmp_path / name, name=name)
     config = Path(result["config"])
     data = yaml.safe_load(config.read_text())
     paths = {"pixcell_dir": models["pixcell"], "vae_dir": models["vae"], "encoder_dir": models["uni"], **overrides}
     data["models"].update({k: str(v) for k, v in paths.items()})
+    if slide_table is not None:
+        (config.parent / "labels.csv").write_text(slide_table)
+        data["site"]["labels_csv"] = "labels.csv"
     data.setdefault("tiling", {})["tile_size"] = tile_size
     config.write_text(yaml.safe_dump(data))
     return config
@@ -109,6 +111,8 @@ def test_twins_pass_and_are_labelled_untrained(tmp_path, models):
     assert results["device"].status == "OK" and "cpu" in results["device"].detail
     assert results["work folder"].status == "OK"
     assert results["slides"].status == "WARN"  # a fresh site has no slides yet
+    assert results["slide table"].status == "OK" and "2 patient(s) for 2 slide(s)" in results["slide table"].detail
+    assert results["officers"].status == "WARN"  # and no officer yet
     assert "trust file" not in results  # not given, not checked
 
 
@@ -361,3 +365,59 @@ def test_a_broken_check_is_reported_and_the_rest_still_run(tmp_path, models, mon
     results = by_name(report)
     assert results["openslide"].status == "FAIL" and "disk on fire" in results["openslide"].detail
     assert results["site key"].status == "OK" and report.exit_code == 1
+
+
+def test_a_patient_split_without_patients_fails_as_synthesize_would_with_both_fixes(tmp_path, models, capsys):
+    """split.unit: patient (the default) needs the slide table's patient column, or synthesize exits 2."""
+    from pixcell_fed.config import load_site_config
+    from pixcell_fed.errors import ConfigError
+    from pixcell_fed.pipeline.labels import load_slide_table
+    from pixcell_fed.pipeline.split import check_split_unit
+
+    for n, table in enumerate((None, "slide,label\nscan-01.svs,tumour\n")):  # no table; a table without patients
+        config = make_site(tmp_path / str(n), models, slide_table=table)
+        result = by_name(run_doctor(config, min_free_gb=0))["slide table"]
+        cfg = load_site_config(config)
+        with pytest.raises(ConfigError) as synthesize:  # what site-agent synthesize says before any work
+            check_split_unit(cfg.split, load_slide_table(cfg.site.labels_csv), cfg.site.labels_csv)
+        assert result.status == "FAIL" and result.detail.endswith(synthesize.value.message)
+        assert "no patient column" in result.detail and "exit 2" in result.detail
+        assert "add a 'patient' (or 'case') column" in result.fix and "split.unit: slide" in result.fix
+    assert site_agent(["doctor", "--config", str(config), "--min-free-gb", "0"]) == 1
+    assert "FAIL  slide table" in capsys.readouterr().out
+
+    data = yaml.safe_load(config.read_text())
+    data["split"] = {"unit": "slide"}  # chosen knowingly: the check passes, the audit report will warn
+    config.write_text(yaml.safe_dump(data))
+    result = by_name(run_doctor(config, min_free_gb=0))["slide table"]
+    assert result.status == "OK" and "split.unit: slide" in result.detail
+
+    config = make_site(tmp_path / "cover", models, slide_table="slide,patient\nscan-01.svs,p1\n")
+    (config.parent / "slides" / "scan-02.svs").write_bytes(b"not opened by the doctor")
+    result = by_name(run_doctor(config, min_free_gb=0))["slide table"]
+    assert result.status == "FAIL" and "no patient for 1 slide(s), e.g. 'scan-02.svs'" in result.detail
+    assert "add a row for every slide" in result.fix
+
+
+def test_no_privacy_officer_warns_with_the_officer_key_fix(tmp_path, models):
+    from pixcell_fed.keys import fingerprint, public_key_text, write_key_pair
+
+    config = make_site(tmp_path, models)
+    report = run_doctor(config, min_free_gb=0)
+    result = by_name(report)["officers"]
+    assert result.status == "WARN" and report.exit_code == 0
+    assert "lists no privacy officer" in result.detail and "approval" in result.detail
+    assert "site-agent officer-key" in result.fix and "keys.officers" in result.fix
+
+    _, _, officer = write_key_pair(tmp_path / "officer" / "officer.key")
+    site_pub = (tmp_path / "site-a" / "keys" / "site_signing.pub").read_text().strip()
+    data = yaml.safe_load(config.read_text())
+    data["keys"]["officers"] = [public_key_text(officer)]
+    config.write_text(yaml.safe_dump(data))
+    result = by_name(run_doctor(config, min_free_gb=0))["officers"]
+    assert result.status == "OK" and fingerprint(officer) in result.detail
+
+    data["keys"]["officers"] = [public_key_text(officer), site_pub]  # the site's own key can never approve
+    config.write_text(yaml.safe_dump(data))
+    result = by_name(run_doctor(config, min_free_gb=0))["officers"]
+    assert result.status == "WARN" and "site's own signing key" in result.detail

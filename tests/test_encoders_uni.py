@@ -106,7 +106,7 @@ def test_strict_loading_refuses_a_different_state_dict(tmp_path, uni_dir):
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(WeightsError) as err:
         load_encoder("uni2-h", folder)
-    assert "missing keys: norm.weight" in str(err.value) and "unexpected keys: head.weight" in str(err.value)
+    assert "missing tensors: norm.weight" in str(err.value) and "unexpected tensors: head.weight" in str(err.value)
 
 
 class NotATensor:
@@ -143,3 +143,28 @@ def test_generic_timm_entry_loads_local_weights_and_drops_the_head(tmp_path, rea
         load_encoder("timm:not_a_model", folder)
     with pytest.raises(UsageError, match="lacks an architecture"):
         load_encoder("timm:", folder)
+
+
+def test_check_folder_is_what_the_loader_runs(uni_dir, tmp_path):
+    from pixcell_fed.encoders import check_folder
+
+    found = check_folder("uni2-h", uni_dir)
+    assert found.name == "uni2-h-twin" and found.twin and found.dim == TWIN_COND_DIM
+    assert found.weights_file == load_encoder("uni2-h", uni_dir).weights_file
+    with pytest.raises(WeightsError, match="not a uni2-h twin folder"):
+        check_folder("uni2-h-twin", tmp_path)
+    with pytest.raises(RegistryError) as err:
+        check_folder("uni3", uni_dir)
+    assert "timm:<arch>" in err.value.hint
+
+
+def test_uni2h_embeds_in_float32_on_every_device(uni_dir):
+    """PixCell's conditioning was extracted in float32: UNI2-h does not follow the generic bf16-on-GPU default."""
+    from pixcell_fed.encoders.uni import compute_dtype
+
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert compute_dtype(None, torch.device(device)) == torch.float32
+        assert compute_dtype("auto", torch.device(device)) == torch.float32
+    assert compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # only when asked for by name
+    enc = load_encoder("uni2-h", uni_dir, device="auto")
+    assert enc.dtype == torch.float32 and enc.identity["dtype"] == "float32"

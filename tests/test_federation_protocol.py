@@ -8,6 +8,7 @@ import torch
 
 from pixcell_fed.errors import FederationError
 from pixcell_fed.federation import protocol as P
+from pixcell_fed.training.models import ModelSpec
 
 
 def test_pack_unpack_roundtrip_and_corruption():
@@ -39,9 +40,9 @@ def test_records_roundtrip():
         P.records_to_files(RecordDict())
 
     state = torch.nn.Linear(3, 2).state_dict()
-    P.model_to_records(state, {"arch": "x", "classes": ["a", "b"]}, content)
+    P.model_to_records(state, ModelSpec(arch="x", classes=("a", "b")), content)
     back, spec = P.records_to_model(content)
-    assert spec["classes"] == ["a", "b"]
+    assert spec == ModelSpec(arch="x", classes=("a", "b"))
     assert torch.equal(back["weight"], state["weight"]) and torch.equal(back["bias"], state["bias"])
     req = P.request_record(files=["a", "b"])
     assert list(req[P.KEY_REQUEST]["files"]) == ["a", "b"] and req[P.KEY_REQUEST]["protocol"] == P.PROTOCOL_VERSION

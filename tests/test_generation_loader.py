@@ -140,9 +140,15 @@ def test_missing_null_embedding_is_refused(folders, tmp_path):
 def test_truncated_weights_file(folders, tmp_path):
     folder = copy_of(folders["p256"], tmp_path)
     path = folder / "transformer" / WEIGHTS
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(WeightsError, match="cannot read"):
+    data = path.read_bytes()
+    path.write_bytes(data[:1000])  # inside the header
+    with pytest.raises(WeightsError, match="no valid safetensors header") as err:
         load_pixcell(folder, folders["vae"])
+    assert str(path) in str(err.value)
+    path.write_bytes(data[:-100])  # header whole, tensor data cut short: an unfinished copy
+    with pytest.raises(WeightsError, match="is cut short") as err:
+        load_pixcell(folder, folders["vae"])
+    assert "copy did not finish" in err.value.hint
 
 
 def test_foreign_config_is_refused(folders, tmp_path):
@@ -182,3 +188,51 @@ def test_device_and_dtype_are_parameters(folders):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no usable CUDA"):
             load_pixcell(folders["p256"], folders["vae"], device="cuda")
+
+
+def test_loader_and_doctor_share_one_folder_check(folders, tmp_path):
+    """The loader refuses what the doctor reports, with the same words: both run generation.loader.check_folder."""
+    from pixcell_fed.generation.loader import check_folder
+
+    checked = check_folder(folders["p256"])
+    assert checked.variant == 256 and checked.twin and checked.weights.complete
+    folder = copy_of(folders["p256"], tmp_path)
+    cfg_path = folder / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["norm_type"] = "layer_norm"  # a config the published PixCell never had
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError) as err:
+        check_folder(folder)
+    assert "norm_type = 'layer_norm' (published 'ada_norm_single')" in str(err.value)
+    with pytest.raises(WeightsError) as loaded:
+        load_pixcell(folder, folders["vae"])
+    assert str(loaded.value) == str(err.value)
+
+
+def test_check_folder_reads_no_weights(folders, monkeypatch):
+    """Checking a folder reads headers only: safetensors' loader is never called."""
+    import safetensors.torch
+
+    from pixcell_fed.generation.loader import check_folder
+    from pixcell_fed.generation.vae import check_folder as check_vae_folder
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("check_folder loaded tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_load)
+    assert check_folder(folders["p1024_no_pos"]).y_pos_embed_absent
+    assert check_vae_folder(folders["vae"], latent_channels=16).config["latent_channels"] == 16
+
+
+@pytest.mark.parametrize("key,value", [("scaling_factor", 0.3611), ("shift_factor", 0.1159)])
+def test_vae_with_other_latent_scaling_is_refused_naming_the_file(folders, tmp_path, key, value):
+    """PixCell's latents decode to the right colours only with SD3.5's scaling and shift (SD3's 0.3611-style VAEs
+    load fine and decode quietly wrong): the loader refuses them and names the config file."""
+    vae = copy_of(folders["vae"], tmp_path)
+    cfg = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(WeightsError) as err:
+        load_pixcell(folders["p256"], vae)
+    assert str(vae / "config.json") in str(err.value)
+    assert f"{key} = {value}" in str(err.value) and "SD3.5" in str(err.value)
+    assert "stable-diffusion-3.5" in err.value.hint

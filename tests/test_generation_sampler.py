@@ -41,7 +41,8 @@ def setup(tmp_path_factory, real_tiles):
 
 
 def reference_loop(pipe, cond, seeds, steps, guidance):
-    """Textbook sampling: per-seed N(0, I) noise, DPM-Solver++ (order 2), CFG against the saved null embedding."""
+    """Textbook sampling: per-seed N(0, I) noise, DPM-Solver++ (order 2), CFG against the saved null embedding only
+    when the weight is above 1 (PixArt's rule: ``do_classifier_free_guidance = guidance_scale > 1.0``)."""
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
         prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
@@ -59,7 +60,7 @@ def reference_loop(pipe, cond, seeds, steps, guidance):
         for t in scheduler.timesteps:
             ts = torch.full((len(seeds),), int(t))
             eps_c = model(latents, encoder_hidden_states=cond, timestep=ts).sample[:, :c]
-            if guidance != 1.0:
+            if guidance > 1.0:
                 eps_u = model(latents, encoder_hidden_states=null, timestep=ts).sample[:, :c]
                 eps = eps_u + guidance * (eps_c - eps_u)
             else:
@@ -72,7 +73,7 @@ def reference_loop(pipe, cond, seeds, steps, guidance):
     return trajectory, image
 
 
-@pytest.mark.parametrize("variant,guidance", [("p256", 2.0), ("p256", 1.0), ("p1024", 1.2)])
+@pytest.mark.parametrize("variant,guidance", [("p256", 2.0), ("p256", 1.0), ("p256", 0.5), ("p256", 0.0), ("p1024", 1.2)])
 def test_sampler_matches_reference_loop_step_by_step(setup, variant, guidance):
     pipe = setup[variant]
     if variant == "p256":
@@ -92,6 +93,28 @@ def test_sampler_matches_reference_loop_step_by_step(setup, variant, guidance):
     assert image.dtype == np.uint8 and image.shape == ref_image.shape
     assert np.abs(image.astype(int) - ref_image.astype(int)).max() <= 1
     assert np.array_equal(pipe.decode(latents), image)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5, 1.0])
+def test_guidance_at_or_below_one_runs_only_the_conditional_branch(setup, guidance, monkeypatch):
+    """PixArt samples the conditional prediction alone when w <= 1: one transformer pass of batch B per step, never
+    the null embedding, and the same tile for every such w."""
+    pipe = setup["p256"]
+    cond, seeds = setup["cond"][:2], [3, 4]
+    seen = []
+    forward = pipe.transformer.forward
+
+    def spy(hidden_states, encoder_hidden_states=None, **kwargs):
+        seen.append(encoder_hidden_states.detach().clone())
+        return forward(hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    image = pipe.generate(cond, seeds=seeds, steps=3, guidance=guidance)
+    assert len(seen) == 3 and all(t.shape[0] == len(cond) for t in seen)
+    null = pipe.null_conditioning(1)[0]
+    assert not any(torch.equal(row, null) for t in seen for row in t)
+    monkeypatch.undo()
+    assert np.array_equal(image, pipe.generate(cond, seeds=seeds, steps=3, guidance=1.0))
 
 
 def test_defaults_are_20_steps_and_paper_guidance(setup):

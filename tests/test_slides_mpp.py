@@ -80,7 +80,7 @@ def test_real_files(tmp_path):
     assert mpp_of(props).source == "aperio.MPP" and mpp_of(props).mpp == pytest.approx(0.499)
     for unit in ("CENTIMETER", "INCH"):
         path = slide_writer.write_generic_tiff(tmp_path / f"{unit}.tif", size=(512, 512), mpp=0.25,
-                                               resolution_unit=unit, downsamples=())
+                                               resolution_unit=unit, pyramid=slide_writer.Pyramid(()))
         with openslide.OpenSlide(str(path)) as s:
             props = dict(s.properties)
         assert mpp_of(props).mpp == pytest.approx(0.25)
@@ -88,11 +88,11 @@ def test_real_files(tmp_path):
         del props["openslide.mpp-x"], props["openslide.mpp-y"]
         assert mpp_of(props).mpp == pytest.approx(0.25, rel=1e-4)
     path = slide_writer.write_generic_tiff(tmp_path / "none.tif", size=(512, 512), mpp=0.25, resolution_unit="NONE",
-                                           downsamples=())
+                                           pyramid=slide_writer.Pyramid(()))
     with openslide.OpenSlide(str(path)) as s:
         with pytest.raises(MppUnavailableError):
             mpp_of(dict(s.properties))
     path = slide_writer.write_aperio_like(tmp_path / "nompp.svs", size=(1024, 768), include_mpp=False,
-                                          downsamples=(4,))
+                                          pyramid=slide_writer.Pyramid((4,)))
     with openslide.OpenSlide(str(path)) as s:
         assert "estimated" in mpp_of(dict(s.properties)).source

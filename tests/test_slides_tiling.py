@@ -15,7 +15,10 @@ from pixcell_fed.errors import NoTissueError, SlideError
 from pixcell_fed.slides import tissue
 from pixcell_fed.slides.grid import make_grid
 from pixcell_fed.slides.reader import SlideReader
-from pixcell_fed.slides.tiler import iter_slide_tiles, plan_slide_file, read_tile, slide_key, tile_folder
+from pixcell_fed.slides.folder_job import tile_folder
+from pixcell_fed.slides.planning import plan_slide_file, read_tile
+from pixcell_fed.slides.records import slide_key
+from pixcell_fed.slides.tiler import iter_slide_tiles
 from pixcell_fed.testing import slide_writer
 from pixcell_fed.testing.real_slide import real_slide_path
 
@@ -26,7 +29,7 @@ CFG = TilingConfig(workers=1)
 def slide40x(tmp_path_factory):
     """Aperio-like 40x (0.25 um/px) with label and macro, lossless tiles so that pixels can be compared exactly."""
     path = tmp_path_factory.mktemp("s40") / "aperio40x.svs"
-    return slide_writer.write_aperio_like(path, size=(4096, 3072), compression="zlib", downsamples=(4, 16))
+    return slide_writer.write_aperio_like(path, size=(4096, 3072), pyramid=slide_writer.Pyramid((4, 16), "zlib"))
 
 
 def block_mean(img: np.ndarray, k: int) -> np.ndarray:
@@ -80,8 +83,8 @@ def test_1024_tiles_are_aligned_4x4_blocks_of_the_256_grid(slide40x):
 
 
 def test_reads_from_the_coarsest_level_that_is_fine_enough(tmp_path):
-    path = slide_writer.write_generic_tiff(tmp_path / "g40.tif", size=(2048, 2048), mpp=0.25, downsamples=(2, 4),
-                                           compression="zlib")
+    path = slide_writer.write_generic_tiff(tmp_path / "g40.tif", size=(2048, 2048), mpp=0.25,
+                                           pyramid=slide_writer.Pyramid((2, 4), "zlib"))
     plan = plan_slide_file(path, CFG)
     assert (plan.grid.level, plan.grid.level_read, plan.grid.read_size) == (1, 256, 512)
     level1 = tifffile.imread(path, key=1)
@@ -122,8 +125,8 @@ def test_two_workers_stream_the_same_tiles_as_one(slide40x):
 
 
 def test_chunked_thumbnail_of_a_single_level_slide(tmp_path, monkeypatch):
-    path = slide_writer.write_generic_tiff(tmp_path / "flat.tif", size=(3000, 2000), mpp=0.5, downsamples=(),
-                                           compression="zlib")
+    path = slide_writer.write_generic_tiff(tmp_path / "flat.tif", size=(3000, 2000), mpp=0.5,
+                                           pyramid=slide_writer.Pyramid((), "zlib"))
     monkeypatch.setattr(tissue, "CHUNK", 500)  # force many chunks; a huge single-level slide gets 4096
     with SlideReader(path) as reader:
         thumb = tissue.read_thumbnail(reader, 256)
@@ -158,7 +161,8 @@ def test_folder_job_resumes_and_redoes_on_changed_settings(tmp_path, slide40x):
 
 
 def test_slides_coarser_than_the_target_are_refused_not_upsampled(tmp_path):
-    path = slide_writer.write_generic_tiff(tmp_path / "10x.tif", size=(1024, 1024), mpp=1.0, downsamples=())
+    path = slide_writer.write_generic_tiff(tmp_path / "10x.tif", size=(1024, 1024), mpp=1.0,
+                                           pyramid=slide_writer.Pyramid(()))
     with pytest.raises(SlideError, match="coarser than the 0.5 um/px"):
         plan_slide_file(path, CFG)
 
@@ -185,9 +189,9 @@ def test_a_consumer_may_stop_the_stream_early(slide40x):
 _CRASH_HOOK = '''
 import os
 
-import pixcell_fed.slides.tiler as tiler
+import pixcell_fed.slides.planning as planning
 
-_read_tile = tiler.read_tile
+_read_tile = planning.read_tile
 
 
 def read_tile(reader, grid, x, y):
@@ -196,13 +200,13 @@ def read_tile(reader, grid, x, y):
     return _read_tile(reader, grid, x, y)
 
 
-tiler.read_tile = read_tile
+planning.read_tile = read_tile
 '''
 
 _TILE_FOLDER = '''
 import json, sys
 from pixcell_fed.config import TilingConfig
-from pixcell_fed.slides.tiler import tile_folder
+from pixcell_fed.slides.folder_job import tile_folder
 s = tile_folder(sys.argv[1], sys.argv[2], TilingConfig(workers=2, write_overviews=False))
 print(json.dumps({"ok": s.ok, "resumed": s.resumed, "failed": s.failed, "tiles": s.tiles_per_slide}))
 '''
@@ -232,7 +236,7 @@ def test_a_reader_process_crash_costs_one_slide_not_the_run(tmp_path, slide40x):
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    crashed = run({"PYTHONPATH": str(hook)})
+    crashed = run({"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))})
     assert crashed["ok"] == ["a.svs", "c.svs"]
     assert [name for name, _ in crashed["failed"]] == ["b-crash.svs"] and "crashed" in crashed["failed"][0][1]
     key = slide_key("b-crash.svs")
@@ -243,3 +247,43 @@ def test_a_reader_process_crash_costs_one_slide_not_the_run(tmp_path, slide40x):
     healed = run({})
     assert healed["resumed"] == ["a.svs", "c.svs"] and healed["ok"] == ["a.svs", "b-crash.svs", "c.svs"]
     assert healed["tiles"]["b-crash.svs"] == healed["tiles"]["a.svs"] > 0
+
+
+def test_quality_control_drops_inked_tiles_records_why_and_colours_the_overview(tmp_path):
+    """A slide with a blue pen line drawn across real tissue: the inked tiles are read once, judged, listed in
+    tiles.parquet with qc = pen and no PNG, counted in the summary and tiling.json, and filled in the overview."""
+    import json
+    from collections import Counter
+
+    import pandas as pd
+
+    from pixcell_fed.simulation.slide_writer import he_canvas
+    from pixcell_fed.slides.overview import REASON_COLOURS
+
+    pixels = he_canvas((2048, 1536), 0.5, seed=3, full=True)
+    ink = np.zeros(pixels.shape[:2], np.float32)
+    cv2.line(ink, (0, 700), (2047, 820), 1.0, 160, cv2.LINE_AA)  # an 80 um felt-tip line across the slide
+    pixels = np.rint(pixels * (1 - ink[..., None] * (1 - np.array([45, 95, 175]) / 255))).astype(np.uint8)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    slide_writer.write_generic_tiff(slides / "inked.tif", mpp=0.5, pixels=pixels, pyramid=slide_writer.Pyramid((4,)))
+
+    summary = tile_folder(slides, tmp_path / "out", dataclasses.replace(CFG, workers=2))
+    table = pd.read_parquet(tmp_path / "out" / "tiles.parquet")
+    pen = table[table["qc"] == "pen"]
+    assert len(pen) >= 8 and set(table["qc"]) <= {"pass", "pen"}
+    assert summary.qc_dropped == {"pen": len(pen)} and summary.n_tiles == (table["qc"] == "pass").sum()
+    assert (pen["tile_file"] == "").all() and (pen["qc_ink"] >= 0.05).all()
+    written = {p.stem for p in (tmp_path / "out" / "tiles").rglob("*.png")}
+    assert written == set(table.loc[table["qc"] == "pass", "tile_id"])
+    assert all(540 <= y + 256 and y <= 980 for y in pen["y"])  # only tiles the line crosses
+    report = json.loads((tmp_path / "out" / "tiling.json").read_text())
+    assert report["qc_dropped"] == {"pen": len(pen)} and "pen_fraction" in report["qc_provenance"]
+    assert report["tiling"]["qc"]["pen_fraction"] == 0.05
+    overview = cv2.imread(str(tmp_path / "out" / "overviews" / f"{slide_key('inked.tif')}.png"))[..., ::-1]
+    assert (np.abs(overview.astype(int) - REASON_COLOURS["pen"]).sum(axis=2) == 0).sum() >= 8
+
+    for workers in (1, 2):  # the stream drops the same tiles, in this process or in the pool
+        dropped: Counter = Counter()
+        kept = [rec.tile_id for rec, _ in iter_slide_tiles(slides / "inked.tif", CFG, workers=workers, qc_dropped=dropped)]
+        assert kept == list(table.loc[table["qc"] == "pass", "tile_id"]) and dropped == {"pen": len(pen)}

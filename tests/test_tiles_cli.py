@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pixcell_fed.config import TilingConfig
-from pixcell_fed.slides.tiler import COLUMNS, iter_slide_tiles, slide_key
+from pixcell_fed.slides.records import COLUMNS, slide_key
+from pixcell_fed.slides.tiler import iter_slide_tiles
 from pixcell_fed.testing import slide_writer
 from pixcell_fed.testing.real_slide import real_slide_path
 from site_agent.cli import main
@@ -30,13 +31,13 @@ GOOD = ("aperio40x.svs", "cmu.svs")
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slides")
-    good = slide_writer.write_aperio_like(folder / "aperio40x.svs", size=(4096, 3072), downsamples=(4, 16),
-                                          seed=1)
+    good = slide_writer.write_aperio_like(folder / "aperio40x.svs",
+                                          pixels=slide_writer.he_canvas((4096, 3072), 0.25, seed=1))
     shutil.copy(real_slide_path(), folder / "cmu.svs")
     slide_writer.write_not_a_slide(folder / "notes.svs")
     slide_writer.write_truncated(good, folder / "truncated.svs", keep=0.5)
     slide_writer.write_corrupted(good, folder / "corrupt.svs")
-    slide_writer.write_generic_tiff(folder / "no_mpp.tif", size=(2048, 1536), mpp=None, downsamples=(4,))
+    slide_writer.write_generic_tiff(folder / "no_mpp.tif", size=(2048, 1536), mpp=None, pyramid=slide_writer.Pyramid((4,)))
     slide_writer.write_blank_slide(folder / "blank.tif")
     os.symlink(folder / "gone" / "scan.svs", folder / "missing.svs")  # unreadable: a link whose target is gone
     slide_writer.write_untiled_tiff(folder / "untiled_huge.tif", size=(12000, 9000))

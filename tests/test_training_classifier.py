@@ -16,7 +16,7 @@ from pixcell_fed.federation.site_server import SiteSettings
 from pixcell_fed.testing.federation import TINY_VIT, FakeTransport, make_site_bundles
 from pixcell_fed.training.classifier import ClassifierConfig, train_classifier
 from pixcell_fed.training.data import pooled_items
-from pixcell_fed.training.models import load_checkpoint
+from pixcell_fed.training.models import load_checkpoint, read_checkpoint_config
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_finetune_checkpoint_and_resume(pool, tmp_path):
     assert [h["epoch"] for h in first.history] == [1, 2] and "val_accuracy" in first.history[0]
     assert all(h["train_loss"] > 0 for h in first.history)
     model, spec = load_checkpoint(out)
-    assert spec["classes"] == ["dense", "sparse"] and spec["recipe"] == "classifier"
+    assert spec.classes == ("dense", "sparse") and read_checkpoint_config(out)["recipe"] == "classifier"
     x = torch.zeros(2, 3, 32, 32)
     assert model(x).shape == (2, 2)
     # resume: asking for 3 epochs trains only the third
@@ -69,6 +69,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_ddp_on_cpu(pool, tmp_path):
     out = tmp_path / "ddp"
     cfg = json.dumps({"arch": TINY_VIT["arch"], "kwargs": TINY_VIT["kwargs"], "img_size": 32, "epochs": 1, "batch_size": 4})
@@ -82,5 +83,5 @@ def test_torchrun_two_processes_ddp_on_cpu(pool, tmp_path):
     # both ranks saw disjoint halves: the all-reduced sample count is the whole training split
     assert result["history"][0]["samples"] == 28  # 32 tiles minus a stratified 10% validation split (2 per class)
     model, spec = load_checkpoint(out)
-    assert spec["world_size"] == 2
+    assert read_checkpoint_config(out)["world_size"] == 2
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)

@@ -13,13 +13,16 @@ def register(subparsers) -> None:
                     "the bundles, trains a small classifier and evaluates it at every site. A second run reuses "
                     "what the first made. Prints where the audit reports and the consortium report are.")
     p.add_argument("--out", default="demo-output", metavar="DIR", help="folder for everything the demo makes")
+    p.add_argument("--slide", default=None, metavar="PATH",
+                   help="the real slide CMU-1-Small-Region.svs the hospitals' slides are written from (default: the "
+                        "copy scripts/setup.sh cached; nothing is downloaded at run time)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pixcell_fed.demo.consortium import run_demo
 
-    result = run_demo(args.out)
+    result = run_demo(args.out, slide=args.slide)
     print("demo consortium finished (models are tiny UNTRAINED twins: the figures show the plumbing, not quality)")
     for site, report in result.audit_reports.items():
         print(f"  {site}: audit report {report}")

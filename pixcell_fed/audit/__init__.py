@@ -11,6 +11,7 @@ from pixcell_fed.lazy import lazy_exports
 _LAZY = {
     "run_audit": "pixcell_fed.audit.run",
     "AuditResult": "pixcell_fed.audit.run",
+    "SiteFacts": "pixcell_fed.audit.run",
     "split_slides": "pixcell_fed.audit.roles",
     "scan_for_identifiers": "pixcell_fed.audit.identifiers",
 }

@@ -49,6 +49,17 @@ def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
     return thumb / 255.0
 
 
+def to_gray_uint8(image: np.ndarray, side: int) -> np.ndarray:
+    """A uint8 RGB (H, W, 3) or gray (H, W) tile as a uint8 (side, side) grayscale image, area-averaged (the
+    working image of region-level copy detection, :func:`pixcell_fed.audit.keypoints.work_image`)."""
+    import cv2
+
+    arr = to_gray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return cv2.resize(arr, (side, side), interpolation=cv2.INTER_AREA)
+
+
 def descriptor_from_thumb(thumbs: np.ndarray) -> np.ndarray:
     """Descriptors (N, DCT_K**2 - 1) float32, L2-normalised, from grayscale thumbnails (N, S, S)."""
     import cv2
@@ -145,7 +156,6 @@ def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", wor
     thread pool (cv2 releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pixcell_fed.audit.keypoints import work_image
     from pixcell_fed.progress import progress
 
     thumbs = np.empty((len(paths), GRAY_SIZE, GRAY_SIZE), dtype=np.float32)
@@ -155,7 +165,7 @@ def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", wor
         tile = read_tile(paths[i])
         thumbs[i] = to_gray_thumb(tile)
         if works is not None:
-            works[i] = work_image(tile, work_side)
+            works[i] = to_gray_uint8(tile, work_side)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in progress(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="tile"):

@@ -45,12 +45,10 @@ def search_real(queries: TileSet, keys: TileSet, k: int, *, device: str, exclude
                        exclude_self=exclude_self, device=device)
 
 
-def search_from_real(reals: TileSet, synthetic_desc: np.ndarray, *, device: str) -> np.ndarray:
-    """Nearest-synthetic similarity of each real tile (max over the real tile's rotations, flips and crops)."""
-    if len(synthetic_desc) == 0:
-        return np.zeros(len(reals), np.float32)
+def search_from_real(reals: TileSet, synthetic_desc: np.ndarray, k: int, *, device: str) -> TopK:
+    """Top-k synthetic tiles of each real tile (max over the real tile's rotations, flips and crops)."""
     q = np.concatenate([copy_features.dihedral_variants(v) for v in reals.crops])  # (80, N, D)
-    return topk_cosine(q, synthetic_desc, 1, normalize=False, device=device).sims[:, 0]
+    return topk_cosine(q, synthetic_desc, k, normalize=False, device=device)
 
 
 def pair_similarity(a: TileSet, rows_a: np.ndarray, b: TileSet, rows_b: np.ndarray) -> np.ndarray:

@@ -63,14 +63,9 @@ class Keypoints:
 
 def work_image(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     """A uint8 RGB (H, W, 3) or gray (H, W) tile as a uint8 (side, side) grayscale working image."""
-    import cv2
+    from pixcell_fed.audit.copy_features import to_gray_uint8
 
-    from pixcell_fed.audit.copy_features import to_gray
-
-    arr = to_gray(image)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return cv2.resize(arr, (side, side), interpolation=cv2.INTER_AREA)
+    return to_gray_uint8(image, side)
 
 
 _local = threading.local()

@@ -18,7 +18,10 @@ import numpy as np
 from pixcell_fed.atomic import write_text_atomic
 from pixcell_fed.errors import PixcellFedError
 
-_COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "N/A": "#718096"}
+_COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "INCONCLUSIVE": "#5a67d8", "N/A": "#718096"}
+_VERDICT_WORDS = {"PASS": "passed", "WARN": "passed with warnings", "FAIL": "FAILED: nothing may be shipped",
+                  "INCONCLUSIVE": "is INCONCLUSIVE: it found no leak, but the sets are too small for that to mean "
+                                  "the synthetic tiles do not leak"}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:24px;color:#1a202c}
@@ -125,7 +128,7 @@ def _pair_images(syn_path: str, real_path: str, region: dict[str, Any] | None = 
 
 
 def _dropped_sentence(report: dict[str, Any]) -> str:
-    dropped = [t for t in report["tiles"] if t.get("dropped_in_round")]
+    dropped = [t for t in report["tiles"] if not t["kept"]]  # a tile not kept was dropped in an earlier round
     if not dropped:
         return ""
     reasons: dict[str, int] = {}
@@ -137,19 +140,66 @@ def _dropped_sentence(report: dict[str, Any]) -> str:
             "by this verdict and must not be shipped.")
 
 
+def first_page_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Plain sentences for the first page: the generator's verdict beside the kept set's, whether the sets are
+    large enough to conclude (and how much more held-out data would help), and how T and H were split."""
+    stats, notes = report["statistics"], []
+    gen, kept = stats["generator_verdict"], stats["kept_set_verdict"]
+    if len(report["rounds"]) > 1:
+        notes.append(("generator-verdict",
+                      f"The generator's verdict, from the first round on everything it made before any tile was "
+                      f"dropped, is {gen}; the kept set's, from the last round, is {kept}. The audit's verdict is the "
+                      "worse of the two: dropping tiles repairs rare accidents, never a leaky generator."))
+    best, target = stats.get("most_sensitive_test"), stats["target_leak_share"]
+    if report["verdict"] == "INCONCLUSIVE" or (best and (best["share"] is None or best["share"] > target)):
+        seen = ("no test could detect a leak of any size" if not best or best["tiles"] is None else
+                f"the most sensitive test ({best['name']}) would only have seen a leak of {best['tiles']:,} tiles "
+                f"({best['share']:.0%} of the audited set) {best['strength']}")
+        more = (f" About {best['holdout_for_target']:,} held-out tiles (there are {report['sizes']['H']:,}) would "
+                f"let it detect a {target:.0%} leak." if best and best.get("holdout_for_target") else
+                " Add held-out slides from more patients (and synthesise from more tiles) to conclude.")
+        notes.append(("too-small", f"The sets are too small to conclude: {seen}, more than the {target:.0%} the "
+                                   f"audit must be able to detect.{more}"))
+    unit = stats["split_unit"]
+    if unit != "patient":
+        how = "by slide (split.unit: slide)" if unit == "slide" else "in a way this audit was not told"
+        notes.append(("split-warning",
+                      f"Warning: T and H were split {how}, not by patient. Slides of one patient may sit on both "
+                      "sides, which makes H look like T and hides leaks; give the labels CSV a patient column to "
+                      "split by patient."))
+    return notes
+
+
+ONSITE_NOTE = ("On-site report: it shows real tiles and must not leave the site. The shareable record is "
+               "audit_summary.json.")
+
+
 def render_html(report: dict[str, Any]) -> str:
     verdict = report["verdict"]
-    sizes = report["sizes"]
     out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Privacy audit: {verdict}</title>"
            f"<style>{_CSS}</style></head><body>"]
-    out.append('<section class="page" id="summary"><h1>Memorisation and privacy audit</h1>')
-    out.append(f'<div class="small">Created {_esc(report["created"])}. On-site report: it shows real tiles and must '
-               "not leave the site. The shareable record is audit_summary.json.</div>")
-    word = {"PASS": "passed", "WARN": "passed with warnings", "FAIL": "FAILED: nothing may be shipped"}[verdict]
+    out += first_page(report, note=ONSITE_NOTE)
+    out += _figures_section(report)
+    out.append("</body></html>")
+    return "".join(out)
+
+
+def first_page(report: dict[str, Any], *, note: str) -> list[str]:
+    """The first page, from fields the on-site report and the shareable summary both have: the verdict and one
+    plain sentence per test, data-role sizes, rounds, identities, thresholds with provenance. ``note`` (plain
+    text) says which report this is."""
+    verdict = report["verdict"]
+    sizes = report["sizes"]
+    out = ['<section class="page" id="summary"><h1>Memorisation and privacy audit</h1>']
+    memorisation = next((t for t in report["tests"] if t["name"] == "memorisation"), None)
+    if memorisation is not None:  # the first sentence: how many tiles were copies, and what that means
+        out.append(f'<p id="memorisation-sentence"><strong>{_esc(memorisation["sentence"])}</strong></p>')
+    out.append(f'<div class="small">Created {_esc(report["created"])}. {_esc(note)}</div>')
     out.append(f'<div class="verdict" id="verdict" style="background:{_COLOURS[verdict]}">Verdict: {verdict}</div>')
-    out.append(f'<p id="verdict-sentence">The audit {word}. {sizes["S_kept"]:,} of {sizes["S"]:,} synthetic tiles '
-               f'were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and {sizes["H"]:,} '
-               f'held-out real tiles (H).{_dropped_sentence(report)}</p>')
+    out.append(f'<p id="verdict-sentence">The audit {_VERDICT_WORDS[verdict]}. {sizes["S_kept"]:,} of {sizes["S"]:,} '
+               f'synthetic tiles were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and '
+               f'{sizes["H"]:,} held-out real tiles (H).{_dropped_sentence(report)}</p>')
+    out += [f'<p id="{key}">{_esc(text)}</p>' for key, text in first_page_notes(report)]
     out.append("<table><tr><th>Test</th><th>Status</th><th>Finding</th></tr>")
     for t in report["tests"]:
         out.append(f'<tr><td>{_esc(t["title"])}</td><td>{_badge(t["status"])}</td><td>{_esc(t["sentence"])}</td></tr>')
@@ -175,9 +225,13 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f'<tr><td><code>audit.{_esc(key)}</code></td><td>{_fmt(value)}</td>'
                    f'<td class="small">{_esc(report["provenance"].get(key, "operational setting"))}</td></tr>')
     out.append("</table></section>")
+    return out
 
-    fig = report["figures"]
-    out.append('<section id="figures"><h2>Nearest-neighbour similarity: S&rarr;T against H&rarr;T</h2>')
+
+def similarity_figures(fig: dict[str, Any]) -> list[str]:
+    """The nearest-neighbour histogram S->T against H->T, its percentiles and the membership ROC (numbers only: both
+    the on-site report and the shareable page show them)."""
+    out = ['<h2>Nearest-neighbour similarity: S&rarr;T against H&rarr;T</h2>']
     out.append('<p class="small">Copy-detector similarity of each synthetic tile (red) and each held-out real tile (blue) '
                'to its nearest conditioning tile. Copies sit at the far right; a red mass right of the blue one '
                'means the synthetic set is closer to T than new real tissue is.</p>')
@@ -194,6 +248,12 @@ def render_html(report: dict[str, Any]) -> str:
         out.append("<h2>Membership inference ROC</h2><p class=\"small\">Attack: a real tile is called a member of T "
                    "when it is similar to some synthetic tile. The diagonal is chance.</p>")
         out.append(roc_svg(fig["roc"]["fpr"], fig["roc"]["tpr"], fig["roc"]["auc"]))
+    return out
+
+
+def _figures_section(report: dict[str, Any]) -> list[str]:
+    """Histogram, percentiles, ROC, fidelity and the closest pairs: the pages after the first."""
+    out = ['<section id="figures">', *similarity_figures(report["figures"])]
     if report["fidelity"]:
         out.append("<h2>Fidelity in encoder spaces (not privacy)</h2><p class=\"small\">Cosine similarity in the "
                    "conditioning encoder's and other encoders' spaces. S is generated to match T there, so these "
@@ -222,8 +282,8 @@ def render_html(report: dict[str, Any]) -> str:
                    f'<img src="{d}" alt="difference"><div class="small">similarity {pair["similarity"]:.3f}, pixel '
                    f'{px}{" &mdash; " + _esc(", ".join(pair["reasons"])) if pair["reasons"] else ""}<br>'
                    f'{_esc(Path(pair["synthetic"]).name)} | {_esc(Path(pair["real"]).name)}</div></div>')
-    out.append("</div></section></body></html>")
-    return "".join(out)
+    out.append("</div></section>")
+    return out
 
 
 def write_html(path: Path, report: dict[str, Any]) -> Path:

@@ -1,5 +1,5 @@
 """The audit's data roles, enforced: S (synthetic), T (the real tiles that conditioned S, with s -> t(s)) and H
-(real tiles of slides never used for conditioning), and the slide-level split that makes T and H.
+(real tiles of slides never used for conditioning), and the seeded split of slides or patients that makes T and H.
 
 Roles are checked before any statistic: S, T and H must be non-empty and pairwise disjoint (by resolved path, and T
 and H also by content), H large enough to be a null (``|H| >= min_holdout_ratio * |T|`` and at least
@@ -108,17 +108,18 @@ def build_roles(synthetic: Sequence[str | Path], reference: Sequence[str | Path]
     return DataRoles(s, t, h, index)
 
 
-def split_slides(slide_keys: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split slides into (conditioning T, held-out H) by slide, deterministically for a given seed.
+def split_slides(slide_keys: Sequence[str], holdout_fraction: float, seed: int, *,
+                 unit: str = "slide") -> tuple[list[str], list[str]]:
+    """Split slides (or patients: ``unit``) into (conditioning T, held-out H), deterministically for a given seed.
 
-    Both sides get at least one slide; the order of ``slide_keys`` does not matter.
+    Both sides get at least one; the order of ``slide_keys`` does not matter.
     """
     keys = sorted(set(slide_keys))
     if len(keys) != len(slide_keys):
-        raise AuditError("duplicate slide keys given to split_slides", hint="pass each slide once")
+        raise AuditError(f"duplicate {unit} keys given to split_slides", hint=f"pass each {unit} once")
     if len(keys) < 2:
-        raise AuditError(f"the audit needs at least 2 slides to split into T and H (got {len(keys)})",
-                         hint="add slides: held-out tiles must come from slides never used for conditioning")
+        raise AuditError(f"the audit needs at least 2 {unit}s to split into T and H (got {len(keys)})",
+                         hint=f"add {unit}s: held-out tiles must come from {unit}s never used for conditioning")
     if not 0.0 < holdout_fraction < 1.0:
         raise AuditError(f"holdout_fraction must be strictly between 0 and 1 (got {holdout_fraction})",
                          hint="set split.holdout_fraction, e.g. 0.34")

@@ -2,17 +2,15 @@
 
 Each is computed for S against T and, as the null that calibrates it, for H against T. Origins:
 
-- nearest-neighbour similarity percentiles and share above a threshold: Somepalli et al. 2023;
+- nearest-neighbour similarity percentiles: Somepalli et al. 2023;
 - nearest / second-nearest distance ratio: Gu, Yoon et al.;
-- z-score against the holdout null: audit.md ("calibrated per-sample score");
-- distance to closest record, train vs holdout: SDMetrics DCROverfittingProtection;
 - authenticity: Alaa et al. 2022 (ICML), "How faithful is your synthetic data?";
 - membership inference AUC and TPR at low FPR: distance-based black-box attack on the released set.
+
+The exact tests that turn them into p-values are in :mod:`pixcell_fed.audit.exact`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,11 +24,6 @@ def percentiles(values: np.ndarray, qs: tuple[int, ...] = PERCENTILES) -> dict[s
     return {f"p{q}": float(np.percentile(values, q)) for q in qs}
 
 
-def share_above(values: np.ndarray, threshold: float) -> float:
-    values = np.asarray(values)
-    return float(np.mean(values >= threshold)) if values.size else 0.0
-
-
 def nn_distance_ratio(top_sims: np.ndarray) -> np.ndarray:
     """(1 - sim1) / (1 - sim2) per row of descending top-k similarities (cosine distance ratio); 1 when k < 2."""
     top_sims = np.asarray(top_sims, dtype=np.float64)
@@ -39,35 +32,6 @@ def nn_distance_ratio(top_sims: np.ndarray) -> np.ndarray:
     d1 = np.clip(1.0 - top_sims[:, 0], 0.0, None)
     d2 = np.clip(1.0 - top_sims[:, 1], 0.0, None)
     return np.where(d2 > 1e-12, d1 / np.maximum(d2, 1e-12), 1.0)
-
-
-@dataclass(frozen=True)
-class NullModel:
-    """Mean and standard deviation of the holdout null (H -> T nearest-neighbour similarities)."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def fit(cls, null_sims: np.ndarray) -> "NullModel":
-        null_sims = np.asarray(null_sims, dtype=np.float64)
-        return cls(float(null_sims.mean()), float(max(null_sims.std(ddof=1) if null_sims.size > 1 else 0.0, 1e-6)))
-
-    def z(self, sims: np.ndarray) -> np.ndarray:
-        return (np.asarray(sims, dtype=np.float64) - self.mean) / self.std
-
-
-def dcr_share_closer_to_train(d_train: np.ndarray, d_holdout: np.ndarray) -> float:
-    """Share of synthetic samples closer to the train set than to an equally large holdout set (ties count half)."""
-    d_train, d_holdout = np.asarray(d_train), np.asarray(d_holdout)
-    if d_train.size == 0:
-        return float("nan")
-    return float(np.mean((d_train < d_holdout) + 0.5 * (d_train == d_holdout)))
-
-
-def dcr_protection_score(share_closer_to_train: float) -> float:
-    """SDMetrics' DCROverfittingProtection: min(2 (1 - p), 1); 1 is best, 0 means every sample is closer to T."""
-    return float(min(2.0 * (1.0 - share_closer_to_train), 1.0))
 
 
 def authentic_mask(d_to_nearest_real: np.ndarray, nearest_real: np.ndarray, real_nn_distance: np.ndarray) -> np.ndarray:
@@ -133,11 +97,15 @@ def auc_p_value(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def roc_curve(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rates, true positive rates) at every threshold, from (0, 0) to (1, 1)."""
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    pos, neg = np.sort(np.asarray(pos, np.float64)), np.sort(np.asarray(neg, np.float64))
     thresholds = np.unique(np.concatenate([pos, neg]))[::-1]
-    fpr = [0.0] + [float(np.mean(neg >= t)) for t in thresholds]
-    tpr = [0.0] + [float(np.mean(pos >= t)) for t in thresholds]
-    return np.asarray(fpr), np.asarray(tpr)
+
+    def share_at_or_above(values: np.ndarray) -> np.ndarray:
+        if values.size == 0:
+            return np.zeros(len(thresholds))
+        return (values.size - np.searchsorted(values, thresholds, side="left")) / values.size
+
+    return np.concatenate([[0.0], share_at_or_above(neg)]), np.concatenate([[0.0], share_at_or_above(pos)])
 
 
 def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, max_fpr: float = 0.01) -> float:
@@ -145,54 +113,6 @@ def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, max_fpr: float = 0.01) -> float
     fpr, tpr = roc_curve(pos, neg)
     ok = fpr <= max_fpr + 1e-12
     return float(tpr[ok].max()) if ok.any() else 0.0
-
-
-@dataclass(frozen=True)
-class MembershipResult:
-    auc: float
-    p_value: float   # one-sided Mann-Whitney: is the AUC above 0.5?
-    tpr_at_1pct_fpr: float
-    n_members: int
-    n_nonmembers: int
-    fpr: np.ndarray
-    tpr: np.ndarray
-
-
-def membership_inference(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> MembershipResult:
-    """Distance attack: a real tile is called a member when its similarity to the released set is high.
-
-    ``member_scores``: nearest-synthetic similarity of tiles of T; ``nonmember_scores``: of held-out tiles.
-    """
-    auc = roc_auc(member_scores, nonmember_scores)
-    fpr, tpr = roc_curve(member_scores, nonmember_scores)
-    return MembershipResult(auc, auc_p_value(member_scores, nonmember_scores),
-                            tpr_at_fpr(member_scores, nonmember_scores, 0.01), len(member_scores),
-                            len(nonmember_scores), fpr, tpr)
-
-
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact (log-space sum)."""
-    import math
-
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-            for i in range(k, n + 1)]
-    top = max(logs)
-    return float(min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs)))
-
-
-def exceedance_test(sims: np.ndarray, null_sims: np.ndarray, q: float = 95.0) -> tuple[float, float]:
-    """Share of ``sims`` above the null's q-th percentile and the one-sided binomial p-value of that share
-    against the (100 - q) % expected when ``sims`` come from the null's distribution."""
-    sims = np.asarray(sims)
-    if sims.size == 0 or np.asarray(null_sims).size == 0:
-        return float("nan"), 1.0
-    cut = float(np.percentile(null_sims, q))
-    k = int((sims > cut).sum())
-    return k / sims.size, binomial_tail(k, int(sims.size), 1.0 - q / 100.0)
 
 
 def histogram(values: np.ndarray, bins: np.ndarray) -> list[int]:

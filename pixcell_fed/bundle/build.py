@@ -1,34 +1,36 @@
-"""Build a bundle from audited synthetic tiles: atomic, fail-closed, signed by the site, awaiting approval.
+"""Build a run's bundle: atomic, fail-closed, signed by the site, awaiting approval.
 
+The bundle of run folder ``<work>/runs/<run_id>/`` is ``<run>/bundle``, and its audit is the run's own
+(``<run>/audit/audit_summary.json``, with ``audit_summary.html`` when the audit wrote one): the builder takes it
+from nowhere else, and refuses a run whose recorded verdict or audit verdict is FAIL
+(:class:`PrivacyGateRefused`). The tiles must be exactly the audit's kept set, hash for hash, each already the
+canonical PNG of an 8-bit RGB tile of the run's tile size; they are shipped byte for byte under random names.
 The bundle is built in a temporary sibling folder and renamed into place only after a self-check has passed:
-every tile re-encoded without metadata under a random name, the manifest and the shareable audit validated
-against their allow-lists, every byte scanned for the source file names and paths and any strings the caller
-forbids. A FAIL verdict builds nothing (:class:`PrivacyGateRefused`).
+the signed files verified as a coordinator would, every byte scanned for the source file names and paths and
+any strings the caller forbids.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 from pixcell_fed.bundle import layout as L
-from pixcell_fed.bundle.manifest import canonical_json, check_label, check_run_id, manifest_bytes, manifest_frame, read_manifest
-from pixcell_fed.bundle.png import check_clean_png, clean_png_bytes, random_tile_name, read_pixels
-from pixcell_fed.hashing import sha256_bytes, sha256_file
-from pixcell_fed.bundle.shareable import validate_identity, validate_shareable_audit
+from pixcell_fed.bundle.manifest import (canonical_json, check_label, check_run_id, label_counts, manifest_bytes,
+                                         manifest_frame)
+from pixcell_fed.bundle.png import MAX_TILE_SIZE, MIN_TILE_SIZE, random_tile_name, read_rgb_tile
+from pixcell_fed.bundle.run_binding import read_run_audit, run_refusal, tile_set_problem
+from pixcell_fed.bundle.shareable import HASHES_KEY, audit_json_text, validate_identity
+from pixcell_fed.bundle.state import AUDIT_SUMMARY_HTML, BUNDLE_DIR, audit_dir
 from pixcell_fed.errors import BundleError, PrivacyGateRefused
+from pixcell_fed.hashing import sha256_bytes, sha256_file
 from pixcell_fed.runlog import get_logger
 
 log = get_logger("bundle")
-
-MAX_SUMMARY_HTML_BYTES = 50 * 1024 * 1024
-_REF_RE = re.compile(r"""(?:\b(?:src|href|srcset|action|poster|data)\s*=\s*["']?|url\(\s*["']?)([^"'\s>)]*)""", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -41,28 +43,6 @@ class BundleInfo:
     n_tiles: int
     verdict: str
     state: str
-
-
-def audit_json_text(summary: Mapping) -> str:
-    """How ``audit.json`` is written in a bundle (verification demands these bytes)."""
-    return json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
-
-
-def check_summary_html(data: bytes, *, name: str = L.SUMMARY_HTML) -> None:
-    """A shareable summary must be self-contained UTF-8 HTML: no links to files or the network."""
-    if len(data) > MAX_SUMMARY_HTML_BYTES:
-        raise BundleError(f"{name}: {len(data)} bytes, more than {MAX_SUMMARY_HTML_BYTES}", hint="share a smaller summary")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"{name}: not UTF-8 text", hint="pass the audit's shareable summary HTML") from exc
-    for match in _REF_RE.finditer(text):
-        ref = match.group(1)
-        if ref and not ref.startswith(("data:", "#")):
-            raise BundleError(f"{name}: refers to {ref[:80]!r}; a shareable summary must embed everything",
-                              hint="pass the audit's self-contained shareable summary (figures as data: URIs)")
-    if "file:" in text.lower():
-        raise BundleError(f"{name}: contains a file: reference", hint="remove local paths from the shareable summary")
 
 
 def _forbidden_from_inputs(tiles: Sequence[Path], extra: Iterable[str]) -> list[str]:
@@ -95,17 +75,15 @@ def scan_bytes_for(bundle_dir: Path, forbidden: Sequence[str], *, skip_tiles: bo
 
 
 def self_check(bundle_dir: Path, forbidden: Sequence[str] = ()) -> None:
-    """Fail-closed check of a built bundle's contents: clean PNGs, valid manifest and audit, no forbidden bytes."""
-    frame = read_manifest(bundle_dir / L.MANIFEST)
-    tile_dir = bundle_dir / L.TILES
-    names = sorted(p.name for p in tile_dir.iterdir())
-    if names != sorted(frame["file_name"]):
-        raise BundleError("self-check: tiles/ and the manifest disagree", hint="this is a bug in pixcell-fed")
-    for name in names:
-        check_clean_png((tile_dir / name).read_bytes(), name=f"tiles/{name}")
-    validate_shareable_audit(json.loads((bundle_dir / L.AUDIT).read_text(encoding="ascii")), source=L.AUDIT)
+    """Fail-closed check of a freshly built bundle: its signed files verify, no forbidden byte anywhere."""
     from pixcell_fed.audit.identifiers import scan_for_identifiers
+    from pixcell_fed.bundle.verify import check_signed_files
+    from pixcell_fed.errors import VerificationError
 
+    try:
+        check_signed_files(bundle_dir, None)  # tiles: checked canonical as read, shipped byte for byte
+    except VerificationError as exc:
+        raise BundleError(f"self-check: {exc.message}", hint="this is a bug in pixcell-fed; the bundle was not built") from exc
     findings = scan_for_identifiers(sorted(p for p in bundle_dir.rglob("*") if p.is_file()), forbidden)
     if findings:
         where = "; ".join(f"{Path(f.path).relative_to(bundle_dir).as_posix()}: {f.detail}" for f in findings[:5])
@@ -138,67 +116,82 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def build_bundle(
-    out_dir: str | Path,
+    run_dir: str | Path,
     *,
     site_name: str,
-    run_id: str,
     tiles: Sequence[str | Path],
+    tile_size: int,
     labels: Sequence[str | None] | None = None,
-    generator: Mapping,
-    encoder: Mapping,
-    audit_summary: Mapping,
+    generator: dict,
+    encoder: dict,
     site_key,
-    summary_html: str | Path | None = None,
     forbidden_strings: Iterable[str] = (),
 ) -> BundleInfo:
-    """Build the bundle folder ``out_dir`` (which must not exist) in the state "awaiting approval".
+    """Build ``<run_dir>/bundle`` (which must not exist) in the state "awaiting approval".
 
-    ``tiles`` are the audited synthetic PNG files, ``labels`` their class labels (aligned with ``tiles``, or
-    ``None``), ``generator``/``encoder`` the model identities, ``audit_summary`` the shareable audit summary
-    (``audit_summary.json``; every tile, as re-encoded, must be among its ``kept_sha256``), ``site_key`` the
-    site's Ed25519 private key, ``summary_html`` the shareable HTML summary. ``forbidden_strings`` (slide names,
-    patient identifiers...) must not occur in any byte of the bundle.
+    ``run_dir`` is the run's folder (its name is the run id; its audit is read from ``audit/``), ``tiles`` the
+    audited synthetic PNG files (exactly the audit's kept set), ``tile_size`` the run's tile side in pixels,
+    ``labels`` their class labels (aligned with ``tiles``, or ``None``), ``generator``/``encoder`` the model
+    identities, ``site_key`` the site's Ed25519 private key. ``forbidden_strings`` (slide names, patient
+    identifiers...) must not occur in any byte of the bundle.
     """
-    out_dir = Path(out_dir)
+    run_dir = Path(run_dir)
+    run_id = check_run_id(run_dir.name, "run folder name")
     L.check_site_name(site_name)
-    check_run_id(run_id)
-    audit = validate_shareable_audit(audit_summary)
+    refusal = run_refusal(run_dir)
+    if refusal:
+        raise PrivacyGateRefused(f"{refusal}: no bundle is built",
+                                 hint="see the audit report; nothing may leave the site from this run")
+    audit = read_run_audit(run_dir)
     if audit["verdict"] == "FAIL":
         raise PrivacyGateRefused(f"the audit verdict of run {run_id} is FAIL: no bundle is built",
                                  hint="see the audit report; nothing may leave the site from this run")
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE:
+        raise BundleError(f"tile size {tile_size!r} is not {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px",
+                          hint="pass the run's tiling.tile_size")
     generator_id = validate_identity(generator, "generator")
     encoder_id = validate_identity(encoder, "encoder")
     tiles = [Path(t) for t in tiles]
     if not tiles:
         raise BundleError("no tiles to bundle", hint="check that synthesis and the audit kept tiles")
-    if labels is not None:
-        labels = list(labels)
-        if len(labels) != len(tiles):
-            raise BundleError(f"{len(labels)} labels for {len(tiles)} tiles", hint="give one label per tile, or none")
-        labelled = [lab is not None for lab in labels]
-        if any(labelled) and not all(labelled):
-            raise BundleError("some tiles have a class label and others none",
-                              hint="label every slide in the labels CSV, or none")
-        for i, lab in enumerate(labels):
-            if lab is not None:
-                check_label(lab, f"label of tile {i}")
-    html_bytes = None
-    if summary_html is not None:
-        html_bytes = Path(summary_html).read_bytes()
-        check_summary_html(html_bytes)
+    labels = _checked_labels(labels, len(tiles))
+    html_path = audit_dir(run_dir) / AUDIT_SUMMARY_HTML
+    html_bytes = html_path.read_bytes() if html_path.is_file() else None
+    if html_bytes is not None:
+        from pixcell_fed.bundle.html import check_inert_html
+
+        check_inert_html(html_bytes, name=f"run {run_id}: {html_path.name}")
+    out_dir = run_dir / BUNDLE_DIR
     with L.bundle_lock(out_dir):
         if out_dir.exists():
             raise BundleError(f"bundle folder already exists: {out_dir}",
                               hint="a bundle is built once per run; remove it to rebuild")
-        return _build_locked(out_dir, site_name=site_name, run_id=run_id, tiles=tiles, labels=labels,
-                             generator_id=generator_id, encoder_id=encoder_id, audit=audit, site_key=site_key,
-                             html_bytes=html_bytes, forbidden=_forbidden_from_inputs(tiles, forbidden_strings))
+        return _build_locked(out_dir, site_name=site_name, run_id=run_id, tiles=tiles, tile_size=tile_size,
+                             labels=labels, generator_id=generator_id, encoder_id=encoder_id, audit=audit,
+                             site_key=site_key, html_bytes=html_bytes,
+                             forbidden=_forbidden_from_inputs(tiles, forbidden_strings))
 
 
-def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Path], labels: list | None,
-                  generator_id: dict, encoder_id: dict, audit: dict, site_key, html_bytes: bytes | None,
-                  forbidden: list[str]) -> BundleInfo:
-    audited = set(audit["kept_sha256"])
+def _checked_labels(labels: Sequence[str | None] | None, n_tiles: int) -> list | None:
+    if labels is None:
+        return None
+    labels = list(labels)
+    if len(labels) != n_tiles:
+        raise BundleError(f"{len(labels)} labels for {n_tiles} tiles", hint="give one label per tile, or none")
+    labelled = [lab is not None for lab in labels]
+    if any(labelled) and not all(labelled):
+        raise BundleError("some tiles have a class label and others none", hint="label every slide in the labels CSV, or none")
+    for i, lab in enumerate(labels):
+        if lab is not None:
+            check_label(lab, f"label of tile {i}")
+    return labels
+
+
+def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Path], tile_size: int,
+                  labels: list | None, generator_id: dict, encoder_id: dict, audit: dict, site_key,
+                  html_bytes: bytes | None, forbidden: list[str]) -> BundleInfo:
+    from pixcell_fed.progress import progress
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temp(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
@@ -207,35 +200,31 @@ def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Pat
         (tmp / L.SIGNATURES).mkdir()
         generator_text, encoder_text = canonical_json(generator_id), canonical_json(encoder_id)
         rows = []
-        from pixcell_fed.progress import progress
-
         for i, tile in enumerate(progress(tiles, total=len(tiles), desc="bundle", unit="tile")):
-            data = clean_png_bytes(read_pixels(tile))
-            digest = sha256_bytes(data)
-            if digest not in audited:
-                raise BundleError(f"tile {i} ({tile.name}) is not among the audited tiles (its sha256 is not in the audit)",
-                                  hint="bundle exactly the tiles the audit kept, written with pixcell_fed.bundle.png.clean_png_bytes")
+            data = read_rgb_tile(tile, tile_size=tile_size)  # read once: the bytes checked are the bytes shipped
             name = random_tile_name()
             (tmp / L.TILES / name).write_bytes(data)
-            rows.append({"file_name": name, "sha256": digest, "size": len(data),
+            rows.append({"file_name": name, "sha256": sha256_bytes(data), "size": len(data),
                          "label": labels[i] if labels is not None else None,
                          "generator": generator_text, "encoder": encoder_text, "run_id": run_id})
+        problem = tile_set_problem([r["sha256"] for r in rows], list(audit[HASHES_KEY]))
+        if problem:
+            raise BundleError(f"the tiles given are not exactly the run's audited kept set: {problem}",
+                              hint="bundle exactly the tiles the audit kept, as synthesize wrote them")
         rows.sort(key=lambda r: r["file_name"])  # random order: the row order tells nothing about the sources
         frame = manifest_frame(rows)
         (tmp / L.MANIFEST).write_bytes(manifest_bytes(frame))
         (tmp / L.AUDIT).write_text(audit_json_text(audit), encoding="ascii")
         if html_bytes is not None:
             (tmp / L.SUMMARY_HTML).write_bytes(html_bytes)
-        label_counts: dict[str, int] = {}
-        if "label" in frame.columns:
-            label_counts = {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
         info = {
             "format": L.FORMAT,
             "format_version": L.FORMAT_VERSION,
             "site": site_name,
             "run_id": run_id,
-            "created": L.today(),
-            "counts": {"tiles": len(frame), "labels": label_counts},
+            "created": L.utc_now(),
+            "tile_size": tile_size,
+            "counts": {"tiles": len(frame), "labels": label_counts(frame)},
             "verdict": audit["verdict"],
             "files": {
                 L.MANIFEST: sha256_file(tmp / L.MANIFEST),

@@ -1,7 +1,8 @@
 """The bundle's file layout, ``bundle.json``, the signed statement and the signature files.
 
-``bundle.json`` has an immutable part (format, site, run id, creation date, counts, verdict and the sha256 of
-``manifest.parquet``, ``audit.json`` and ``audit_summary.html``) and a mutable part (``state`` and ``decision``).
+``bundle.json`` has an immutable part (format, site, run id, creation time, tile size, counts, verdict and the
+sha256 of ``manifest.parquet``, ``audit.json`` and ``audit_summary.html``) and a mutable part (``state`` and
+``decision``). Every file name of a bundle is a constant here.
 The site signs a *statement*: canonical JSON binding the site name, the run id, the sha256 of the immutable part
 and the sha256 of the manifest, audit and summary. Approval changes only the mutable part, so the site's
 signature stays valid; the officer signs the same statement with ``role: officer`` and the approval decision
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pixcell_fed.bundle.manifest import canonical_json, check_run_id
+from pixcell_fed.bundle.png import MAX_TILE_SIZE, MIN_TILE_SIZE
 from pixcell_fed.errors import BundleError, VerificationError
 
 FORMAT = "pixcell-fed-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BUNDLE_JSON = "bundle.json"
 MANIFEST = "manifest.parquet"
 AUDIT = "audit.json"
@@ -40,11 +42,11 @@ STATE_APPROVED = "approved"
 STATE_REJECTED = "rejected"
 STATES = (STATE_AWAITING, STATE_APPROVED, STATE_REJECTED)
 
-IMMUTABLE_KEYS = ("format", "format_version", "site", "run_id", "created", "counts", "verdict", "files")
+IMMUTABLE_KEYS = ("format", "format_version", "site", "run_id", "created", "tile_size", "counts", "verdict", "files")
 MUTABLE_KEYS = ("state", "decision")
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00$")
 
 
 @contextlib.contextmanager
@@ -67,8 +69,19 @@ def bundle_lock(bundle_dir: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def today() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+def utc_now() -> str:
+    """The current UTC time as written in bundles: ISO 8601 to the second, ``+00:00``."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_time(text: Any) -> _dt.datetime | None:
+    """A time written by :func:`utc_now` as an aware UTC datetime; ``None`` for anything else (fail closed)."""
+    if not isinstance(text, str) or not _TIME_RE.match(text):
+        return None
+    try:
+        return _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def check_site_name(name: Any, where: str = "site name") -> str:
@@ -126,9 +139,12 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
         check_run_id(info["run_id"], "bundle.json: run_id")
     except BundleError as exc:
         raise _bad(str(exc), verifying=verifying) from exc
-    if not isinstance(info["created"], str) or not _DATE_RE.match(info["created"]):
-        raise _bad("invalid 'created' date", verifying=verifying)
-    if info["verdict"] not in ("PASS", "WARN", "FAIL"):
+    if parse_time(info["created"]) is None:
+        raise _bad(f"invalid 'created' time {str(info['created'])[:40]!r} (expected UTC ISO 8601)", verifying=verifying)
+    size = info["tile_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:
+        raise _bad(f"invalid 'tile_size' {size!r} (expected {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px)", verifying=verifying)
+    if info["verdict"] not in ("PASS", "WARN", "INCONCLUSIVE", "FAIL"):
         raise _bad(f"invalid verdict {info['verdict']!r}", verifying=verifying)
     files = info["files"]
     if not isinstance(files, dict) or set(files) != {MANIFEST, AUDIT, SUMMARY_HTML}:
@@ -144,7 +160,7 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
         raise _bad(f"invalid state {info['state']!r}", verifying=verifying)
     decision = info["decision"]
     expected_keys = {STATE_AWAITING: None, STATE_APPROVED: {"state", "time", "officer"},
-                     STATE_REJECTED: {"state", "time", "reason"}}[info["state"]]
+                     STATE_REJECTED: {"state", "time", "reason", "officer"}}[info["state"]]
     if expected_keys is None:
         if decision is not None:
             raise _bad("a bundle awaiting approval has no decision", verifying=verifying)

@@ -119,6 +119,13 @@ def validate_manifest(frame, *, source: str = "manifest.parquet"):
     return frame
 
 
+def label_counts(frame) -> dict[str, int]:
+    """Tiles per class label of a manifest (empty when it has no labels), as ``bundle.json`` records them."""
+    if "label" not in frame.columns:
+        return {}
+    return {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
+
+
 def manifest_bytes(frame) -> bytes:
     """Serialise a validated manifest as parquet without key-value metadata (deterministic for the same rows)."""
     import pyarrow as pa

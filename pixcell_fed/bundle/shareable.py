@@ -7,18 +7,18 @@ embedding) is refused with the exact location of the offending value.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Mapping
 
 from pixcell_fed.errors import BundleError
 
-SHAREABLE_AUDIT_FORMAT = 1
 #: top-level keys of a shareable audit summary (``audit_summary.json`` written by the audit, ``audit.json`` in a bundle)
 SHAREABLE_AUDIT_KEYS = frozenset({
     "schema", "format_version",  # version of the summary's layout
     "created",
-    "verdict",         # "PASS" | "WARN" | "FAIL"
+    "verdict",         # "PASS" | "WARN" | "INCONCLUSIVE" | "FAIL"
     "sizes",           # sizes of S, T and H
     "config",          # the audit's thresholds and settings
     "thresholds",
@@ -36,7 +36,7 @@ SHAREABLE_AUDIT_KEYS = frozenset({
 })
 HASHES_KEY = "kept_sha256"
 REQUIRED_AUDIT_KEYS = ("verdict", HASHES_KEY)
-VERDICTS = ("PASS", "WARN", "FAIL")
+VERDICTS = ("PASS", "WARN", "INCONCLUSIVE", "FAIL")
 #: key-name tokens whose values may only be numbers (counts): names, paths and identifiers hide behind them
 NAME_KEY_TOKENS = frozenset({
     "path", "paths", "file", "files", "filename", "filenames", "dir", "directory", "folder", "slide", "slides",
@@ -126,6 +126,11 @@ def check_shareable_value(value: Any, where: str) -> None:
             check_shareable_value(item, f"{where}[{i}]")
         return
     raise BundleError(f"{where}: unsupported value of type {type(value).__name__}", hint="use JSON values only")
+
+
+def audit_json_text(summary: Mapping) -> str:
+    """How a shareable audit is written as a bundle's ``audit.json`` (verification demands these bytes)."""
+    return json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
 
 
 def validate_identity(identity: Any, what: str) -> dict:

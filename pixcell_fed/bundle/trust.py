@@ -111,17 +111,21 @@ def _check_one_role_per_key(sites: Mapping[str, TrustedSite], source: str) -> No
     """Refuse any public key that appears twice in the file, in any site or role, naming both places."""
     from pixcell_fed.keys import public_key_raw
 
-    seen: dict[bytes, str] = {}
+    seen: dict[bytes, tuple[str, str]] = {}
     for name, site in sites.items():
-        places = [(public_key_raw(site.signing_key), f"sites.{name}.signing_key")]
-        places += [(public_key_raw(o), f"sites.{name}.officers[{i}]") for i, o in enumerate(site.officers)]
+        places = [(public_key_raw(site.signing_key), f"sites.{name}.signing_key", f"the signing key of site {name}")]
+        places += [(public_key_raw(o), f"sites.{name}.officers[{i}]", f"an officer key of site {name}")
+                   for i, o in enumerate(site.officers)]
         if site.auth_key is not None:
-            places.append((site.auth_key, f"sites.{name}.auth_key"))
-        for raw, where in places:
+            places.append((site.auth_key, f"sites.{name}.auth_key", f"the SuperNode key of site {name}"))
+        for raw, where, role in places:
             if raw in seen:
-                raise ConfigError(f"{source}: the key at {where} is already used at {seen[raw]}",
-                                  hint="one key, one role: every site, officer and SuperNode holds a key of its own")
-            seen[raw] = where
+                earlier, earlier_role = seen[raw]
+                raise ConfigError(f"{source}: the key at {where} ({role}) is already used at {earlier} "
+                                  f"({earlier_role})",
+                                  hint="one key, one role: every site, officer and SuperNode holds a key of its own; "
+                                       "ask for a fresh key pair")
+            seen[raw] = (where, role)
 
 
 def trust_from_entries(trust: TrustFile, *, source: str = "trust file") -> TrustStore:

@@ -3,6 +3,7 @@
 from pixcell_fed.config.loader import build_dataclass, load_yaml_config, to_plain
 from pixcell_fed.config.schema import (
     AuditConfig,
+    DPPolicy,
     FederationConfig,
     KeysConfig,
     ModelsConfig,
@@ -20,6 +21,6 @@ def load_site_config(path) -> SiteConfig:
 
 
 __all__ = [
-    "AuditConfig", "FederationConfig", "KeysConfig", "ModelsConfig", "SiteConfig", "SiteSection", "SplitConfig",
+    "AuditConfig", "DPPolicy", "FederationConfig", "KeysConfig", "ModelsConfig", "SiteConfig", "SiteSection", "SplitConfig",
     "SynthesisConfig", "TilingConfig", "build_dataclass", "load_site_config", "load_yaml_config", "to_plain",
 ]

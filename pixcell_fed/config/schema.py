@@ -6,6 +6,7 @@ Each section is a frozen dataclass whose fields are the keys of that YAML sectio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +33,25 @@ class SiteSection:
 
 
 @dataclass(frozen=True)
+class TileQCConfig:
+    """Per-tile quality control (``tiling.qc``): each threshold's provenance is
+    ``pixcell_fed.slides.quality.QC_PROVENANCE`` (written into tiling.json), each check in docs/tiling.md."""
+
+    enabled: bool = True
+    pen_fraction: float = 0.05
+    blur_laplacian_var: float = 250.0
+    fold_fraction: float = 0.04
+    glare_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("pen_fraction", "fold_fraction", "glare_fraction"):
+            value = getattr(self, name)
+            _check(0.0 < value <= 1.0, f"tiling.qc.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.blur_laplacian_var <= 1e6,
+               f"tiling.qc.blur_laplacian_var must be in [0, 1e6] (got {self.blur_laplacian_var}; 0 turns it off)")
+
+
+@dataclass(frozen=True)
 class TilingConfig:
     """How slides become tiles."""
 
@@ -45,6 +65,7 @@ class TilingConfig:
     workers: int = 2
     mpp_overrides: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     write_overviews: bool = True
+    qc: TileQCConfig = field(default_factory=TileQCConfig)
 
     def __post_init__(self) -> None:
         _check(0.05 <= self.target_mpp <= 20, f"tiling.target_mpp must be in [0.05, 20] (got {self.target_mpp})")
@@ -90,13 +111,16 @@ class SynthesisConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Which slides condition synthesis (T) and which are held out (H), split by slide."""
+    """Which slides condition synthesis (T) and which are held out (H): whole patients (the labels CSV's patient
+    column), or, only when set explicitly, single slides."""
 
     holdout_fraction: float = 0.34
     seed: int = 0
+    unit: Literal["patient", "slide"] = "patient"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.holdout_fraction < 1.0, "split.holdout_fraction must be strictly between 0 and 1")
+        _check(self.unit in ("patient", "slide"), f"split.unit must be 'patient' or 'slide' (got {self.unit!r})")
 
 
 @dataclass(frozen=True)
@@ -106,23 +130,20 @@ class AuditConfig:
 
     copy_similarity: float = 0.65
     copy_pixel_confirm: float = 0.60
-    nn_similarity_warn: float = 0.85
+    max_copy_share: float = 0.01
     nn_ratio: float = 1 / 3
-    zscore: float = 4.0
-    replication_percentile_margin: float = 0.05
-    dcr_score_warn: float = 0.8
-    dcr_score_fail: float = 0.5
-    authenticity_margin: float = 0.15
-    mia_auc_warn: float = 0.6
-    mia_auc_fail: float = 0.7
+    alpha: float = 0.05
+    fail_alpha: float = 0.001
+    target_leak_share: float = 0.05
+    encoder_membership_tpr_warn: float = 0.05
+    encoder_membership_tpr_fail: float = 0.25
     min_holdout: int = 20
     min_holdout_ratio: float = 0.5
     top_k: int = 5
     drop_flagged: bool = True
     max_rounds: int = 2
     closest_pairs: int = 24
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
     region_copy: bool = True
     region_copy_min_fraction: float = 0.25
     region_copy_candidates: int = 5
@@ -130,20 +151,24 @@ class AuditConfig:
     region_copy_correlation: float = 0.6
 
     def __post_init__(self) -> None:
-        for name in ("copy_similarity", "copy_pixel_confirm", "nn_similarity_warn"):
+        for name in ("copy_similarity", "copy_pixel_confirm"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
+        _check(0.0 <= self.max_copy_share < 1.0, f"audit.max_copy_share must be in [0, 1) (got {self.max_copy_share})")
         _check(0.0 < self.nn_ratio < 1.0, f"audit.nn_ratio must be in (0, 1) (got {self.nn_ratio})")
-        _check(self.zscore > 0, f"audit.zscore must be > 0 (got {self.zscore})")
-        _check(0.0 <= self.dcr_score_fail <= self.dcr_score_warn <= 1.0,
-               "audit: need 0 <= dcr_score_fail <= dcr_score_warn <= 1")
-        _check(0.0 <= self.authenticity_margin <= 1.0, "audit.authenticity_margin must be in [0, 1]")
-        _check(0.5 <= self.mia_auc_warn <= self.mia_auc_fail <= 1.0, "audit: need 0.5 <= mia_auc_warn <= mia_auc_fail <= 1")
+        _check(0.0 < self.fail_alpha <= self.alpha <= 0.2,
+               f"audit: need 0 < fail_alpha <= alpha <= 0.2 (got {self.fail_alpha}, {self.alpha})")
+        _check(0.0 < self.target_leak_share <= 1.0,
+               f"audit.target_leak_share must be in (0, 1] (got {self.target_leak_share})")
+        _check(0.0 <= self.encoder_membership_tpr_warn <= self.encoder_membership_tpr_fail <= 1.0,
+               "audit: need 0 <= encoder_membership_tpr_warn <= encoder_membership_tpr_fail <= 1")
         _check(self.min_holdout >= 2, "audit.min_holdout must be at least 2")
         _check(0.0 <= self.min_holdout_ratio <= 10.0, "audit.min_holdout_ratio must be in [0, 10]")
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         _check(0.0 < self.region_copy_min_fraction <= 1.0,
                f"audit.region_copy_min_fraction must be in (0, 1] (got {self.region_copy_min_fraction})")
         _check(1 <= self.region_copy_candidates <= 100,
@@ -156,10 +181,49 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class KeysConfig:
-    """The site's signing key (Ed25519)."""
+    """The site's signing key and the public keys of its privacy officers (Ed25519)."""
 
     site_private_key: Path = Path("keys/site_signing.key")
     passphrase_env: str | None = None
+    officers: tuple[str, ...] = ()  # the only keys 'site-agent approve' and 'reject' accept
+
+    def __post_init__(self) -> None:
+        from pixcell_fed.errors import KeyFileError
+        from pixcell_fed.keys import parse_public_key, public_key_raw
+
+        seen: dict[bytes, int] = {}
+        for i, text in enumerate(self.officers):
+            try:
+                raw = public_key_raw(parse_public_key(text, source=f"keys.officers[{i}]"))
+            except KeyFileError as exc:
+                raise ValueError(f"{exc.message} (paste the line 'site-agent officer-key' printed)") from exc
+            _check(raw not in seen, f"keys.officers[{i}] repeats keys.officers[{seen.get(raw)}]")
+            seen[raw] = i
+
+
+@dataclass(frozen=True)
+class DPPolicy:
+    """The site's own limits for the DP fine-tune on its real tiles (``federation.dp``). A coordinator's request
+    can only ask for less privacy loss than these allow; everything else is refused before training."""
+
+    epsilon_budget: float = 8.0            # total epsilon this site ever spends (at delta), over rounds, runs, restarts
+    delta: float | None = None             # null = 1/(10 N) rounded down to a power of ten (N: training tiles)
+    min_noise_multiplier: float = 1.0      # requests with less noise are refused
+    max_grad_norm: float = 1.0             # largest per-tile clipping norm a request may ask for
+    max_local_epochs: int = 1              # most passes over the training tiles in one round
+    min_batch_size: int = 4                # expected batch size (Poisson sampling) bounds of a request
+    max_batch_size: int = 256
+    count_granularity: int = 100           # examples reported rounded to a multiple of this; 0 = not reported
+
+    def __post_init__(self) -> None:
+        _check(0 < self.epsilon_budget <= 100, f"federation.dp.epsilon_budget must be in (0, 100] (got {self.epsilon_budget})")
+        _check(self.delta is None or 0 < self.delta <= 1e-2, f"federation.dp.delta must be in (0, 0.01] or null (got {self.delta})")
+        _check(0.3 <= self.min_noise_multiplier <= 100,
+               f"federation.dp.min_noise_multiplier must be in [0.3, 100] (got {self.min_noise_multiplier})")
+        _check(0 < self.max_grad_norm <= 100, f"federation.dp.max_grad_norm must be in (0, 100] (got {self.max_grad_norm})")
+        _check(self.max_local_epochs >= 1, "federation.dp.max_local_epochs must be at least 1")
+        _check(1 <= self.min_batch_size <= self.max_batch_size, "federation.dp: need 1 <= min_batch_size <= max_batch_size")
+        _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
 @dataclass(frozen=True)
@@ -174,6 +238,19 @@ class FederationConfig:
     eval_dir: Path | None = None
     bundle_dir: Path | None = None
     train_dir: Path | None = None
+    dp: DPPolicy = field(default_factory=DPPolicy)
+    # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
+    # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.
+    app_sha256: tuple[str, ...] | str = ()
+
+    def __post_init__(self) -> None:
+        from pixcell_fed.hashing import is_sha256_hex
+
+        pins = (self.app_sha256,) if isinstance(self.app_sha256, str) else tuple(self.app_sha256)
+        for pin in pins:
+            _check(is_sha256_hex(pin),
+                   f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')")
+        object.__setattr__(self, "app_sha256", pins)  # always a tuple after loading
 
 
 @dataclass(frozen=True)

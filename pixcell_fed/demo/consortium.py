@@ -2,10 +2,14 @@
 
 Three simulated hospitals, each with slides written from the real CMU H&E slide in its own stain and with slide
 labels, run ``site-agent synthesize``; a demo privacy officer per site approves; the coordinator admits the sites
-to its trust file, starts its SuperLink with TLS, registers each site's SuperNode key; the sites join with
-``site-agent serve``; ``coordinator run`` pools the bundles, trains a small classifier and has every site
-evaluate it on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
+(signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
+the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
+site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its
+pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier and has every site evaluate it
+on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
 deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+The real slide comes from the local cache that ``scripts/setup.sh`` fills, or from the file the user gives
+(``--slide``): nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: fl
 
 
 def _slides(site_index: int):
-    from pixcell_fed.testing.sites import SlideSpec
+    from pixcell_fed.simulation.sites import SlideSpec
 
     specs = []
     for k in range(SLIDES_PER_LABEL * len(LABELS)):
@@ -82,15 +86,27 @@ def _slides(site_index: int):
     return specs
 
 
-def _make_sites(out: Path, models) -> dict[str, Path]:
-    from pixcell_fed.testing.sites import make_site
-    from pixcell_fed.testing.slide_writer import StainVariation
+def _make_sites(out: Path, models, source: Path | None) -> dict[str, Path]:
+    from pixcell_fed.simulation.sites import make_site
+    from pixcell_fed.simulation.slide_writer import StainVariation
 
     configs = {}
     for i, (name, stain) in enumerate(SITES):
         configs[name] = make_site(out / "sites" / name, name=name, models=models, slides=_slides(i),
-                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG)
+                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG, source=source)
     return configs
+
+
+def _real_slide(out: Path, slide: str | Path | None) -> Path | None:
+    """The real slide to write the hospitals' slides from: ``slide`` (checked), else the cached copy; None when
+    every slide of a previous run is already there. Raises UsageError (nothing is ever downloaded here)."""
+    from pixcell_fed.simulation.real_slide import cached_real_slide, check_real_slide
+
+    if slide is not None:
+        return check_real_slide(slide)
+    written = all((out / "sites" / name / "slides" / spec.file_name).is_file()
+                  for i, (name, _) in enumerate(SITES) for spec in _slides(i))
+    return None if written else cached_real_slide()
 
 
 def _bundle_of(site_dir: Path) -> Path:
@@ -100,13 +116,19 @@ def _bundle_of(site_dir: Path) -> Path:
     return bundles[-1].parent
 
 
-def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
-    """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are."""
+def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: float = 1500.0) -> DemoResult:
+    """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are.
+
+    ``slide``: the real slide CMU-1-Small-Region.svs (default: the copy ``scripts/setup.sh`` cached). Raises
+    :class:`~pixcell_fed.errors.UsageError` when neither is there; nothing is downloaded.
+    """
     from pixcell_fed.bundle.layout import STATE_APPROVED, read_bundle_json
     from pixcell_fed.federation import deployment as D
-    from pixcell_fed.testing.sites import make_site, write_twin_models
+    from pixcell_fed.federation.services import start_coordinator_serve
+    from pixcell_fed.simulation.sites import make_site, write_twin_models
 
     out = Path(out).resolve()
+    source = _real_slide(out, slide)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     demo_log = logs / "demo-commands.log"
@@ -118,7 +140,7 @@ def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
 
     log.info("1/6 tiny untrained model twins and three simulated hospitals (real H&E, site-specific stains)")
     models = write_twin_models(out / "models")
-    configs = _make_sites(out, models)
+    configs = _make_sites(out, models, source)
 
     log.info("2/6 each site: site-agent synthesize (tiles -> embeddings -> synthetic tiles -> audit -> bundle)")
     for name, config in configs.items():
@@ -131,43 +153,42 @@ def run_demo(out: str | Path, *, timeout_s: float = 1500.0) -> DemoResult:
     trust_file = coord / "trust.yaml"
     for name, config in configs.items():
         site_dir = config.parent
-        officer = site_dir / "officer"
+        officer, auth = site_dir / "officer", site_dir / "keys" / "flower"
         if not (officer / "officer.key").is_file():
             _cli("site-agent", "officer-key", "--out", str(officer), env=env, log_file=demo_log)
+        # the site's administrator lists the officer's public key in site.yaml: only listed keys can decide
+        make_site(site_dir, name=name, models=models, slides=[],
+                  config={"keys": {"officers": [(officer / "officer.pub").read_text().strip()]}})
         if read_bundle_json(result.bundles[name])["state"] != STATE_APPROVED:
-            _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"), "--yes",
-                 env=env, log_file=demo_log)
+            _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"),
+                 "--config", str(config), "--yes", env=env, log_file=demo_log)
+        if not (auth / f"{name}_auth").is_file():
+            _cli("site-agent", "auth-key", "--config", str(config), "--out", str(auth), env=env, log_file=demo_log)
         _cli("coordinator", "trust-add", str(trust_file), "--site", name,
              "--signing-key", str(site_dir / "keys" / "site_signing.pub"), "--officer", str(officer / "officer.pub"),
-             env=env, log_file=demo_log)
+             "--auth-key", str(auth / f"{name}_auth.pub"), env=env, log_file=demo_log)
         _cli("coordinator", "verify", str(result.bundles[name]), "--trust", str(trust_file), env=env, log_file=demo_log)
 
-    log.info("4/6 the coordinator starts its SuperLink (TLS, registered sites only) and registers the sites")
-    port = D.free_port()
-    superlink = f"127.0.0.1:{port}"
+    log.info("4/6 coordinator serve (SuperLink on loopback, Fleet-only TLS front); register-site binds keys to names")
+    port, internal = D.free_port(), D.free_port()
+    superlink = f"127.0.0.1:{internal}"  # the Control API: on the coordinator's machine only
     certs = coord / "certs"
     processes: list = []
     try:
-        processes.append(D.Process("coordinator-serve", [sys.executable, "-m", "coordinator.cli", "serve", "--certs",
-                                                         str(certs), "--host", "127.0.0.1", "--port", str(port),
-                                                         "--hostname", "127.0.0.1", "--hostname", "localhost"],
-                                   log_path=logs / "coordinator-serve.log", env=env))
-        deadline = time.monotonic() + 60
-        while not (certs / "ca.crt").is_file() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        D.wait_healthy(f"https://127.0.0.1:{port}/health", timeout=90, ca=certs / "ca.crt", process=processes[0])
+        processes.append(start_coordinator_serve(certs, port=port, internal_port=internal, env=env,
+                                                 log_path=logs / "coordinator-serve.log"))
         for name, config in configs.items():
-            site_dir = config.parent
-            auth = site_dir / "keys" / "flower"
-            if not (auth / f"{name}_auth").is_file():
-                _cli("site-agent", "auth-key", "--config", str(config), "--out", str(auth), env=env, log_file=demo_log)
-            _cli("coordinator", "register-site", str(auth / f"{name}_auth.pub"), "--name", name, "--superlink",
-                 superlink, "--ca", str(certs / "ca.crt"), "--flwr-home", str(flwr_home), env=env, log_file=demo_log)
-            make_site(site_dir, name=name, models=models, slides=[], config={
-                "federation": {"superlink": superlink, "root_certificates": str(certs / "ca.crt"),
-                               "auth_private_key": str(auth / f"{name}_auth"), "port": D.free_port()}})
+            auth = config.parent / "keys" / "flower"
+            _cli("coordinator", "register-site", str(auth / f"{name}_auth.pub"), "--name", name, "--trust",
+                 str(trust_file), "--superlink", superlink, "--ca", str(certs / "ca.crt"), "--flwr-home", str(flwr_home),
+                 env=env, log_file=demo_log)
+            pin = _cli("site-agent", "app-hash", env=env, log_file=demo_log).strip()
+            make_site(config.parent, name=name, models=models, slides=[], config={
+                "federation": {"superlink": f"127.0.0.1:{port}", "root_certificates": str(certs / "ca.crt"),
+                               "auth_private_key": str(auth / f"{name}_auth"), "port": D.free_port(),
+                               "app_sha256": [pin]}})
 
-        log.info("5/6 the sites join: site-agent serve (a Flower SuperNode serving the approved bundle only)")
+        log.info("5/6 the sites join: site-agent serve (SuperNode + launcher running only the pinned app)")
         for name, config in configs.items():
             processes.append(D.Process(f"site-serve-{name}", [sys.executable, "-m", "site_agent.cli", "serve",
                                                               "--config", str(config)],

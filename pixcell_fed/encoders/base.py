@@ -1,58 +1,91 @@
-"""The encoder interface and the registry of encoders by name.
+"""The encoder interface: :class:`Encoder` wraps a feature network and its fixed preprocessing (uint8 NHWC RGB tiles
+in, float32 ``(N, D)`` embeddings out); :class:`EncoderFolder` is what checking a weight folder found.
 
-An :class:`Encoder` wraps a feature network and its fixed preprocessing: uint8 NHWC RGB tiles in, float32 ``(N, D)``
-embeddings out. Factories are registered by name in :data:`ENCODERS`; ``timm:<arch>`` names go to the generic
-``timm`` factory.
+The encoders themselves are in :mod:`~pixcell_fed.encoders.uni` and :mod:`~pixcell_fed.encoders.timm_models`; the
+registry by name is :mod:`~pixcell_fed.encoders.registry`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from pixcell_fed.errors import UsageError
-from pixcell_fed.registry import Registry
+from pixcell_fed.errors import UsageError, WeightsError
+from pixcell_fed.weights import format_bytes
 
 if TYPE_CHECKING:
     import torch
 
-#: Factories ``(weights_dir, device, dtype, arch) -> Encoder``, by encoder name.
-ENCODERS: Registry[Callable[..., "Encoder"]] = Registry("encoder")
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors")
+
+
+def find_weights_file(weights_dir: Path | None, what: str, source: str) -> Path:
+    """The weight file in ``weights_dir`` (or ``weights_dir`` itself when it is a file)."""
+    if weights_dir is None:
+        raise WeightsError(f"no weights folder given for {what}", hint=f"set models.encoder_dir; {source}")
+    if weights_dir.is_file():
+        return weights_dir
+    if not weights_dir.is_dir():
+        raise WeightsError(f"{what} weights folder not found: {weights_dir}", hint=source)
+    for name in _WEIGHT_NAMES:
+        if (weights_dir / name).is_file():
+            return weights_dir / name
+    candidates = sorted(p for p in weights_dir.iterdir() if p.suffix in (".bin", ".safetensors", ".pth", ".pt"))
+    if len(candidates) == 1:
+        return candidates[0]
+    raise WeightsError(f"{what} weights not found: {weights_dir} has no pytorch_model.bin or model.safetensors",
+                       hint=source)
+
+
+@dataclass(frozen=True)
+class EncoderFolder:
+    """A checked encoder weight file (nothing loaded): its tensors match the architecture, which gives ``dim``.
+    ``weights_file`` is None only for a network built in memory (benchmarks)."""
+
+    name: str
+    weights_file: Path | None
+    architecture: str
+    dim: int
+    twin: bool = False
+    #: How people call it ("UNI2-h"); the registered name when empty
+    title: str = ""
+
+    def describe(self) -> str:
+        size = format_bytes(self.weights_file.stat().st_size) if self.weights_file is not None else "in memory"
+        return f"{self.title or self.name} at {self.weights_file} ({self.dim}-dim embeddings, {size})"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize(shorter side) -> [0, 1] -> Normalize(mean, std): the fixed transform an encoder was trained with."""
+
+    resize: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def of(cls, resize: int, mean: Sequence[float], std: Sequence[float]) -> "Preprocess":
+        return cls(int(resize), tuple(float(m) for m in mean), tuple(float(v) for v in std))
 
 
 class Encoder:
-    """A feature network plus its preprocessing (Resize(shorter side) -> [0, 1] -> Normalize(mean, std))."""
+    """A feature network (``found``: what it is and which file it came from) plus its preprocessing."""
 
-    def __init__(
-        self,
-        model: "torch.nn.Module",
-        *,
-        name: str,
-        architecture: str,
-        dim: int,
-        weights_file: Path | None,
-        weights_sha256: str | None = None,
-        twin: bool = False,
-        resize: int = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        batch_size: int | None = None,
-    ) -> None:
+    def __init__(self, model: "torch.nn.Module", found: EncoderFolder, *, preprocess: Preprocess = Preprocess(),
+                 weights_sha256: str | None = None, batch_size: int | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.name = name
-        self.architecture = architecture
-        self.dim = int(dim)
-        self.weights_file = weights_file
+        self.name = found.name
+        self.architecture = found.architecture
+        self.dim = int(found.dim)
+        self.weights_file = found.weights_file
         self._sha256 = weights_sha256
-        self.twin = twin
-        self.resize = int(resize)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.twin = found.twin
+        self.resize, self.mean, self.std = preprocess.resize, preprocess.mean, preprocess.std
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)
@@ -60,20 +93,21 @@ class Encoder:
     @property
     def weights_sha256(self) -> str | None:
         if self._sha256 is None and self.weights_file is not None:
-            from pixcell_fed.generation.weights import sha256_file
+            from pixcell_fed.weights import sha256_file
 
             self._sha256 = sha256_file(self.weights_file)
         return self._sha256
 
     @property
     def identity(self) -> dict[str, Any]:
-        """Name, architecture, output dim, weight sha256 and twin flag (never any data-dependent value)."""
+        """Name, architecture, output dim, weight sha256, dtype and twin flag (never any data-dependent value)."""
         return {
             "name": self.name,
             "architecture": self.architecture,
             "dim": self.dim,
             "weights_sha256": self.weights_sha256,
             "twin": self.twin,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "label": "untrained twin" if self.twin else self.name,
             "transform": f"Resize({self.resize}) -> ToTensor -> Normalize(mean={self.mean}, std={self.std})",
         }
@@ -111,33 +145,3 @@ class Encoder:
                 feats = self.model(self.preprocess(chunk))
                 out[start : start + len(chunk)] = feats.float().cpu().numpy()
         return out
-
-
-def encoder_names() -> list[str]:
-    """Registered encoder names (``timm`` stands for ``timm:<arch>``)."""
-    import pixcell_fed.encoders.uni  # noqa: F401 - registers the built-in encoders
-
-    return ENCODERS.names()
-
-
-def load_encoder(
-    name: str,
-    weights_dir: str | Path | None = None,
-    device: "str | torch.device" = "cpu",
-    dtype: "str | torch.dtype | None" = None,
-) -> Encoder:
-    """Build encoder ``name`` from a local weights folder (or file) on ``device``; ``dtype`` None = fp32 on CPU,
-    bf16 on a GPU. Names: ``uni2-h``, ``uni2-h-twin``, ``timm:<arch>``."""
-    import pixcell_fed.encoders.uni  # noqa: F401 - registers the built-in encoders
-    from pixcell_fed.generation.weights import resolve_device, resolve_dtype
-
-    arch = None
-    key = name
-    if name.startswith("timm:"):
-        key, arch = "timm", name[len("timm:") :]
-        if not arch:
-            raise UsageError("encoder name 'timm:' lacks an architecture", hint="write timm:<arch>, e.g. timm:vit_base_patch16_224")
-    factory = ENCODERS.get(key)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    return factory(Path(weights_dir) if weights_dir is not None else None, torch_device, torch_dtype, arch)

@@ -1,7 +1,7 @@
 """Batched embedding of a tile stream with an on-disk cache in the site's work folder.
 
-The cache is a folder per encoder identity (name + weight hash), holding shards written atomically, one per
-batch: ``CACHE/<encoder>-<sha12>/shard-<n>-<rand>.npz`` with ``tile_ids`` and ``embeddings``. A rerun (or a run
+The cache is a folder per encoder identity (name + weight hash + dtype), holding shards written atomically, one per
+batch: ``CACHE/<encoder>-<sha12>-<dtype>/shard-<n>-<rand>.npz`` with ``tile_ids`` and ``embeddings``. A rerun (or a run
 resumed after a crash) reads the shards and embeds only tiles it has not seen. Embeddings identify their source
 tiles: the cache belongs in the site work folder and nothing in it is ever shipped.
 """
@@ -24,10 +24,11 @@ log = get_logger(__name__)
 
 
 def cache_folder(encoder: Encoder, cache_path: str | Path) -> Path:
-    """The shard folder of ``encoder`` under ``cache_path`` (embeddings of other encoders never mix in)."""
+    """The shard folder of ``encoder`` under ``cache_path`` (embeddings of other encoders or of another precision
+    never mix in)."""
     sha = encoder.weights_sha256 or "unhashed"
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder.name)
-    return Path(cache_path) / f"{safe}-{sha[:12]}"
+    return Path(cache_path) / f"{safe}-{sha[:12]}-{str(encoder.dtype).removeprefix('torch.')}"
 
 
 def load_cache(folder: Path, dim: int) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
-"""Built-in encoders: UNI2-h (PixCell's conditioning encoder), its tiny twin, and any timm model with local weights.
+"""UNI2-h (PixCell's conditioning encoder) and its tiny twin.
 
 UNI2-h is built offline as timm's ``vit_giant_patch14_224`` with the published overrides and ``pretrained=False``,
 then the site's ``pytorch_model.bin`` is loaded strictly (``torch.load(weights_only=True)``; safetensors accepted).
 Its preprocessing is the hard-coded ImageNet transform: a locally built timm model would otherwise resolve timm's
-default 0.5/0.5 statistics.
+default 0.5/0.5 statistics. It runs in float32 on every device unless a dtype is asked for: PixCell was trained on
+UNI2-h embeddings extracted in float32, and bf16 embeddings differ from them by more than the audit's margins.
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pixcell_fed.encoders.base import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, Encoder
+from pixcell_fed.devices import resolve_dtype
+from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, Preprocess, find_weights_file
 from pixcell_fed.errors import WeightsError
-from pixcell_fed.generation.weights import UNI_SOURCE
+from pixcell_fed.weights import compare_shapes, meta_shapes, read_state_dict, state_shapes
 
 if TYPE_CHECKING:
     import torch
 
+UNI_SOURCE = (
+    "request access to MahmoodLab/UNI2-h on the Hugging Face Hub (gated; licence CC BY-NC-ND 4.0: non-commercial, "
+    "no redistribution), download pytorch_model.bin into one folder and pass that folder as models.encoder_dir"
+)
 UNI_ARCH = "vit_giant_patch14_224"
 UNI_DIM = 1536
 UNI_PARAMS = 681_394_176
-#: File that marks a folder written by pixcell_fed.testing.twins.save_tiny_uni.
+#: File that marks a folder written by the twin writer (save_tiny_uni).
 TWIN_MARKER_FILE = "pixcell_fed_twin.json"
-_WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors")
+_TWIN_SOURCE = "re-create the twin with save_tiny_uni(folder)"
 
 
 def uni2h_kwargs(**overrides: Any) -> dict[str, Any]:
@@ -70,137 +76,77 @@ def build_uni_twin(kwargs: dict[str, Any]) -> "torch.nn.Module":
     return build_uni(kwargs)
 
 
-def _weights_file(weights_dir: Path | None, what: str, source: str) -> Path:
-    if weights_dir is None:
-        raise WeightsError(f"no weights folder given for {what}", hint=f"set models.encoder_dir; {source}")
-    if weights_dir.is_file():
-        return weights_dir
-    if not weights_dir.is_dir():
-        raise WeightsError(f"{what} weights folder not found: {weights_dir}", hint=source)
-    for name in _WEIGHT_NAMES:
-        if (weights_dir / name).is_file():
-            return weights_dir / name
-    candidates = sorted(p for p in weights_dir.iterdir() if p.suffix in (".bin", ".safetensors", ".pth", ".pt"))
-    if len(candidates) == 1:
-        return candidates[0]
-    raise WeightsError(
-        f"{what} weights not found: {weights_dir} has no pytorch_model.bin or model.safetensors",
-        hint=source,
-    )
-
-
-def read_state_dict(path: Path, source: str) -> dict[str, "torch.Tensor"]:
-    """Tensors from a safetensors file or a ``torch.save`` pickle read with ``weights_only=True`` (no code runs)."""
-    import pickle
-
-    import torch
-
+def _twin_kwargs(weights_dir: Path) -> dict[str, Any] | None:
+    """The twin's timm options when ``weights_dir`` holds the twin marker, else None."""
+    marker = (weights_dir if weights_dir.is_dir() else weights_dir.parent) / TWIN_MARKER_FILE
+    if not marker.is_file():
+        return None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise WeightsError(f"cannot read weights {path}: {exc}", hint=f"the file is damaged or not a plain state dict; {source}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors", hint=source)
-    return state
+        return uni_twin_kwargs(int(json.loads(marker.read_text(encoding="utf-8"))["embed_dim"]))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{marker} is damaged ({exc})", hint=_TWIN_SOURCE) from exc
 
 
-def load_strict(model: "torch.nn.Module", state: dict[str, "torch.Tensor"], path: Path, source: str) -> None:
-    """Assign ``state`` into a (meta-built) model; every key and shape must match, reported all at once."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {'; '.join(items[:6])}{' ...' if len(items) > 6 else ''} ({len(items)})"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
-        raise WeightsError(f"{path} does not match the encoder architecture ({' | '.join(parts)})", hint=source)
-    model.load_state_dict(state, strict=True, assign=True)
-
-
-def _finish(model: "torch.nn.Module", device: "torch.device", dtype: "torch.dtype") -> "torch.nn.Module":
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _load_twin(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype") -> Encoder:
-    import torch
-
-    if weights_dir is None:
-        raise WeightsError("no folder given for the uni2-h-twin encoder", hint="write one with pixcell_fed.testing.twins.save_tiny_uni(folder)")
-    marker_path = (weights_dir if weights_dir.is_dir() else weights_dir.parent) / TWIN_MARKER_FILE
-    if not marker_path.is_file():
+def _check(weights_dir: Path | None, *, twin_only: bool) -> tuple[EncoderFolder, dict[str, Any] | None]:
+    twin_kwargs = _twin_kwargs(weights_dir) if weights_dir is not None else None
+    if twin_only and twin_kwargs is None:
         raise WeightsError(f"{weights_dir} is not a uni2-h twin folder (no {TWIN_MARKER_FILE})",
-                           hint="write one with pixcell_fed.testing.twins.save_tiny_uni(folder)")
-    marker = json.loads(marker_path.read_text())
-    dim = int(marker["embed_dim"])
-    path = _weights_file(weights_dir, "uni2-h-twin", "write it with pixcell_fed.testing.twins.save_tiny_uni(folder)")
-    with torch.device("meta"):
-        model = build_uni_twin(uni_twin_kwargs(dim))
-    load_strict(model, read_state_dict(path, UNI_SOURCE), path, "re-create the twin with save_tiny_uni")
-    return Encoder(_finish(model, device, dtype), name="uni2-h-twin", architecture=f"{UNI_ARCH} (UNI2-h options, tiny)",
-                   dim=dim, weights_file=path, twin=True, resize=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                           hint="set models.encoder to uni2-h for real UNI2-h weights, or write a twin with save_tiny_uni")
+    twin = twin_kwargs is not None
+    source = _TWIN_SOURCE if twin else UNI_SOURCE
+    path = find_weights_file(weights_dir, "uni2-h-twin" if twin else "UNI2-h", source)
+    problems = compare_shapes(meta_shapes(lambda: build_uni(twin_kwargs)), state_shapes(path, source))
+    if problems:
+        raise WeightsError(f"{path} is not UNI2-h{' (twin)' if twin else ''}: " + "; ".join(problems),
+                           hint=f"re-download pytorch_model.bin; {source}")
+    dim = int(twin_kwargs["embed_dim"]) if twin else UNI_DIM
+    folder = EncoderFolder(name="uni2-h-twin" if twin else "uni2-h", weights_file=path, dim=dim, twin=twin,
+                           architecture=f"{UNI_ARCH} (UNI2-h options{', tiny' if twin else ''})",
+                           title="UNI2-h architecture" if twin else "UNI2-h")
+    return folder, twin_kwargs
 
 
-@ENCODERS.register("uni2-h")
-def load_uni2h(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype", arch: str | None = None) -> Encoder:
-    """UNI2-h from the site's folder holding ``pytorch_model.bin`` (a twin folder is recognised by its marker)."""
-    import torch
-
-    if weights_dir is not None and (weights_dir / TWIN_MARKER_FILE).is_file():
-        return _load_twin(weights_dir, device, dtype)
-    path = _weights_file(weights_dir, "UNI2-h", UNI_SOURCE)
-    with torch.device("meta"):
-        model = build_uni()
-    load_strict(model, read_state_dict(path, UNI_SOURCE), path, f"this is not UNI2-h's pytorch_model.bin; {UNI_SOURCE}")
-    return Encoder(_finish(model, device, dtype), name="uni2-h", architecture=UNI_ARCH + " (UNI2-h options)", dim=UNI_DIM,
-                   weights_file=path, twin=False, resize=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def check_folder(weights_dir: Path | None, arch: str | None = None) -> EncoderFolder:
+    """Check a UNI2-h folder (a twin folder is recognised by its marker) without loading it: the weight file's
+    tensor names and shapes must be exactly UNI2-h's. Raises :class:`WeightsError`."""
+    return _check(weights_dir, twin_only=False)[0]
 
 
-@ENCODERS.register("uni2-h-twin")
-def load_uni2h_twin(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype", arch: str | None = None) -> Encoder:
-    """The tiny random twin written by ``save_tiny_uni``: same timm class and options, tiny dims."""
-    return _load_twin(weights_dir, device, dtype)
+def check_twin_folder(weights_dir: Path | None, arch: str | None = None) -> EncoderFolder:
+    """:func:`check_folder` for the ``uni2-h-twin`` name: the folder must be a twin."""
+    return _check(weights_dir, twin_only=True)[0]
 
 
-@ENCODERS.register("timm")
-def load_timm(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype", arch: str | None = None) -> Encoder:
-    """Any timm architecture (``timm:<arch>``) with a local weight file, as a pooled-feature encoder.
+def compute_dtype(dtype: "str | torch.dtype | None", device: "torch.device") -> "torch.dtype":
+    """The dtype UNI2-h runs in: float32 on every device unless another dtype is asked for by name.
 
-    A timm-style ``config.json`` beside the weights (``model_args``, ``pretrained_cfg`` with mean/std/input_size)
-    is honoured; otherwise the architecture's own defaults are used. Classifier-head weights are dropped.
+    PixCell's conditioning embeddings were extracted from UNI2-h in float32; the generic ``auto`` (bf16 on a GPU)
+    would condition it on embeddings it was never trained on.
     """
-    import timm
     import torch
 
-    source = f"put the weight file of timm model {arch!r} (pytorch_model.bin or model.safetensors) in one folder"
-    if arch is None or arch not in timm.list_models():
-        raise WeightsError(f"timm has no architecture {arch!r}", hint="see timm.list_models() for valid names")
-    path = _weights_file(weights_dir, f"timm:{arch}", source)
-    cfg_path = path.parent / "config.json"
-    cfg: dict[str, Any] = {}
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-    model_args = dict(cfg.get("model_args", {}))
-    model_args["num_classes"] = 0
+    return torch.float32 if dtype is None or dtype == "auto" else resolve_dtype(dtype, device)
+
+
+def _load(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None", *, twin_only: bool) -> Encoder:
+    import torch
+
+    checked, twin_kwargs = _check(weights_dir, twin_only=twin_only)
     with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, **model_args)
-    state = read_state_dict(path, source)
-    classifier = model.pretrained_cfg.get("classifier") or "head"
-    heads = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    expected = model.state_dict()
-    state = {k: v for k, v in state.items() if k in expected or not any(k.startswith(h + ".") for h in heads)}
-    load_strict(model, state, path, source)
-    pre = {**model.pretrained_cfg, **cfg.get("pretrained_cfg", {})}
-    size = int(pre.get("input_size", (3, 224, 224))[-1])
-    return Encoder(_finish(model, device, dtype), name=f"timm:{arch}", architecture=arch, dim=int(model.num_features),
-                   weights_file=path, twin=False, resize=size, mean=pre.get("mean", IMAGENET_MEAN), std=pre.get("std", IMAGENET_STD))
+        model = build_uni(twin_kwargs)
+    model.load_state_dict(read_state_dict(checked.weights_file, UNI_SOURCE), strict=True, assign=True)
+    model = model.to(device=device, dtype=compute_dtype(dtype, device))
+    return Encoder(model, checked, preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def load_uni2h(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None" = None,
+               arch: str | None = None) -> Encoder:
+    """UNI2-h from the site's folder holding ``pytorch_model.bin`` (a twin folder is recognised by its marker);
+    float32 unless ``dtype`` is given."""
+    return _load(weights_dir, device, dtype, twin_only=False)
+
+
+def load_uni2h_twin(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None" = None,
+                    arch: str | None = None) -> Encoder:
+    """The tiny random twin written by ``save_tiny_uni``: same timm class and options, tiny dims."""
+    return _load(weights_dir, device, dtype, twin_only=True)

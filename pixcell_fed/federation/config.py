@@ -39,9 +39,8 @@ class CoordinatorConfig:
     seed: int = 0
     evaluate: bool = True                       # send the model to every site for evaluation on real tiles
     dp_rounds: int = 0                          # > 0: federated DP fine-tune on the sites' real tiles afterwards
-    dp_noise_multiplier: float = 1.0
+    dp_noise_multiplier: float = 1.0            # asked of each site; a site refuses less than its own floor
     dp_max_grad_norm: float = 1.0
-    dp_delta: float = 1e-5
     dp_local_epochs: int = 1
     dp_batch_size: int = 16
     dp_lr: float = 1e-3
@@ -49,8 +48,16 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.min_sites < 1 or self.max_attempts < 1 or self.chunk_mb <= 0 or self.epochs < 1 or self.dp_rounds < 0:
             raise ValueError("coordinator: need min-sites >= 1, max-attempts >= 1, chunk-mb > 0, epochs >= 1, dp-rounds >= 0")
-        if not 0 < self.dp_delta < 1:
-            raise ValueError("coordinator: dp-delta must be in (0, 1)")
+        if self.dp_rounds:
+            self.dp_settings  # noqa: B018 -- the DP settings' own range checks, at load time
+
+    @property
+    def dp_settings(self):
+        """What each DP round asks of the sites (delta and the budget are each site's own)."""
+        from pixcell_fed.training.dp import DPSettings
+
+        return DPSettings(noise_multiplier=self.dp_noise_multiplier, max_grad_norm=self.dp_max_grad_norm,
+                          epochs=self.dp_local_epochs, batch_size=self.dp_batch_size, lr=self.dp_lr)
 
     @property
     def pool_dir(self) -> Path:

@@ -1,13 +1,16 @@
-"""Run the Flower deployment without hand-written Flower commands: certificates, site keys, processes.
+"""Run the Flower deployment without hand-written Flower commands: certificates, keys, command lines, processes.
 
 * :func:`make_tls` writes a consortium CA and a SuperLink server certificate (SANs 127.0.0.1, localhost and the
   names given) with ``cryptography``.
-* :func:`make_site_auth_key` writes a site's EC P-384 key pair in OpenSSH format (what SuperNode auth expects).
+* :func:`make_site_auth_key` writes a site's EC P-384 key pair in OpenSSH format (what SuperNode auth expects);
+  :func:`write_superexec_secret` the secret shared by a SuperLink or SuperNode and its launcher.
 * :func:`write_flwr_config` writes ``$FLWR_HOME/config.toml`` with a ``[superlink.NAME]`` connection.
-* :func:`superlink_command` / :func:`supernode_command` build the process command lines
-  (:func:`site_supernode_command` from a site's config);
+* :func:`superlink_command`, :func:`superexec_command`, :func:`supernode_command` build Flower's command lines;
   :class:`Process` starts one with Flower's telemetry and update checks off, waits for ``/health`` and stops
   it by pid. :func:`register_site` runs ``flwr supernode register``; :func:`flwr_run` runs the app.
+
+The locked-down services built from these (``coordinator serve``, ``site-agent serve``) are in
+:mod:`pixcell_fed.federation.services`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from pixcell_fed.atomic import write_bytes_atomic, write_text_atomic
-from pixcell_fed.errors import FederationError, UsageError
+from pixcell_fed.errors import FederationError, KeyFileError, UsageError
 from pixcell_fed.runlog import get_logger
 
 log = get_logger(__name__)
@@ -41,14 +44,14 @@ class TlsFiles:
     server_key: Path
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
     """A Flower executable next to the running interpreter (the venv), else on PATH."""
     beside = Path(sys.executable).parent / name
     if beside.is_file():
         return str(beside)
     found = shutil.which(name)
     if not found:
-        raise UsageError(f"'{name}' not found", hint="install pixcell-fed's dependencies (flwr==1.42.*) in this environment")
+        raise UsageError(f"'{name}' not found", hint="install pixcell-fed's dependencies (flwr==1.42.0) in this environment")
     return found
 
 
@@ -136,17 +139,48 @@ def write_flwr_config(flwr_home: str | Path, name: str, address: str, *, root_ce
     return write_text_atomic(Path(flwr_home) / "config.toml", "\n".join(lines) + "\n")
 
 
+def write_superexec_secret(folder: str | Path) -> Path:
+    """A fresh random SuperExec secret in ``folder`` (file 0600): only processes holding it may claim app tasks."""
+    import secrets
+
+    return write_bytes_atomic(Path(folder) / "superexec.secret", secrets.token_hex(32).encode("ascii"), mode=0o600)
+
+
+def read_superexec_secret(path: str | Path) -> bytes:
+    """The secret written by :func:`write_superexec_secret` (Flower reads the file's exact bytes too)."""
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the SuperExec secret {path}: {exc}", hint="'site-agent serve' writes it") from exc
+    if not secret:
+        raise UsageError(f"the SuperExec secret {path} is empty", hint="'site-agent serve' writes it")
+    return secret
+
+
 def superlink_command(*, port: int, tls: TlsFiles | None, node_auth: bool, database: Path | None = None,
-                      host: str = "127.0.0.1") -> list[str]:
-    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+                      host: str = "127.0.0.1", superexec_secret: Path | None = None) -> list[str]:
+    """``flower-superlink``; with ``superexec_secret`` in process isolation: it starts no SuperExec of its own, and
+    only a SuperExec holding the secret may claim its ServerApp tasks (:func:`superexec_command`)."""
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if tls is None:
         cmd.append("--insecure")
     else:
         cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
     if node_auth:
         cmd.append("--enable-supernode-auth")
+    if superexec_secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     if database is not None:
         cmd += ["--database", str(database)]
+    return cmd
+
+
+def superexec_command(*, runtime_api: str, ca_cert: Path, superexec_secret: Path, parent_pid: int | None = None) -> list[str]:
+    """The coordinator's ``flower-superexec``: runs the ServerApps of the SuperLink at ``runtime_api`` (TLS)."""
+    cmd = [flower_bin("flower-superexec"), "--runtime-api-address", runtime_api, "--root-certificates", str(ca_cert),
+           "--superexec-auth-secret-file", str(superexec_secret)]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
     return cmd
 
 
@@ -160,25 +194,40 @@ def node_config_arg(values: Mapping[str, str]) -> str:
 
 
 def supernode_command(*, superlink: str, port: int, node_config: Mapping[str, str], root_certificates: Path | None,
-                      auth_private_key: Path | None) -> list[str]:
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config_arg(node_config)]
+                      auth_private_key: Path | None, superexec_secret: Path | None = None) -> list[str]:
+    """``flower-supernode`` with its runtime API on 127.0.0.1:``port``; with ``superexec_secret`` in process
+    isolation: it runs no app itself, the site's launcher (holding the secret) does."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+           "--node-config", node_config_arg(node_config)]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates is not None else ["--insecure"]
     if auth_private_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_private_key)]
+    if superexec_secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     return cmd
 
 
 class Process:
-    """A started Flower process with its log file; stopped by its pid (SIGTERM, then SIGKILL)."""
+    """A started Flower process; stopped by its pid (SIGTERM, then SIGKILL).
 
-    def __init__(self, name: str, cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str]) -> None:
+    By default it leads a process group of its own (so that stopping it also stops the app processes it started)
+    and writes to ``log_path``. With ``own_group=False`` it stays in the caller's group, so that killing the
+    caller's group kills it too (the serve commands supervise their Flower processes this way), and with no
+    ``log_path`` it writes to the caller's stdout and stderr.
+    """
+
+    def __init__(self, name: str, cmd: Sequence[str], *, log_path: Path | None, env: Mapping[str, str],
+                 own_group: bool = True) -> None:
         self.name = name
         self.cmd = list(cmd)
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(env),
-                                      start_new_session=True)
+        self.own_group = own_group
+        self.log_path = Path(log_path) if log_path is not None else None
+        self._log = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+                                      env=dict(env), start_new_session=own_group)
         self.pid = self.popen.pid
         log.info("started %s (pid %d): %s", name, self.pid, " ".join(self.cmd))
 
@@ -187,12 +236,14 @@ class Process:
 
     def log_tail(self, n: int = 4000) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-n:]
+            return self.log_path.read_text(errors="replace")[-n:] if self.log_path else ""
         except OSError:
             return ""
 
     def group_pids(self) -> list[int]:
         """Live (non-zombie) processes of the group this process leads (its app subprocesses included)."""
+        if not self.own_group:
+            return [self.pid] if self.alive() else []
         pids = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -207,7 +258,10 @@ class Process:
         """Stop this process and every process of the group it leads, by pid: SIGTERM, then SIGKILL."""
         if self.popen.poll() is None:
             try:
-                os.killpg(self.pid, signal.SIGTERM)  # the group id is our pid: start_new_session=True
+                if self.own_group:
+                    os.killpg(self.pid, signal.SIGTERM)  # the group id is our pid: start_new_session=True
+                else:
+                    os.kill(self.pid, signal.SIGTERM)
                 self.popen.wait(timeout)
             except ProcessLookupError:
                 pass
@@ -223,21 +277,26 @@ class Process:
             time.sleep(0.1)
         if self.popen.poll() is None:
             self.popen.wait(5.0)
-        if not self._log.closed:
+        if self._log is not None and not self._log.closed:
             self._log.close()
         return self.popen.returncode
 
     def kill(self) -> None:
         """Kill the process group at once (simulates a site losing power)."""
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            if self.own_group:
+                os.killpg(self.pid, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.popen.wait(10)
 
 
-def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, process: Process | None = None) -> None:
-    """Poll ``url`` (``GET /health``) until it answers 200, or raise with the process's log tail."""
+def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, process: Process | None = None,
+                 any_status: bool = False) -> None:
+    """Poll ``url`` (``GET /health``) until it answers 200 (any HTTP answer with ``any_status``: the Fleet front
+    answers everything but the Fleet API with 404), or raise with the process's log tail."""
     import ssl
     import urllib.error
     import urllib.request
@@ -248,38 +307,61 @@ def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, pro
     while time.monotonic() < deadline:
         if process is not None and not process.alive():
             raise FederationError(f"{process.name} exited with code {process.popen.returncode}",
-                                  hint=f"see {process.log_path}:\n{process.log_tail()}")
+                                  hint=f"see {process.log_path or 'its output above'}:\n{process.log_tail()}")
         try:
             with urllib.request.urlopen(url, timeout=3, context=context) as resp:
                 if resp.status == 200:
                     return
+        except urllib.error.HTTPError as exc:
+            if any_status:
+                return
+            last = str(exc)
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(0.5)
     raise FederationError(f"no healthy answer from {url} within {timeout:.0f} s ({last})",
-                          hint=f"see {process.log_path}" if process else "check the process log")
+                          hint=f"see {process.log_path or 'its output above'}" if process else "check the process log")
 
 
 def run_flwr(args: Sequence[str], *, flwr_home: Path, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
                           env=flower_env(flwr_home), cwd=cwd)
 
 
-def register_site(public_key: Path, connection: str, site: str, *, flwr_home: Path) -> None:
-    """``flwr supernode register KEY.pub CONNECTION --name SITE``."""
+def check_site_key(trust, site: str, public_key: Path) -> None:
+    """Refuse (:class:`KeyFileError`) unless ``public_key`` is the ``auth_key`` the trust file gives ``site``.
+
+    The one gate in front of Flower's registration: a SuperNode key is admitted only under the name the
+    consortium bound it to, so a site's name always comes from its key.
+    """
+    from pixcell_fed.bundle.trust import auth_key_der
+
+    entry = trust.site(site)
+    if entry is None:
+        raise KeyFileError(f"site {site!r} is not in the trust file {trust.source}",
+                           hint="add it first: 'coordinator trust-add TRUST_FILE --site NAME ... --auth-key NAME_auth.pub'")
+    if entry.auth_key is None:
+        raise KeyFileError(f"the trust file gives site {site!r} no auth_key", hint="add the site's SuperNode key: "
+                           "'coordinator trust-add TRUST_FILE --site NAME ... --auth-key NAME_auth.pub'")
+    if not Path(public_key).is_file():
+        raise KeyFileError(f"public key file not found: {public_key}", hint="pass the site's <site>_auth.pub")
+    if auth_key_der(Path(public_key).read_bytes(), source=str(public_key)) != entry.auth_key:
+        owner = trust.site_with_auth_key(Path(public_key).read_bytes())
+        raise KeyFileError(f"{public_key} is not the auth_key of site {site!r} in the trust file"
+                           + (f" (it is {owner!r}'s)" if owner else ""),
+                           hint="register each site with the key the trust file binds to its name")
+
+
+def register_site(public_key: Path, site: str, *, trust, superlink: str, ca_cert: Path, flwr_home: Path,
+                  connection: str = "consortium") -> None:
+    """After :func:`check_site_key`, ``flwr supernode register KEY.pub CONNECTION --name SITE`` against the
+    SuperLink at ``superlink`` (written as ``connection`` into ``$FLWR_HOME/config.toml``)."""
+    check_site_key(trust, site, public_key)
+    write_flwr_config(flwr_home, connection, superlink, root_certificates=ca_cert)
     proc = run_flwr(["supernode", "register", str(public_key), connection, "--name", site], flwr_home=flwr_home)
     if proc.returncode != 0:
         raise FederationError(f"registering site {site} failed: {(proc.stdout + proc.stderr)[-2000:]}",
-                              hint="check that the SuperLink runs with --enable-supernode-auth and the key is OpenSSH EC P-384")
-
-
-def app_dir() -> Path:
-    """The Flower app folder (the pixcell-fed project with its ``[tool.flwr.app]``)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file():
-        raise UsageError("the pixcell-fed project folder (with pyproject.toml) was not found",
-                         hint="run from a source checkout of pixcell-fed or pass --app")
-    return root
+                              hint="check that the SuperLink runs ('coordinator serve') and the key is OpenSSH EC P-384")
 
 
 def flwr_run(connection: str, *, flwr_home: Path, run_config_file: Path | None, app: Path | None = None,
@@ -317,36 +399,6 @@ def resolve_flwr_home(folder: str | Path | None = None) -> Path:
     return Path(folder or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
-def site_supernode_command(cfg, bundle: str | Path | None = None) -> list[str]:
-    """The SuperNode command line of a site (its :class:`~pixcell_fed.config.SiteConfig`) serving ``bundle``
-    (default: ``federation.bundle_dir``, else the newest approved bundle in the work folder), with the node config
-    the ClientApp reads: site name, bundle, held-out evaluation folder (default: the run's ``eval``), train folder.
-    """
-    from pixcell_fed.bundle.state import newest_approved_bundle
-    from pixcell_fed.federation import protocol as P
-
-    fed = cfg.federation
-    bundle = Path(bundle) if bundle else (fed.bundle_dir or newest_approved_bundle(cfg.site.work_dir))
-    if bundle is None or not (Path(bundle) / "bundle.json").is_file():
-        raise UsageError(f"no approved bundle to serve (looked for {bundle or cfg.site.work_dir / 'runs/*/bundle'})",
-                         hint="approve a bundle first ('site-agent approve'), or pass --bundle")
-    for what, path in (("federation.root_certificates", fed.root_certificates), ("federation.auth_private_key", fed.auth_private_key)):
-        if path is None or not Path(path).is_file():
-            raise UsageError(f"{what} is not set or not found ({path})",
-                             hint="the consortium runs with TLS and site authentication: get ca.crt from the coordinator "
-                                  "and create a key with 'site-agent auth-key'")
-    node_config = {P.NODE_SITE_NAME: cfg.site.name, P.NODE_BUNDLE_DIR: str(Path(bundle).resolve())}
-    eval_dir = fed.eval_dir
-    if eval_dir is None and (Path(bundle).parent / "eval").is_dir():
-        eval_dir = Path(bundle).parent / "eval"  # the run's real held-out tiles, by label
-    if eval_dir is not None:
-        node_config[P.NODE_EVAL_DIR] = str(Path(eval_dir).resolve())
-    if fed.train_dir is not None:
-        node_config[P.NODE_TRAIN_DIR] = str(Path(fed.train_dir).resolve())
-    return supernode_command(superlink=fed.superlink, port=fed.port, node_config=node_config,
-                             root_certificates=fed.root_certificates, auth_private_key=fed.auth_private_key)
-
-
 def start_supernode(site: str, *, superlink: str, port: int, node_config: Mapping[str, str], flwr_home: Path,
                     log_dir: Path, root_certificates: Path | None, auth_private_key: Path | None) -> Process:
     """Start one site's SuperNode (it connects to the SuperLink and waits for messages)."""
@@ -364,7 +416,9 @@ def write_run_config(path: str | Path, run_config: Mapping[str, object]) -> Path
 
 def flwr_run_command(connection: str, run_config_file: Path | None = None, *, app: Path | None = None) -> list[str]:
     """``flwr run APP CONNECTION --stream [--run-config FILE]``."""
-    cmd = [_bin("flwr"), "run", str(app or app_dir()), connection, "--stream"]
+    from pixcell_fed.federation.app_bundle import app_dir
+
+    cmd = [flower_bin("flwr"), "run", str(app or app_dir()), connection, "--stream"]
     if run_config_file is not None:
         cmd += ["--run-config", str(run_config_file)]
     return cmd

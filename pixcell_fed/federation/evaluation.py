@@ -8,7 +8,10 @@ the site's own labelled tiles), so no real feature or label leaves either.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from pixcell_fed.training.models import ModelSpec
 
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -38,7 +41,7 @@ def _predict_classes(model, items, spec, batch_size: int = 64) -> list[str]:
 
     from pixcell_fed.training.data import load_arrays
 
-    classes = spec["classes"]
+    classes = spec.classes
     preds: list[str] = []
     model.eval()
     with torch.no_grad():
@@ -78,24 +81,24 @@ def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     return preds
 
 
-def evaluate_model(state: dict, spec: dict[str, Any], eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, float]:
+def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, float]:
     """Metrics of the model (weights ``state``, ``spec``) on the labelled real tiles in ``eval_dir``."""
     from pixcell_fed.training.data import labelled_folder
     from pixcell_fed.training.models import build_model
 
     items = labelled_folder(eval_dir)
-    model = build_model({**spec, "pretrained_file": None})
+    model = build_model(spec.without_local_weights())
     model.load_state_dict(state)
     truth = [lab for _, lab in items]
-    if spec.get("kind", "classifier") == "encoder":
+    if spec.kind == "encoder":
         preds = knn_predict_loo(_features(model, items, spec), truth, k=knn_k)
         probe = "knn_loo"
     else:
         preds = _predict_classes(model, items, spec)
         probe = "none"
     metrics = classification_metrics(truth, preds)
-    known = set(spec.get("classes") or [])
-    metrics["n_unknown_label"] = sum(lab not in known for lab in truth) if spec.get("kind", "classifier") != "encoder" else 0
+    known = set(spec.classes)
+    metrics["n_unknown_label"] = sum(lab not in known for lab in truth) if spec.kind != "encoder" else 0
     metrics["n_classes"] = len(set(truth))
     metrics["probe"] = probe
     return metrics

@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # flwr and numpy are imported where used
     import numpy as np
     from flwr.app import RecordDict
 
+    from pixcell_fed.training.models import ModelSpec
+
 PROTOCOL_VERSION = 1
 
 MSG_MANIFEST = "query.manifest"
@@ -50,6 +52,7 @@ NODE_SITE_NAME = "site-name"
 NODE_BUNDLE_DIR = "bundle-dir"
 NODE_EVAL_DIR = "eval-dir"
 NODE_TRAIN_DIR = "train-dir"
+NODE_SITE_CONFIG = "site-config"  # the site's own site.yaml (its DP policy and work folder)
 
 # the signed files of a bundle that travel with the manifest (tiles travel in chunks)
 BUNDLE_SIGNED_FILES = ("manifest.parquet", "bundle.json", "audit.json")
@@ -135,21 +138,27 @@ def request_record(**values: object) -> "RecordDict":
     return RecordDict({KEY_REQUEST: ConfigRecord({"protocol": PROTOCOL_VERSION, **values})})
 
 
-def model_to_records(state: dict, spec: dict, content: "RecordDict") -> None:
-    """Put model weights (a state dict of tensors) and its JSON-able spec into ``content``."""
+def model_to_records(state: dict, spec: "ModelSpec", content: "RecordDict") -> None:
+    """Put model weights (a state dict of tensors) and its spec (:meth:`ModelSpec.to_wire`) into ``content``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     content[KEY_MODEL] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
-    content[KEY_MODEL_CONFIG] = ConfigRecord({"spec": json.dumps(spec, sort_keys=True)})
+    content[KEY_MODEL_CONFIG] = ConfigRecord({"spec": spec.to_wire()})
 
 
-def records_to_model(content: "RecordDict") -> tuple[dict, dict]:
-    """Model weights (torch tensors) and spec back from ``content``."""
+def records_to_model(content: "RecordDict") -> tuple[dict, "ModelSpec"]:
+    """Model weights (torch tensors) and the validated spec back from ``content``."""
     import torch
+
+    from pixcell_fed.training.models import ModelSpec, SpecError
 
     if KEY_MODEL not in content or KEY_MODEL_CONFIG not in content:
         raise FederationError("the message carries no model", hint="the coordinator must send 'model' and 'model-config'")
+    try:
+        spec = ModelSpec.from_wire(str(content[KEY_MODEL_CONFIG]["spec"]))
+    except (SpecError, KeyError) as exc:
+        raise FederationError(f"the message's model spec is invalid: {exc}",
+                              hint="check that both sides run the same pixcell-fed version") from exc
     # not ArrayRecord.to_torch_state_dict(): it refuses when flwr was imported before torch (a fresh ClientApp)
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in content[KEY_MODEL].items()}
-    spec = json.loads(str(content[KEY_MODEL_CONFIG]["spec"]))
     return state, spec

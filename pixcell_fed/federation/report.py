@@ -13,6 +13,13 @@ from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic, write_text_atomic
 
+#: What the DP figures mean (docs/federation.md, "What the guarantee covers").
+DP_GUARANTEE = ("Privacy unit: one real tile of a site's training set. Epsilon is each site's own total over every "
+                "DP round it ever ran (all runs, from its privacy ledger), at the site's delta; a slide or patient "
+                "with k tiles is protected only at about k times epsilon. Outside the guarantee: the synthetic "
+                "bundles (protected by the audit and the officer's approval), the evaluation metrics, and the "
+                "approximate size of each site's training set.")
+
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child,td.text{text-align:left}.bad{color:#b00}.ok{color:#070}
@@ -99,8 +106,12 @@ def render_html(report: dict[str, Any]) -> str:
     dp = report.get("dp")
     if dp:
         out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")
-        out.append(_table(["site", "epsilon", "delta", "examples"],
-                          [[s, v.get("epsilon"), v.get("delta"), v.get("n")] for s, v in sorted(dp.get("privacy", {}).items())]))
+        out.append(f"<p>{html.escape(DP_GUARANTEE)}</p>")
+        out.append(_table(["site", "status", "rounds trained", "epsilon spent (site total)", "delta", "budget left",
+                           "tiles (rounded)", "reason"],
+                          [[s, v.get("status"), v.get("rounds"), v.get("epsilon"), v.get("delta"), v.get("epsilon_remaining"),
+                            v.get("examples", "not reported"), v.get("reason") or ""]
+                           for s, v in sorted(dp.get("privacy", {}).items())]))
         rows = [[s, int(m.get("n", 0)), m.get("accuracy"), m.get("balanced_accuracy"), m.get("macro_f1")]
                 for s, m in sorted(dp.get("evaluation", {}).items()) if "error" not in m]
         out.append(_table(["site (after DP fine-tune)", "tiles", "accuracy", "balanced accuracy", "macro F1"], rows))

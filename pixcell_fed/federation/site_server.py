@@ -27,6 +27,7 @@ class SiteSettings:
     bundle_dir: Path | None
     eval_dir: Path | None
     train_dir: Path | None = None
+    config_file: Path | None = None  # the site's own site.yaml: its DP policy and work folder
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteSettings":
@@ -40,7 +41,7 @@ class SiteSettings:
             return Path(value) if value else None
 
         return cls(site_name=name, bundle_dir=path(P.NODE_BUNDLE_DIR), eval_dir=path(P.NODE_EVAL_DIR),
-                   train_dir=path(P.NODE_TRAIN_DIR))
+                   train_dir=path(P.NODE_TRAIN_DIR), config_file=path(P.NODE_SITE_CONFIG))
 
 
 def _bundle_dir(site: SiteSettings) -> Path:
@@ -132,12 +133,12 @@ def handle_evaluate(request: "RecordDict", site: SiteSettings) -> "RecordDict":
                        P.KEY_INFO: ConfigRecord({"site-name": site.site_name, "probe": str(metrics.get("probe", ""))})})
 
 
-def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None") -> "RecordDict":
-    """Answer ``train``: one round of DP-SGD fine-tuning on the site's real tiles (weights + epsilon back)."""
-    from pixcell_fed.training.dp_finetune import site_round
+def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None" = None) -> "RecordDict":
+    """Answer ``train``: one DP-SGD round on the site's real tiles, within the site's own DP policy and budget
+    (weights and privacy spent back, or a refusal with its reason). ``state`` (Flower's node state) is not used:
+    the site's privacy ledger lives in its work folder, so it survives runs and restarts."""
+    from pixcell_fed.federation.dp_rounds import site_dp_context, site_round
 
     # never fall back to eval-dir: tiles used for training must not be the held-out evaluation set
-    if site.train_dir is None:
-        raise FederationError(f"site {site.site_name}: no train-dir for the DP fine-tune",
-                              hint="set the SuperNode's train-dir (real labelled tiles that are not the held-out set)")
-    return site_round(request, site.train_dir, site.site_name, state)
+    ctx = site_dp_context(site.site_name, site.train_dir, site.bundle_dir, site.config_file)
+    return site_round(request, ctx)

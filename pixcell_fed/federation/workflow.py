@@ -7,12 +7,15 @@ wrapper and the cycle runs the same against a live Grid or an in-memory fake.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation.config import CoordinatorConfig
 from pixcell_fed.federation.pooling import PoolReport, Transport, Verifier, pool_bundles, trust_verifier
 from pixcell_fed.runlog import get_logger
+
+if TYPE_CHECKING:
+    from pixcell_fed.training.models import ModelSpec
 
 log = get_logger(__name__)
 
@@ -29,20 +32,18 @@ def wait_for_sites(transport: Transport, cfg: CoordinatorConfig) -> list[int]:
     return nodes
 
 
-def training_config(cfg: CoordinatorConfig):
-    """The recipe's own config built from the coordinator's."""
-    common = dict(arch=cfg.arch, kwargs=dict(cfg.model_kwargs or {}), img_size=cfg.img_size, epochs=cfg.epochs,
-                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, pretrained_file=cfg.pretrained_file)
-    if cfg.recipe == "ssl":
-        from pixcell_fed.training.ssl import SSLConfig
+def training_config(cfg: CoordinatorConfig, config_class: type):
+    """The recipe's own config (``config_class``, from its registry entry) built from the coordinator's: every
+    coordinator setting the recipe's config has a field for."""
+    import dataclasses
 
-        return SSLConfig(**common)
-    from pixcell_fed.training.classifier import ClassifierConfig
-
-    return ClassifierConfig(mode=cfg.mode, **common)
+    offered = dict(arch=cfg.arch, kwargs=dict(cfg.model_kwargs or {}), img_size=cfg.img_size, epochs=cfg.epochs,
+                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, pretrained_file=cfg.pretrained_file, mode=cfg.mode)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in offered.items() if k in fields})
 
 
-def evaluate_at_sites(transport: Transport, nodes_by_site: dict[str, int], state: dict, spec: dict,
+def evaluate_at_sites(transport: Transport, nodes_by_site: dict[str, int], state: dict, spec: "ModelSpec",
                       *, timeout: float) -> dict[str, dict[str, Any]]:
     """Send the model to every site; returns site -> metrics (or {"error": reason})."""
     requests = {}
@@ -86,18 +87,22 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Veri
                               "pooled_evaluation": {}, "dp": None}
     if pool.n_pooled:
         recipe = get_recipe(cfg.recipe)
-        trained = recipe(cfg.pool_dir, cfg.model_dir, training_config(cfg))
+        trained = recipe(cfg.pool_dir, cfg.model_dir, training_config(cfg, recipe.config_class))
         result["training"] = {"recipe": cfg.recipe, "checkpoint": str(trained.checkpoint), "history": trained.history,
-                              "spec": trained.spec}
+                              "spec": trained.spec.to_dict()}
         if cfg.evaluate:
             model, spec = load_checkpoint(cfg.model_dir)
             nodes = {s: n for s, n in pool.nodes.items() if pool.sites[s].status != "missing"}
             result["evaluation"] = evaluate_at_sites(transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s)
             result["pooled_evaluation"] = pooled_metrics(result["evaluation"])
-            if cfg.dp_rounds > 0 and spec.get("kind", "classifier") == "classifier":
-                from pixcell_fed.training.dp_finetune import federated_dp_finetune
+            if cfg.dp_rounds > 0 and spec.kind == "classifier":
+                from pixcell_fed.federation.dp_rounds import federated_dp_finetune
 
-                result["dp"] = federated_dp_finetune(transport, nodes, model, spec, cfg)
+                dp = federated_dp_finetune(transport, nodes, model, spec, cfg.dp_settings, rounds=cfg.dp_rounds,
+                                           out_dir=cfg.work_dir / "dp_model", timeout=cfg.reply_timeout_s)
+                dp["evaluation"] = evaluate_at_sites(transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s)
+                dp["pooled_evaluation"] = pooled_metrics(dp["evaluation"])
+                result["dp"] = dp
     result["seconds"] = round(time.monotonic() - started, 2)
     write_report(result, cfg.report_dir)
     return result

@@ -1,5 +1,5 @@
-"""Facts of the published weights that code outside the loaders needs: PixCell's transformer configs and variants,
-and the SD3.5 VAE's architecture config.
+"""Facts of the published weights: where a hospital gets them, PixCell's transformer configs and variants, and the
+SD3.5 VAE's architecture config.
 
 The VAE is not inside the PixCell repositories; a site supplies its folder. Its config here lets the benchmark build
 a full-size VAE with random weights, the twins keep the same structure at tiny widths, and ``doctor`` check a site's
@@ -9,6 +9,26 @@ folder against it.
 from __future__ import annotations
 
 from typing import Any
+
+PIXCELL_SOURCE = (
+    "download it on a machine with internet access from the Hugging Face Hub repository StonyBrook-CVLab/PixCell-256 "
+    "or StonyBrook-CVLab/PixCell-1024 (licence CC BY-NC 4.0: non-commercial use), e.g. "
+    "'hf download StonyBrook-CVLab/PixCell-256 --local-dir PixCell-256', and copy the whole folder to the site"
+)
+VAE_SOURCE = (
+    "PixCell uses the Stable Diffusion 3.5 VAE, which is not inside the PixCell repositories: get the 'vae' folder "
+    "(config.json + diffusion_pytorch_model.safetensors) of stabilityai/stable-diffusion-3.5-large (Stability AI "
+    "Community License, gated: accept it on the Hub) or of StonyBrook-CVLab/PixCell-256-Cell-ControlNet, and pass "
+    "that folder as the VAE folder (models.vae_dir)"
+)
+
+#: Weight file name of the transformer and of the VAE in their published folders.
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+#: Key written into every config of a tiny twin (pixcell_fed.simulation.twins): outputs say "untrained twin".
+TWIN_MARKER = "_pixcell_fed_twin"
+#: Keys a tiny twin shrinks; every other published key must hold its published value in a twin too.
+TWIN_SIZE_KEYS = frozenset({"num_layers", "num_attention_heads", "attention_head_dim", "cross_attention_dim",
+                            "sample_size", "caption_channels"})
 
 #: The published ``transformer/config.json`` of PixCell-1024 and PixCell-256 (legacy PixArt keys left out: ignored).
 PUBLISHED_PIXCELL: dict[int, dict[str, Any]] = {
@@ -47,3 +67,5 @@ SD35_VAE_CONFIG = {
 
 #: the keys a site's VAE folder must match exactly for PixCell's latents to decode
 SD35_VAE_REQUIRED = {k: SD35_VAE_CONFIG[k] for k in ("latent_channels", "scaling_factor", "shift_factor")}
+#: Parameters of the SD3.5 VAE (a folder far from it is not that VAE, whatever its config says)
+SD35_VAE_PARAMS = 83.8e6

@@ -4,7 +4,8 @@ Each sample's starting noise comes from its own ``torch.Generator`` seeded with 
 in fp32), so a tile depends only on its conditioning, its seed, the weights and the device, not on which other
 samples shared its batch (up to floating-point rounding, since kernels can differ with the batch shape).
 Classifier-free guidance runs the conditional and the null-embedding branch in one doubled batch:
-``eps = eps_null + w * (eps_cond - eps_null)``.
+``eps = eps_null + w * (eps_cond - eps_null)``. As in PixArt (``do_classifier_free_guidance = guidance_scale > 1``),
+a weight ``w <= 1`` turns guidance off: the conditional prediction alone, with no unconditional pass.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.generation.published import VARIANT_BY_TOKENS
-from pixcell_fed.generation.weights import sha256_file
+from pixcell_fed.weights import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,12 @@ DEFAULT_GUIDANCE = {256: 2.0, 1024: 1.2}
 DEFAULT_STEPS = 20
 _MAX_SEED = 2**63 - 1
 _SDE_MASK = 0x5DE0_5DE0_5DE0_5DE0
+
+
+def uses_guidance(guidance: float) -> bool:
+    """Whether classifier-free guidance runs: only above 1, as in PixArt; ``w <= 1`` samples the conditional
+    prediction alone (no unconditional pass, so half the transformer work)."""
+    return guidance > 1.0
 
 
 def seeds_for(run_seed: int, count: int) -> list[int]:
@@ -189,7 +196,7 @@ class PixCellPipeline:
         if isinstance(g, bool) or not isinstance(g, (int, float, np.floating)) or not math.isfinite(g) or g < 0:
             raise UsageError(
                 f"guidance must be a finite number >= 0, got {guidance!r}",
-                hint=f"{self.default_guidance} for {self.name} (1 turns guidance off)",
+                hint=f"{self.default_guidance} for {self.name} (1 or less turns guidance off)",
             )
         return cond_t, [int(s) for s in seeds], int(steps), float(g)
 
@@ -229,7 +236,7 @@ class PixCellPipeline:
         scheduler = self.make_scheduler(steps)
         latents = (self.initial_noise(seeds) * scheduler.init_noise_sigma).to(self.device)
         cond_dev = cond.to(self.device, self.dtype)
-        use_cfg = guidance != 1.0
+        use_cfg = uses_guidance(guidance)
         tokens = torch.cat([self.null_conditioning(batch), cond_dev]) if use_cfg else cond_dev
         sde = scheduler.config.algorithm_type.startswith("sde")
         # SDE solvers draw fresh noise every step: from each sample's own stream (seed XOR a fixed mask), never shared.

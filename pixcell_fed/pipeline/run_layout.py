@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic
-from pixcell_fed.bundle.state import BUNDLE_DIR, RUN_JSON, RUNS_DIR, trail_path
+from pixcell_fed.bundle.state import AUDIT_DIR, BUNDLE_DIR, RUN_JSON, RUNS_DIR, trail_path
 
 RUN_INDEX = "index.json"
 
@@ -53,7 +53,7 @@ class RunLayout:
 
     @property
     def audit_dir(self) -> Path:
-        return self.root / "audit"
+        return self.root / AUDIT_DIR
 
     @property
     def eval_dir(self) -> Path:
@@ -63,6 +63,10 @@ class RunLayout:
     @property
     def log_file(self) -> Path:
         return self.root / "run.log"
+
+    def rank_log_file(self, rank: int) -> Path:
+        """The log of one rank of a sharded run (rank 0 writes ``run.log``)."""
+        return self.log_file if rank == 0 else self.root / f"run.rank{rank}.log"
 
     @property
     def state_file(self) -> Path:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -21,8 +22,10 @@ from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_byt
                                 write_parquet_atomic)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
-from pixcell_fed.pipeline.labels import check_labels_cover, load_slide_labels
+from pixcell_fed.pipeline.distributed import Ranks, launched_ranks, release_device_memory
+from pixcell_fed.pipeline.labels import SlideTable, check_labels_cover, load_slide_table
 from pixcell_fed.pipeline.provenance import versions
+from pixcell_fed.pipeline.split import check_split_unit
 from pixcell_fed.pipeline.run_layout import RunLayout, find_or_create_run, run_fingerprint, trail_path
 from pixcell_fed.runlog import get_logger, run_log
 
@@ -41,6 +44,7 @@ class SynthesizeSummary:
     slides_ok: list[str] = field(default_factory=list)
     slides_failed: list[tuple[str, str]] = field(default_factory=list)
     tiles: int = 0
+    tiles_dropped_by_qc: dict[str, int] = field(default_factory=dict)
     conditioning_slides: int = 0
     holdout_slides: int = 0
     conditioning_tiles: int = 0
@@ -61,15 +65,6 @@ def _require(value: Path | None, key: str, what: str) -> Path:
     if value is None:
         raise ConfigError(f"models.{key} is not set", hint=f"set models.{key} to the local folder of {what}")
     return value
-
-
-def check_tile_size_fits_model(tile_size: int, variant: int) -> None:
-    """PixCell-256 is conditioned on 256 px tiles and PixCell-1024 on 1024 px tiles (a 4x4 grid of 256 px UNI
-    embeddings); tiles of the other size would condition it on the wrong magnification or grid."""
-    if tile_size != variant:
-        raise ConfigError(f"models.pixcell_dir holds PixCell-{variant}, which is conditioned on {variant} px tiles, "
-                          f"but tiling.tile_size is {tile_size}",
-                          hint=f"set tiling.tile_size: {variant}, or point models.pixcell_dir at PixCell-{tile_size}")
 
 
 def _slide_inventory(slides_dir: Path) -> list[tuple[str, int]]:
@@ -96,31 +91,15 @@ def _synthetic_name(tile_id: str, sample: int) -> str:
     return hashlib.sha256(f"{tile_id}:{sample}".encode()).hexdigest()[:20] + ".png"
 
 
-def _split(layout: RunLayout, cfg: SiteConfig, tiles, labels: dict[str, str]) -> tuple[list[str], list[str]]:
-    """T/H split by slide, decided once per run (before any synthesis) and saved.
-
-    With slide labels the split is stratified: each class with at least two slides is split on its own, so the
-    held-out slides (the audit's null and the site's evaluation set) cover the classes.
-    """
-    from pixcell_fed.audit.roles import split_slides
+def _split(layout: RunLayout, cfg: SiteConfig, tiles, table: SlideTable) -> tuple[list[str], list[str]]:
+    """T/H split by patient (or, when set, by slide), decided once per run (before any synthesis) and saved."""
+    from pixcell_fed.pipeline.split import split_by_unit
 
     if layout.split_file.is_file():
         saved = json.loads(layout.split_file.read_text())
         return saved["conditioning"], saved["holdout"]
-    slide_of = dict(zip(tiles["slide_key"], tiles["slide_file"]))
-    groups: dict[str, list[str]] = {}
-    for key in sorted(slide_of):
-        groups.setdefault(labels.get(slide_of[key], ""), []).append(key)
-    if labels and all(len(keys) >= 2 for keys in groups.values()):
-        conditioning, holdout = [], []
-        for keys in groups.values():
-            t, h = split_slides(keys, cfg.split.holdout_fraction, cfg.split.seed)
-            conditioning += t
-            holdout += h
-    else:
-        conditioning, holdout = split_slides(sorted(slide_of), cfg.split.holdout_fraction, cfg.split.seed)
-    conditioning, holdout = sorted(conditioning), sorted(holdout)
-    write_json_atomic(layout.split_file, {"conditioning": conditioning, "holdout": holdout})
+    conditioning, holdout = split_by_unit(dict(zip(tiles["slide_key"], tiles["slide_file"])), table, cfg.split)
+    write_json_atomic(layout.split_file, {"conditioning": conditioning, "holdout": holdout, "unit": cfg.split.unit})
     return conditioning, holdout
 
 
@@ -147,23 +126,43 @@ def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
     return spaces
 
 
-def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, encoder) -> tuple[np.ndarray, dict]:
-    """Embeddings of the conditioning tiles, shaped [N, n_tok, D] (n_tok = 1 for 256, 16 for 1024)."""
+def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, encoder,
+                        ranks: Ranks) -> tuple[np.ndarray, dict]:
+    """Embeddings of the conditioning tiles, shaped [N, n_tok, D] (n_tok = 1 for 256, 16 for 1024).
+
+    Under torchrun each rank first embeds its whole global batches into the shared cache (the batches a one-process
+    run makes, so the same embeddings); then every rank reads them all from the cache.
+    """
+    paths = [layout.tiles_dir / f for f in rows["tile_file"]]
+    per_tile = 16 if variant == 1024 else 1
+    if ranks.launched:
+        mine = ranks.share_batches(len(paths) * per_tile, encoder.batch_size)
+        _embed_items(encoder, layout, paths, list(rows["tile_id"]), per_tile, mine)
+        ranks.checkpoint("embedding")
+    emb = _embed_items(encoder, layout, paths, list(rows["tile_id"]), per_tile, range(len(paths) * per_tile))
+    return emb.reshape(len(rows), per_tile, -1), encoder.identity
+
+
+def _embed_items(encoder, layout: RunLayout, paths: list[Path], tile_ids: list[str], per_tile: int,
+                 items) -> np.ndarray:
+    """Embed items ``items`` of the conditioning stream (tile i for 256 px; cell k of tile i // 16 for 1024 px)."""
     from pixcell_fed.audit.copy_features import read_tile
     from pixcell_fed.encoders import embed_tiles
     from pixcell_fed.generation.sampler import cut_grid
 
-    paths = [layout.tiles_dir / f for f in rows["tile_file"]]
-    if variant == 1024:
-        def images():
-            for path in paths:
-                yield from cut_grid(read_tile(path)[None])
+    if per_tile == 1:
+        return embed_tiles(encoder, [paths[i] for i in items], layout.embeddings_cache)
 
-        ids = [f"{tid}-k{k:02d}" for tid in rows["tile_id"] for k in range(16)]
-        emb = embed_tiles(encoder, ids, images(), layout.embeddings_cache)
-        return emb.reshape(len(rows), 16, -1), encoder.identity
-    emb = embed_tiles(encoder, paths, layout.embeddings_cache)
-    return emb[:, None, :], encoder.identity
+    def images():
+        current, cells = -1, None
+        for i in items:
+            if i // per_tile != current:
+                current = i // per_tile
+                cells = cut_grid(read_tile(paths[current])[None])
+            yield cells[i % per_tile]
+
+    ids = [f"{tile_ids[i // per_tile]}-k{i % per_tile:02d}" for i in items]
+    return embed_tiles(encoder, ids, images(), layout.embeddings_cache)
 
 
 def _batch_size(layout: RunLayout, cfg: SiteConfig, pipeline) -> int:
@@ -174,12 +173,14 @@ def _batch_size(layout: RunLayout, cfg: SiteConfig, pipeline) -> int:
     return int(state["synthesis_batch_size"])
 
 
-def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarray, labels: dict[str, str]):
+def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarray, labels: dict[str, str],
+              ranks: Ranks):
     """Synthetic tiles, generated in fixed batches and written one by one (atomically).
 
     Batches are fixed slices of the run's job list, so a resumed run generates exactly the batches a run from
     scratch would: a batch whose tiles all exist is skipped; one cut short by a kill is generated again whole
     (same inputs, same seeds, same composition, so the same pixels) and only its missing tiles are written.
+    Under torchrun rank 0 lists the unfinished batches and each rank generates every ``world_size``-th of them.
     """
     import pandas as pd
 
@@ -194,15 +195,24 @@ def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarr
                             "source_tile_file": rows["tile_file"].iloc[i], "sample": s, "row": i,
                             "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
                             "label": labels.get(rows["slide_file"].iloc[i])})
-    remove_stale_temporaries(layout.synthetic_dir)
-    batch = _batch_size(layout, cfg, pipeline)
+    plan = None
+    if ranks.is_main:  # rank 0 fixes the batches and lists the unfinished ones before any rank writes a tile
+        remove_stale_temporaries(layout.synthetic_dir)
+        batch = _batch_size(layout, cfg, pipeline)
+        batches = [records[start:start + batch] for start in range(0, len(records), batch)]
+        todo_index = [n for n, b in enumerate(batches)
+                      if not all((layout.synthetic_dir / r["synthetic_file"]).is_file() for r in b)]
+        if todo_index:
+            log.info("generating %d synthetic tiles in %d batches (%d batches already done)",
+                     sum(len(batches[n]) for n in todo_index), len(todo_index), len(batches) - len(todo_index))
+        plan = {"batch_size": batch, "todo": todo_index}
+    plan = ranks.checkpoint("generation plan", plan)[0]
+    batch = plan["batch_size"]
     batches = [records[start:start + batch] for start in range(0, len(records), batch)]
-    todo = [b for b in batches if not all((layout.synthetic_dir / r["synthetic_file"]).is_file() for r in b)]
-    if todo:
-        log.info("generating %d synthetic tiles in %d batches (%d batches already done)",
-                 sum(len(b) for b in todo), len(todo), len(batches) - len(todo))
-    bar = progress(total=len(records), desc="synthesising", unit="tile")
-    bar.update(len(records) - sum(len(b) for b in todo))
+    todo = [batches[n] for n in ranks.share(plan["todo"])]
+    if ranks.launched:
+        log.info("%s generates %d synthetic tiles in %d batches", ranks.name, sum(len(b) for b in todo), len(todo))
+    bar = progress(total=sum(len(b) for b in todo), desc="synthesising", unit="tile")
     for chunk in todo:
         images = pipeline.generate(np.stack([cond[r["row"]] for r in chunk]), seeds=[r["seed"] for r in chunk],
                                    steps=cfg.synthesis.steps, guidance=cfg.synthesis.guidance, batch_size=len(chunk))
@@ -212,8 +222,10 @@ def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarr
                 write_bytes_atomic(target, clean_png_bytes(image))
         bar.update(len(chunk))
     bar.close()
+    ranks.checkpoint("generation")
     table = pd.DataFrame.from_records(records).drop(columns=["row"])
-    write_parquet_atomic(layout.synthetic_table, table)
+    if ranks.is_main:
+        write_parquet_atomic(layout.synthetic_table, table)
     return table
 
 
@@ -240,37 +252,89 @@ def _write_eval_set(layout: RunLayout, h_tiles, labels: dict[str, str]) -> None:
             shutil.copyfile(source, target)
 
 
-def _identifying_strings(slides_dir: Path, slide_files: list[str]) -> list[str]:
-    """Strings that must never reach a bundle: slide names and stems, the slides folder, slide property values."""
+def _identifying_strings(slides_dir: Path, slide_files: list[str], patients: Iterable[str] = ()) -> list[str]:
+    """Strings that must never reach a bundle: slide names and stems, the slides folder, slide property values,
+    patient identifiers."""
     from pixcell_fed.slides.identifiers import slide_identifying_strings
 
-    strings = {str(slides_dir.resolve())}
+    strings = {str(slides_dir.resolve()), *patients}
     for name in slide_files:
         strings.update({name, Path(name).stem})
         strings.update(slide_identifying_strings(slides_dir / name))
     return sorted(s for s in strings if len(s) >= 4)
 
 
-def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
-    """Run (or continue) the whole site pipeline for ``cfg``; return its summary.
+def synthesize(cfg: SiteConfig, *, wait_timeout: timedelta | None = None) -> SynthesizeSummary | None:
+    """Run (or continue) the whole site pipeline for ``cfg``; return its summary (None on ranks other than 0).
 
-    Raises :class:`PrivacyGateRefused` (exit 3) when the audit fails; no bundle is built then.
+    Raises :class:`PrivacyGateRefused` (exit 3) when the audit fails; no bundle is built then. Under torchrun
+    the ranks share embedding and generation (:mod:`pixcell_fed.pipeline.distributed`); ``wait_timeout`` bounds
+    how long a rank waits for the others at a checkpoint.
     """
+    with launched_ranks(cfg.models.device, wait_timeout=wait_timeout) as ranks, ranks.reporting_failures():
+        if not ranks.is_main:
+            return _synthesize_share(cfg, ranks)
+        summary = _synthesize_as_rank0(cfg, ranks)
+        ranks.finish()
+        return summary
+
+
+def _synthesize_share(cfg: SiteConfig, ranks: Ranks) -> None:
+    """A rank other than 0: load the models, take rank 0's plan, embed and generate this rank's share, then wait
+    while rank 0 audits and builds the bundle (its failure is reported here too)."""
     import pandas as pd
 
-    from pixcell_fed.audit import run_audit
+    from pixcell_fed.encoders import load_encoder
+    from pixcell_fed.generation import load_pixcell
+
+    pixcell_dir = _require(cfg.models.pixcell_dir, "pixcell_dir", "PixCell-256 or PixCell-1024")
+    pipeline = load_pixcell(pixcell_dir, cfg.models.vae_dir, device=ranks.device, dtype=cfg.models.dtype)
+    encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=ranks.device)
+    plan = ranks.checkpoint("preparing the run")[0]
+    if plan["settings"] != _settings_digest(cfg):
+        raise ConfigError(f"{ranks.name} read a site config that differs from rank 0's",
+                          hint="every rank must read the same site.yaml (same path on every machine)")
+    layout = RunLayout(Path(plan["run_dir"]))
+    if not layout.state_file.is_file():
+        raise UsageError(f"{ranks.name} cannot see the run folder {layout.root}",
+                         hint="the work folder (site.work_dir) must be on a file system shared by every machine, "
+                              "mounted at the same path")
+    with run_log(layout.rank_log_file(ranks.rank)):
+        rows = pd.DataFrame(plan["rows"])
+        cond, _ = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder, ranks)
+        _generate(cfg, layout, pipeline, rows, cond, plan["labels"], ranks)
+        del pipeline, encoder, cond
+        release_device_memory(ranks.device)
+        log.info("%s finished its share; waiting while rank 0 audits and builds the bundle", ranks.name)
+        ranks.finish()
+    return None
+
+
+def _settings_digest(cfg: SiteConfig) -> str:
+    """A digest of the settings that decide a run's outputs (ranks check they read the same config)."""
+    return run_fingerprint(_output_settings(to_plain(cfg)), [])
+
+
+def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
+    """The whole pipeline as rank 0 (or the only process) runs it."""
+    import pandas as pd
+
+    from pixcell_fed.audit import SiteFacts, run_audit
     from pixcell_fed.bundle.build import build_bundle
     from pixcell_fed.bundle.layout import read_bundle_json
     from pixcell_fed.bundle.trail import append_event
     from pixcell_fed.encoders import load_encoder
     from pixcell_fed.generation import load_pixcell, read_pixcell_variant
+    from pixcell_fed.generation.loader import check_tile_size_fits_model
     from pixcell_fed.keys import load_private_key, passphrase_from_env
-    from pixcell_fed.slides.tiler import tile_folder
+    from pixcell_fed.slides.folder_job import tile_folder
 
     pixcell_dir = _require(cfg.models.pixcell_dir, "pixcell_dir", "PixCell-256 or PixCell-1024")
     check_tile_size_fits_model(cfg.tiling.tile_size, read_pixcell_variant(pixcell_dir))
     inventory = _slide_inventory(cfg.site.slides_dir)
-    labels = load_slide_labels(cfg.site.labels_csv)
+    table = load_slide_table(cfg.site.labels_csv)
+    labels = table.labels
+    check_split_unit(cfg.split, table, cfg.site.labels_csv)
     site_key = load_private_key(cfg.keys.site_private_key, passphrase=passphrase_from_env(cfg.keys.passphrase_env))
     resolved = to_plain(cfg)
     work_dir = cfg.site.work_dir
@@ -286,11 +350,14 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             tiling = tile_folder(cfg.site.slides_dir, layout.tiles_dir, cfg.tiling)
             summary.slides_ok, summary.slides_failed = list(tiling.ok), list(tiling.failed)
             tiles = pd.read_parquet(layout.tiles_table)
-            tiles = tiles[tiles["slide_file"].isin(summary.slides_ok)]
+            tiles = tiles[tiles["slide_file"].isin(summary.slides_ok) & (tiles["qc"] == "pass")]
+            summary.tiles_dropped_by_qc = dict(tiling.qc_dropped)
             summary.tiles = len(tiles)
             check_labels_cover(labels, summary.slides_ok, cfg.site.labels_csv)
+            if cfg.split.unit == "patient":
+                check_labels_cover(table.patients, summary.slides_ok, cfg.site.labels_csv, what="patient")
 
-            conditioning, holdout = _split(layout, cfg, tiles, labels)
+            conditioning, holdout = _split(layout, cfg, tiles, table)
             t_tiles = tiles[tiles["slide_key"].isin(conditioning)]
             h_tiles = tiles[tiles["slide_key"].isin(holdout)]
             summary.conditioning_slides, summary.holdout_slides = len(conditioning), len(holdout)
@@ -304,15 +371,19 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                     hint="add slides, raise split.holdout_fraction, or lower tiling.tissue_fraction")
             _write_eval_set(layout, h_tiles, labels)
 
-            pipeline = load_pixcell(pixcell_dir, cfg.models.vae_dir, device=cfg.models.device, dtype=cfg.models.dtype)
+            pipeline = load_pixcell(pixcell_dir, cfg.models.vae_dir, device=ranks.device, dtype=cfg.models.dtype)
             summary.models_are_twins = bool(pipeline.identity.get("twin"))
-            encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=cfg.models.device)
-            cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder)
-            synthetic = _generate(cfg, layout, pipeline, rows, cond, labels)
+            encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=ranks.device)
+            ranks.checkpoint("preparing the run", {
+                "run_dir": str(layout.root.resolve()), "settings": _settings_digest(cfg),
+                "rows": rows[["tile_id", "tile_file", "slide_file"]].to_dict("list"),
+                "labels": {f: labels[f] for f in set(rows["slide_file"]) if f in labels}})
+            cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder, ranks)
+            synthetic = _generate(cfg, layout, pipeline, rows, cond, labels, ranks)
             summary.synthetic_tiles = len(synthetic)
             summary.models_are_twins = summary.models_are_twins or bool(encoder_identity.get("twin"))
 
-            forbidden = _identifying_strings(cfg.site.slides_dir, summary.slides_ok)
+            forbidden = _identifying_strings(cfg.site.slides_dir, summary.slides_ok, table.patients.values())
             spaces = _audit_feature_spaces(cfg, encoder)
             result = run_audit(
                 [layout.synthetic_dir / f for f in synthetic["synthetic_file"]],
@@ -323,8 +394,7 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
                 out_dir=layout.audit_dir,
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
-                forbidden_strings=forbidden,
-                extra_feature_spaces=spaces,
+                site=SiteFacts(forbidden_strings=forbidden, feature_spaces=spaces, split_unit=cfg.split.unit),
             )
             summary.verdict, summary.report = result.verdict, str(result.report_path)
             summary.kept_tiles = len(result.kept)
@@ -339,16 +409,14 @@ def synthesize(cfg: SiteConfig) -> SynthesizeSummary:
             if not layout.bundle_dir.is_dir():
                 kept_names = {Path(p).name for p in result.kept}
                 kept = synthetic[synthetic["synthetic_file"].isin(kept_names)]
-                build_bundle(
-                    layout.bundle_dir,
+                build_bundle(  # the builder reads the run's own audit from layout.root/audit
+                    layout.root,
                     site_name=cfg.site.name,
-                    run_id=layout.run_id,
                     tiles=[layout.synthetic_dir / f for f in kept["synthetic_file"]],
+                    tile_size=cfg.tiling.tile_size,
                     labels=list(kept["label"]) if labels else None,
                     generator=_shareable_identity(pipeline.identity),
                     encoder=_shareable_identity(encoder_identity),
-                    audit_summary=json.loads((layout.audit_dir / "audit_summary.json").read_text()),
-                    summary_html=_summary_html(layout),
                     site_key=site_key,
                     forbidden_strings=forbidden,
                 )
@@ -375,7 +443,3 @@ def _shareable_identity(identity: dict) -> dict:
                "vae_sha256", "weights_sha256", "dtype")
     return {k: identity[k] for k in allowed if k in identity}
 
-
-def _summary_html(layout: RunLayout) -> Path | None:
-    path = layout.audit_dir / "audit_summary.html"
-    return path if path.is_file() else None

@@ -1,4 +1,5 @@
-"""Test and demo material built from real pixels: the real CMU Aperio slide, slide writers, tiny model twins.
+"""Test material built from real pixels: the real CMU Aperio slide (fetched into the cache when missing), and the
+slide writers, tiny model twins and simulated sites of :mod:`pixcell_fed.simulation` (re-exported here).
 
-Used by the tests, the benchmarks and the demo consortium; never by a real deployment's data path.
+Used by the tests and the benchmarks; never by the demo or a real deployment's data path.
 """

@@ -205,27 +205,17 @@ def make_site_bundles(root: str | Path, counts: Mapping[str, int], *, tile_size:
 
 
 def build_test_bundle(bundle_dir: Path, site: str, run_id: str, tiles, tmp: Path):
-    """A real bundle (``pixcell_fed.bundle.build_bundle``) approved by a real officer key."""
-    import hashlib
-
-    from pixcell_fed.bundle import approve_bundle, build_bundle
-    from pixcell_fed.bundle.png import clean_png_bytes
-    from pixcell_fed.bundle.shareable import HASHES_KEY
+    """A real bundle (``pixcell_fed.bundle.build_bundle``) of a run at ``bundle_dir``'s parent, approved by a
+    real officer key."""
+    from pixcell_fed.bundle import SiteAuthority, approve_bundle, build_bundle
     from pixcell_fed.keys import generate_private_key, public_key_text
+    from pixcell_fed.testing.bundles import write_run
 
-    tmp.mkdir(parents=True, exist_ok=True)
-    paths, labels, hashes = [], [], []
-    for i, (pixels, label) in enumerate(tiles):
-        data = clean_png_bytes(pixels)
-        path = tmp / f"syn{i:05d}.png"
-        path.write_bytes(data)
-        paths.append(path)
-        labels.append(label)
-        hashes.append(hashlib.sha256(data).hexdigest())
+    run = write_run(Path(bundle_dir).parent.parent.parent, run_id, [pixels for pixels, _ in tiles])
     site_key, officer_key = generate_private_key(), generate_private_key()
-    build_bundle(bundle_dir, site_name=site, run_id=run_id, tiles=paths, labels=labels,
-                 generator={"name": "pixcell-256", "twin": True}, encoder={"name": "uni2-h", "twin": True},
-                 audit_summary={"verdict": "PASS", HASHES_KEY: hashes}, site_key=site_key)
-    approve_bundle(bundle_dir, officer_key, trail=tmp / "trail.jsonl")
+    build_bundle(run.run_dir, site_name=site, tiles=run.tiles, tile_size=int(tiles[0][0].shape[0]),
+                 labels=[label for _, label in tiles], generator={"name": "pixcell-256", "twin": True},
+                 encoder={"name": "uni2-h", "twin": True}, site_key=site_key)
+    approve_bundle(bundle_dir, officer_key, site=SiteAuthority(site, run.work_dir, (officer_key.public_key(),)))
     return bundle_dir, {"signing_key": public_key_text(site_key.public_key()),
                         "officers": [public_key_text(officer_key.public_key())]}

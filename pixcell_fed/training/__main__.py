@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     from pixcell_fed.config import build_dataclass
     from pixcell_fed.errors import PixcellFedError
     from pixcell_fed.training import get_recipe, recipe_names
-    from pixcell_fed.training.classifier import ClassifierConfig
 
     parser = argparse.ArgumentParser(prog="python -m pixcell_fed.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = Path(args.config).read_text() if args.config.endswith(".json") else args.config
     try:
         recipe = get_recipe(args.recipe)
-        cfg_cls = getattr(recipe, "config_class", ClassifierConfig)
-        cfg = build_dataclass(cfg_cls, json.loads(raw), source="--config")
+        cfg = build_dataclass(recipe.config_class, json.loads(raw), source="--config")
         result = recipe(args.pool, args.out, cfg)
     except PixcellFedError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

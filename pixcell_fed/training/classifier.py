@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
-from pixcell_fed.training import RECIPES
+from pixcell_fed.training import TrainResult, register_recipe
 
 log = get_logger(__name__)
 
@@ -42,13 +42,6 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.img_size < 8 or not 0 <= self.val_fraction < 1:
             raise ValueError("classifier: need epochs >= 1, batch_size >= 1, img_size >= 8, 0 <= val_fraction < 1")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    checkpoint: Path
-    spec: dict
-    history: list[dict]
 
 
 def dist_context():
@@ -106,7 +99,7 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
 
     from pixcell_fed.atomic import atomic_path
     from pixcell_fed.training.data import TileDataset
-    from pixcell_fed.training.models import build_model, make_spec, save_checkpoint
+    from pixcell_fed.training.models import ModelSpec, build_model, save_checkpoint
 
     labelled = [(p, lab) for p, lab in items if lab is not None]
     if not labelled:
@@ -117,7 +110,7 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
     out_dir = Path(out_dir)
     rank, world, device = dist_context()
     torch.manual_seed(cfg.seed)
-    spec = make_spec(arch=cfg.arch, classes=classes, img_size=cfg.img_size, kwargs=dict(cfg.kwargs),
+    spec = ModelSpec(arch=cfg.arch, classes=tuple(classes), img_size=cfg.img_size, kwargs=cfg.kwargs,
                      pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None)
     model = build_model(spec)
     _set_trainable(model, cfg.mode)
@@ -199,12 +192,9 @@ def _accuracy(model, items, classes, spec, device) -> float:
     return correct / max(len(items), 1)
 
 
-@RECIPES.register("classifier")
+@register_recipe("classifier", ClassifierConfig)
 def run(pool_dir: str | Path, out_dir: str | Path, cfg: ClassifierConfig) -> TrainResult:
     """Train the classifier on the pooled set in ``pool_dir``."""
     from pixcell_fed.training.data import pooled_items
 
     return train_classifier(pooled_items(pool_dir), out_dir, cfg)
-
-
-run.config_class = ClassifierConfig  # type: ignore[attr-defined]

@@ -7,9 +7,12 @@ ImageFolder reads. Images are resized to the model's input size and normalised w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pixcell_fed.errors import UsageError
+
+if TYPE_CHECKING:
+    from pixcell_fed.training.models import ModelSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -40,10 +43,17 @@ def pooled_items(pool_dir: str | Path) -> list[tuple[Path, str | None]]:
 
 
 def load_image(path: Path, img_size: int):
-    """An RGB image resized to ``img_size`` as a uint8 HxWx3 numpy array."""
+    """An RGB image resized to ``img_size`` as a uint8 HxWx3 numpy array.
+
+    An image larger than the largest tile a bundle may carry is refused from its header, before decoding: a
+    decompression bomb never reaches memory.
+    """
     import numpy as np
     from PIL import Image
 
+    from pixcell_fed.bundle.png import MAX_TILE_SIZE, check_image_side
+
+    check_image_side(path, MAX_TILE_SIZE)
     with Image.open(path) as im:
         im = im.convert("RGB")
         if im.size != (img_size, img_size):
@@ -51,20 +61,20 @@ def load_image(path: Path, img_size: int):
         return np.array(im, dtype=np.uint8)
 
 
-def to_tensor(images, spec: dict[str, Any]):
+def to_tensor(images, spec: "ModelSpec"):
     """uint8 NHWC numpy -> normalised float NCHW tensor."""
     import torch
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 class TileDataset:
     """A map-style data set of (normalised image tensor, class index) read lazily from disk."""
 
-    def __init__(self, items: Sequence[tuple[Path, str | None]], classes: Sequence[str], spec: dict[str, Any]) -> None:
+    def __init__(self, items: Sequence[tuple[Path, str | None]], classes: Sequence[str], spec: "ModelSpec") -> None:
         self.items = list(items)
         self.index = {c: i for i, c in enumerate(classes)}
         self.spec = spec
@@ -76,14 +86,14 @@ class TileDataset:
         import torch
 
         path, label = self.items[i]
-        x = to_tensor(load_image(path, int(self.spec["img_size"]))[None], self.spec)[0]
+        x = to_tensor(load_image(path, self.spec.img_size)[None], self.spec)[0]
         y = self.index.get(label, -1) if label is not None else -1
         return x, torch.tensor(y, dtype=torch.long)
 
 
-def load_arrays(items: Sequence[tuple[Path, str | None]], spec: dict[str, Any]):
+def load_arrays(items: Sequence[tuple[Path, str | None]], spec: "ModelSpec"):
     """All images of ``items`` as one normalised tensor (small sets only: evaluation, tests)."""
     import numpy as np
 
-    images = np.stack([load_image(p, int(spec["img_size"])) for p, _ in items]) if items else np.zeros((0, 1, 1, 3), np.uint8)
+    images = np.stack([load_image(p, spec.img_size) for p, _ in items]) if items else np.zeros((0, 1, 1, 3), np.uint8)
     return to_tensor(images, spec)

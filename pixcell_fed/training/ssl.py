@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
-from pixcell_fed.training import RECIPES
-from pixcell_fed.training.classifier import STATE_FILE, TrainResult
+from pixcell_fed.training import TrainResult, register_recipe
+from pixcell_fed.training.classifier import STATE_FILE
 
 log = get_logger(__name__)
 
@@ -36,9 +36,6 @@ class SSLConfig:
     projection_dim: int = 128
     seed: int = 0
     pretrained_file: Path | None = None
-    # kept for a config shared with the classifier recipe; unused here
-    mode: str = "finetune"
-    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.temperature <= 0:
@@ -75,14 +72,14 @@ def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg
 
     from pixcell_fed.atomic import atomic_path
     from pixcell_fed.training.data import TileDataset
-    from pixcell_fed.training.models import build_model, make_spec, save_checkpoint
+    from pixcell_fed.training.models import ModelSpec, build_model, save_checkpoint
 
     NTXentLoss, SimCLRProjectionHead = _lightly()
     if len(items) < 2:
         raise UsageError("the pooled set has fewer than two tiles", hint="pool more tiles before self-supervised training")
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    spec = make_spec(arch=cfg.arch, classes=[], img_size=cfg.img_size, kwargs=dict(cfg.kwargs), kind="encoder",
+    spec = ModelSpec(arch=cfg.arch, img_size=cfg.img_size, kwargs=cfg.kwargs, kind="encoder",
                      pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None)
     backbone = build_model(spec)
     head = SimCLRProjectionHead(backbone.num_features, backbone.num_features, cfg.projection_dim)
@@ -125,12 +122,9 @@ def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg
     return TrainResult(checkpoint=out_dir, spec=spec, history=history)
 
 
-@RECIPES.register("ssl")
+@register_recipe("ssl", SSLConfig)
 def run(pool_dir: str | Path, out_dir: str | Path, cfg: SSLConfig) -> TrainResult:
     """SimCLR on the pooled set in ``pool_dir`` (labels ignored)."""
     from pixcell_fed.training.data import pooled_items
 
     return train_ssl(pooled_items(pool_dir), out_dir, cfg)
-
-
-run.config_class = SSLConfig  # type: ignore[attr-defined]

@@ -9,7 +9,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "officer-key", help="make a privacy officer's approval key pair",
         description="Write DIR/officer.key (private, mode 0600, optionally passphrase-protected) and DIR/officer.pub, "
-                    "and print the public key line for the consortium's trust file. Never overwrites a key.")
+                    "and print the public key line to add to the site's site.yaml (keys.officers: only listed keys "
+                    "can approve or reject) and to the consortium's trust file (the site's officers). Never "
+                    "overwrites a key.")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the key pair (kept by the officer)")
     p.add_argument("--name", default="officer", help="file name stem of the key pair (default: officer)")
     p.add_argument("--passphrase-env", metavar="VAR", default=None,
@@ -38,5 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"private key: {private} (mode 0600{', passphrase-protected' if passphrase else ''}; keep it to yourself)")
         print(f"public key:  {result['public_key_text']}")
         print(f"fingerprint: {result['fingerprint']}")
-        print("send the public key line to the consortium: it goes under your site's 'officers:' in the trust file")
+        print("add this line under 'keys: officers:' in the site's site.yaml (the site administrator does), and send")
+        print("the public key to the consortium for your site's 'officers:' in its trust file:")
+        print(f"    - {result['public_key_text']}")
     return 0

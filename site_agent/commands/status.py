@@ -8,8 +8,9 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "status", help="list runs, bundles and their states; check the audit trail",
-        description="List the site's runs with their bundles and states (awaiting_approval, approved, rejected) "
-                    "and check the hash chain of the site audit trail. Exit 1 when the trail is broken.")
+        description="List the site's runs with their bundles and states (awaiting_approval, approved, rejected, or "
+                    "unusable when a bundle is not what its run audited, e.g. its run was refused) and check the "
+                    "hash chain of the site audit trail. Exit 1 when the trail is broken.")
     p.add_argument("--config", required=True, metavar="FILE", help="site.yaml")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     p.set_defaults(func=run)
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
             print("no runs yet")
         for run in status.runs:
             extra = f", verdict {run.verdict}, {run.tiles} tiles" if run.verdict else ""
+            if run.problem:
+                extra = f" ({run.problem}; it must not leave the site)"
             print(f"  {run.run_id}: run {run.run_state}; bundle {run.bundle_state}{extra}")
         if status.trail_ok:
             head = f", head {status.trail_head}" if status.trail_head else ""

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pixcell_fed.config import TilingConfig, load_site_config
     from pixcell_fed.errors import ExitCode, UsageError
-    from pixcell_fed.slides.tiler import tile_folder
+    from pixcell_fed.slides.folder_job import tile_folder
 
     site = load_site_config(args.config) if args.config else None
     tiling = site.tiling if site else TilingConfig()
@@ -47,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
           f"-> {summary.table_path}")
     for name in summary.ok:
         again = " (already done)" if name in summary.resumed else ""
-        print(f"  ok      {name}: {summary.tiles_per_slide[name]} tiles{again}")
+        dropped = ", ".join(f"{n} {reason}" for reason, n in summary.qc_dropped_per_slide.get(name, {}).items())
+        print(f"  ok      {name}: {summary.tiles_per_slide[name]} tiles{again}"
+              + (f"; quality control dropped {dropped}" if dropped else ""))
     for failure in summary.failures:
         print(f"  FAILED  {failure.line}")
+    if summary.qc_dropped:
+        print("quality control dropped " + ", ".join(f"{n} {reason}" for reason, n in summary.qc_dropped.items())
+              + " tiles (see the overviews; thresholds under tiling.qc)")
     print(f"overviews: {out / 'overviews'}   log: {summary.log_path}")
     if not summary.failed:
         return int(ExitCode.OK)

@@ -1,0 +1,1 @@
+"""Shims of the pixcell-fed Flower app: they import the installed package and nothing else."""
