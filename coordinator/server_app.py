@@ -15,8 +15,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from pixcell_fed.federation.config import from_run_config
-    from pixcell_fed.federation.pooling import GridTransport
+    from pixcell_fed.federation.transport import GridTransport
     from pixcell_fed.federation.workflow import run_consortium
 
     cfg = from_run_config(context.run_config)
-    run_consortium(GridTransport(grid), cfg)
+    run_consortium(GridTransport(grid, poll_interval_s=cfg.poll_interval_s), cfg)

@@ -51,7 +51,7 @@ def test_deployment_through_the_locked_down_commands_with_a_site_killed(tmp_path
     bundles = make_site_bundles(tmp_path / "sites", SITES, tile_size=64, n_eval=10, n_train=8)
     entries = yaml.safe_load(bundles.trust_file.read_text())["sites"]
     keys = {s: D.make_site_auth_key(tmp_path / "keys", s) for s in [*SITES, "rogue"]}
-    for site in SITES:  # what 'coordinator trust-add ... --auth-key' writes
+    for site in SITES:  # what 'coordinator trust-add ... --auth-key' writes: names come from these keys
         add_site_to_trust_file(bundles.trust_file, site, signing_key=entries[site]["signing_key"],
                                officers=entries[site]["officers"], auth_key=keys[site][1].read_text())
     port, internal = D.free_port(), D.free_port()
@@ -82,12 +82,15 @@ def test_deployment_through_the_locked_down_commands_with_a_site_killed(tmp_path
 
         nodes = {}
         for s in bundles.sites:
+            # 'serve' names this file in the node config (site-config): the site's own evaluation limits, its
+            # held-out set having 5 tiles per class (a request could only raise the minimum)
             config = tmp_path / f"{s.name}.yaml"
             config.write_text(yaml.safe_dump({
                 "site": {"name": s.name, "work_dir": str(s.bundle_dir.parents[2])},
                 "federation": {"superlink": f"127.0.0.1:{port}", "root_certificates": str(certs / "ca.crt"),
                                "auth_private_key": str(keys[s.name][0]), "port": D.free_port(),
-                               "eval_dir": str(s.eval_dir), "train_dir": str(s.train_dir), "app_sha256": app_sha256()}}))
+                               "eval_dir": str(s.eval_dir), "train_dir": str(s.train_dir), "app_sha256": app_sha256(),
+                               "evaluation": {"min_tiles_per_class": 5}}}))
             nodes[s.name] = cli(f"site-{s.name}", "site_agent.cli", "serve", "--config", str(config))
 
         settings = D.write_run_config(tmp_path / "run.toml", {
@@ -98,8 +101,9 @@ def test_deployment_through_the_locked_down_commands_with_a_site_killed(tmp_path
         run = cli("coordinator-run", "coordinator.cli", "run", "--settings", str(settings), "--superlink",
                   f"127.0.0.1:{internal}", "--ca", str(certs / "ca.crt"), "--flwr-home", str(home))
 
-        # kill gamma (its SuperNode, launcher and ClientApps) once some, but not all, of its tiles arrived
-        gamma_tiles = work / "pool" / "bundles" / "gamma" / "run-gamma-1" / "tiles"
+        # kill gamma (its SuperNode, launcher and ClientApps) once some, but not all, of its tiles arrived (tiles
+        # wait in the site's staging folder until its whole bundle verified)
+        gamma_tiles = work / "pool" / "staging" / "gamma" / "run-gamma-1" / "tiles"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (gamma_tiles.is_dir() and any(gamma_tiles.glob("*.png"))):
             assert run.alive(), run.log_tail()
@@ -117,6 +121,7 @@ def test_deployment_through_the_locked_down_commands_with_a_site_killed(tmp_path
         assert pool["sites"]["alpha"]["audit_verdict"] == "PASS"
         table = pd.read_parquet(work / "pool" / "pool.parquet")
         assert table.groupby("site").size().to_dict() == {"alpha": 12, "beta": 12}
+        assert not (work / "pool" / "bundles" / "gamma").exists() and any(gamma_tiles.glob("*.png"))  # staged only
         assert [h["epoch"] for h in report["training"]["history"]] == [1, 2]
 
         # each site's figures are the trained model's on that site's own held-out tiles (as reported, rounded)

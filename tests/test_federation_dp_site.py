@@ -1,7 +1,9 @@
 """The site's side of the DP fine-tune: its own policy, its privacy ledger, and what leaves it.
 
-Each request goes through ``site_server.handle_train`` with settings read from the node config, exactly as a
-fresh ClientApp process would: nothing survives between calls except the site's files. On the code before this
+Each request goes through the site's answer boundary (``site_server.answer``, and so ``handle_train``) with
+settings read from the node config, exactly as a fresh ClientApp process would: nothing survives between calls
+except the site's files. A refusal reaches the coordinator as the generic code ``refused-dp`` only; its reason
+stays at the site, in its audit trail and its log, which is where these tests read it. On the code before this
 change the accountant lived in Flower's node state (a new run or a restarted node started from zero), the
 coordinator set delta and the noise (noise 0.3, delta 0.5 and noise 0 were accepted), the reply carried the exact
 tile count, and the coordinator's class list selected which tiles were counted.
@@ -23,7 +25,8 @@ from pixcell_fed.bundle.trail import append_event, verify_trail
 from pixcell_fed.federation import dp_ledger as L
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation.dp_rounds import DPReply, DPRequest, federated_dp_finetune
-from pixcell_fed.federation.site_server import SiteSettings, handle_train
+from pixcell_fed.federation.site_server import REQUEST_LOG, SiteSettings, answer
+from pixcell_fed.federation.transport import Reply, reply_of_content
 from pixcell_fed.testing.federation import TINY_VIT, real_labelled_tiles, write_labelled_folder
 from pixcell_fed.training.dp import DPSettings, DPSteps
 from pixcell_fed.training.dp_accounting import epsilon_spent
@@ -67,13 +70,29 @@ def _request(round_no=1, spec=SPEC, **settings):
     return DPRequest(round=round_no, settings=DPSettings(**values)).to_record(state, spec)
 
 
+def _answer(content, config):
+    """A ``train`` message answered through the site's boundary, as its ClientApp answers the coordinator."""
+    return answer(P.MSG_TRAIN, content, _node(config), flower_run=1)
+
+
 def _train(config, round_no=1, **settings):
-    return handle_train(_request(round_no, **settings), _node(config))
+    return _answer(_request(round_no, **settings), config)
 
 
 def _reply(content) -> DPReply:
+    """The reply as the coordinator reads it (a refusal: its generic code only)."""
+    code = P.error_code(content)
+    if code is not None:
+        return DPReply.refused(code)
     torch.manual_seed(0)
     return DPReply.from_record(content, build_model(SPEC).state_dict())
+
+
+def _refusal(config) -> str:
+    """Why the site refused its last round: recorded in its audit trail, never sent."""
+    entry = _trail(config)[-1]
+    assert entry["event"] == L.TRAIL_REFUSED
+    return entry["reason"]
 
 
 def _trail(config) -> list[dict]:
@@ -146,11 +165,13 @@ def test_lost_or_damaged_ledger_fails_closed(site, damage):
             round=3, noise_multiplier=1.0, sample_rate=0.5, steps=2, delta=DELTA, train_set_sha256="0" * 64).to_fields(),
             ledger_seq=2)
     before = _trail(site)[-1]["seq"]
-    reply = _reply(_train(site, round_no=3))
-    assert reply.status == "refused" and "ledger" in reply.reason and reply.state is None
-    assert str(site.parent) not in reply.reason  # the detail names site files: it stays at the site
+    content = _train(site, round_no=3)
+    reply = _reply(content)
+    assert reply.status == "refused" and reply.reason == "refused-dp" and reply.state is None
+    assert set(content) == {P.KEY_ERROR}  # the detail names site files: it stays at the site
     refused = _trail(site)[-1]
     assert refused["event"] == L.TRAIL_REFUSED and refused["seq"] == before + 1 and "ledger" in refused["reason"]
+    assert "ledger" in (site.parent / "work" / REQUEST_LOG).read_text()  # and in the site's own log
 
 
 def _authority(config, *officers) -> SiteAuthority:
@@ -226,9 +247,10 @@ def test_budget_refused_before_training_with_what_is_left(site):
     _write_config(site.parent, epsilon_budget=budget)
     assert _reply(_train(site, round_no=1)).status == "trained"
     reply = _reply(_train(site, round_no=2))
-    assert reply.status == "refused" and reply.state is None and "budget" in reply.reason
-    assert abs(reply.epsilon - one) < 1e-9 and abs(reply.epsilon_remaining - (budget - one)) < 1e-9
-    assert f"{budget - one:.3f} left" in reply.reason
+    assert reply.status == "refused" and reply.reason == "refused-dp" and reply.state is None
+    why = _refusal(site)  # the site's trail says what was spent and what is left
+    assert "budget" in why and f"from {one:.3f}" in why and f"{budget - one:.3f} left" in why
+    assert abs(L.read_ledger(site.parent / "work").epsilon(DELTA) - one) < 1e-9
     assert _ledger_count(site) == 1  # nothing spent
 
 
@@ -243,23 +265,23 @@ def test_budget_refused_before_training_with_what_is_left(site):
 ])
 def test_requests_outside_the_site_policy_are_refused(site, asked, why):
     reply = _reply(_train(site, **asked))
-    assert reply.status == "refused" and why in reply.reason and reply.state is None
-    assert _trail(site)[-1]["event"] == L.TRAIL_REFUSED and _ledger_count(site) == 0
+    assert reply.status == "refused" and reply.reason == "refused-dp" and reply.state is None
+    assert why in _refusal(site) and _ledger_count(site) == 0
 
 
 @pytest.mark.parametrize("noise", [0.0, -1.0, float("nan")])
 def test_noise_zero_or_invalid_is_refused_before_training(site, noise):
     content = _request()
     content[P.KEY_REQUEST]["noise-multiplier"] = noise
-    reply = _reply(handle_train(content, _node(site)))
-    assert reply.status == "refused" and "noise multiplier" in reply.reason and _ledger_count(site) == 0
+    reply = _reply(_answer(content, site))
+    assert reply.status == "refused" and "noise multiplier" in _refusal(site) and _ledger_count(site) == 0
 
 
 def test_site_delta_above_one_tenth_over_n_is_refused(site, tiles):
     write_labelled_folder(site.parent / "train", tiles, prefix="more")  # N = 20: 1/(10 N) = 0.005
     _write_config(site.parent, delta=0.01)
     reply = _reply(_train(site))
-    assert reply.status == "refused" and "delta" in reply.reason and _ledger_count(site) == 0
+    assert reply.status == "refused" and "delta" in _refusal(site) and _ledger_count(site) == 0
 
 
 def test_only_the_model_and_the_privacy_spent_leave(site):
@@ -275,17 +297,17 @@ def test_only_the_model_and_the_privacy_spent_leave(site):
 
 
 def test_the_coordinator_cannot_pick_which_labels_are_trained(site):
-    """A class list that leaves out some of the site's labels is refused; the reason names no label."""
+    """A class list that leaves out some of the site's labels is refused; the reply names no label."""
     spec = ModelSpec(arch=SPEC.arch, classes=("dense",), img_size=32, kwargs=SPEC.kwargs)
-    content = handle_train(_request(spec=spec), _node(site))
-    assert content[P.KEY_INFO]["status"] == "refused" and P.KEY_MODEL not in content
-    assert "sparse" not in content[P.KEY_INFO]["reason"] and _ledger_count(site) == 0
+    content = _answer(_request(spec=spec), site)
+    assert P.error_code(content) == "refused-dp" and set(content) == {P.KEY_ERROR}
+    assert "do not cover this site's labels" in _refusal(site) and _ledger_count(site) == 0
 
 
 def test_a_model_with_stochastic_depth_is_refused_without_spending(site):
     spec = ModelSpec(arch=SPEC.arch, classes=SPEC.classes, img_size=32, kwargs={**SPEC.kwargs, "depth": 2, "drop_path_rate": 0.1})
-    content = handle_train(_request(spec=spec), _node(site))
-    assert content[P.KEY_INFO]["status"] == "refused" and "stochastic" in content[P.KEY_INFO]["reason"]
+    content = _answer(_request(spec=spec), site)
+    assert P.error_code(content) == "refused-dp" and "stochastic" in _refusal(site)
     assert _ledger_count(site) == 0
 
 
@@ -298,17 +320,15 @@ class _Transport:
         self.configs = configs
 
     def exchange(self, requests, *, timeout):
-        from pixcell_fed.federation.pooling import Reply
-
         out = {}
         for node, (kind, content) in requests.items():
             assert kind == P.MSG_TRAIN
             if node == 3:
-                reply = handle_train(content, _node(self.configs[0]))
+                reply = _answer(content, self.configs[0])
                 reply[P.KEY_MODEL] = type(reply[P.KEY_MODEL])({k: type(a)(a.numpy() * math.nan) for k, a in reply[P.KEY_MODEL].items()})
                 out[node] = Reply(content=reply)
             else:
-                out[node] = Reply(content=handle_train(content, _node(self.configs[node - 1])))
+                out[node] = reply_of_content(_answer(content, self.configs[node - 1]))
         return out
 
 
@@ -324,7 +344,8 @@ def test_coordinator_rounds_average_trained_sites_and_report_the_others(tmp_path
                                    out_dir=tmp_path / "dp_model", timeout=10)
     a, b, c = (report["privacy"][s] for s in "abc")
     assert a["status"] == "trained" and a["rounds"] == 2 and len(a["epsilon_by_round"]) == 2
-    assert b["status"] == "refused" and "below this site's floor 2" in b["reason"] and b["rounds"] == 0
+    assert b["status"] == "refused" and b["reason"] == "refused-dp" and b["rounds"] == 0
+    assert "below this site's floor 2" in _refusal(configs[1])  # the reason stays at the site
     assert c["status"] == "no answer" and "not finite" in c["reason"]
     assert report["rounds"] == [{"round": 1, "sites": ["a"]}, {"round": 2, "sites": ["a"]}]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())

@@ -230,15 +230,9 @@ def check_tile(checked: VerifiedBundle, file_name: str, data: bytes) -> None:
         raise _fail(exc.message, hint="refuse the bundle: only canonical tiles of the run's size may leave a site") from exc
 
 
-def check_tiles(checked: VerifiedBundle, *, workers: int | None = None) -> None:
-    """Stage 3 (see the module docstring). Tiles are checked by ``workers`` threads (default: one per CPU, at
-    most 8; decoding and compressing release the GIL); the reason given is that of the first bad tile in
-    manifest order, whatever the threads' timing."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pixcell_fed.progress import progress
-
+def tile_files(checked: VerifiedBundle) -> dict[str, Path]:
+    """The first part of stage 3, without reading a tile: ``tiles/`` holds plain files, exactly the manifest's
+    names (a coordinator that ran :func:`check_tile` on each tile as it arrived needs no more)."""
     tiles_dir, frame = checked.path / L.TILES, checked.tiles
     if tiles_dir.is_symlink() or not tiles_dir.is_dir():
         raise _fail(f"{L.TILES}/ is missing from the bundle")
@@ -254,7 +248,20 @@ def check_tiles(checked: VerifiedBundle, *, workers: int | None = None) -> None:
     removed = sorted(listed - set(present))
     if removed:
         raise _fail(f"tile removed: tiles/{removed[0]} is listed in the manifest but missing ({len(removed)} missing)")
-    names = list(frame["file_name"])
+    return present
+
+
+def check_tiles(checked: VerifiedBundle, *, workers: int | None = None) -> None:
+    """Stage 3 (see the module docstring). Tiles are checked by ``workers`` threads (default: one per CPU, at
+    most 8; decoding and compressing release the GIL); the reason given is that of the first bad tile in
+    manifest order, whatever the threads' timing."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pixcell_fed.progress import progress
+
+    present = tile_files(checked)
+    names = list(checked.tiles["file_name"])
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda name: check_tile(checked, name, present[name].read_bytes()), names)

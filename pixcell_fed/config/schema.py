@@ -226,6 +226,48 @@ class DPPolicy:
         _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
+#: Backbones a site evaluates by default: timm ViT/DeiT/ConvNeXt (the families that also train under DP-SGD).
+EVALUATION_ARCHITECTURES = (
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
+    "deit_small_patch16_224", "deit_base_patch16_224", "convnext_tiny", "convnext_small",
+)
+#: timm keyword arguments a site accepts in an evaluation request by default, with their [min, max] (numbers only).
+EVALUATION_MODEL_KWARGS = MappingProxyType({
+    "patch_size": (4.0, 32.0), "depth": (1.0, 24.0), "embed_dim": (16.0, 1024.0), "num_heads": (1.0, 16.0),
+    "mlp_ratio": (1.0, 8.0), "drop_rate": (0.0, 0.9), "drop_path_rate": (0.0, 0.9),
+})
+
+
+@dataclass(frozen=True)
+class FederationEvaluationConfig:
+    """What this site's federated evaluation accepts and answers. A coordinator's request can only tighten it."""
+
+    architectures: tuple[str, ...] = EVALUATION_ARCHITECTURES
+    kinds: tuple[Literal["classifier", "encoder"], ...] = ("classifier", "encoder")
+    model_kwargs: Mapping[str, tuple[float, float]] = field(default_factory=lambda: EVALUATION_MODEL_KWARGS)
+    max_img_size: int = 512
+    max_classes: int = 64
+    max_weights_mb: float = 1024.0
+    min_tiles_per_class: int = 10
+    round_digits: int = 2
+    max_queries_per_run: int = 4
+    max_queries_per_day: int = 20
+
+    def __post_init__(self) -> None:
+        _check(all(a and a.replace("_", "").isalnum() for a in self.architectures),
+               "federation.evaluation.architectures must be timm model names")
+        for name, bounds in self.model_kwargs.items():
+            _check(name.replace("_", "").isalnum() and len(bounds) == 2 and bounds[0] <= bounds[1],
+                   f"federation.evaluation.model_kwargs[{name!r}] must be [min, max] with min <= max")
+        _check(16 <= self.max_img_size <= 4096, "federation.evaluation.max_img_size must be in [16, 4096]")
+        _check(2 <= self.max_classes <= 10000, "federation.evaluation.max_classes must be in [2, 10000]")
+        _check(0 < self.max_weights_mb <= 65536, "federation.evaluation.max_weights_mb must be in (0, 65536]")
+        _check(self.min_tiles_per_class >= 1, "federation.evaluation.min_tiles_per_class must be at least 1")
+        _check(0 <= self.round_digits <= 6, "federation.evaluation.round_digits must be in [0, 6]")
+        _check(self.max_queries_per_run >= 0 and self.max_queries_per_day >= 0,
+               "federation.evaluation.max_queries_per_run and max_queries_per_day must be >= 0 (0 = no evaluation)")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How this site joins the consortium's Flower deployment."""
@@ -238,6 +280,7 @@ class FederationConfig:
     eval_dir: Path | None = None
     bundle_dir: Path | None = None
     train_dir: Path | None = None
+    evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     dp: DPPolicy = field(default_factory=DPPolicy)
     # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
     # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pixcell_fed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pixcell_fed.federation.pooling import PoolSettings
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,11 @@ class CoordinatorConfig:
     expected_sites: tuple[str, ...] = ()        # sites that should take part (missing ones are reported)
     min_sites: int = 1                          # start pooling once this many sites are connected
     wait_for_sites_s: float = 60.0              # ... or after this long
-    chunk_mb: float = 64.0                      # bytes of tiles per chunk reply
+    chunk_mb: float = 512.0                     # MB of tiles per data message at most (all queued at once)
     max_attempts: int = 3                       # requests per tile before giving up on it
-    reply_timeout_s: float = 600.0              # how long one exchange may wait for replies
+    reply_timeout_s: float = 600.0              # a site silent this long (with requests pending) is dropped
+    poll_interval_s: float = 0.1                # how often the coordinator asks the SuperLink for replies
+    max_bundle_age_days: float = 0.0            # refuse bundles built longer ago than this (0 = no maximum)
     recipe: Literal["classifier", "ssl"] = "classifier"
     arch: str = "vit_tiny_patch16_224"          # timm backbone
     model_kwargs: Mapping[str, Any] | None = None  # timm keyword arguments (e.g. depth, embed_dim)
@@ -48,8 +53,19 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.min_sites < 1 or self.max_attempts < 1 or self.chunk_mb <= 0 or self.epochs < 1 or self.dp_rounds < 0:
             raise ValueError("coordinator: need min-sites >= 1, max-attempts >= 1, chunk-mb > 0, epochs >= 1, dp-rounds >= 0")
+        if not 0.01 <= self.poll_interval_s <= 10 or self.max_bundle_age_days < 0 or self.reply_timeout_s <= 0:
+            raise ValueError("coordinator: need poll-interval-s in [0.01, 10], max-bundle-age-days >= 0, "
+                             "reply-timeout-s > 0")
         if self.dp_rounds:
             self.dp_settings  # noqa: B018 -- the DP settings' own range checks, at load time
+
+    @property
+    def pool_settings(self) -> "PoolSettings":
+        from pixcell_fed.federation.pooling import PoolSettings
+
+        return PoolSettings(message_mb=self.chunk_mb, expected_sites=self.expected_sites, max_attempts=self.max_attempts,
+                            reply_timeout_s=self.reply_timeout_s, poll_interval_s=self.poll_interval_s,
+                            max_bundle_age_days=self.max_bundle_age_days)
 
     @property
     def dp_settings(self):

@@ -2,8 +2,9 @@
 
 Each round the coordinator sends the current weights and a :class:`DPRequest` (noise, clipping, epochs, batch
 size, learning rate); every site trains with Opacus DP-SGD (:mod:`pixcell_fed.training.dp`) on its own labelled
-tiles and answers with the new weights and its privacy spent, or with a refusal and its reason. The coordinator
-averages the weights (FedAvg).
+tiles and answers with the new weights and its privacy spent, or refuses: the reason is written to the site's
+audit trail and log, and only the generic code ``refused-dp`` reaches the coordinator (the site's answer
+boundary, :func:`pixcell_fed.federation.site_server.answer`). The coordinator averages the weights (FedAvg).
 
 The site decides everything that bears on privacy (:class:`~pixcell_fed.config.DPPolicy` in its site.yaml): a
 request below its noise floor, above its clipping, epoch or batch-size bounds, giving no finite epsilon, or
@@ -36,7 +37,6 @@ log = get_logger(__name__)
 
 STATUS_TRAINED = "trained"
 STATUS_REFUSED = "refused"
-MAX_REASON = 400
 
 
 # ------------------------------------------------------------------------------------------ the wire
@@ -89,7 +89,7 @@ class DPRequest:
 
 @dataclass(frozen=True)
 class DPReply:
-    """A site's answer as the coordinator reads it (every value checked)."""
+    """A site's answer as the coordinator reads it (every value checked); a refusal carries its generic code only."""
 
     status: str
     reason: str = ""
@@ -101,12 +101,11 @@ class DPReply:
 
     @classmethod
     def from_record(cls, content: "RecordDict", reference: Mapping[str, Any]) -> "DPReply":
-        """Parse a reply; weights must have the keys, shapes and dtypes of ``reference`` and be finite."""
+        """Parse a trained reply; weights must have the keys, shapes and dtypes of ``reference`` and be finite."""
         info = content[P.KEY_INFO] if P.KEY_INFO in content else {}
         status = info.get("status")
-        if status not in (STATUS_TRAINED, STATUS_REFUSED):
+        if status != STATUS_TRAINED:
             raise FederationError(f"DP reply with unknown status {status!r}")
-        reason = str(info.get("reason", ""))[:MAX_REASON]
         metrics = content[P.KEY_METRICS] if P.KEY_METRICS in content else {}
         numbers: dict[str, Any] = {}
         for key, name, low, high in (("epsilon", "epsilon", 0.0, math.inf), ("epsilon-remaining", "epsilon_remaining", 0.0, math.inf),
@@ -118,12 +117,14 @@ class DPReply:
                     or not low <= value < high:
                 raise FederationError(f"DP reply value {key}={value!r} is out of range")
             numbers[name] = int(value) if name == "examples" else float(value)
-        state = None
-        if status == STATUS_TRAINED:
-            if "epsilon" not in numbers or "delta" not in numbers:
-                raise FederationError("DP reply without epsilon and delta")
-            state = _checked_state(content, reference)
-        return cls(status=status, reason=reason, state=state, **numbers)
+        if "epsilon" not in numbers or "delta" not in numbers:
+            raise FederationError("DP reply without epsilon and delta")
+        return cls(status=status, state=_checked_state(content, reference), **numbers)
+
+    @classmethod
+    def refused(cls, code: str) -> "DPReply":
+        """A site's refusal as the coordinator sees it: the generic code (the reason stays at the site)."""
+        return cls(status=STATUS_REFUSED, reason=code)
 
 
 def _checked_state(content: "RecordDict", reference: Mapping[str, Any]) -> dict:
@@ -154,24 +155,7 @@ def trained_reply(state: dict, spec: "ModelSpec", *, epsilon: float, remaining: 
     return content
 
 
-def refused_reply(reason: str, metrics: Mapping[str, float] | None = None) -> "RecordDict":
-    from flwr.app import ConfigRecord, MetricRecord, RecordDict
-
-    content = RecordDict({P.KEY_INFO: ConfigRecord({"status": STATUS_REFUSED, "reason": reason[:MAX_REASON]})})
-    if metrics:
-        content[P.KEY_METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
-    return content
-
-
 # ------------------------------------------------------------------------------------------ the site
-
-class BudgetRefused(DPRefused):
-    """The round would take the site past its epsilon budget (carries what the site may report about it)."""
-
-    def __init__(self, message: str, *, metrics: Mapping[str, float]) -> None:
-        super().__init__(message, hint="the site's budget is federation.dp.epsilon_budget in its site.yaml")
-        self.metrics = dict(metrics)
-
 
 @dataclass(frozen=True)
 class SiteDP:
@@ -288,9 +272,9 @@ def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
         if not 0 < after < math.inf:
             raise DPRefused(f"these settings give no finite privacy guarantee (epsilon {after:g})")
         if after > budget:
-            raise BudgetRefused(f"this round would bring the site's epsilon from {spent:.3f} to {after:.3f}, over its "
-                                f"budget of {budget:g}: {max(budget - spent, 0.0):.3f} left",
-                                metrics={"epsilon": spent, "epsilon-remaining": max(budget - spent, 0.0), "delta": delta})
+            raise DPRefused(f"this round would bring the site's epsilon from {spent:.3f} to {after:.3f}, over its "
+                            f"budget of {budget:g}: {max(budget - spent, 0.0):.3f} left",
+                            hint="the site's budget is federation.dp.epsilon_budget in its site.yaml")
         record_round(ledger, record, epsilon=after, epsilon_budget=budget, epsilon_remaining=budget - after,
                      arch=spec.arch, max_grad_norm=req.settings.max_grad_norm, local_epochs=req.settings.epochs,
                      batch_size=req.settings.batch_size, lr=req.settings.lr)
@@ -302,21 +286,17 @@ def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
 
 
 def site_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
-    """One DP round at a site (the ``train`` message): weights and privacy spent back, or a refusal with its
-    reason. Every refusal is recorded in the site's audit trail."""
-    from pixcell_fed.errors import PrivacyLedgerError
+    """One DP round at a site (the ``train`` message): weights and privacy spent back. A request the site will not
+    train is recorded in its audit trail and refused with :class:`~pixcell_fed.federation.protocol.Refusal`
+    ``refused-dp``: the reason (which may name site files) stays in the trail and the site's log."""
     from pixcell_fed.federation.dp_ledger import record_refusal
 
     try:
         return _train_round(request, ctx)
     except DPRefused as exc:
         round_no = request[P.KEY_REQUEST].get("round") if P.KEY_REQUEST in request else None
-        log.warning("DP round %s refused: %s", round_no, exc.message)
         record_refusal(ctx.work_dir, exc.message, round=round_no if isinstance(round_no, int) else None)
-        public = exc.message
-        if isinstance(exc, PrivacyLedgerError):  # the detail names site files: it stays in the site's trail and log
-            public = "this site's privacy ledger is damaged or missing: no DP training until its privacy officer resets it"
-        return refused_reply(public, getattr(exc, "metrics", None))
+        raise P.Refusal("refused-dp", exc.message) from exc
 
 
 # ------------------------------------------------------------------------------------------ the coordinator
@@ -360,6 +340,8 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
                     parsed = DPReply.from_record(reply.content, global_state)
                 except (FederationError, KeyError, TypeError, ValueError) as exc:
                     error = f"invalid reply: {exc}"
+            elif reply is not None and reply.code is not None:
+                parsed = DPReply.refused(reply.code)
             else:
                 error = reply.error if reply is not None else "no reply"
             privacy[site] = _site_privacy(privacy.get(site, {}), parsed, error)

@@ -1,18 +1,24 @@
 """Site-side evaluation of a received model on the site's real held-out labelled tiles.
 
-Only metrics leave the site: accuracy, balanced accuracy, macro F1 and counts. A classifier is evaluated as it
-is; an SSL encoder (spec kind ``encoder``) is evaluated with a k-NN probe fitted at the site (leave-one-out over
-the site's own labelled tiles), so no real feature or label leaves either.
+Only rounded aggregate metrics leave the site: accuracy, balanced accuracy, macro F1 and the number of tiles. A
+classifier is evaluated as it is; an SSL encoder (spec kind ``encoder``) is evaluated with a k-NN probe fitted at
+the site (leave-one-out over the site's own labelled tiles), so no real feature or label leaves either. What the
+site accepts (architectures, keyword arguments, weights, class sizes, query budget) is
+:mod:`~pixcell_fed.federation.evaluation_policy` and :mod:`~pixcell_fed.federation.query_budget`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
+    from pixcell_fed.config.schema import FederationEvaluationConfig
     from pixcell_fed.training.models import ModelSpec
 
+#: the aggregate metrics a site answers (with ``n``, the number of tiles evaluated); the report shows these
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
@@ -81,24 +87,67 @@ def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     return preds
 
 
-def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, float]:
-    """Metrics of the model (weights ``state``, ``spec``) on the labelled real tiles in ``eval_dir``."""
+def model_metrics(model, spec: "ModelSpec", items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
+    """Metrics of a built ``model`` on labelled real tiles: a classifier as it is, an encoder by a k-NN probe."""
+    truth = [lab for _, lab in items]
+    if spec.kind == "encoder":
+        preds = knn_predict_loo(_features(model, items, spec), truth, k=knn_k)
+    else:
+        preds = _predict_classes(model, items, spec)
+    return classification_metrics(truth, preds)
+
+
+def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
+    """Metrics of the model (weights ``state``, ``spec``) on the labelled tiles in ``eval_dir``, unrounded and
+    without limits: for a caller's own models and tiles. A site answers a coordinator through :func:`evaluate_request`."""
     from pixcell_fed.training.data import labelled_folder
     from pixcell_fed.training.models import build_model
 
     items = labelled_folder(eval_dir)
     model = build_model(spec.without_local_weights())
     model.load_state_dict(state)
+    metrics: dict[str, Any] = model_metrics(model, spec, items, knn_k=knn_k)
     truth = [lab for _, lab in items]
-    if spec.kind == "encoder":
-        preds = knn_predict_loo(_features(model, items, spec), truth, k=knn_k)
-        probe = "knn_loo"
-    else:
-        preds = _predict_classes(model, items, spec)
-        probe = "none"
-    metrics = classification_metrics(truth, preds)
     known = set(spec.classes)
     metrics["n_unknown_label"] = sum(lab not in known for lab in truth) if spec.kind != "encoder" else 0
     metrics["n_classes"] = len(set(truth))
-    metrics["probe"] = probe
+    metrics["probe"] = "knn_loo" if spec.kind == "encoder" else "none"
     return metrics
+
+
+def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig", eval_dir: Path | None,
+                     work_dir: Path | None, flower_run: int | str) -> dict[str, float]:
+    """Answer an ``evaluate`` request within the site's limits: check the model, then charge the query budget,
+    then read the held-out tiles; returns the rounded aggregate metrics (see :mod:`evaluation_policy`)."""
+    from pixcell_fed.errors import PixcellFedError
+    from pixcell_fed.federation import evaluation_policy as policy
+    from pixcell_fed.federation import protocol as P
+    from pixcell_fed.federation.query_budget import charge_query
+    from pixcell_fed.training.data import labelled_folder
+    from pixcell_fed.training.models import build_model
+
+    if eval_dir is None or work_dir is None:
+        raise P.Refusal("unavailable", f"no held-out folder ({eval_dir}) or no work folder for the query budget ({work_dir})")
+    limits = policy.effective_limits(limits, content[P.KEY_REQUEST] if P.KEY_REQUEST in content else {})
+    state, sent = P.records_to_model(content, max_bytes=int(limits.max_weights_mb * (1 << 20)))
+    spec = policy.check_model_spec(sent, limits)
+    try:
+        model = build_model(spec)
+    except (PixcellFedError, AssertionError) as exc:  # timm checks some arguments with assert
+        raise P.Refusal("refused-model", f"the site cannot build the model: {exc}") from exc
+    policy.check_weights(state, model)
+    model.load_state_dict(state)
+    charge_query(work_dir, flower_run, per_run=limits.max_queries_per_run, per_day=limits.max_queries_per_day)
+    try:
+        items = labelled_folder(eval_dir)
+    except PixcellFedError as exc:
+        raise P.Refusal("unavailable", exc.message) from exc
+    policy.check_tiles_per_class([lab for _, lab in items], limits)
+    return rounded_answer(model_metrics(model, spec, items), limits)
+
+
+def rounded_answer(metrics: dict[str, Any], limits: "FederationEvaluationConfig") -> dict[str, float]:
+    """What a site answers: the aggregate metrics rounded to ``round_digits``, and the number of tiles evaluated."""
+    out = {name: round(float(metrics[name]), limits.round_digits) for name in METRIC_NAMES}
+    out["n"] = float(int(metrics["n"]))
+    return out

@@ -11,7 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation.config import CoordinatorConfig
-from pixcell_fed.federation.pooling import PoolReport, Transport, Verifier, pool_bundles, trust_verifier
+from pixcell_fed.federation.evaluation import METRIC_NAMES
+from pixcell_fed.federation.node_identity import identify_nodes
+from pixcell_fed.federation.pooling import PoolReport, TrustVerifier, pool_bundles, trust_verifier
+from pixcell_fed.federation.transport import Transport
 from pixcell_fed.runlog import get_logger
 
 if TYPE_CHECKING:
@@ -20,16 +23,17 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
-def wait_for_sites(transport: Transport, cfg: CoordinatorConfig) -> list[int]:
-    """Node ids once ``max(min_sites, len(expected_sites))`` are connected or ``wait_for_sites_s`` passed."""
+def wait_for_sites(transport: Transport, cfg: CoordinatorConfig, verify: TrustVerifier) -> dict[str, int]:
+    """Trusted sites (by key) once ``max(min_sites, len(expected_sites))`` are connected or ``wait_for_sites_s``
+    passed; nodes whose key is no trusted site's do not count."""
     want = max(cfg.min_sites, len(cfg.expected_sites))
     deadline = time.monotonic() + cfg.wait_for_sites_s
-    nodes = transport.node_ids()
-    while len(nodes) < want and time.monotonic() < deadline:
+    sites = identify_nodes(transport.nodes(), verify.trust).sites
+    while len(sites) < want and time.monotonic() < deadline:
         time.sleep(1.0)
-        nodes = transport.node_ids()
-    log.info("%d of %d wanted site(s) connected", len(nodes), want)
-    return nodes
+        sites = identify_nodes(transport.nodes(), verify.trust).sites
+    log.info("%d of %d wanted site(s) connected", len(sites), want)
+    return sites
 
 
 def training_config(cfg: CoordinatorConfig, config_class: type):
@@ -45,7 +49,10 @@ def training_config(cfg: CoordinatorConfig, config_class: type):
 
 def evaluate_at_sites(transport: Transport, nodes_by_site: dict[str, int], state: dict, spec: "ModelSpec",
                       *, timeout: float) -> dict[str, dict[str, Any]]:
-    """Send the model to every site; returns site -> metrics (or {"error": reason})."""
+    """Send the model to every site; returns site -> metrics (validated) or {"error": reason}."""
+    from pixcell_fed.errors import FederationError
+    from pixcell_fed.federation.validation import metrics
+
     requests = {}
     for node in nodes_by_site.values():
         content = P.request_record()
@@ -58,7 +65,13 @@ def evaluate_at_sites(transport: Transport, nodes_by_site: dict[str, int], state
         if reply is None or reply.content is None:
             out[site] = {"error": reply.error if reply else "no reply"}
             continue
-        out[site] = {k: float(v) for k, v in reply.content[P.KEY_METRICS].items()}
+        try:
+            if P.KEY_METRICS not in reply.content:
+                raise FederationError("the reply carries no metrics")
+            out[site] = metrics(reply.content[P.KEY_METRICS], METRIC_NAMES, f"evaluation reply of site {site}")
+        except FederationError as exc:
+            log.warning("evaluation: the reply of %s was refused: %s", site, exc.message)
+            out[site] = {"error": "malformed reply"}
     return out
 
 
@@ -68,10 +81,11 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, float]:
     total = sum(m["n"] for m in ok.values())
     if not total:
         return {}
-    return {name: sum(m[name] * m["n"] for m in ok.values()) / total for name in ("accuracy", "balanced_accuracy", "macro_f1")} | {"n": float(total), "sites": float(len(ok))}
+    weighted = {name: sum(m[name] * m["n"] for m in ok.values()) / total for name in METRIC_NAMES}
+    return weighted | {"n": float(total), "sites": float(len(ok))}
 
 
-def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Verifier | None = None) -> dict[str, Any]:
+def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: TrustVerifier | None = None) -> dict[str, Any]:
     """Pool, train, evaluate and report; returns the report as a dict (also written to ``work_dir/report``)."""
     from pixcell_fed.config import to_plain
     from pixcell_fed.federation.report import write_report
@@ -79,10 +93,9 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Veri
     from pixcell_fed.training.models import load_checkpoint, state_dict_of
 
     started = time.monotonic()
-    wait_for_sites(transport, cfg)
-    pool: PoolReport = pool_bundles(transport, cfg.pool_dir, verify or trust_verifier(cfg.trust_file),
-                                    chunk_bytes=int(cfg.chunk_mb * (1 << 20)), expected_sites=cfg.expected_sites,
-                                    max_attempts=cfg.max_attempts, timeout=cfg.reply_timeout_s)
+    verify = verify or trust_verifier(cfg.trust_file)
+    wait_for_sites(transport, cfg, verify)
+    pool: PoolReport = pool_bundles(transport, cfg.pool_dir, verify, cfg.pool_settings)
     result: dict[str, Any] = {"config": to_plain(cfg), "pool": pool.to_dict(), "training": None, "evaluation": {},
                               "pooled_evaluation": {}, "dp": None}
     if pool.n_pooled:
