@@ -173,6 +173,11 @@ class AuditConfig:
     max_rounds: int = 2
     closest_pairs: int = 24
     device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
+    region_copy: bool = True
+    region_copy_min_fraction: float = 0.25
+    region_copy_candidates: int = 5
+    region_copy_min_inliers: int = 6
+    region_copy_correlation: float = 0.6
     # fidelity (docs/audit.md, "Fidelity"): never gates unless set; then WARN when FD(S,T)/FD(H,T) is above it
     fidelity_warn_fd_ratio: float | None = None
 
@@ -198,6 +203,14 @@ class AuditConfig:
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        _check(0.0 < self.region_copy_min_fraction <= 1.0,
+               f"audit.region_copy_min_fraction must be in (0, 1] (got {self.region_copy_min_fraction})")
+        _check(1 <= self.region_copy_candidates <= 100,
+               f"audit.region_copy_candidates must be in [1, 100] (got {self.region_copy_candidates})")
+        _check(self.region_copy_min_inliers >= 3,
+               f"audit.region_copy_min_inliers must be at least 3 (got {self.region_copy_min_inliers})")
+        _check(0.0 < self.region_copy_correlation < 1.0,
+               f"audit.region_copy_correlation must be in (0, 1) (got {self.region_copy_correlation})")
 
 
 @dataclass(frozen=True)
