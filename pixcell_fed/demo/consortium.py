@@ -1,13 +1,14 @@
 """Run a complete consortium on this machine with the same commands a real deployment uses.
 
 Three simulated hospitals, each with slides written from the real CMU H&E slide in its own stain and with slide
-labels, run ``site-agent synthesize``; a demo privacy officer per site approves; the coordinator admits the sites
+labels, run ``site-agent synthesize`` (one of them with differentially private conditioning); a demo privacy officer per site approves; the coordinator admits the sites
 (signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
 the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
 site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its
-pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier and has every site evaluate it
-on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
-deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier, has every site evaluate it
+on its real held-out tiles and asks what the pool adds (hospital-a allows local training on its own labelled
+tiles; the others answer that they do not). Only the slides and the models (tiny UNTRAINED twins) differ from a
+real deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
 The real slide comes from the local cache that ``scripts/setup.sh`` fills, or from the file the user gives
 (``--slide``): nothing is fetched at run time.
 """
@@ -40,6 +41,21 @@ DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
                  "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
                  "epochs": 3, "batch-size": 16, "lr": 0.001}
 DEMO_SITE_CONFIG = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
+#: The hospital that allows local training: it measures what the pool adds on its own labelled tiles (issue 15).
+LOCAL_TRAINING_SITE = "hospital-a"
+DEMO_LOCAL_TRAINING = {"epochs": 2, "max_tiles": 200, "batch_size": 16, "bootstrap": 500}
+#: One hospital conditions synthesis with differential privacy (docs/privacy.md): its audit reports, its bundle,
+#: 'coordinator verify' and the consortium report state its per-tile and per-slide guarantee. The clip norm suits
+#: the untrained UNI2-h twin, whose embeddings have norm about 6.9; a real site chooses it from public tiles.
+DP_SITE = "hospital-c"
+DP_SITE_SYNTHESIS = {"conditioning": "dp", "max_tiles_per_slide": 8, "dp": {"epsilon": 8.0, "clip_norm": 7.0}}
+
+
+def site_config(name: str) -> dict:
+    """The demo's site.yaml overrides for site ``name``."""
+    if name != DP_SITE:
+        return DEMO_SITE_CONFIG
+    return {**DEMO_SITE_CONFIG, "synthesis": {**DEMO_SITE_CONFIG["synthesis"], **DP_SITE_SYNTHESIS}}
 
 
 @dataclass
@@ -93,7 +109,7 @@ def _make_sites(out: Path, models, source: Path | None) -> dict[str, Path]:
     configs = {}
     for i, (name, stain) in enumerate(SITES):
         configs[name] = make_site(out / "sites" / name, name=name, models=models, slides=_slides(i),
-                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG, source=source)
+                                  stain=StainVariation(**stain), config=site_config(name), source=source)
     return configs
 
 
@@ -114,6 +130,16 @@ def _bundle_of(site_dir: Path) -> Path:
     if not bundles:
         raise FederationError(f"no bundle under {site_dir / 'work'}", hint="see the demo log")
     return bundles[-1].parent
+
+
+def _allow_local_training(config: Path, bundle: Path, models) -> None:
+    """The site's labelled training tiles (its conditioning slides' real tiles) and its opt-in to local training."""
+    from pixcell_fed.simulation.sites import make_site, write_local_training_set
+
+    site_dir = config.parent
+    write_local_training_set(bundle.parent, site_dir / "labels.csv", site_dir / "train")
+    make_site(site_dir, name=config.parent.name, models=models, slides=[], config={"federation": {
+        "allow_local_training": True, "train_dir": "train", "local_training": DEMO_LOCAL_TRAINING}})
 
 
 def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: float = 1500.0) -> DemoResult:
@@ -148,6 +174,7 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
         site_dir = config.parent
         result.bundles[name] = _bundle_of(site_dir)
         result.audit_reports[name] = result.bundles[name].parent / "audit" / "audit.html"
+    _allow_local_training(configs[LOCAL_TRAINING_SITE], result.bundles[LOCAL_TRAINING_SITE], models)
 
     log.info("3/6 each site's demo privacy officer approves; the coordinator admits the site to its trust file")
     trust_file = coord / "trust.yaml"

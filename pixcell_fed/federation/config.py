@@ -32,7 +32,11 @@ class CoordinatorConfig:
     reply_timeout_s: float = 600.0              # a site silent this long (with requests pending) is dropped
     poll_interval_s: float = 0.1                # how often the coordinator asks the SuperLink for replies
     max_bundle_age_days: float = 0.0            # refuse bundles built longer ago than this (0 = no maximum)
+    min_conditioning: Literal["exact", "mixed", "dp"] = "exact"  # refuse bundles conditioned less privately
+    max_tile_epsilon: float = 0.0               # dp conditioning: largest per-tile epsilon accepted (0 = no limit)
+    max_slide_epsilon: float = 0.0              # dp conditioning: largest per-slide epsilon accepted (0 = no limit)
     recipe: Literal["classifier", "ssl"] = "classifier"
+    ssl_method: Literal["simclr", "dino"] = "simclr"  # the ssl recipe's method
     arch: str = "vit_tiny_patch16_224"          # timm backbone
     model_kwargs: Mapping[str, Any] | None = None  # timm keyword arguments (e.g. depth, embed_dim)
     img_size: int = 224
@@ -43,6 +47,9 @@ class CoordinatorConfig:
     lr: float = 3e-4
     seed: int = 0
     evaluate: bool = True                       # send the model to every site for evaluation on real tiles
+    augmentation_value: bool = True             # ask every site what the pool adds (sites opt in; metrics only)
+    augmentation_epochs: int = 0                # 0 = each site's own budget; more than a site allows is never used
+    augmentation_max_tiles: int = 0             # 0 = each site's own budget
     dp_rounds: int = 0                          # > 0: federated DP fine-tune on the sites' real tiles afterwards
     dp_noise_multiplier: float = 1.0            # asked of each site; a site refuses less than its own floor
     dp_max_grad_norm: float = 1.0
@@ -56,8 +63,20 @@ class CoordinatorConfig:
         if not 0.01 <= self.poll_interval_s <= 10 or self.max_bundle_age_days < 0 or self.reply_timeout_s <= 0:
             raise ValueError("coordinator: need poll-interval-s in [0.01, 10], max-bundle-age-days >= 0, "
                              "reply-timeout-s > 0")
+        if self.max_tile_epsilon < 0 or self.max_slide_epsilon < 0:
+            raise ValueError("coordinator: max-tile-epsilon and max-slide-epsilon must be >= 0 (0 = no limit)")
+        self.conditioning_requirement  # noqa: B018 -- the requirement's own checks (mode, finite bounds), at load time
         if self.dp_rounds:
             self.dp_settings  # noqa: B018 -- the DP settings' own range checks, at load time
+        if self.augmentation_epochs < 0 or self.augmentation_max_tiles < 0:
+            raise ValueError("coordinator: augmentation-epochs and augmentation-max-tiles must be >= 0 (0 = the site's own)")
+
+    @property
+    def augmentation_request(self):
+        """What the augmentation round asks of the sites (each site's own budget where 0)."""
+        from pixcell_fed.federation.augmentation_value import AugmentationRequest
+
+        return AugmentationRequest(epochs=self.augmentation_epochs or None, max_tiles=self.augmentation_max_tiles or None)
 
     @property
     def pool_settings(self) -> "PoolSettings":
@@ -65,7 +84,16 @@ class CoordinatorConfig:
 
         return PoolSettings(message_mb=self.chunk_mb, expected_sites=self.expected_sites, max_attempts=self.max_attempts,
                             reply_timeout_s=self.reply_timeout_s, poll_interval_s=self.poll_interval_s,
-                            max_bundle_age_days=self.max_bundle_age_days)
+                            max_bundle_age_days=self.max_bundle_age_days, conditioning=self.conditioning_requirement)
+
+    @property
+    def conditioning_requirement(self):
+        """The least conditioning privacy a bundle must offer to be pooled (docs/privacy.md); any epsilon bound
+        admits only ``dp`` bundles."""
+        from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement
+
+        return ConditioningRequirement(min_mode=self.min_conditioning, max_tile_epsilon=self.max_tile_epsilon or None,
+                                       max_slide_epsilon=self.max_slide_epsilon or None)
 
     @property
     def dp_settings(self):

@@ -1,8 +1,8 @@
 """The consortium report: ``report.json`` (everything) and ``report.html`` (one self-contained page).
 
-Which sites took part, how many tiles each contributed, their audit verdicts, who is missing or rejected and
-why, the training curves, and each site's accuracy, balanced accuracy and macro F1 on its own real held-out
-tiles, with the figures pooled across sites (weighted by tiles evaluated).
+Which sites took part, how many tiles each contributed, their audit verdicts and conditioning privacy, who is
+missing or rejected and why, the training curves, and each site's accuracy, balanced accuracy and macro F1 on its
+own real held-out tiles, with the figures pooled across sites (weighted by tiles evaluated).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic, write_text_atomic
+from pixcell_fed.federation.augmentation_report import augmentation_section_html
 from pixcell_fed.federation.evaluation import METRIC_NAMES
+from pixcell_fed.federation.site_fidelity import fidelity_section_html
 
 _METRIC_HEADERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
 
@@ -22,6 +24,25 @@ DP_GUARANTEE = ("Privacy unit: one real tile of a site's training set. Epsilon i
                 "with k tiles is protected only at about k times epsilon. Outside the guarantee: the synthetic "
                 "bundles (protected by the audit and the officer's approval), the evaluation metrics, and the "
                 "approximate size of each site's training set.")
+
+#: What the conditioning column means (docs/privacy.md).
+CONDITIONING_NOTE = ("Conditioning privacy: how each site conditioned its synthetic tiles, as its signed bundle states. "
+                     "'exact' and 'mixed' carry no formal guarantee (the audit checks for copies); 'dp' sets are "
+                     "differentially private with respect to each real tile (epsilon per tile) and each slide "
+                     "(epsilon per slide, by group privacy over the slide's conditioning tiles), at the delta shown. "
+                     "Not covered: the audit's decision and shipped statistics, and each tile's class label.")
+
+
+def _conditioning(record: Any) -> str:
+    from pixcell_fed.privacy.conditioning import ClaimError, ConditioningClaim
+
+    if record is None:
+        return "not stated"
+    try:
+        return ConditioningClaim.from_record(record).short()
+    except ClaimError:
+        return "invalid claim"
+
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
@@ -75,9 +96,15 @@ def _metric_header(first: str) -> list[str]:
 def _sites_section(pool: dict[str, Any]) -> list[str]:
     sites = pool.get("sites", {})
     out = ["<h2>Sites</h2>", _table(
-        ["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "note"],
+        ["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "conditioning privacy",
+         "note"],
         [[s, st.get("status"), st.get("run_id"), st.get("generator"), st.get("n_tiles"), st.get("n_received"),
-          st.get("audit_verdict"), st.get("reason")] for s, st in sorted(sites.items())])]
+          st.get("audit_verdict"), _conditioning(st.get("conditioning")), st.get("reason")]
+         for s, st in sorted(sites.items())]),
+        f"<p>{html.escape(CONDITIONING_NOTE)}</p>"]
+    if pool.get("conditioning_requirement"):
+        out.append(f"<p>The consortium requires {html.escape(str(pool['conditioning_requirement']))}; a bundle "
+                   "offering less is rejected before any of its tiles is transferred.</p>")
     if pool.get("ignored_nodes"):
         out.append("<p class='bad'>Connected nodes ignored (their key is no trusted site's, or does not match the "
                    "name they were registered under):</p><ul>"
@@ -101,6 +128,7 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f"<p class='bad'>The synthetic tiles of {html.escape(', '.join(twins))} come from untrained twin "
                    "models (a demo or test set-up): the figures below show the plumbing, not model quality.</p>")
     out += _sites_section(pool)
+    out.append(fidelity_section_html(report.get("fidelity") or {}, twins))
     training = report.get("training")
     out.append("<h2>Training</h2>")
     if training:
@@ -122,6 +150,7 @@ def render_html(report: dict[str, Any]) -> str:
     if pooled:
         rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0))] + [pooled.get(name) for name in METRIC_NAMES])
     out.append(_table(_metric_header("site"), rows) if rows else "<p>no evaluation</p>")
+    out.append(augmentation_section_html(report.get("augmentation"), twins))
     dp = report.get("dp")
     if dp:
         out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")
