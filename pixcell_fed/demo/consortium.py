@@ -84,6 +84,7 @@ def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: fl
         proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=fh, text=True,
                               env=env, timeout=timeout)
         fh.write(proc.stdout)
+        fh.write(f"[exit {proc.returncode}]\n")
     if proc.returncode != expect:
         raise FederationError(f"'{tool} {args[0]}' exited {proc.returncode}, expected {expect}",
                               hint=f"see {log_file}")
