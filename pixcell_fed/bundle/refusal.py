@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.manifest import canonical_json, check_run_id
 from pixcell_fed.bundle.shareable import HASHES_KEY, validate_shareable_audit
+from pixcell_fed.bundle.verify import MAX_FUTURE_SKEW  # one clock-skew policy for bundles and notices
 from pixcell_fed.errors import BundleError, UsageError, VerificationError
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ MAX_NOTICE_BYTES = 8 << 20
 #: what the notice leaves out of the shareable summary: the per-tile list (the tiles never leave)
 DROPPED_AUDIT_KEYS = ("tiles",)
 _HINT = "ask the site for a fresh notice ('site-agent refusal-notice'); a notice that does not verify is ignored"
-_FUTURE_SKEW = _dt.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _check_notice(notice: Any, path: Path) -> dict:
     except BundleError as exc:
         raise _bad(path, exc.message) from exc
     created = L.parse_time(notice["created"])
-    if created is None or created > _dt.datetime.now(_dt.timezone.utc) + _FUTURE_SKEW:
+    if created is None or created > _dt.datetime.now(_dt.timezone.utc) + MAX_FUTURE_SKEW:
         raise _bad(path, f"its time {str(notice['created'])[:40]!r} is not a past UTC time")
     if audit["verdict"] != "FAIL":
         raise _bad(path, f"its audit's verdict is {audit['verdict']}: a notice reports a FAIL only")
