@@ -123,9 +123,12 @@ def _montage_section(montage: dict[str, Any]) -> list[str]:
                        f"src='data:image/png;base64,{html.escape(str(m['png_base64']))}'>")
         audit = m.get("audit")
         if audit:
-            out.append(f"<p>Audit verdict: <b>{html.escape(str(audit.get('verdict')))}</b></p><ul>"
-                       + "".join(f"<li>{html.escape(t.get('title', ''))}: {html.escape(t.get('status', ''))}. "
-                                 f"{html.escape(t.get('sentence', ''))}</li>" for t in audit.get("tests", [])) + "</ul>")
+            tests = audit.get("tests", [])
+            out.append(f"<p>Audit verdict: <b>{html.escape(str(audit.get('verdict')))}</b> ("
+                       + "; ".join(f"{html.escape(t.get('title', ''))}: {html.escape(t.get('status', ''))}" for t in tests)
+                       + ")</p><details><summary>each test in the audit's words</summary><ul>"
+                       + "".join(f"<li>{html.escape(t.get('title', ''))}: {html.escape(t.get('sentence', ''))}</li>"
+                                 for t in tests) + "</ul></details>")
         out.append("</div>")
     return out
 
