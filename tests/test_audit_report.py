@@ -54,9 +54,10 @@ def test_a_small_clean_set_is_inconclusive_and_every_test_has_its_fields(clean, 
                                "S_kept": len(sets["new"]), "mapping": True}
     names = {t["name"]: t for t in report["tests"]}
     assert set(names) == {"memorisation", "copy_detection", "paired", "identifiers", "replication", "outliers",
-                          "dcr", "authenticity", "membership_inference", "membership_inference:mean-colour"}
+                          "dcr", "authenticity", "membership_inference", "membership_inference:mean-colour", "fidelity"}
     assert {n: t["status"] for n, t in names.items() if t["level"] != "set"} == {
-        "memorisation": "PASS", "copy_detection": "PASS", "paired": "PASS", "identifiers": "PASS"}
+        "memorisation": "PASS", "copy_detection": "PASS", "paired": "PASS", "identifiers": "PASS",
+        "fidelity": "N/A"}  # fidelity is reported, and gates only when audit.fidelity_warn_fd_ratio is set
     for test in (t for t in report["tests"] if t["level"] == "set"):
         assert test["status"] == "INCONCLUSIVE" and 0 <= test["p_value"] <= test["adjusted_p"] <= 1
         assert test["detectable"]["share"] is None or test["detectable"]["share"] > 0.05

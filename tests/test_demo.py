@@ -134,6 +134,19 @@ def test_demo_consortium_runs_end_to_end_offline_and_reuses_its_set_up(tmp_path)
     (dp_page,) = (dp_site / "work" / "runs").glob("*/audit/audit.html")
     assert "Conditioning privacy: dp" in dp_page.read_text() and "Not covered by the guarantee" in dp_page.read_text()
     assert pool["sites"]["hospital-a"]["conditioning"]["mode"] == "exact"
+    # fidelity per site (from each signed audit; a dp set's shareable summary carries none: its figures use T's
+    # statistics, outside the guarantee) and what the pool adds where a site allows it (hospital-a)
+    assert set(report["fidelity"]) == set(pool["complete"]) and report["fidelity"][DP_SITE] == {}
+    for site in pool["complete"]:
+        (audit_page,) = (out / "sites" / site / "work" / "runs").glob("*/audit/audit.html")
+        assert 'id="fidelity"' in audit_page.read_text() and "untrained twin" in audit_page.read_text()
+        if site != DP_SITE:
+            (space,) = report["fidelity"][site].values()
+            assert space["fd"]["ratio"]["value"] > 0 and space["coverage"]["S"] is not None
+    augmentation = report["augmentation"]
+    assert augmentation["hospital-b"] == augmentation["hospital-c"] == {"status": "not-allowed"}
+    assert augmentation["hospital-a"]["status"] == "done" and augmentation["hospital-a"]["epochs"] == 2
+    assert "Fidelity of each site" in consortium_page and "What the pool adds at each site" in consortium_page
     for line in first.stdout.splitlines():
         if "audit report" in line or "consortium report" in line:
             assert Path(line.rsplit(" ", 1)[1]).is_file(), line

@@ -5,9 +5,10 @@ labels, run ``site-agent synthesize`` (one of them with differentially private c
 (signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
 the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
 site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its
-pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier and has every site evaluate it
-on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
-deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier, has every site evaluate it
+on its real held-out tiles and asks what the pool adds (hospital-a allows local training on its own labelled
+tiles; the others answer that they do not). Only the slides and the models (tiny UNTRAINED twins) differ from a
+real deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
 
 A fourth hospital leaks (:data:`LEAKING_SITE`): its generator is a *memorising twin*
 (:mod:`pixcell_fed.simulation.memorising_twin`) that returns copies and region copies of its real tiles. Its
@@ -17,6 +18,7 @@ site then chooses to send the consortium a signed refusal notice (``site-agent r
 numbers-only shareable summary, no tile, no tile hash), which the lead drops into the coordinator's
 ``refusals/`` folder; the consortium report lists the site as refused, with the audit's reasons. The coordinator
 never asks that site for anything, and the site never serves: it has nothing to share.
+
 The real slide comes from the local cache that ``scripts/setup.sh`` fills, or from the file the user gives
 (``--slide``): nothing is fetched at run time.
 """
@@ -51,6 +53,9 @@ DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
 DEMO_SITE_CONFIG = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
 #: (site name, stain variation) of the leaking hospital, whose generator memorised its tiles: its audit refuses.
 LEAKING_SITE = ("hospital-d", {"hematoxylin": 1.1, "eosin": 0.9, "bias": -0.02})
+#: The hospital that allows local training: it measures what the pool adds on its own labelled tiles (issue 15).
+LOCAL_TRAINING_SITE = "hospital-a"
+DEMO_LOCAL_TRAINING = {"epochs": 2, "max_tiles": 200, "batch_size": 16, "bootstrap": 500}
 #: One hospital conditions synthesis with differential privacy (docs/privacy.md): its audit reports, its bundle,
 #: 'coordinator verify' and the consortium report state its per-tile and per-slide guarantee. The clip norm suits
 #: the untrained UNI2-h twin, whose embeddings have norm about 6.9; a real site chooses it from public tiles.
@@ -169,6 +174,16 @@ def _bundle_of(site_dir: Path) -> Path:
     return bundles[-1].parent
 
 
+def _allow_local_training(config: Path, bundle: Path, models) -> None:
+    """The site's labelled training tiles (its conditioning slides' real tiles) and its opt-in to local training."""
+    from pixcell_fed.simulation.sites import make_site, write_local_training_set
+
+    site_dir = config.parent
+    write_local_training_set(bundle.parent, site_dir / "labels.csv", site_dir / "train")
+    make_site(site_dir, name=config.parent.name, models=models, slides=[], config={"federation": {
+        "allow_local_training": True, "train_dir": "train", "local_training": DEMO_LOCAL_TRAINING}})
+
+
 def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: float = 1500.0) -> DemoResult:
     """Run the demo consortium in ``out`` (reusing what a previous run made) and return where its outputs are.
 
@@ -214,6 +229,8 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
     (refused_report,) = sorted((leaking_dir / "work" / "runs").glob("*/audit/audit.html"))
     result.refused[leaking_name] = refused_report
     result.verdicts[leaking_name] = _audit_verdict(refused_report.parent / "audit.json")
+
+    _allow_local_training(configs[LOCAL_TRAINING_SITE], result.bundles[LOCAL_TRAINING_SITE], models)
 
     log.info("3/6 each site's demo privacy officer approves; the coordinator admits the site to its trust file")
     trust_file = coord / "trust.yaml"

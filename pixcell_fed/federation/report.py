@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic, write_text_atomic
+from pixcell_fed.federation.augmentation_report import augmentation_section_html
 from pixcell_fed.federation.evaluation import METRIC_NAMES
+from pixcell_fed.federation.site_fidelity import fidelity_section_html
 
 _METRIC_HEADERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
 
@@ -178,6 +180,7 @@ def render_html(report: dict[str, Any]) -> str:
                    f"{html.escape(', '.join(refused))}.</p>")
     out += _refusals_section(report.get("refusals") or {})
     out += _montage_section(report.get("montage") or {})
+    out.append(fidelity_section_html(report.get("fidelity") or {}, twins))
     training = report.get("training")
     out.append("<h2>Training</h2>")
     if training:
@@ -199,6 +202,7 @@ def render_html(report: dict[str, Any]) -> str:
     if pooled:
         rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0))] + [pooled.get(name) for name in METRIC_NAMES])
     out.append(_table(_metric_header("site"), rows) if rows else "<p>no evaluation</p>")
+    out.append(augmentation_section_html(report.get("augmentation"), twins))
     dp = report.get("dp")
     if dp:
         out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")
