@@ -115,6 +115,11 @@ class CoordinatorConfig:
     def report_dir(self) -> Path:
         return self.work_dir / "report"
 
+    @property
+    def refusals_dir(self) -> Path:
+        """Where the lead puts the signed refusal notices sites chose to send (:mod:`pixcell_fed.bundle.refusal`)."""
+        return self.work_dir / "refusals"
+
 
 def from_run_config(run_config: Mapping[str, Any]) -> CoordinatorConfig:
     """Build the typed config from Flower's run config (dashes to underscores; lists and JSON decoded)."""

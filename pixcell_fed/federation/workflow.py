@@ -89,6 +89,8 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, float]:
 def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: TrustVerifier | None = None) -> dict[str, Any]:
     """Pool, train, evaluate and report; returns the report as a dict (also written to ``work_dir/report``)."""
     from pixcell_fed.config import to_plain
+    from pixcell_fed.bundle.refusal import read_refusal_notices
+    from pixcell_fed.federation.montage import site_montages
     from pixcell_fed.federation.report import write_report
     from pixcell_fed.federation.site_fidelity import pooled_fidelity
     from pixcell_fed.training import get_recipe
@@ -100,6 +102,9 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Trus
     pool: PoolReport = pool_bundles(transport, cfg.pool_dir, verify, cfg.pool_settings)
     result: dict[str, Any] = {"config": to_plain(cfg), "pool": pool.to_dict(), "training": None, "evaluation": {},
                               "pooled_evaluation": {}, "dp": None}
+    # what the sites chose to share: their pooled tiles at a glance, and the refusal notices of their own audits
+    result["montage"] = site_montages(cfg.pool_dir)
+    result["refusals"] = read_refusal_notices(cfg.refusals_dir, verify.trust).to_report()
     result["fidelity"] = pooled_fidelity(cfg.pool_dir, result["pool"]["sites"])  # from each site's signed audit
     if pool.n_pooled:
         recipe = get_recipe(cfg.recipe)
