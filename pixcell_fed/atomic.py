@@ -82,7 +82,7 @@ def folder_lock(folder: str | Path, *, what: str = "run") -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_file = folder / ".lock"
-    fh = open(lock_file, "a+")
+    fh = open(lock_file, "a+")  # noqa: SIM115  # the lock lives as long as this handle; closed below
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from pixcell_fed.errors import ExitCode, PixcellFedError
 
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # argparse's own usage errors use our exit code 2 and format
+    def error(self, message: str) -> NoReturn:  # argparse's own usage errors use our exit code 2 and format
         self.print_usage(sys.stderr)
         print(f"error: {message}", file=sys.stderr)
         print(f"hint: run '{self.prog} --help'", file=sys.stderr)

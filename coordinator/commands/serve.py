@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     tls = tls_files(Path(args.certs).resolve(), args.hostname)
     database = Path(args.database) if args.database else None
-    options = dict(host=args.host, port=args.port, internal_port=args.internal_port, database=database,
-                   max_body_mb=args.max_body_mb)
+    options = {"host": args.host, "port": args.port, "internal_port": args.internal_port, "database": database,
+               "max_body_mb": args.max_body_mb}
     if args.print_command:
         for svc in coordinator_services(tls, secret=Path("SECRET"), **options):
             print(f"{svc.name}: {shlex.join(svc.cmd)}")

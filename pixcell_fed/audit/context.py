@@ -167,8 +167,8 @@ def _reasons(s_tile: PerTile, h_tile: PerTile, paired: Paired | None, finding_ro
         if p_value <= cfg.alpha:
             for i in np.flatnonzero(mask):
                 reasons[i].append(name)
-    for i in finding_rows:
-        reasons[i].append("identifier")
+    for row in finding_rows:
+        reasons[row].append("identifier")
     return reasons
 
 
@@ -219,8 +219,9 @@ def context_from_features(s: np.ndarray, t: np.ndarray, h: np.ndarray, cfg: Audi
     detection and no identifier scan; ``source_of`` maps rows of ``s`` to rows of ``t``."""
     space = EmbeddingSpace(name, {"S": s, "T": t, "H": h}, cfg.device)
     nb = Neighbours.compute(space, cfg.top_k)
-    roles = DataRoles(*(tuple(Path(f"{role}{i:06d}") for i in range(len(x))) for role, x in
-                        (("s", s), ("t", t), ("h", h))), dict(source_of or {}))
+    s_paths, t_paths, h_paths = (tuple(Path(f"{role}{i:06d}") for i in range(len(x))) for role, x in
+                                 (("s", s), ("t", t), ("h", h)))
+    roles = DataRoles(s_paths, t_paths, h_paths, dict(source_of or {}))
     paired = None
     if roles.has_mapping:
         rows_s, rows_t = _pairs(roles)

@@ -69,7 +69,8 @@ class _Prepared:
     """Pixel-confirmation inputs, prepared once per tile and reused across pairs."""
 
     def __init__(self, tiles: TileSet, real: bool) -> None:
-        self.tiles, self.real, self.cache = tiles, real, {}
+        self.tiles, self.real = tiles, real
+        self.cache: dict[int, list[np.ndarray]] = {}
 
     def __getitem__(self, i: int):
         if i not in self.cache:

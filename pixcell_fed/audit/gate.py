@@ -101,7 +101,7 @@ class TestResult:
 def decide(results: list[TestResult], cfg: Any) -> list[TestResult]:
     """Holm across the round's dataset-level tests, then each one's status and concluding sentence (in place)."""
     family = [r for r in results if r.in_family]
-    for r, adjusted in zip(family, holm([r.p_value for r in family])):
+    for r, adjusted in zip(family, holm([r.p_value for r in family if r.p_value is not None])):
         may_warn, may_fail = r.alarm_allowed
         r.adjusted_p = adjusted
         if adjusted < cfg.fail_alpha and may_fail:

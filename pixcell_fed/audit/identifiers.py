@@ -131,12 +131,11 @@ def scan_for_identifiers(paths: Iterable[str | Path], forbidden_strings: Iterabl
     for raw in paths:
         path = Path(raw)
         name = path.name
-        for hit in _matches(name, needles):
-            findings.append(Finding(str(path), "file_name", f"file name contains {hit!r}"))
+        findings.extend(Finding(str(path), "file_name", f"file name contains {hit!r}") for hit in _matches(name, needles))
         if TILE_ID_PATTERN.search(name):
             findings.append(Finding(str(path), "file_name", "file name looks like a source tile id or coordinates"))
         data = path.read_bytes()
-        if data.startswith(PNG_SIGNATURE) or data.startswith(b"\xff\xd8"):
+        if data.startswith((PNG_SIGNATURE, b"\xff\xd8")):
             is_png = data.startswith(PNG_SIGNATURE)
             meta, trailing = _png_metadata(data) if is_png else _jpeg_metadata(data)
             for kind, text in meta:
@@ -149,6 +148,6 @@ def scan_for_identifiers(paths: Iterable[str | Path], forbidden_strings: Iterabl
                 what = f"; contains {', '.join(repr(h) for h in hits)}" if hits else ""
                 findings.append(Finding(str(path), "trailing_data", f"{len(trailing)} bytes after the image end{what}"))
             continue
-        for hit in _matches(_text_of(path, data), needles):
-            findings.append(Finding(str(path), "content", f"content contains {hit!r}"))
+        findings.extend(Finding(str(path), "content", f"content contains {hit!r}")
+                        for hit in _matches(_text_of(path, data), needles))
     return findings

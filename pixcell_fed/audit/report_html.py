@@ -104,7 +104,7 @@ def roc_svg(fpr: list[float], tpr: list[float], auc: float, size: int = 300) -> 
 def _png_data_uri(img: np.ndarray) -> str:
     import cv2
 
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR))
+    _ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR))
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 

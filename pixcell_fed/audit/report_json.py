@@ -92,16 +92,15 @@ def _closest_pairs(ctx: AuditContext) -> list[dict[str, Any]]:
 
 def _verdicts(ctx: AuditContext, outcome: RoundsOutcome) -> dict[str, Any]:
     """The two verdicts behind the audit's, how T and H were split, and what the set sizes let the audit see."""
-    family = [t for t in outcome.tests if t.in_family and t.detectable]
-    best = min(family, key=lambda t: t.detectable["share"] if t.detectable["share"] is not None else 2.0,
-               default=None)
+    family = [(t.name, t.detectable) for t in outcome.tests if t.in_family and t.detectable]
+    best = min(family, key=lambda nd: nd[1]["share"] if nd[1]["share"] is not None else 2.0, default=None)
     return {
         "generator_verdict": outcome.generator_verdict,
         "kept_set_verdict": outcome.kept_verdict,
         "generator_tests": {t.name: t.status for t in outcome.generator},
         "split_unit": ctx.split_unit or "unknown",
         "target_leak_share": ctx.cfg.target_leak_share,
-        "most_sensitive_test": None if best is None else {"name": best.name, **best.detectable},
+        "most_sensitive_test": None if best is None else {"name": best[0], **best[1]},
     }
 
 
@@ -177,7 +176,7 @@ def _occurring(text: str, needles: set[str]) -> list[str]:
     if not needles:
         return []
     lengths = sorted({len(n) for n in needles})
-    runs = re.compile("[" + "".join(re.escape(c) for c in sorted(set("".join(needles)))) + "]{%d,}" % lengths[0])
+    runs = re.compile("[" + "".join(re.escape(c) for c in sorted(set("".join(needles)))) + "]{" + str(lengths[0]) + ",}")
     found: set[str] = set()
     checked: set[str] = set()
     for token in (m.group() for m in runs.finditer(text)):

@@ -64,7 +64,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, normalize: bool = True, exclude_self: bool = False,
-                device: str | None = "cpu", block_bytes: int | None = None) -> TopK:
+                device: str | None = "cpu", block_bytes: float | None = None) -> TopK:
     """Exact top-``k`` cosine neighbours of each query among ``keys``.
 
     ``queries`` is (N, D), or (G, N, D) for a group of G variants per query; ``keys`` is (M, D), or (V, M, D) for V

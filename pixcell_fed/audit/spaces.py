@@ -26,7 +26,8 @@ REAL_TO_SYNTHETIC_K = 10
 class FeatureSpace(Protocol):
     """Top-k search between the roles "S", "T" and "H" of one feature space."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def search(self, queries: str, keys: str, k: int, *, exclude_self: bool = False,
                key_rows: np.ndarray | None = None, query_rows: np.ndarray | None = None) -> TopK: ...

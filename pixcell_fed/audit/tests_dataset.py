@@ -185,8 +185,9 @@ def membership_inference(ctx: AuditContext, active: np.ndarray) -> TestResult:
     tpr, auc = st.tpr_at_fpr(members, others, 0.01), st.roc_auc(members, others)
     base = float(np.median(nb.r_self[: nb.n_t]))
     _, at = exact.best_pooled_cut(nb.n_t, len(others), MEMBERSHIP_CUTS, _alpha(ctx))
+    cut = cuts[at or 0].cut
     detect = _detectable(ctx, m, lambda n_h: exact.detectable_pooled_cuts(nb.n_t, n_h, MEMBERSHIP_CUTS, _alpha(ctx)),
-                         _strength(base + cuts[at or 0].cut))
+                         _strength(None if cut is None else base + cut))
     thresholds, allowed = {}, (True, True)
     if not ctx.primary:
         thresholds = {"encoder_membership_tpr_warn": cfg.encoder_membership_tpr_warn,
@@ -206,8 +207,10 @@ def membership_inference(ctx: AuditContext, active: np.ndarray) -> TestResult:
         figure={"roc": {"fpr": _thin(fpr_curve), "tpr": _thin(tpr_curve), "auc": auc}} if ctx.primary else None)
 
 
-def _strength(similarity: float, relation: str = "of at least") -> str:
-    """How close to its source a leaked tile must be for a test to see it, in words."""
+def _strength(similarity: float | None, relation: str = "of at least") -> str:
+    """How close to its source a leaked tile must be for a test to see it, in words (None: the test has no cut)."""
+    if similarity is None:
+        return "not at all (there is nothing to compare with)"
     if similarity >= 0.995:
         return "only if they are near-exact copies of their sources"
     return f"at a similarity to their source {relation} {similarity:.2f}"

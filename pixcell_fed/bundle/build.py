@@ -17,7 +17,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.manifest import (canonical_json, check_label, check_run_id, label_counts, manifest_bytes,
@@ -151,10 +151,10 @@ def build_bundle(
                           hint="pass the run's tiling.tile_size")
     generator_id = validate_identity(generator, "generator")
     encoder_id = validate_identity(encoder, "encoder")
-    tiles = [Path(t) for t in tiles]
-    if not tiles:
+    tile_paths = [Path(t) for t in tiles]
+    if not tile_paths:
         raise BundleError("no tiles to bundle", hint="check that synthesis and the audit kept tiles")
-    labels = _checked_labels(labels, len(tiles))
+    labels = _checked_labels(labels, len(tile_paths))
     html_path = audit_dir(run_dir) / AUDIT_SUMMARY_HTML
     html_bytes = html_path.read_bytes() if html_path.is_file() else None
     if html_bytes is not None:
@@ -166,10 +166,10 @@ def build_bundle(
         if out_dir.exists():
             raise BundleError(f"bundle folder already exists: {out_dir}",
                               hint="a bundle is built once per run; remove it to rebuild")
-        return _build_locked(out_dir, site_name=site_name, run_id=run_id, tiles=tiles, tile_size=tile_size,
+        return _build_locked(out_dir, site_name=site_name, run_id=run_id, tiles=tile_paths, tile_size=tile_size,
                              labels=labels, generator_id=generator_id, encoder_id=encoder_id, audit=audit,
                              site_key=site_key, html_bytes=html_bytes,
-                             forbidden=_forbidden_from_inputs(tiles, forbidden_strings))
+                             forbidden=_forbidden_from_inputs(tile_paths, forbidden_strings))
 
 
 def _checked_labels(labels: Sequence[str | None] | None, n_tiles: int) -> list | None:
@@ -199,7 +199,7 @@ def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Pat
         (tmp / L.TILES).mkdir(parents=True)
         (tmp / L.SIGNATURES).mkdir()
         generator_text, encoder_text = canonical_json(generator_id), canonical_json(encoder_id)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i, tile in enumerate(progress(tiles, total=len(tiles), desc="bundle", unit="tile")):
             data = read_rgb_tile(tile, tile_size=tile_size)  # read once: the bytes checked are the bytes shipped
             name = random_tile_name()

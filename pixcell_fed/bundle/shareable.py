@@ -7,6 +7,7 @@ embedding) is refused with the exact location of the offending value.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -117,7 +118,7 @@ def check_shareable_value(value: Any, where: str) -> None:
     if isinstance(value, (list, tuple)):
         numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
         monotone = len(numbers) == len(value) and (
-            all(a <= b for a, b in zip(numbers, numbers[1:])) or all(a >= b for a, b in zip(numbers, numbers[1:])))
+            all(a <= b for a, b in itertools.pairwise(numbers)) or all(a >= b for a, b in itertools.pairwise(numbers)))
         if len(numbers) > MAX_NUMBERS_PER_LIST and not monotone:  # curves and bin edges are sorted; embeddings are not
             raise BundleError(f"{where}: an unsorted list of {len(numbers)} numbers (at most {MAX_NUMBERS_PER_LIST}); "
                               "it could be an embedding",

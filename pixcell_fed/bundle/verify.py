@@ -153,6 +153,8 @@ def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> Veri
         raise _fail("the site signature does not match the bundle: bundle.json (site name, run id, time, tile size, "
                     "counts, verdict or file hashes) or signatures/site.sig was modified after signing")
     created = L.parse_time(info["created"])
+    if created is None:  # read_info refuses these already; fail closed all the same
+        raise _fail(f"invalid 'created' time {str(info['created'])[:40]!r} in bundle.json")
     if created > _dt.datetime.now(_dt.timezone.utc) + MAX_FUTURE_SKEW:
         raise _fail(f"the bundle claims to be built at {info['created']}, in the future",
                     hint="check the site's clock; a bundle from the future would never age")

@@ -14,11 +14,14 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from pixcell_fed.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 _MISSING_HINT = "see configs/site.example.yaml, which documents every key"
 
@@ -65,7 +68,7 @@ def _convert(value: Any, tp: Any, key: str, source: str, base_dir: Path | None) 
             return value
         choices = ", ".join(repr(a) for a in get_args(tp))
         raise _fail(source, key, f"invalid value {value!r}", f"choose one of {choices}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -137,8 +140,10 @@ def build_dataclass(cls: type[T], data: dict[str, Any], *, source: str = "", pre
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             dotted = f"{prefix}.{name}" if prefix else name
             raise _fail(source, dotted, "missing required value", f"add '{dotted}' ({_type_name(hints[name])}); {_MISSING_HINT}")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if dataclasses.is_dataclass(default) and base_dir is not None:
+        default: Any = field.default
+        if field.default_factory is not dataclasses.MISSING:  # a field has a default or a factory, never both
+            default = field.default_factory()
+        if dataclasses.is_dataclass(default) and not isinstance(default, type) and base_dir is not None:
             default = build_dataclass(type(default), {}, source=source, prefix=f"{prefix}.{name}" if prefix else name, base_dir=base_dir)
         if isinstance(default, Path) and base_dir is not None and not default.is_absolute():
             default = base_dir / default

@@ -67,7 +67,7 @@ def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: fl
         fh.write(f"\n$ {tool} {' '.join(args)}\n")
         fh.flush()
         proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=fh, text=True,
-                              env=env, timeout=timeout)
+                              env=env, timeout=timeout, check=False)
         fh.write(proc.stdout)
     if proc.returncode != 0:
         raise FederationError(f"'{tool} {args[0]}' failed with exit code {proc.returncode}",

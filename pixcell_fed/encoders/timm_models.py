@@ -8,7 +8,7 @@ otherwise the architecture's own defaults are used. Classifier-head weights are 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pixcell_fed.devices import resolve_dtype
 from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, Preprocess, find_weights_file
@@ -41,7 +41,8 @@ def _meta_model(arch: str | None, weights_dir: Path | None) -> tuple["torch.nn.M
 
 def _without_head(model: "torch.nn.Module", state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without the classifier-head tensors the headless model has no place for."""
-    classifier = model.pretrained_cfg.get("classifier") or "head"
+    pretrained_cfg = cast("dict[str, Any]", model.pretrained_cfg)  # timm's attribute, untyped on nn.Module
+    classifier = pretrained_cfg.get("classifier") or "head"
     heads = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     expected = model.state_dict()
     return {k: v for k, v in state.items() if k in expected or not any(k.startswith(h + ".") for h in heads)}
@@ -55,7 +56,7 @@ def _checked(arch: str | None, weights_dir: Path | None):
     if problems:
         raise WeightsError(f"{path} does not match timm architecture {arch}: " + "; ".join(problems),
                            hint=_source(arch))
-    folder = EncoderFolder(name=f"timm:{arch}", weights_file=path, architecture=str(arch), dim=int(model.num_features))
+    folder = EncoderFolder(name=f"timm:{arch}", weights_file=path, architecture=str(arch), dim=int(cast(int, model.num_features)))
     return folder, model, state, cfg
 
 

@@ -99,7 +99,7 @@ def _check(weights_dir: Path | None, *, twin_only: bool) -> tuple[EncoderFolder,
     if problems:
         raise WeightsError(f"{path} is not UNI2-h{' (twin)' if twin else ''}: " + "; ".join(problems),
                            hint=f"re-download pytorch_model.bin; {source}")
-    dim = int(twin_kwargs["embed_dim"]) if twin else UNI_DIM
+    dim = int(twin_kwargs["embed_dim"]) if twin_kwargs is not None else UNI_DIM
     folder = EncoderFolder(name="uni2-h-twin" if twin else "uni2-h", weights_file=path, dim=dim, twin=twin,
                            architecture=f"{UNI_ARCH} (UNI2-h options{', tiny' if twin else ''})",
                            title="UNI2-h architecture" if twin else "UNI2-h")
@@ -134,6 +134,7 @@ def _load(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype 
     checked, twin_kwargs = _check(weights_dir, twin_only=twin_only)
     with torch.device("meta"):
         model = build_uni(twin_kwargs)
+    assert checked.weights_file is not None  # _check always names the file it checked
     model.load_state_dict(read_state_dict(checked.weights_file, UNI_SOURCE), strict=True, assign=True)
     model = model.to(device=device, dtype=compute_dtype(dtype, device))
     return Encoder(model, checked, preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD))

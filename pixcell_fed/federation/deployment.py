@@ -15,6 +15,7 @@ The locked-down services built from these (``coordinator serve``, ``site-agent s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import ipaddress
 import os
@@ -227,7 +228,7 @@ class Process:
         self._log = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")
+            self._log = open(self.log_path, "ab")  # noqa: SIM115  # held for the process's life, closed by stop()
         self.popen = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
                                       env=dict(env), start_new_session=own_group)
         self.pid = self.popen.pid
@@ -272,10 +273,8 @@ class Process:
         deadline = time.monotonic() + 10.0
         while self.group_pids() and time.monotonic() < deadline:  # stragglers (e.g. app processes) of the group
             for pid in self.group_pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.1)
         if self.popen.poll() is None:
             self.popen.wait(5.0)
@@ -327,7 +326,7 @@ def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, pro
 
 def run_flwr(args: Sequence[str], *, flwr_home: Path, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
-                          env=flower_env(flwr_home), cwd=cwd)
+                          env=flower_env(flwr_home), cwd=cwd, check=False)
 
 
 def check_site_key(trust, site: str, public_key: Path) -> None:
@@ -370,7 +369,7 @@ def flwr_run(connection: str, *, flwr_home: Path, run_config_file: Path | None, 
              timeout: float = 3600.0) -> subprocess.CompletedProcess:
     """Run the coordinator app to completion (see :func:`flwr_run_command`)."""
     return subprocess.run(flwr_run_command(connection, run_config_file, app=app), capture_output=True, text=True,
-                          timeout=timeout, env=flower_env(flwr_home))
+                          timeout=timeout, env=flower_env(flwr_home), check=False)
 
 
 def free_port() -> int:

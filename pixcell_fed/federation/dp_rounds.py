@@ -102,11 +102,11 @@ class DPReply:
     @classmethod
     def from_record(cls, content: "RecordDict", reference: Mapping[str, Any]) -> "DPReply":
         """Parse a trained reply; weights must have the keys, shapes and dtypes of ``reference`` and be finite."""
-        info = content[P.KEY_INFO] if P.KEY_INFO in content else {}
+        info: Mapping[str, Any] = content.get(P.KEY_INFO, {})
         status = info.get("status")
         if status != STATUS_TRAINED:
             raise FederationError(f"DP reply with unknown status {status!r}")
-        metrics = content[P.KEY_METRICS] if P.KEY_METRICS in content else {}
+        metrics: Mapping[str, Any] = content.get(P.KEY_METRICS, {})
         numbers: dict[str, Any] = {}
         for key, name, low, high in (("epsilon", "epsilon", 0.0, math.inf), ("epsilon-remaining", "epsilon_remaining", 0.0, math.inf),
                                      ("delta", "delta", 0.0, 1.0), ("examples", "examples", 0.0, 1e12)):
@@ -150,7 +150,7 @@ def trained_reply(state: dict, spec: "ModelSpec", *, epsilon: float, remaining: 
     metrics = {"epsilon": float(epsilon), "epsilon-remaining": float(remaining), "delta": float(delta)}
     if examples is not None:
         metrics["examples"] = float(examples)
-    content = RecordDict({P.KEY_METRICS: MetricRecord(metrics), P.KEY_INFO: ConfigRecord({"status": STATUS_TRAINED})})
+    content = RecordDict({P.KEY_METRICS: MetricRecord(dict(metrics)), P.KEY_INFO: ConfigRecord({"status": STATUS_TRAINED})})
     P.model_to_records(state, spec, content)
     return content
 
@@ -345,7 +345,7 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
             else:
                 error = reply.error if reply is not None else "no reply"
             privacy[site] = _site_privacy(privacy.get(site, {}), parsed, error)
-            if parsed is not None and parsed.status == STATUS_TRAINED:
+            if parsed is not None and parsed.status == STATUS_TRAINED and parsed.state is not None:
                 states.append(parsed.state)
                 weights.append(float(parsed.examples or 1))
                 took_part.append(site)

@@ -62,11 +62,9 @@ def _features(model, items, spec, batch_size: int = 64):
 
     from pixcell_fed.training.data import load_arrays
 
-    feats = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            feats.append(model(load_arrays(items[start:start + batch_size], spec)))
+        feats = [model(load_arrays(items[start:start + batch_size], spec)) for start in range(0, len(items), batch_size)]
     return torch.nn.functional.normalize(torch.cat(feats), dim=1)
 
 
@@ -99,7 +97,8 @@ def model_metrics(model, spec: "ModelSpec", items: Sequence[tuple[Path, str]], *
 
 def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
     """Metrics of the model (weights ``state``, ``spec``) on the labelled tiles in ``eval_dir``, unrounded and
-    without limits: for a caller's own models and tiles. A site answers a coordinator through :func:`evaluate_request`."""
+    without limits: for a caller's own models and tiles. A site answers a coordinator through
+    :func:`evaluate_request`."""
     from pixcell_fed.training.data import labelled_folder
     from pixcell_fed.training.models import build_model
 
@@ -128,7 +127,7 @@ def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig"
 
     if eval_dir is None or work_dir is None:
         raise P.Refusal("unavailable", f"no held-out folder ({eval_dir}) or no work folder for the query budget ({work_dir})")
-    limits = policy.effective_limits(limits, content[P.KEY_REQUEST] if P.KEY_REQUEST in content else {})
+    limits = policy.effective_limits(limits, content.get(P.KEY_REQUEST, {}))
     state, sent = P.records_to_model(content, max_bytes=int(limits.max_weights_mb * (1 << 20)))
     spec = policy.check_model_spec(sent, limits)
     try:

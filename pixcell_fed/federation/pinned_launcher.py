@@ -74,10 +74,11 @@ def clientapp_command(runtime_api_address: str, token: str, parent_pid: int) -> 
 def runtime_client(runtime_api_address: str, secret: bytes | None):
     """Flower's runtime API client, signing ``AcquireTask`` with the SuperExec secret when there is one."""
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.protobuf.client import ProtobufClientInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    interceptors: list[ProtobufClientInterceptor] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK_METHOD}))
     return RuntimeHttpClient.from_server_address(server_address=runtime_api_address, insecure=True,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -149,7 +149,7 @@ class _Run:
     pool_dir: Path
     verify: Verifier
     settings: PoolSettings
-    timings: Counter = field(default_factory=Counter)
+    timings: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))  # seconds per phase
     traffic: Counter = field(default_factory=Counter)
     waiting: dict[str, tuple[SiteTransfer, str]] = field(default_factory=dict)  # message id -> (transfer, kind)
     bytes_received: int = 0
@@ -297,7 +297,7 @@ def pool_bundles(transport: Transport, pool_dir: str | Path, verify: TrustVerifi
         transfers.append(SiteTransfer(status=sites[site], node=node))
     _exchange_all(run, transfers)
     rows = [row for t in transfers if t.status.status == "complete"
-            for row in _rows(run.pool_dir, t.site, str(t.status.run_id), t.staged, t.verified.tiles)]
+            for row in _rows(run.pool_dir, t.site, str(t.status.run_id), t.staged_dir, t.verified.tiles)]
     rows += _earlier_bundles(run, sites, set(found.sites), verify.trust)
     with run.phase("pool_table"):
         frame = pd.DataFrame(rows, columns=POOL_COLUMNS)

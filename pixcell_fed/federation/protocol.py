@@ -26,7 +26,7 @@ from pixcell_fed.errors import FederationError
 
 if TYPE_CHECKING:  # flwr and numpy are imported where used
     import numpy as np
-    from flwr.app import ArrayRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, RecordDict
 
     from pixcell_fed.training.models import ModelSpec
 
@@ -139,15 +139,26 @@ def records_to_files(content: "RecordDict") -> tuple[list[tuple[str, bytes]], li
     """Read KEY_DATA + KEY_FILES: ``([(name, bytes)], names the site reported missing)``, unvalidated names."""
     if KEY_DATA not in content or KEY_FILES not in content:
         raise FederationError("a site's reply carries no files", hint="check that the site runs the same pixcell-fed version")
+    from flwr.app import ArrayRecord, ConfigRecord
+
     files = content[KEY_FILES]
     arrays = content[KEY_DATA]
-    if ARRAY_NAME not in arrays or arrays[ARRAY_NAME].dtype != "uint8" or arrays[ARRAY_NAME].stype != "numpy.ndarray":
+    if (not isinstance(files, ConfigRecord) or not isinstance(arrays, ArrayRecord) or ARRAY_NAME not in arrays
+            or arrays[ARRAY_NAME].dtype != "uint8" or arrays[ARRAY_NAME].stype != "numpy.ndarray"):
         raise FederationError("a site's reply carries its files in an unexpected form")
-    items = unpack_files(arrays[ARRAY_NAME].numpy(), list(files.get("names", [])), list(files.get("sizes", [])))
-    return items, list(files.get("missing", []))
+    names, sizes, missing = (_list_field(files, key) for key in ("names", "sizes", "missing"))
+    return unpack_files(arrays[ARRAY_NAME].numpy(), names, sizes), missing
 
 
-def request_record(**values: object) -> "RecordDict":
+def _list_field(record: "ConfigRecord", key: str) -> list[Any]:
+    """A list-valued field of a site's reply ([] when absent); :class:`FederationError` when it is not a list."""
+    value = record.get(key, [])
+    if not isinstance(value, list):
+        raise FederationError(f"a site's reply carries its '{key}' in an unexpected form")
+    return list(value)
+
+
+def request_record(**values: ConfigRecordValues) -> "RecordDict":
     """A coordinator request: one ConfigRecord under KEY_REQUEST (lists of strings, ints, floats, strings)."""
     from flwr.app import ConfigRecord, RecordDict
 
@@ -217,7 +228,12 @@ def records_to_model(content: "RecordDict", *, max_bytes: int | None = None) -> 
         spec = ModelSpec.from_wire(text)
     except SpecError as exc:
         raise Refusal("refused-model", f"the model spec is invalid: {exc}") from exc
-    return arrays_to_tensors(content[KEY_MODEL], max_bytes=max_bytes), spec
+    from flwr.app import ArrayRecord
+
+    weights = content[KEY_MODEL]
+    if not isinstance(weights, ArrayRecord):
+        raise Refusal("refused-model", "the model weights are not an array record")
+    return arrays_to_tensors(weights, max_bytes=max_bytes), spec
 
 
 def config_values(record: Any, keys: Mapping[str, type]) -> dict[str, Any]:

@@ -91,7 +91,8 @@ def _sites_section(pool: dict[str, Any]) -> list[str]:
 def render_html(report: dict[str, Any]) -> str:
     pool = report.get("pool", {})
     sites = pool.get("sites", {})
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>pixcell-fed consortium report</title><style>{_CSS}</style></head><body>",
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>pixcell-fed consortium report</title>"
+           f"<style>{_CSS}</style></head><body>",
            "<h1>Consortium report</h1>"]
     out.append(f"<p>{len(pool.get('complete', []))} site(s) pooled, {pool.get('n_pooled', 0)} synthetic tiles. "
                f"Missing: <span class='bad'>{html.escape(', '.join(pool.get('missing', [])) or 'none')}</span>. "
@@ -105,7 +106,8 @@ def render_html(report: dict[str, Any]) -> str:
     out.append("<h2>Training</h2>")
     if training:
         spec = training.get("spec", {})
-        out.append(f"<p>Recipe <b>{html.escape(str(training.get('recipe')))}</b>, backbone {html.escape(str(spec.get('arch')))}, "
+        out.append(f"<p>Recipe <b>{html.escape(str(training.get('recipe')))}</b>, "
+                   f"backbone {html.escape(str(spec.get('arch')))}, "
                    f"classes {html.escape(', '.join(spec.get('classes', [])))}.</p>")
         hist = training.get("history", [])
         out.append(_curve(hist, ("train_loss",)) + " " + _curve(hist, ("train_accuracy", "val_accuracy")))

@@ -217,11 +217,12 @@ def handle_chunk(request: "RecordDict", site: SiteSettings, flower_run: int | st
 
     bundle, info = servable_bundle(site)
     wanted = request[P.KEY_REQUEST].get("files", [])
-    if not isinstance(wanted, list) or len(wanted) > MAX_NAMES_PER_REQUEST or not all(isinstance(n, str) for n in wanted):
+    names = [n for n in wanted if isinstance(n, str)] if isinstance(wanted, list) else []
+    if not isinstance(wanted, list) or len(wanted) > MAX_NAMES_PER_REQUEST or len(names) != len(wanted):
         raise P.Refusal("bad-request", "a chunk request must name tiles as a list of strings")
     listed = _manifest_names(bundle)
     items, missing = [], []
-    for name in wanted:
+    for name in names:
         if not TILE_NAME_RE.match(name):
             continue  # not a tile name: never looked up, never echoed
         path = bundle / L.TILES / name
@@ -247,7 +248,7 @@ def handle_evaluate(request: "RecordDict", site: SiteSettings, flower_run: int |
 
     metrics = evaluate_request(request, site.evaluation, site.eval_dir, site.site_work_dir, flower_run)
     _record("evaluate", site, site.site_work_dir, flower_run, metrics=metrics)
-    return RecordDict({P.KEY_METRICS: MetricRecord(metrics)})
+    return RecordDict({P.KEY_METRICS: MetricRecord(dict(metrics))})
 
 
 def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None" = None) -> "RecordDict":

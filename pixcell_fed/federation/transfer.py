@@ -97,6 +97,13 @@ class SiteTransfer:
     def site(self) -> str:
         return self.status.site
 
+    @property
+    def staged_dir(self) -> Path:
+        """The staged bundle folder; asked for only once the manifest reply was staged."""
+        if self.staged is None:
+            raise RuntimeError(f"pooling: nothing of site {self.site} is staged yet")
+        return self.staged
+
     def close(self, status: str, reason: str | None) -> None:
         self.status.status, self.status.reason, self.closed = status, reason, True
         self.in_flight.clear()
@@ -120,9 +127,9 @@ class SiteTransfer:
             self.close("rejected", f"bundle refused before any tile: {exc.message}")
             return
         self.status.run_id, self.checked = run_id, checked
-        self.status.audit_verdict, self.status.generator = audit_facts(self.staged)
+        self.status.audit_verdict, self.status.generator = audit_facts(self.staged_dir)
         self.tiles = {name: size for name, (size, _) in checked.tile_records.items()}
-        tiles_dir = self.staged / L.TILES
+        tiles_dir = self.staged_dir / L.TILES
         # resume: a tile is on disk under its final name only after check_tile passed on it (in an earlier run of
         # this same manifest: staging drops the tiles of any other); its size is checked again at the end
         self.pending = {n: size for n, size in self.tiles.items()
@@ -156,7 +163,8 @@ class SiteTransfer:
             return []
         asked = {n for names in self.in_flight.values() for n in names}
         batches: list[list[str]] = []
-        batch, size = [], 0
+        batch: list[str] = []
+        size = 0
         for name, tile_size in self.pending.items():
             if name in asked or self.attempts.get(name, 0) >= settings.max_attempts:
                 continue
@@ -188,7 +196,7 @@ class SiteTransfer:
         accepted = 0
         for name, ok in zip(names, self._check_tiles(names, got)):
             if ok:
-                staging.write_tile(self.staged, name, got[name])
+                staging.write_tile(self.staged_dir, name, got[name])
                 self.pending.pop(name, None)
                 accepted += self.tiles[name]
             else:
@@ -249,7 +257,7 @@ class SiteTransfer:
         try:
             verified = verify(self.staged, complete=True)
         except PixcellFedError as exc:
-            staging.discard(self.staged)  # resumed tiles are trusted by size only: start afresh next time
+            staging.discard(self.staged_dir)  # resumed tiles are trusted by size only: start afresh next time
             self.close("rejected", f"bundle verification failed after transfer: {exc.message}")
             return
         self.staged = staging.promote(pool_dir, self.site, str(self.status.run_id))

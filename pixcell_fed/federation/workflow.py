@@ -41,8 +41,9 @@ def training_config(cfg: CoordinatorConfig, config_class: type):
     coordinator setting the recipe's config has a field for."""
     import dataclasses
 
-    offered = dict(arch=cfg.arch, kwargs=dict(cfg.model_kwargs or {}), img_size=cfg.img_size, epochs=cfg.epochs,
-                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, pretrained_file=cfg.pretrained_file, mode=cfg.mode)
+    offered = {"arch": cfg.arch, "kwargs": dict(cfg.model_kwargs or {}), "img_size": cfg.img_size, "epochs": cfg.epochs,
+               "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "pretrained_file": cfg.pretrained_file,
+               "mode": cfg.mode}
     fields = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in offered.items() if k in fields})
 

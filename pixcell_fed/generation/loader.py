@@ -226,7 +226,7 @@ def load_pixcell(
     transformer = load_transformer(checked, device=torch_device, dtype=torch_dtype)
     vae_folder = resolve_vae_dir(vae_dir, pixcell_dir)
     vae, vae_checked = load_vae(vae_folder, device=torch_device, dtype=vae_dtype_for(torch_dtype, torch_device),
-                                latent_channels=transformer.config.in_channels)
+                                latent_channels=transformer.config["in_channels"])
     scheduler_config, scheduler_source = read_scheduler_config(pixcell_dir)
     twin = checked.twin or vae_checked.twin
     log.info(

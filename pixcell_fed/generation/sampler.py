@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -185,7 +185,8 @@ class PixCellPipeline:
         if len(seeds) != cond_t.shape[0]:
             raise UsageError(
                 f"got {len(seeds)} seeds for {cond_t.shape[0]} conditioning rows",
-                hint="pass one seed per row; for N samples of a tile repeat its row N times with different seeds (seeds_for)",
+                hint="pass one seed per row; for N samples of a tile repeat its row N times with different seeds "
+                "(seeds_for)",
             )
         for s in seeds:
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= _MAX_SEED:
@@ -240,7 +241,7 @@ class PixCellPipeline:
         tokens = torch.cat([self.null_conditioning(batch), cond_dev]) if use_cfg else cond_dev
         sde = scheduler.config.algorithm_type.startswith("sde")
         # SDE solvers draw fresh noise every step: from each sample's own stream (seed XOR a fixed mask), never shared.
-        generators = [torch.Generator(self._generator_device).manual_seed(s ^ _SDE_MASK) for s in seeds] if sde else None
+        generators = [torch.Generator(self._generator_device).manual_seed(s ^ _SDE_MASK) for s in seeds] if sde else []
         c = self.latent_channels
         with torch.inference_mode():
             for i, t in enumerate(scheduler.timesteps):
@@ -306,14 +307,15 @@ class PixCellPipeline:
         """Generate one tile per conditioning row: ``cond [B, n_tok, dim]`` -> uint8 ``[B, H, W, 3]``.
 
         ``guidance`` defaults to 2.0 (PixCell-256) or 1.2 (PixCell-1024). For N samples of a tile, repeat its row N
-        times with N seeds. ``batch_size`` defaults to :meth:`auto_batch_size`; a sample's noise does not depend on it, so results agree
-        across batch sizes up to floating-point rounding (kernels may differ with the batch shape).
+        times with N seeds. ``batch_size`` defaults to :meth:`auto_batch_size`; a sample's noise does not depend on
+        it, so results agree across batch sizes up to floating-point rounding (kernels may differ with the batch
+        shape).
         """
         cond_t, seeds, steps, w = self.validate(cond, seeds, steps, guidance)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}", hint="leave it unset to size it to the device")
         bs = batch_size or self.auto_batch_size()
-        starts = range(0, cond_t.shape[0], bs)
+        starts: Iterable[int] = range(0, cond_t.shape[0], bs)
         if show_progress:
             from pixcell_fed.progress import progress
 

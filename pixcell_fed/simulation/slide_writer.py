@@ -1,8 +1,8 @@
 """Write realistic whole-slide images for the demo, benchmarks and tests, from real H&E pixels.
 
 The pixels are the real Aperio slide CMU-1-Small-Region (see :mod:`pixcell_fed.simulation.real_slide`; by default
-the cached copy, or any ``source`` file of it), rescaled to the slide's resolution and laid onto off-white glass. The writers follow the layouts OpenSlide recognises
-(``/work/shared/reference/slides.md``):
+the cached copy, or any ``source`` file of it), rescaled to the slide's resolution and laid onto off-white glass.
+The writers follow the layouts OpenSlide recognises (``/work/shared/reference/slides.md``):
 
 * :func:`write_aperio_like` - an Aperio-style SVS: tiled level 0 with an ``Aperio`` ImageDescription carrying
   ``AppMag`` and ``MPP``, an untiled thumbnail, tiled reduced levels, a label and a macro image. Callers can put
@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -86,8 +86,9 @@ def _real_he_at(mpp: float, source: str | None) -> tuple[np.ndarray, np.ndarray]
     scale = he_mpp / mpp
     he = cv2.resize(np.ascontiguousarray(he), (round(he.shape[1] * scale), round(he.shape[0] * scale)),
                     interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-    foreground = cv2.inRange(he, (0, 0, 0), (215, 255, 255)) | cv2.inRange(he, (0, 0, 0), (255, 215, 255)) \
-        | cv2.inRange(he, (0, 0, 0), (255, 255, 215))
+    foreground = cv2.bitwise_or(cv2.bitwise_or(cv2.inRange(he, (0, 0, 0), (215, 255, 255)),
+                                               cv2.inRange(he, (0, 0, 0), (255, 215, 255))),
+                                cv2.inRange(he, (0, 0, 0), (255, 255, 215)))
     he.setflags(write=False)
     foreground.setflags(write=False)
     return he, foreground
@@ -327,7 +328,7 @@ def write_untiled_tiff(path: str | Path, *, size: tuple[int, int] = (12000, 9000
             block[:, : width // 3] = (200, 120, 170)  # a pink band, so it is not empty
             yield zlib.compress(block.tobytes(), 1)
 
-    extra = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    extra: dict[str, Any] = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         tif.write(strips(), shape=(height, width, 3), dtype=np.uint8, rowsperstrip=rows_per_strip,
                   photometric="rgb", compression="zlib", metadata=None, **extra)

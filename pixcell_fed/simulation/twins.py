@@ -96,7 +96,7 @@ def save_tiny_pixcell(
     keys), transformer/diffusion_pytorch_model.safetensors, vae/config.json (config only, like the real repos).
     """
     import torch
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
     from safetensors.torch import load_file, save_file
 
     from pixcell_fed.generation.transformer import Y_POS_KEY, PixCellTransformer2DModel

@@ -124,7 +124,7 @@ class _FolderJob:
         size = pool.chunk_size(self.cfg.tile_size)
         tasks = ((plan.path, plan.grid, recs, [str(partial / Path(r.tile_file).name) for r in recs], self.cfg.qc)
                  for recs in pool.chunks(plan.records, size))
-        verdicts = []
+        verdicts: list = []
         bar = progress(None, total=len(plan.records), desc=path.name[:30], unit="tile")
         try:
             for result in pool.ordered_results(self.executor, pool.task_read, tasks, ahead=3 * self.workers):
@@ -198,6 +198,7 @@ class _FolderJob:
             summary.failed.append((path.name, f"{why} -> {failure.hint}" if failure.hint else why))
             log.error("FAILED %s", record.line)
             return
+        assert done is not None  # every path above either tiled the slide or recorded its failure
         summary.ok.append(path.name)
         summary.tiles_per_slide[path.name], summary.qc_dropped_per_slide[path.name] = done
         summary.n_tiles += done[0]

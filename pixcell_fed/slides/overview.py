@@ -48,7 +48,7 @@ def render_overview(thumb: "Thumbnail", mask: np.ndarray, records: Sequence["Til
     out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
     d = thumb.downsample
     judged = verdicts is not None
-    verdicts = list(verdicts) if judged else ["pass"] * len(records)
+    verdicts = list(verdicts) if verdicts is not None else ["pass"] * len(records)
     for rec, verdict in zip(records, verdicts):
         x0, y0 = int(rec.x / d), int(rec.y / d)
         x1, y1 = max(x0, int((rec.x + rec.read_size) / d) - 1), max(y0, int((rec.y + rec.read_size) / d) - 1)

@@ -66,9 +66,10 @@ def plan_slide(reader: SlideReader, cfg: TilingConfig, *, overview_path: str | P
         raise NoTissueError(f"{name}: tissue found, but no {cfg.tile_size} px tile has at least "
                             f"{cfg.tissue_fraction:.0%} tissue", hint="check the overview image; lower "
                             "tiling.tissue_fraction to keep tiles at the tissue's edges")
-    keep = overview_path is not None
+    keep_images = overview_path is not None
     return SlidePlan(path=str(reader.path), slide_file=name, slide_key=key, resolution=resolution, grid=grid,
-                     records=records, n_grid_tiles=len(xs), thumbnail=thumb if keep else None, mask=mask if keep else None)
+                     records=records, n_grid_tiles=len(xs), thumbnail=thumb if keep_images else None,
+                     mask=mask if keep_images else None)
 
 
 def plan_slide_file(slide_path: str | Path, tiling_cfg: TilingConfig) -> SlidePlan:

@@ -90,7 +90,7 @@ def _share(hsv: np.ndarray, boxes) -> float:
 
     hits = cv2.inRange(hsv, *boxes[0])
     for box in boxes[1:]:
-        hits |= cv2.inRange(hsv, *box)
+        hits = cv2.bitwise_or(hits, cv2.inRange(hsv, *box))
     return cv2.countNonZero(hits) / hits.size
 
 

@@ -41,7 +41,7 @@ def _tiff_summary(path: Path) -> dict | None:
             else:
                 return None
             info: dict = {"tiled": None, "width": None, "height": None, "truncated": False, "images": 0}
-            seen = set()
+            seen: set[int] = set()
             while offset and offset not in seen and len(seen) < 64:
                 seen.add(offset)
                 if offset + 2 > size:
@@ -119,7 +119,7 @@ class SlideReader:
             raise SlideError(f"{self.name}: not a whole-slide image OpenSlide can read (format not recognised)",
                              hint="remove it from the slides folder, or convert it to a tiled pyramidal TIFF")
         try:
-            self._slide = openslide.OpenSlide(str(self.path))
+            self._slide: openslide.OpenSlide | None = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideError as exc:  # includes OpenSlideUnsupportedFormatError
             raise SlideError(f"{self.name}: OpenSlide recognised a {vendor} slide but cannot open it ({exc}); "
                              "the file is probably truncated or corrupt", hint=DAMAGED_HINT) from exc

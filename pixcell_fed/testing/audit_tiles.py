@@ -76,7 +76,10 @@ def _jpeg(img: np.ndarray, rng: np.random.Generator, quality: int = 70) -> np.nd
     import cv2
 
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if not ok or decoded is None:
+        raise ValueError("OpenCV could not round-trip a tile through JPEG")
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
 def _colour_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

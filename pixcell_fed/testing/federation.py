@@ -170,7 +170,8 @@ class FakeTransport(PolledExchange):
         if site.site_name in self.drop_after and len(served) >= self.drop_after[site.site_name]:
             return Reply(error="node is offline (fake)")
         if kind == P.MSG_CHUNK:
-            served.append(list(content[P.KEY_REQUEST]["files"]))
+            files = content.config_records[P.KEY_REQUEST]["files"]
+            served.append([str(n) for n in files] if isinstance(files, list) else [])
         state = self.node_state.setdefault(site.site_name, _record_dict()) if kind == P.MSG_TRAIN else None
         reply = site_server.answer(kind, content, site, flower_run=self.flower_run, state=state)
         if kind == P.MSG_CHUNK and site.site_name in self.corrupt_once and P.KEY_DATA in reply:
@@ -193,7 +194,7 @@ def _flip_a_byte(reply: "RecordDict") -> "RecordDict":
 
     from pixcell_fed.federation import protocol as P
 
-    data = reply[P.KEY_DATA][P.ARRAY_NAME].numpy().copy()
+    data = reply.array_records[P.KEY_DATA][P.ARRAY_NAME].numpy().copy()
     data[len(data) // 2] ^= 0xFF
     reply[P.KEY_DATA] = ArrayRecord({P.ARRAY_NAME: Array(np.ascontiguousarray(data))})
     return reply
@@ -222,8 +223,8 @@ class SiteFixture:
         """What the site's SuperNode would tell its ClientApp (``changes`` override fields)."""
         from pixcell_fed.federation.site_server import SiteSettings
 
-        values = dict(site_name=self.name, bundle_dir=self.bundle_dir, eval_dir=self.eval_dir, train_dir=self.train_dir,
-                      evaluation=evaluation_limits_for_tests(), work_dir=self.work_dir)
+        values = {"site_name": self.name, "bundle_dir": self.bundle_dir, "eval_dir": self.eval_dir,
+                  "train_dir": self.train_dir, "evaluation": evaluation_limits_for_tests(), "work_dir": self.work_dir}
         return SiteSettings(**{**values, **changes})
 
     @property

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = Path(args.config).read_text() if args.config.endswith(".json") else args.config
     try:
         recipe = get_recipe(args.recipe)
-        cfg = build_dataclass(recipe.config_class, json.loads(raw), source="--config")
+        cfg: Any = build_dataclass(recipe.config_class, json.loads(raw), source="--config")
         result = recipe(args.pool, args.out, cfg)
     except PixcellFedError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, cast
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
@@ -94,7 +94,7 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
     """Train on labelled ``(path, label)`` items; write the checkpoint to ``out_dir``; resume if one is there."""
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
     from torch.utils.data.distributed import DistributedSampler
 
     from pixcell_fed.atomic import atomic_path
@@ -115,10 +115,11 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
     model = build_model(spec)
     _set_trainable(model, cfg.mode)
     train_items, val_items = split_items(labelled, cfg.val_fraction, cfg.seed)
-    train_set = TileDataset(train_items, classes, spec)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    train_set = cast("Dataset[Any]", TileDataset(train_items, classes, spec))  # map-style: len and getitem
+    sampler: DistributedSampler | None = (
+        DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+    loader: DataLoader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         generator=generator, drop_last=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -155,8 +156,9 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
         stats = torch.tensor([loss_sum, correct, total], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
-        row = {"epoch": epoch + 1, "train_loss": float(stats[0] / max(stats[2], 1)),
-               "train_accuracy": float(stats[1] / max(stats[2], 1)), "samples": int(stats[2])}
+        seen = stats[2].clamp(min=1)
+        row = {"epoch": epoch + 1, "train_loss": float(stats[0] / seen), "train_accuracy": float(stats[1] / seen),
+               "samples": int(stats[2])}
         if rank == 0 and val_items:
             row["val_accuracy"] = _accuracy(model, val_items, classes, spec, device)
         history.append(row)

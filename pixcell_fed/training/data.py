@@ -54,10 +54,10 @@ def load_image(path: Path, img_size: int):
     from pixcell_fed.bundle.png import MAX_TILE_SIZE, check_image_side
 
     check_image_side(path, MAX_TILE_SIZE)
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as src:
+        im = src.convert("RGB")
         if im.size != (img_size, img_size):
-            im = im.resize((img_size, img_size), Image.BILINEAR)
+            im = im.resize((img_size, img_size), Image.Resampling.BILINEAR)
         return np.array(im, dtype=np.uint8)
 
 

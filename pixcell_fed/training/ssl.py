@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
@@ -68,13 +68,13 @@ def _lightly():
 def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg: SSLConfig) -> TrainResult:
     """SimCLR on the images of ``items``; writes the encoder checkpoint to ``out_dir`` (resumable per epoch)."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from pixcell_fed.atomic import atomic_path
     from pixcell_fed.training.data import TileDataset
     from pixcell_fed.training.models import ModelSpec, build_model, save_checkpoint
 
-    NTXentLoss, SimCLRProjectionHead = _lightly()
+    NTXentLoss, SimCLRProjectionHead = _lightly()  # noqa: N806  # classes, named as lightly names them
     if len(items) < 2:
         raise UsageError("the pooled set has fewer than two tiles", hint="pool more tiles before self-supervised training")
     out_dir = Path(out_dir)
@@ -96,10 +96,11 @@ def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg
             head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             start, history = int(state["epoch"]) + 1, list(state["history"])
-    loader = DataLoader(TileDataset(list(items), [], spec), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+    tiles = cast("Dataset[Any]", TileDataset(list(items), [], spec))  # map-style: len and getitem
+    loader: DataLoader = DataLoader(tiles, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     if len(loader) == 0:
-        loader = DataLoader(TileDataset(list(items), [], spec), batch_size=len(items), shuffle=True)
+        loader = DataLoader(tiles, batch_size=len(items), shuffle=True)
     for epoch in range(start, cfg.epochs):
         backbone.train()
         head.train()

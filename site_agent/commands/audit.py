@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "audit", help="memorisation and privacy audit of a folder of synthetic tiles",
         description="Audit synthetic tiles (S) against the real tiles that conditioned them (T) with real tiles of "
                     "slides never used for conditioning (H) as the null. Writes audit.json, audit.html (on-site), "
-                    "audit_summary.json and its inert page audit_summary.html (shareable) into --out. Without a mapping s -> t(s) the paired test is "
+                    "audit_summary.json and its inert page audit_summary.html (shareable) into --out. Without a "
+                    "mapping s -> t(s) the paired test is "
                     "reported as not applicable. Exit 0 for PASS, WARN or INCONCLUSIVE (too few tiles to conclude; the "
                     "officer decides), 3 when the gate refuses (FAIL).")
     p.add_argument("--synthetic", required=True, metavar="DIR", help="folder of synthetic PNG/JPEG tiles (S)")
