@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from pixcell_fed.cli_support import run_cli
+from pixcell_fed.pipeline.distributed import end_torchrun_process, launched_by_torchrun
 
 COMMANDS = (
     "site_agent.commands.synthesize",
@@ -27,7 +28,10 @@ DESCRIPTION = "pixcell-fed site agent: slides -> synthetic tiles -> audit -> sig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("site-agent", DESCRIPTION, COMMANDS, argv)
+    code = run_cli("site-agent", DESCRIPTION, COMMANDS, argv)
+    if argv is None and launched_by_torchrun():  # a rank of a sharded run: see end_torchrun_process
+        end_torchrun_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def test_bundle_layout_and_state(tmp_path, arrays):
     assert read_bundle_json(root)["state"] == "awaiting_approval" == info.state
     meta = read_bundle_json(root)
     assert meta["counts"] == {"tiles": 6, "labels": {"normal": 2, "tumor": 4}}
-    assert meta["format_version"] == 2 and meta["tile_size"] == TILE_SIZE
+    assert meta["format_version"] == 3 and meta["tile_size"] == TILE_SIZE
+    assert meta["conditioning"]["mode"] == "exact"  # an audit that states no conditioning claims no guarantee
     # the agreed interface: "created" is the build's UTC time to the second, covered by the site signature
     created = parse_time(meta["created"])
     assert created is not None and created.utcoffset().total_seconds() == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from import_graph import import_graph, reachable
 
+from pixcell_fed.demo.consortium import DP_SITE
 from pixcell_fed.testing.real_slide import real_slide_path
 
 #: Any pip run inside the demo fails at once: no index, and an index URL nothing listens on.
@@ -90,7 +91,17 @@ def test_demo_consortium_runs_end_to_end_offline_and_reuses_its_set_up(tmp_path)
         assert sorted(counts) == ["normal", "tumour"] and all(counts.values())  # both classes held out
         assert metrics["n"] == sum(counts.values())  # a site answers aggregate metrics and n only
         assert _recall_sums(metrics["accuracy"], metrics["balanced_accuracy"], list(counts.values()))
-    assert "untrained twin" in (out / "coordinator" / "work" / "report" / "report.html").read_text()
+    consortium_page = (out / "coordinator" / "work" / "report" / "report.html").read_text()
+    assert "untrained twin" in consortium_page
+    # the dp hospital's guarantee, as its signed bundle states it, in its audit report and the consortium report
+    dp_site = out / "sites" / DP_SITE
+    (dp_bundle,) = (dp_site / "work" / "runs").glob("*/bundle/bundle.json")
+    claim = json.loads(dp_bundle.read_text())["conditioning"]
+    assert claim["mode"] == "dp" and pool["sites"][DP_SITE]["conditioning"] == claim
+    assert f"per tile epsilon 8, per slide epsilon {claim['slide_epsilon']:.3g}" in consortium_page
+    (dp_page,) = (dp_site / "work" / "runs").glob("*/audit/audit.html")
+    assert "Conditioning privacy: dp" in dp_page.read_text() and "Not covered by the guarantee" in dp_page.read_text()
+    assert pool["sites"]["hospital-a"]["conditioning"]["mode"] == "exact"
     for line in first.stdout.splitlines():
         if "audit report" in line or "consortium report" in line:
             assert Path(line.rsplit(" ", 1)[1]).is_file(), line

@@ -303,3 +303,73 @@ def test_pool_rows_and_staging_survive_a_second_run_of_the_same_bundles(sites, t
     third = sites.transport()
     assert pool_bundles(third, pool, sites.verify, _settings()).n_pooled == 24
     assert {s for s, asked in third.chunk_requests.items() if asked} == {"gamma"}
+
+
+# ------------------------------------------------------------------------ the consortium's conditioning requirement
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    """One site per kind of signed conditioning claim: exact (none stated), dp with a per-slide epsilon of 20.9
+    (4 per tile over 16 tiles), dp with 2.12 (1 per tile over 4 tiles)."""
+    from pixcell_fed.privacy.conditioning import dp_claim
+
+    def dp(epsilon: float, slide_tiles: int):
+        return dp_claim(epsilon=epsilon, delta=1e-6, clip_norm=2.0, vectors_per_tile=1, slide_tiles=slide_tiles,
+                        slide_tiles_capped=True)
+
+    return make_site_bundles(tmp_path_factory.mktemp("conditioned"), {"exact": 5, "loose": 6, "tight": 7},
+                             tile_size=48, conditioning={"loose": dp(4.0, 16), "tight": dp(1.0, 4)})
+
+
+def test_bundles_below_the_conditioning_requirement_are_refused_before_any_tile(conditioned, tmp_path):
+    from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement
+    from pixcell_fed.federation.report import render_html
+
+    fake = conditioned.transport()
+    requirement = ConditioningRequirement(min_mode="dp", max_slide_epsilon=8)
+    report = pool_bundles(fake, tmp_path / "pool", conditioned.verify, _settings(conditioning=requirement))
+    assert report.complete == ["tight"] and report.rejected == ["exact", "loose"]
+    exact, loose, tight = (report.sites[s] for s in ("exact", "loose", "tight"))
+    assert exact.reason == ("bundle refused: its synthetic set was made with exact conditioning, the consortium "
+                            "requires dp or stronger")
+    assert loose.reason == "bundle refused: its per-slide epsilon is 20.9, above the consortium's limit of 8"
+    # nothing of a refused site moved: no data request, no tile staged or pooled, its signed files discarded
+    assert _asked(fake, "exact") == [] and _asked(fake, "loose") == [] and len(_asked(fake, "tight")) == 7
+    assert exact.n_received == loose.n_received == 0 and exact.bytes_received == loose.bytes_received == 0
+    assert not (tmp_path / "pool" / "staging" / "exact").exists() and not (tmp_path / "pool" / "bundles" / "loose").exists()
+    assert set(pd.read_parquet(tmp_path / "pool" / "pool.parquet")["site"]) == {"tight"} and report.n_pooled == 7
+    # the pool report carries each site's signed claim and the requirement; the consortium report shows both
+    state = json.loads((tmp_path / "pool" / POOL_STATE).read_text())
+    assert state["sites"]["exact"]["conditioning"]["mode"] == "exact"
+    assert state["sites"]["loose"]["conditioning"]["slide_epsilon"] == pytest.approx(20.93, abs=0.01)
+    assert state["sites"]["tight"]["conditioning"]["tile_epsilon"] == 1.0 and state["sites"]["tight"]["reason"] is None
+    assert state["conditioning_requirement"] == "conditioning dp or stronger, per-slide epsilon <= 8"
+    page = render_html({"pool": state})
+    assert "above the consortium&#x27;s limit of 8" in page and "made with exact conditioning" in page
+    assert "per slide epsilon 2.12 (&lt;= 4 tiles)" in page and "per-slide epsilon &lt;= 8" in page
+
+
+def test_a_per_tile_bound_admits_only_dp_bundles_within_it(conditioned, tmp_path):
+    from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement
+
+    fake = conditioned.transport()
+    report = pool_bundles(fake, tmp_path / "pool", conditioned.verify,
+                          _settings(conditioning=ConditioningRequirement(max_tile_epsilon=2)))
+    assert report.complete == ["tight"] and report.rejected == ["exact", "loose"]
+    assert "per-tile epsilon is unbounded" in report.sites["exact"].reason
+    assert "per-tile epsilon is 4" in report.sites["loose"].reason and _asked(fake, "loose") == []
+
+
+def test_without_a_requirement_every_mode_is_pooled_and_a_tightened_one_drops_earlier_bundles(conditioned, tmp_path):
+    from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement
+
+    pool = tmp_path / "pool"
+    first = pool_bundles(conditioned.transport(), pool, conditioned.verify, _settings())
+    assert first.complete == ["exact", "loose", "tight"] and first.n_pooled == 18
+    assert json.loads((pool / POOL_STATE).read_text())["conditioning_requirement"] is None
+    # the consortium now requires dp; no site is connected: what was pooled under the old settings is re-checked
+    later = pool_bundles(FakeTransport(sites={}), pool, conditioned.verify,
+                         _settings(conditioning=ConditioningRequirement(min_mode="dp")))
+    assert later.complete == ["loose", "tight"] and later.rejected == ["exact"]
+    assert later.sites["exact"].reason.startswith("pooled in an earlier run, but now bundle refused: its synthetic set")
+    assert set(pd.read_parquet(pool / "pool.parquet")["site"]) == {"loose", "tight"} and later.n_pooled == 13

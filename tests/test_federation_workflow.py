@@ -32,6 +32,19 @@ def test_run_config_is_typed_once():
     settings = cfg.pool_settings
     assert settings.transfer.message_bytes == 1 << 20 and settings.poll_interval_s == 0.05
     assert settings.max_bundle_age_days == 30 and settings.expected_sites == ("a", "b")
+    assert settings.conditioning.requires_nothing  # min-conditioning exact, no epsilon limit: the defaults
+
+
+def test_run_config_conditioning_requirement():
+    from pixcell_fed.errors import ConfigError
+
+    cfg = from_run_config({"min-conditioning": "dp", "max-slide-epsilon": 8, "max-tile-epsilon": 0.0})
+    requirement = cfg.pool_settings.conditioning
+    assert (requirement.min_mode, requirement.max_slide_epsilon, requirement.max_tile_epsilon) == ("dp", 8.0, None)
+    assert cfg.pool_settings.transfer.conditioning == requirement
+    for bad in ({"min-conditioning": "strong"}, {"max-slide-epsilon": -1}, {"max-tile-epsilon": float("inf")}):
+        with pytest.raises((ConfigError, ValueError)):
+            from_run_config(bad)
 
 
 def _expected_metrics(work, fixture, digits=2):

@@ -68,7 +68,7 @@ def test_sharded_run_writes_the_same_tiles_as_one_process(tmp_path, models, one_
     _, reference = one_process
     site_yaml = make_site(tmp_path, name="site-a", models=models, slides=SLIDES, config=CONFIG)
     proc = subprocess.run(_torchrun(site_yaml), capture_output=True, text=True, env=_env(), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert len(reference) == 20 and _tile_hashes(tmp_path) == reference
     assert proc.stdout.count("run run-") == 1  # only rank 0 prints the summary
     assert "rank 1 of 2 on" in proc.stderr and "uses cpu (process group: gloo" in proc.stderr
@@ -131,7 +131,7 @@ def test_rank_killed_mid_run_then_rerun_finishes_with_the_same_tiles(tmp_path, m
     assert 0 < finished < len(batches)
 
     rerun = subprocess.run(_torchrun(site_yaml), capture_output=True, text=True, env=_env(), timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
     assert _tile_hashes(tmp_path) == reference
     log = (_run_dir(tmp_path) / "run.log").read_text()
     assert f"in {len(batches) - finished} batches ({finished} batches already done)" in log

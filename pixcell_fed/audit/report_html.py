@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pixcell_fed.atomic import write_text_atomic
+from pixcell_fed.audit.conditioning_section import conditioning_html
 from pixcell_fed.errors import PixcellFedError
 
 _COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "INCONCLUSIVE": "#5a67d8", "N/A": "#718096"}
@@ -194,6 +195,7 @@ def first_page(report: dict[str, Any], *, note: str) -> list[str]:
     out.append(f'<p id="verdict-sentence">The audit {_VERDICT_WORDS[verdict]}. {sizes["S_kept"]:,} of {sizes["S"]:,} '
                f'synthetic tiles were audited in the final round against {sizes["T"]:,} conditioning tiles (T) and '
                f'{sizes["H"]:,} held-out real tiles (H).{_dropped_sentence(report)}</p>')
+    out.append(conditioning_html(report.get("conditioning")))
     out += [f'<p id="{key}">{_esc(text)}</p>' for key, text in first_page_notes(report)]
     out.append("<table><tr><th>Test</th><th>Status</th><th>Finding</th></tr>")
     for t in report["tests"]:

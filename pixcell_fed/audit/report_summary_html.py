@@ -6,7 +6,8 @@ the nearest-neighbour figures, the null's numbers and the fidelity figures. Numb
 file name, no path. The page is inert: the Content-Security-Policy of :mod:`pixcell_fed.html_policy` first in
 ``<head>``, inline styles and inline SVG figures, no script, no URL (the bundle builder and ``coordinator verify``
 refuse any other page). Its text goes through the same fail-closed check as the JSON summary
-(:func:`report_json.check_no_role_names`) before it is written.
+(:func:`report_json.check_no_role_names`) before it is written. A set made with dp conditioning ships a minimal
+summary (:mod:`pixcell_fed.audit.conditioning_section`): its page states the decision and the guarantee only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_text_atomic
+from pixcell_fed.audit.conditioning_section import dp_summary_page_body, is_dp
 from pixcell_fed.audit.report_html import _CSS, _esc, _fmt, first_page, similarity_figures
 from pixcell_fed.audit.report_json import check_no_role_names
 from pixcell_fed.audit.roles import DataRoles
@@ -70,6 +72,9 @@ def render_summary_html(summary: dict[str, Any]) -> str:
     """The inert shareable page of a shareable summary (see the module docstring)."""
     out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{INERT_CSP_META}'
            f'<title>Privacy audit summary: {_esc(summary["verdict"])}</title><style>{_CSS}</style></head><body>']
+    if is_dp(summary.get("conditioning")):  # a dp set ships the decision, not the statistics (no figures, no null)
+        body = dp_summary_page_body(summary) + _identifier_section(summary.get("identifier_findings_by_kind", {}))
+        return "".join(out + body) + "</body></html>"
     out += first_page(summary, note=SHAREABLE_NOTE)
     out += ['<section id="figures">', *similarity_figures(summary["figures"]), *_null_section(summary["null"]),
             *_fidelity_section(summary["fidelity"]), *_identifier_section(summary["identifier_findings_by_kind"]),

@@ -56,7 +56,8 @@ class AuditResult:
 
 def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], holdout: Sequence[str | Path], *,
               out_dir: str | Path, audit_cfg: AuditConfig | None = None, source_of: Mapping[str, str] | None = None,
-              identities: Mapping[str, Any] | None = None, site: SiteFacts | None = None) -> AuditResult:
+              identities: Mapping[str, Any] | None = None, site: SiteFacts | None = None,
+              conditioning: Mapping[str, Any] | None = None) -> AuditResult:
     """Audit synthetic tiles S against their conditioning tiles T with held-out tiles H as the null.
 
     Writes ``out_dir/audit.json`` and ``out_dir/audit.html`` (on-site: real file names, real tiles),
@@ -64,14 +65,18 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     audited synthetic files; no real tiles, names, paths or embeddings) and ``out_dir/audit_summary.html`` (its
     inert page, for the consortium). ``source_of`` maps each synthetic tile (path, file name or stem) to its
     source tile in T. ``identities``: the models' identities with weight hashes (no paths), recorded in the
-    reports. ``site``: the site's identifiers and encoder spaces (:class:`SiteFacts`).
+    reports. ``site``: the site's identifiers and encoder spaces (:class:`SiteFacts`). ``conditioning``: the run's
+    conditioning claim (:meth:`pixcell_fed.privacy.conditioning.ConditioningClaim.to_record`), stated in every report;
+    in dp mode no tile is dropped (the gate only passes or fails) and the shareable summary keeps only what the gate
+    needs (:mod:`pixcell_fed.audit.conditioning_section`).
     """
-    from pixcell_fed.audit import report_html, report_json, report_summary_html
+    from pixcell_fed.audit import conditioning_section, report_html, report_json, report_summary_html
     from pixcell_fed.audit.context import build_context
     from pixcell_fed.audit.fidelity import embed_roles, fidelity
     from pixcell_fed.audit.rounds import run_rounds
 
-    cfg, site = audit_cfg or AuditConfig(), site or SiteFacts()
+    cfg = conditioning_section.audit_settings(audit_cfg or AuditConfig(), conditioning)  # dp: no tile dropped
+    site = site or SiteFacts()
     roles = build_roles(synthetic, reference, holdout, source_of=source_of, min_holdout=cfg.min_holdout,
                         min_holdout_ratio=cfg.min_holdout_ratio)
     log.info("audit: |S|=%d |T|=%d |H|=%d, mapping %s", len(roles.synthetic), len(roles.reference),
@@ -83,10 +88,12 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
     figures = fidelity(embeddings, roles, outcome.active, device=cfg.device)
     report = report_json.build_report(ctx, outcome, fidelity=figures,
                                       identities=dict(identities or {}))
+    if conditioning is not None:
+        report["conditioning"] = dict(conditioning)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_json.write_report(out_dir / "audit.json", report)
-    summary = report_json.build_summary(report)
+    summary = conditioning_section.shareable_summary(report_json.build_summary(report), conditioning)
     summary_path = report_json.write_summary(out_dir / "audit_summary.json", summary, roles)
     page_path = report_summary_html.write_summary_html(out_dir / "audit_summary.html", summary, roles)
     html_path = report_html.write_html(out_dir / "audit.html", report)

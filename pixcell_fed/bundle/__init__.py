@@ -21,6 +21,8 @@ _LAZY = {
     "check_tiles": "pixcell_fed.bundle.verify",
     "verify_before_transfer": "pixcell_fed.bundle.verify",
     "verify_bundle": "pixcell_fed.bundle.verify",
+    "ConditioningRequirement": "pixcell_fed.bundle.conditioning_policy",
+    "conditioning_refusal": "pixcell_fed.bundle.conditioning_policy",
     "TrustStore": "pixcell_fed.bundle.trust",
     "load_trust": "pixcell_fed.bundle.trust",
     "append_event": "pixcell_fed.bundle.trail",

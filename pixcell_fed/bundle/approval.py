@@ -66,7 +66,8 @@ class SiteAuthority:
 
 
 def bundle_overview(bundle_dir: str | Path, site: SiteAuthority | None = None) -> dict:
-    """What the officer sees before deciding: site, run, state, verdict, tile counts, report paths."""
+    """What the officer sees before deciding: site, run, state, verdict, tile counts, conditioning privacy in
+    plain words, report paths."""
     from pixcell_fed.bundle.state import AUDIT_REPORT, audit_dir
 
     bundle_dir = Path(bundle_dir)
@@ -77,7 +78,8 @@ def bundle_overview(bundle_dir: str | Path, site: SiteAuthority | None = None) -
     reports += [report] if report.is_file() else []
     return {"bundle": str(bundle_dir), "site": info["site"], "run_id": info["run_id"], "created": info["created"],
             "state": info["state"], "verdict": info["verdict"], "tiles": info["counts"]["tiles"],
-            "tile_size": info["tile_size"], "labels": info["counts"]["labels"], "reports": [str(p) for p in reports]}
+            "tile_size": info["tile_size"], "labels": info["counts"]["labels"], "reports": [str(p) for p in reports],
+            "conditioning": info["conditioning"]["statement"]}
 
 
 def _check_undecided(bundle_dir: Path, info: dict) -> None:

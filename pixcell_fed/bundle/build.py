@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pixcell_fed.bundle import layout as L
+from pixcell_fed.bundle.conditioning_policy import claim_of_audit
 from pixcell_fed.bundle.manifest import (canonical_json, check_label, check_run_id, label_counts, manifest_bytes,
                                          manifest_frame)
 from pixcell_fed.bundle.png import MAX_TILE_SIZE, MIN_TILE_SIZE, random_tile_name, read_rgb_tile
@@ -28,6 +29,7 @@ from pixcell_fed.bundle.shareable import HASHES_KEY, audit_json_text, validate_i
 from pixcell_fed.bundle.state import AUDIT_SUMMARY_HTML, BUNDLE_DIR, audit_dir
 from pixcell_fed.errors import BundleError, PrivacyGateRefused
 from pixcell_fed.hashing import sha256_bytes, sha256_file
+from pixcell_fed.privacy.conditioning import ClaimError
 from pixcell_fed.runlog import get_logger
 
 log = get_logger("bundle")
@@ -149,6 +151,11 @@ def build_bundle(
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE:
         raise BundleError(f"tile size {tile_size!r} is not {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px",
                           hint="pass the run's tiling.tile_size")
+    try:
+        conditioning = claim_of_audit(audit)
+    except ClaimError as exc:
+        raise BundleError(f"run {run_id}: the audit's conditioning claim is invalid: {exc}",
+                          hint="rerun the audit with this version of pixcell-fed") from exc
     generator_id = validate_identity(generator, "generator")
     encoder_id = validate_identity(encoder, "encoder")
     tile_paths = [Path(t) for t in tiles]
@@ -168,6 +175,7 @@ def build_bundle(
                               hint="a bundle is built once per run; remove it to rebuild")
         return _build_locked(out_dir, site_name=site_name, run_id=run_id, tiles=tile_paths, tile_size=tile_size,
                              labels=labels, generator_id=generator_id, encoder_id=encoder_id, audit=audit,
+                             conditioning=conditioning,
                              site_key=site_key, html_bytes=html_bytes,
                              forbidden=_forbidden_from_inputs(tile_paths, forbidden_strings))
 
@@ -188,7 +196,7 @@ def _checked_labels(labels: Sequence[str | None] | None, n_tiles: int) -> list |
 
 
 def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Path], tile_size: int,
-                  labels: list | None, generator_id: dict, encoder_id: dict, audit: dict, site_key,
+                  labels: list | None, generator_id: dict, encoder_id: dict, audit: dict, conditioning, site_key,
                   html_bytes: bytes | None, forbidden: list[str]) -> BundleInfo:
     from pixcell_fed.progress import progress
 
@@ -226,6 +234,7 @@ def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Pat
             "tile_size": tile_size,
             "counts": {"tiles": len(frame), "labels": label_counts(frame)},
             "verdict": audit["verdict"],
+            "conditioning": conditioning.to_record(),
             "files": {
                 L.MANIFEST: sha256_file(tmp / L.MANIFEST),
                 L.AUDIT: sha256_file(tmp / L.AUDIT),

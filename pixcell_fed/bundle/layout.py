@@ -1,6 +1,7 @@
 """The bundle's file layout, ``bundle.json``, the signed statement and the signature files.
 
-``bundle.json`` has an immutable part (format, site, run id, creation time, tile size, counts, verdict and the
+``bundle.json`` has an immutable part (format, site, run id, creation time, tile size, counts, verdict, the
+conditioning claim (mode and, for dp, its per-tile and per-slide guarantee; the same record as the audit's) and the
 sha256 of ``manifest.parquet``, ``audit.json`` and ``audit_summary.html``) and a mutable part (``state`` and
 ``decision``). Every file name of a bundle is a constant here.
 The site signs a *statement*: canonical JSON binding the site name, the run id, the sha256 of the immutable part
@@ -24,9 +25,10 @@ from typing import Any, Iterator
 from pixcell_fed.bundle.manifest import canonical_json, check_run_id
 from pixcell_fed.bundle.png import MAX_TILE_SIZE, MIN_TILE_SIZE
 from pixcell_fed.errors import BundleError, VerificationError
+from pixcell_fed.privacy.conditioning import ClaimError, ConditioningClaim
 
 FORMAT = "pixcell-fed-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: bundle.json carries the conditioning claim
 BUNDLE_JSON = "bundle.json"
 MANIFEST = "manifest.parquet"
 AUDIT = "audit.json"
@@ -42,7 +44,8 @@ STATE_APPROVED = "approved"
 STATE_REJECTED = "rejected"
 STATES = (STATE_AWAITING, STATE_APPROVED, STATE_REJECTED)
 
-IMMUTABLE_KEYS = ("format", "format_version", "site", "run_id", "created", "tile_size", "counts", "verdict", "files")
+IMMUTABLE_KEYS = ("format", "format_version", "site", "run_id", "created", "tile_size", "counts", "verdict",
+                  "conditioning", "files")
 MUTABLE_KEYS = ("state", "decision")
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -146,6 +149,10 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
         raise _bad(f"invalid 'tile_size' {size!r} (expected {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px)", verifying=verifying)
     if info["verdict"] not in ("PASS", "WARN", "INCONCLUSIVE", "FAIL"):
         raise _bad(f"invalid verdict {info['verdict']!r}", verifying=verifying)
+    try:
+        ConditioningClaim.from_record(info["conditioning"])
+    except ClaimError as exc:
+        raise _bad(f"invalid 'conditioning' claim: {exc}", verifying=verifying) from exc
     files = info["files"]
     if not isinstance(files, dict) or set(files) != {MANIFEST, AUDIT, SUMMARY_HTML}:
         raise _bad("invalid 'files' record", verifying=verifying)

@@ -34,6 +34,7 @@ SHAREABLE_AUDIT_KEYS = frozenset({
     "identifier_findings_by_kind",  # counts only
     "tiles",           # per audited synthetic tile: sha256, kept, flagged, reasons, nearest similarity
     "kept_sha256",     # sha256 of the synthetic tiles the audit kept: exactly what may be shipped
+    "conditioning",    # how synthesis was conditioned and its guarantee (pixcell_fed.privacy.conditioning)
 })
 HASHES_KEY = "kept_sha256"
 REQUIRED_AUDIT_KEYS = ("verdict", HASHES_KEY)

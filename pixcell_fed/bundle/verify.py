@@ -3,8 +3,8 @@
 1. :func:`check_signed_files`: everything the site signed, without the tiles' bytes: ``bundle.json``, the
    layout of the signed files, the site in the trust file and its signing key, the site signature, the recorded
    hashes of manifest, audit and summary page, the manifest, the audit (canonical, shareable, its verdict the
-   bundle's and not FAIL, its kept set exactly the manifest's tiles, hash for hash), the summary page (inert) and
-   the creation time (not in the future).
+   bundle's and not FAIL, its kept set exactly the manifest's tiles, hash for hash), the conditioning claim (valid,
+   the audit's and bundle.json's the same), the summary page (inert) and the creation time (not in the future).
 2. :func:`check_approval`: the bundle is approved, not rejected; the officer's signature is valid and made with
    the key of one of the site's officers in the trust file.
 3. :func:`check_tiles`: ``tiles/`` holds exactly the manifest's files, each with its size and sha256, each the
@@ -51,6 +51,7 @@ class VerifiedBundle:
     info: dict  # bundle.json as read
     site_key_fingerprint: str
     officer_key_fingerprint: str | None = None
+    conditioning: Any = None  # ConditioningClaim: the signed conditioning mode and guarantee (audit and bundle.json)
 
     def tile_path(self, file_name: str) -> Path:
         return self.path / L.TILES / file_name
@@ -134,6 +135,21 @@ def _check_audit(bundle_dir: Path, info: dict, frame) -> dict:
     return audit
 
 
+def _check_conditioning(info: dict, audit: dict):
+    """The conditioning claim: the audit's (``exact`` when it states none), valid, and exactly bundle.json's."""
+    from pixcell_fed.bundle.conditioning_policy import claim_of_audit
+    from pixcell_fed.privacy.conditioning import ClaimError
+
+    try:
+        claim = claim_of_audit(audit)
+    except ClaimError as exc:
+        raise _fail(f"the audit's conditioning claim is invalid: {exc}") from exc
+    if claim.to_record() != info["conditioning"]:
+        raise _fail(f"bundle.json claims {info['conditioning'].get('mode')!r} conditioning, its audit "
+                    f"{claim.mode!r} with other figures: the two signed claims must be the same")
+    return claim
+
+
 def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> VerifiedBundle:
     """Stage 1 (see the module docstring). Without ``trust`` the key in ``site.sig`` is taken as the site's."""
     from pixcell_fed.bundle.html import check_inert_html
@@ -180,6 +196,7 @@ def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> Veri
     if info["counts"]["labels"] != label_counts(frame):
         raise _fail(f"bundle.json counts labels {info['counts']['labels']}, the manifest {label_counts(frame)}")
     audit = _check_audit(bundle_dir, info, frame)
+    conditioning = _check_conditioning(info, audit)
     if info["files"][L.SUMMARY_HTML] is not None:
         try:
             check_inert_html((bundle_dir / L.SUMMARY_HTML).read_bytes(), name=L.SUMMARY_HTML)
@@ -187,7 +204,7 @@ def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> Veri
             raise _fail(exc.message, hint="refuse the bundle: its summary page is not inert") from exc
     return VerifiedBundle(path=bundle_dir, site_name=info["site"], run_id=info["run_id"], created=created,
                           tile_size=info["tile_size"], tiles=frame, audit=audit, verdict=audit["verdict"], info=info,
-                          site_key_fingerprint=fingerprint(key))
+                          site_key_fingerprint=fingerprint(key), conditioning=conditioning)
 
 
 def check_approval(checked: VerifiedBundle, trust: TrustStore) -> VerifiedBundle:

@@ -92,6 +92,22 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class ConditioningDPConfig:
+    """The target guarantee of ``synthesis.conditioning: dp`` (docs/privacy.md): (epsilon, delta) per real tile,
+    and the L2 norm every tile's embedding is clipped to before the Gaussian noise is added."""
+
+    epsilon: float = 8.0                 # per conditioning tile; the per-slide epsilon follows (see the report)
+    delta: float | None = None           # null = 1/(10 N) rounded down to a power of ten, at most 1e-5 (N: tiles)
+    clip_norm: float | None = None       # required in dp mode: choose it from public tiles, never from your own
+
+    def __post_init__(self) -> None:
+        _check(0 < self.epsilon <= 100, f"synthesis.dp.epsilon must be in (0, 100] (got {self.epsilon})")
+        _check(self.delta is None or 0 < self.delta <= 1e-3, f"synthesis.dp.delta must be in (0, 0.001] or null (got {self.delta})")
+        _check(self.clip_norm is None or 0 < self.clip_norm <= 1e6,
+               f"synthesis.dp.clip_norm must be in (0, 1e6] (got {self.clip_norm})")
+
+
+@dataclass(frozen=True)
 class SynthesisConfig:
     """How PixCell turns embeddings into synthetic tiles."""
 
@@ -101,12 +117,25 @@ class SynthesisConfig:
     seed: int = 0
     batch_size: int | None = None
     max_conditioning_tiles: int | None = None
+    # Conditioning privacy (docs/privacy.md): exact (the paper's), mixed (mean of mix_k tiles of one slide and
+    # label: a heuristic) or dp (Gaussian mechanism per tile, synthesis.dp); max_tiles_per_slide bounds the tiles
+    # one slide contributes (and so the per-slide guarantee in dp mode).
+    conditioning: Literal["exact", "mixed", "dp"] = "exact"
+    mix_k: int = 4
+    max_tiles_per_slide: int | None = None
+    dp: ConditioningDPConfig = field(default_factory=ConditioningDPConfig)
 
     def __post_init__(self) -> None:
         _check(self.samples_per_tile >= 1, "synthesis.samples_per_tile must be at least 1")
         _check(1 <= self.steps <= 1000, "synthesis.steps must be in [1, 1000]")
         _check(self.guidance is None or self.guidance >= 0, "synthesis.guidance must be >= 0")
         _check(self.batch_size is None or self.batch_size >= 1, "synthesis.batch_size must be at least 1")
+        _check(2 <= self.mix_k <= 64, f"synthesis.mix_k must be in [2, 64] (got {self.mix_k})")
+        _check(self.max_tiles_per_slide is None or self.max_tiles_per_slide >= 1,
+               "synthesis.max_tiles_per_slide must be at least 1 or null")
+        _check(self.conditioning != "dp" or self.dp.clip_norm is not None,
+               "synthesis.dp.clip_norm must be set when synthesis.conditioning is dp: the L2 norm each tile's "
+               "embedding is clipped to, chosen from public tiles (docs/privacy.md, 'Choosing the clip norm')")
 
 
 @dataclass(frozen=True)

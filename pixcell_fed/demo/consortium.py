@@ -1,7 +1,7 @@
 """Run a complete consortium on this machine with the same commands a real deployment uses.
 
 Three simulated hospitals, each with slides written from the real CMU H&E slide in its own stain and with slide
-labels, run ``site-agent synthesize``; a demo privacy officer per site approves; the coordinator admits the sites
+labels, run ``site-agent synthesize`` (one of them with differentially private conditioning); a demo privacy officer per site approves; the coordinator admits the sites
 (signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
 the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
 site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its
@@ -40,6 +40,18 @@ DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
                  "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
                  "epochs": 3, "batch-size": 16, "lr": 0.001}
 DEMO_SITE_CONFIG = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
+#: One hospital conditions synthesis with differential privacy (docs/privacy.md): its audit reports, its bundle,
+#: 'coordinator verify' and the consortium report state its per-tile and per-slide guarantee. The clip norm suits
+#: the untrained UNI2-h twin, whose embeddings have norm about 6.9; a real site chooses it from public tiles.
+DP_SITE = "hospital-c"
+DP_SITE_SYNTHESIS = {"conditioning": "dp", "max_tiles_per_slide": 8, "dp": {"epsilon": 8.0, "clip_norm": 7.0}}
+
+
+def site_config(name: str) -> dict:
+    """The demo's site.yaml overrides for site ``name``."""
+    if name != DP_SITE:
+        return DEMO_SITE_CONFIG
+    return {**DEMO_SITE_CONFIG, "synthesis": {**DEMO_SITE_CONFIG["synthesis"], **DP_SITE_SYNTHESIS}}
 
 
 @dataclass
@@ -93,7 +105,7 @@ def _make_sites(out: Path, models, source: Path | None) -> dict[str, Path]:
     configs = {}
     for i, (name, stain) in enumerate(SITES):
         configs[name] = make_site(out / "sites" / name, name=name, models=models, slides=_slides(i),
-                                  stain=StainVariation(**stain), config=DEMO_SITE_CONFIG, source=source)
+                                  stain=StainVariation(**stain), config=site_config(name), source=source)
     return configs
 
 

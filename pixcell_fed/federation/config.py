@@ -32,6 +32,9 @@ class CoordinatorConfig:
     reply_timeout_s: float = 600.0              # a site silent this long (with requests pending) is dropped
     poll_interval_s: float = 0.1                # how often the coordinator asks the SuperLink for replies
     max_bundle_age_days: float = 0.0            # refuse bundles built longer ago than this (0 = no maximum)
+    min_conditioning: Literal["exact", "mixed", "dp"] = "exact"  # refuse bundles conditioned less privately
+    max_tile_epsilon: float = 0.0               # dp conditioning: largest per-tile epsilon accepted (0 = no limit)
+    max_slide_epsilon: float = 0.0              # dp conditioning: largest per-slide epsilon accepted (0 = no limit)
     recipe: Literal["classifier", "ssl"] = "classifier"
     arch: str = "vit_tiny_patch16_224"          # timm backbone
     model_kwargs: Mapping[str, Any] | None = None  # timm keyword arguments (e.g. depth, embed_dim)
@@ -56,6 +59,9 @@ class CoordinatorConfig:
         if not 0.01 <= self.poll_interval_s <= 10 or self.max_bundle_age_days < 0 or self.reply_timeout_s <= 0:
             raise ValueError("coordinator: need poll-interval-s in [0.01, 10], max-bundle-age-days >= 0, "
                              "reply-timeout-s > 0")
+        if self.max_tile_epsilon < 0 or self.max_slide_epsilon < 0:
+            raise ValueError("coordinator: max-tile-epsilon and max-slide-epsilon must be >= 0 (0 = no limit)")
+        self.conditioning_requirement  # noqa: B018 -- the requirement's own checks (mode, finite bounds), at load time
         if self.dp_rounds:
             self.dp_settings  # noqa: B018 -- the DP settings' own range checks, at load time
 
@@ -65,7 +71,16 @@ class CoordinatorConfig:
 
         return PoolSettings(message_mb=self.chunk_mb, expected_sites=self.expected_sites, max_attempts=self.max_attempts,
                             reply_timeout_s=self.reply_timeout_s, poll_interval_s=self.poll_interval_s,
-                            max_bundle_age_days=self.max_bundle_age_days)
+                            max_bundle_age_days=self.max_bundle_age_days, conditioning=self.conditioning_requirement)
+
+    @property
+    def conditioning_requirement(self):
+        """The least conditioning privacy a bundle must offer to be pooled (docs/privacy.md); any epsilon bound
+        admits only ``dp`` bundles."""
+        from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement
+
+        return ConditioningRequirement(min_mode=self.min_conditioning, max_tile_epsilon=self.max_tile_epsilon or None,
+                                       max_slide_epsilon=self.max_slide_epsilon or None)
 
     @property
     def dp_settings(self):

@@ -4,6 +4,8 @@
    (:mod:`~pixcell_fed.federation.node_identity`); unknown nodes and impostors are ignored and reported.
 2. Round one: every identified site is asked for its manifest at once. Each reply is handled as it arrives:
    validated, staged, verified without tiles (:meth:`SiteTransfer.accept_manifest`).
+   A bundle whose signed conditioning claim is below the consortium's requirement (``PoolSettings.conditioning``,
+   :mod:`pixcell_fed.bundle.conditioning_policy`) is rejected there too, with the reason, before any tile moves.
 3. Round two: as soon as a site's bundle passed, ALL its data requests are queued at once (one message per
    ``message_bytes`` of tiles), and each tile is checked (once: its signed size and sha256, a canonical PNG) and
    written as it arrives. Tiles that failed are asked again (a further round for that site only) up to
@@ -11,7 +13,7 @@
 4. A site whose tiles are all in is checked again without re-hashing its tiles (signed files, approval, tiles in
    place: :class:`TrustVerifier`) and moved from staging into the pool.
 5. The pool table is rebuilt from the trust file: sites that left it lose their files; trusted sites pooled in an
-   earlier run that did not connect now stay if their bundle still verifies.
+   earlier run that did not connect now stay if their bundle still verifies and meets the requirement.
 
 On disk (``pool_dir``): ``staging/`` and ``bundles/`` (see :mod:`~pixcell_fed.federation.staging`),
 ``pool.parquet`` (one row per pooled tile: file_name, site, bundle_run_id, label, sha256, size, path, generator,
@@ -29,11 +31,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pixcell_fed.atomic import write_json_atomic, write_parquet_atomic
 from pixcell_fed.bundle import layout as L
+from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement
 from pixcell_fed.errors import PixcellFedError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation import staging
 from pixcell_fed.federation.node_identity import identify_nodes
-from pixcell_fed.federation.transfer import SiteStatus, SiteTransfer, TransferSettings, Verifier, audit_facts
+from pixcell_fed.federation.transfer import (SiteStatus, SiteTransfer, TransferSettings, Verifier, audit_facts,
+                                             refusal_of_conditioning)
 from pixcell_fed.federation.transport import Request, Transport
 from pixcell_fed.runlog import get_logger
 
@@ -57,11 +61,12 @@ class PoolSettings:
     reply_timeout_s: float = 600.0     # a site silent this long (with requests pending) is dropped
     poll_interval_s: float = 0.1
     max_bundle_age_days: float = 0.0   # 0 = no maximum
+    conditioning: ConditioningRequirement = ConditioningRequirement()  # the least conditioning privacy accepted
 
     @property
     def transfer(self) -> TransferSettings:
         return TransferSettings(message_bytes=max(1, int(self.message_mb * (1 << 20))), max_attempts=self.max_attempts,
-                                max_bundle_age_days=self.max_bundle_age_days)
+                                max_bundle_age_days=self.max_bundle_age_days, conditioning=self.conditioning)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class PoolReport:
     ignored_nodes: list[str] = field(default_factory=list)  # connected nodes that are no trusted site, and why
     removed_sites: list[str] = field(default_factory=list)  # sites no longer in the trust file (their files removed)
     traffic: dict[str, int] = field(default_factory=dict)  # rounds, messages by kind
+    conditioning_requirement: str | None = None  # the consortium's requirement in words (None: it requires nothing)
 
     @property
     def complete(self) -> list[str]:
@@ -94,6 +100,7 @@ class PoolReport:
                 "bytes_received": self.bytes_received, "seconds": round(self.seconds, 3),
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "traffic": dict(self.traffic),
                 "ignored_nodes": list(self.ignored_nodes), "removed_sites": list(self.removed_sites),
+                "conditioning_requirement": self.conditioning_requirement,
                 "complete": self.complete, "missing": self.missing, "rejected": self.rejected}
 
 
@@ -269,7 +276,14 @@ def _earlier_bundles(run: _Run, sites: dict[str, SiteStatus], connected: set[str
         n = len(verified.tiles)
         sites[site] = SiteStatus(site=site, status="complete", run_id=str(verified.run_id), n_tiles=n, n_received=n,
                                  audit_verdict=verdict, generator=generator,
+                                 conditioning=verified.conditioning.to_record(),
                                  reason="pooled in an earlier run; not connected now")
+        refused = refusal_of_conditioning(verified, run.settings.conditioning)
+        if refused is not None:  # pooled under a weaker requirement: it stays out of this pool
+            sites[site].status, sites[site].n_received = "rejected", 0
+            sites[site].reason = f"pooled in an earlier run, but now {refused}"
+            log.warning("pooling: site %s (pooled earlier) is left out: %s", site, refused)
+            continue
         rows += _rows(run.pool_dir, site, str(verified.run_id), bundle, verified.tiles)
         log.info("pooling: keeping %d tiles of %s pooled in an earlier run", n, site)
     return rows
@@ -306,7 +320,9 @@ def pool_bundles(transport: Transport, pool_dir: str | Path, verify: TrustVerifi
                         seconds=time.monotonic() - started, pool_table=run.pool_dir / POOL_TABLE,
                         timings=dict(run.timings), nodes={t.site: t.node for t in transfers if t.status.status == "complete"},
                         ignored_nodes=sorted(found.ignored.values()), removed_sites=removed,
-                        traffic={**run.traffic, "bytes": run.bytes_received})
+                        traffic={**run.traffic, "bytes": run.bytes_received},
+                        conditioning_requirement=None if run.settings.conditioning.requires_nothing
+                        else run.settings.conditioning.describe())
     write_json_atomic(run.pool_dir / POOL_STATE, report.to_dict())
     log.info("pooling: %d tiles pooled; complete %s; missing %s; rejected %s", report.n_pooled, report.complete,
              report.missing, report.rejected)

@@ -1,8 +1,8 @@
 """The consortium report: ``report.json`` (everything) and ``report.html`` (one self-contained page).
 
-Which sites took part, how many tiles each contributed, their audit verdicts, who is missing or rejected and
-why, the training curves, and each site's accuracy, balanced accuracy and macro F1 on its own real held-out
-tiles, with the figures pooled across sites (weighted by tiles evaluated).
+Which sites took part, how many tiles each contributed, their audit verdicts and conditioning privacy, who is
+missing or rejected and why, the training curves, and each site's accuracy, balanced accuracy and macro F1 on its
+own real held-out tiles, with the figures pooled across sites (weighted by tiles evaluated).
 """
 
 from __future__ import annotations
@@ -22,6 +22,25 @@ DP_GUARANTEE = ("Privacy unit: one real tile of a site's training set. Epsilon i
                 "with k tiles is protected only at about k times epsilon. Outside the guarantee: the synthetic "
                 "bundles (protected by the audit and the officer's approval), the evaluation metrics, and the "
                 "approximate size of each site's training set.")
+
+#: What the conditioning column means (docs/privacy.md).
+CONDITIONING_NOTE = ("Conditioning privacy: how each site conditioned its synthetic tiles, as its signed bundle states. "
+                     "'exact' and 'mixed' carry no formal guarantee (the audit checks for copies); 'dp' sets are "
+                     "differentially private with respect to each real tile (epsilon per tile) and each slide "
+                     "(epsilon per slide, by group privacy over the slide's conditioning tiles), at the delta shown. "
+                     "Not covered: the audit's decision and shipped statistics, and each tile's class label.")
+
+
+def _conditioning(record: Any) -> str:
+    from pixcell_fed.privacy.conditioning import ClaimError, ConditioningClaim
+
+    if record is None:
+        return "not stated"
+    try:
+        return ConditioningClaim.from_record(record).short()
+    except ClaimError:
+        return "invalid claim"
+
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
@@ -75,9 +94,15 @@ def _metric_header(first: str) -> list[str]:
 def _sites_section(pool: dict[str, Any]) -> list[str]:
     sites = pool.get("sites", {})
     out = ["<h2>Sites</h2>", _table(
-        ["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "note"],
+        ["site", "status", "bundle run", "generator", "tiles", "received", "audit verdict", "conditioning privacy",
+         "note"],
         [[s, st.get("status"), st.get("run_id"), st.get("generator"), st.get("n_tiles"), st.get("n_received"),
-          st.get("audit_verdict"), st.get("reason")] for s, st in sorted(sites.items())])]
+          st.get("audit_verdict"), _conditioning(st.get("conditioning")), st.get("reason")]
+         for s, st in sorted(sites.items())]),
+        f"<p>{html.escape(CONDITIONING_NOTE)}</p>"]
+    if pool.get("conditioning_requirement"):
+        out.append(f"<p>The consortium requires {html.escape(str(pool['conditioning_requirement']))}; a bundle "
+                   "offering less is rejected before any of its tiles is transferred.</p>")
     if pool.get("ignored_nodes"):
         out.append("<p class='bad'>Connected nodes ignored (their key is no trusted site's, or does not match the "
                    "name they were registered under):</p><ul>"

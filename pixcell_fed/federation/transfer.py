@@ -2,7 +2,8 @@
 
     connected --manifest reply, checked + staged + preflight--> transferring --every tile--> verified --> complete
         |                      |                                      |                         |
-        +-> missing (silent)   +-> rejected (bad reply or bundle)     +-> missing / partial      +-> rejected
+        +-> missing (silent)   +-> rejected (bad reply or bundle,     +-> missing / partial      +-> rejected
+                                   or conditioning below the consortium's requirement)
 
 Each phase is one method of :class:`SiteTransfer`; :mod:`pixcell_fed.federation.pooling` drives them as replies
 arrive. Every value of a reply is validated (:mod:`~pixcell_fed.federation.validation`) before it is used, files
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pixcell_fed.bundle import layout as L
+from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement, conditioning_refusal
 from pixcell_fed.errors import FederationError, PixcellFedError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation import staging
@@ -44,6 +46,7 @@ class SiteStatus:
     bytes_received: int = 0
     audit_verdict: str | None = None
     generator: str | None = None       # the generator's label from the audit ("PixCell-256", "untrained twin")
+    conditioning: dict | None = None   # the signed conditioning claim (mode, dp guarantee), as verified
     reason: str | None = None
     failed_files: list[str] = field(default_factory=list)
 
@@ -55,6 +58,7 @@ class TransferSettings:
     message_bytes: int = 512 << 20     # tiles per data message at most (a message holds one tile at least)
     max_attempts: int = 3              # requests per tile before giving up on it
     max_bundle_age_days: float = 0.0   # 0 = no maximum
+    conditioning: ConditioningRequirement = ConditioningRequirement()  # the least the consortium accepts
 
 
 def audit_facts(bundle_dir: Path) -> tuple[str | None, str | None]:
@@ -69,6 +73,13 @@ def audit_facts(bundle_dir: Path) -> tuple[str | None, str | None]:
     label = generator.get("label") if isinstance(generator, dict) else None
     verdict = audit.get("verdict")
     return (str(verdict) if verdict is not None else None), (str(label) if label is not None else None)
+
+
+def refusal_of_conditioning(checked: Any, requirement: ConditioningRequirement) -> str | None:
+    """Why a verified bundle's signed conditioning claim does not meet the consortium's requirement (``None`` when
+    it does). A bundle may only be refused by this, never accepted: the claim is the site's, signed and checked."""
+    reason = conditioning_refusal(checked.conditioning, requirement)
+    return None if reason is None else f"bundle refused: {reason}"
 
 
 def _status_of_refusal(code: str | None) -> str:
@@ -128,6 +139,12 @@ class SiteTransfer:
             return
         self.status.run_id, self.checked = run_id, checked
         self.status.audit_verdict, self.status.generator = audit_facts(self.staged_dir)
+        self.status.conditioning = checked.conditioning.to_record()
+        refused = refusal_of_conditioning(checked, settings.conditioning)
+        if refused is not None:  # before any tile is asked for
+            staging.discard(self.staged_dir)
+            self.close("rejected", refused)
+            return
         self.tiles = {name: size for name, (size, _) in checked.tile_records.items()}
         tiles_dir = self.staged_dir / L.TILES
         # resume: a tile is on disk under its final name only after check_tile passed on it (in an earlier run of

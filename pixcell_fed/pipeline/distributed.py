@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, NoReturn, Sequence, TypeVar
 
 from pixcell_fed.errors import ConfigError, DistributedError, ExitCode, PixcellFedError
 from pixcell_fed.runlog import get_logger
@@ -204,6 +205,27 @@ def launched_ranks(configured_device: str, *, wait_timeout: timedelta | None = N
         dist.destroy_process_group()
 
 
+def end_torchrun_process(code: int) -> NoReturn:
+    """Leave a process that torchrun started, with ``code``, once its work is done and its process group is gone.
+
+    The process group was destroyed in order (:func:`launched_ranks`), the summary printed and the logs written;
+    what remains is the interpreter's teardown, in which C++ threads of the libraries a rank loaded (gloo,
+    OpenMP, OpenCV, OpenSlide) are destroyed in no fixed order. Now and then one of them calls
+    ``std::terminate`` ("terminate called without an active exception"): the rank dies by SIGABRT after
+    finishing, and torchrun reports a failed job. Flushing and leaving without the teardown avoids that.
+    """
+    import logging
+
+    from pixcell_fed.slides.workers import shutdown_shared_executors
+
+    shutdown_shared_executors()  # the tile readers (normally stopped at exit)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def release_device_memory(device: str) -> None:
     """Return cached GPU memory after a rank's share (it then only waits for rank 0's audit)."""
     if device.startswith("cuda"):
@@ -212,5 +234,5 @@ def release_device_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["DEFAULT_WAIT_TIMEOUT", "Ranks", "launched_by_torchrun", "launched_ranks", "rank_device",
+__all__ = ["DEFAULT_WAIT_TIMEOUT", "Ranks", "end_torchrun_process", "launched_by_torchrun", "launched_ranks", "rank_device",
            "release_device_memory"]

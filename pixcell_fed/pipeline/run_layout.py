@@ -44,6 +44,12 @@ class RunLayout:
         return self.root / "embeddings"
 
     @property
+    def privatized_conditioning(self) -> Path:
+        """The dp-privatized conditioning embeddings (``synthesis.conditioning: dp``), drawn once per tile and kept
+        so that a resumed run reuses them: in their own folder, never beside the clean cache, never shipped."""
+        return self.root / "conditioning" / "privatized.npz"
+
+    @property
     def synthetic_dir(self) -> Path:
         return self.root / "synthetic"
 

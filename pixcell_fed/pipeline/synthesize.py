@@ -22,6 +22,7 @@ from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_byt
                                 write_parquet_atomic)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
+from pixcell_fed.pipeline.conditioning import condition_embeddings
 from pixcell_fed.pipeline.distributed import Ranks, launched_ranks, release_device_memory
 from pixcell_fed.pipeline.labels import SlideTable, check_labels_cover, load_slide_table
 from pixcell_fed.pipeline.provenance import versions
@@ -50,6 +51,7 @@ class SynthesizeSummary:
     conditioning_tiles: int = 0
     holdout_tiles: int = 0
     synthetic_tiles: int = 0
+    conditioning: str | None = None  # the conditioning mode and, for dp, its guarantee (one line)
     kept_tiles: int = 0
     verdict: str | None = None
     report: str | None = None
@@ -91,6 +93,15 @@ def _synthetic_name(tile_id: str, sample: int) -> str:
     return hashlib.sha256(f"{tile_id}:{sample}".encode()).hexdigest()[:20] + ".png"
 
 
+def _synthesised(cfg: SiteConfig, layout: RunLayout):
+    """Whether a conditioning tile (by id) already has a synthetic tile in the run."""
+    def any_sample(tile_id: str) -> bool:
+        return any((layout.synthetic_dir / _synthetic_name(tile_id, s)).is_file()
+                   for s in range(cfg.synthesis.samples_per_tile))
+
+    return any_sample
+
+
 def _split(layout: RunLayout, cfg: SiteConfig, tiles, table: SlideTable) -> tuple[list[str], list[str]]:
     """T/H split by patient (or, when set, by slide), decided once per run (before any synthesis) and saved."""
     from pixcell_fed.pipeline.split import split_by_unit
@@ -104,16 +115,30 @@ def _split(layout: RunLayout, cfg: SiteConfig, tiles, table: SlideTable) -> tupl
 
 
 def _conditioning_rows(cfg: SiteConfig, t_tiles, n_holdout: int):
-    """The conditioning tiles: all of T, capped by config and so that |H| >= |T| / 2 for the audit's null."""
+    """The conditioning tiles: all of T, at most ``synthesis.max_tiles_per_slide`` per slide, capped by config and
+    so that |H| >= |T| / 2 for the audit's null."""
     cap = 2 * n_holdout
     if cfg.synthesis.max_conditioning_tiles is not None:
         cap = min(cap, cfg.synthesis.max_conditioning_tiles)
-    rows = t_tiles.sort_values("tile_id")
+    rows = _cap_per_slide(t_tiles.sort_values("tile_id"), cfg.synthesis.max_tiles_per_slide, cfg.synthesis.seed)
     if len(rows) > cap:
         rng = np.random.default_rng(cfg.synthesis.seed)
         rows = rows.iloc[np.sort(rng.choice(len(rows), size=cap, replace=False))]
         log.info("conditioning on %d of %d tiles of the conditioning slides (|H| = %d)", cap, len(t_tiles), n_holdout)
     return rows.reset_index(drop=True)
+
+
+def _cap_per_slide(rows, cap: int | None, seed: int):
+    """At most ``cap`` tiles of each slide (a random choice with the run's seed), in the order given."""
+    if cap is None:
+        return rows
+    rng = np.random.default_rng([seed, cap])
+    keep = np.zeros(len(rows), dtype=bool)
+    for positions in rows.groupby("slide_key", sort=True).indices.values():
+        keep[positions if len(positions) <= cap else rng.choice(positions, size=cap, replace=False)] = True
+    if not keep.all():
+        log.info("conditioning on at most %d tiles per slide (%d of %d tiles)", cap, int(keep.sum()), len(rows))
+    return rows[keep]
 
 
 def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
@@ -303,6 +328,9 @@ def _synthesize_share(cfg: SiteConfig, ranks: Ranks) -> None:
     with run_log(layout.rank_log_file(ranks.rank)):
         rows = pd.DataFrame(plan["rows"])
         cond, _ = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder, ranks)
+        ranks.checkpoint("conditioning")  # rank 0 has drawn (dp) and stored the release: load it, never draw
+        cond, _ = condition_embeddings(cfg, layout, rows, cond, plan["labels"], generated=_synthesised(cfg, layout),
+                                       may_draw=False)
         _generate(cfg, layout, pipeline, rows, cond, plan["labels"], ranks)
         del pipeline, encoder, cond
         release_device_memory(ranks.device)
@@ -377,9 +405,12 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
             encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=ranks.device)
             ranks.checkpoint("preparing the run", {
                 "run_dir": str(layout.root.resolve()), "settings": _settings_digest(cfg),
-                "rows": rows[["tile_id", "tile_file", "slide_file"]].to_dict("list"),
+                "rows": rows[["tile_id", "tile_file", "slide_file", "slide_key"]].to_dict("list"),
                 "labels": {f: labels[f] for f in set(rows["slide_file"]) if f in labels}})
             cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder, ranks)
+            cond, claim = condition_embeddings(cfg, layout, rows, cond, labels, generated=_synthesised(cfg, layout))
+            ranks.checkpoint("conditioning")  # a dp release is stored before any other rank reads it
+            summary.conditioning = claim.short()
             synthetic = _generate(cfg, layout, pipeline, rows, cond, labels, ranks)
             summary.synthetic_tiles = len(synthetic)
             summary.models_are_twins = summary.models_are_twins or bool(encoder_identity.get("twin"))
@@ -396,6 +427,7 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
                 identities={"generator": _shareable_identity(pipeline.identity),
                             "encoder": _shareable_identity(encoder_identity)},
                 site=SiteFacts(forbidden_strings=forbidden, feature_spaces=spaces, split_unit=cfg.split.unit),
+                conditioning=claim.to_record(),
             )
             summary.verdict, summary.report = result.verdict, str(result.report_path)
             summary.kept_tiles = len(result.kept)

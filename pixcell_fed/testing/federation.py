@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 from pixcell_fed.federation.transport import PolledExchange
 
@@ -288,14 +288,16 @@ def _write_site_yaml(site_root: Path, name: str, work_dir: Path) -> Path:
 
 
 def make_site_bundles(root: str | Path, counts: Mapping[str, int], *, tile_size: int = 64, n_eval: int = 12,
-                      n_train: int = 12, seed: int = 0, auth_keys: Mapping[str, str | Path] | None = None) -> SiteBundles:
+                      n_train: int = 12, seed: int = 0, auth_keys: Mapping[str, str | Path] | None = None,
+                      conditioning: Mapping[str, Any] | None = None) -> SiteBundles:
     """Approved, signed bundles of real-pixel labelled tiles for the sites in ``counts`` (name -> tile count).
 
     Tiles are cut from the real slide (stand-ins for synthetic tiles); each site also gets held-out real tiles
     in ``eval/<label>/`` and DP-training tiles in ``train/<label>/``, drawn from a shifted grid, and a
     ``site.yaml``. The trust file holds each site's signing, officer and SuperNode authentication keys:
     ``auth_keys`` (site -> OpenSSH public key text or ``.pub`` file, e.g. keys registered with a real SuperLink),
-    else :func:`auth_key_for_tests`.
+    else :func:`auth_key_for_tests`. ``conditioning`` (site -> :class:`~pixcell_fed.privacy.conditioning.ConditioningClaim`)
+    puts that claim in a site's audit and signed bundle (default: none stated, i.e. ``exact``).
     """
     root = Path(root)
     total = sum(counts.values())
@@ -315,7 +317,7 @@ def make_site_bundles(root: str | Path, counts: Mapping[str, int], *, tile_size:
         work_dir = site_root / "work"
         # the bundle sits where a site's synthesize run puts it, so that serving it is logged in the site's trail
         bundle_dir, entry = build_test_bundle(work_dir / "runs" / run_id / "bundle", name, run_id, tiles,
-                                              site_root / "scratch")
+                                              site_root / "scratch", conditioning=(conditioning or {}).get(name))
         given = (auth_keys or {}).get(name)
         entry["auth_key"] = (Path(given).read_text().strip() if isinstance(given, Path) else str(given).strip()) \
             if given is not None else auth_key_for_tests(name)
@@ -329,14 +331,16 @@ def make_site_bundles(root: str | Path, counts: Mapping[str, int], *, tile_size:
     return SiteBundles(root=root, sites=fixtures, trust_file=trust_file)
 
 
-def build_test_bundle(bundle_dir: Path, site: str, run_id: str, tiles, tmp: Path):
+def build_test_bundle(bundle_dir: Path, site: str, run_id: str, tiles, tmp: Path, *, conditioning: Any = None):
     """A real bundle (``pixcell_fed.bundle.build_bundle``) of a run at ``bundle_dir``'s parent, approved by a
-    real officer key."""
+    real officer key; ``conditioning``: the run's conditioning claim (none stated when None)."""
     from pixcell_fed.bundle import SiteAuthority, approve_bundle, build_bundle
     from pixcell_fed.keys import generate_private_key, public_key_text
-    from pixcell_fed.testing.bundles import write_run
+    from pixcell_fed.testing.bundles import audit_for, write_run
 
-    run = write_run(Path(bundle_dir).parent.parent.parent, run_id, [pixels for pixels, _ in tiles])
+    arrays = [pixels for pixels, _ in tiles]
+    audit = None if conditioning is None else {**audit_for(arrays), "conditioning": conditioning.to_record()}
+    run = write_run(Path(bundle_dir).parent.parent.parent, run_id, arrays, audit=audit)
     site_key, officer_key = generate_private_key(), generate_private_key()
     build_bundle(run.run_dir, site_name=site, tiles=run.tiles, tile_size=int(tiles[0][0].shape[0]),
                  labels=[label for _, label in tiles], generator={"name": "pixcell-256", "twin": True},

@@ -1,8 +1,9 @@
 """Epsilon of composed DP-SGD steps, and the site's delta.
 
-One function computes epsilon for the whole project: Opacus's PRV accountant over every step batch, returning
+One function computes the epsilon of DP-SGD for the whole project: Opacus's PRV accountant over every step batch, returning
 its upper bound (so the figure is a guarantee, not an estimate). Steps with the same noise multiplier and sample
-rate are merged first (composition does not depend on order).
+rate are merged first (composition does not depend on order). The default delta is
+:func:`pixcell_fed.privacy.gaussian_mechanism.default_delta`, shared with DP conditioning.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from pixcell_fed.privacy.gaussian_mechanism import default_delta  # noqa: F401 (the site's delta: one definition)
 from pixcell_fed.training.dp import DPSteps
 
 
@@ -35,11 +37,3 @@ def epsilon_spent(steps: Iterable[DPSteps], delta: float) -> float:
     except (OverflowError, ValueError, ZeroDivisionError, FloatingPointError, MemoryError):
         return math.inf
     return eps if math.isfinite(eps) else math.inf
-
-
-def default_delta(n_examples: int) -> float:
-    """The site's delta when site.yaml sets none: 1/(10 N), rounded down to a power of ten, so that the delta a
-    site reports tells its training-set size only to an order of magnitude."""
-    if n_examples < 1:
-        raise ValueError("need at least one example")
-    return 10.0 ** math.floor(math.log10(1.0 / (10 * n_examples)))

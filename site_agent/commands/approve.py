@@ -43,6 +43,7 @@ def _print_overview(overview: dict) -> None:
     print(f"site:    {overview['site']}    run: {overview['run_id']}    state: {overview['state']}")
     print(f"verdict: {overview['verdict']}    tiles: {overview['tiles']} ({overview['tile_size']} px)"
           + (f"    labels: {overview['labels']}" if overview["labels"] else ""))
+    print(f"privacy: {overview['conditioning']}")
     for report in overview["reports"] or ["(no report found for this run)"]:
         print(f"report:  {report}")
 

@@ -57,6 +57,8 @@ def format_summary(s) -> str:
         lines.append("  dropped by tile quality control: "
                      + ", ".join(f"{n} {reason}" for reason, n in s.tiles_dropped_by_qc.items()))
     lines.append(f"synthetic tiles: {s.synthetic_tiles} generated, {s.kept_tiles} kept after the audit")
+    if s.conditioning:
+        lines.append(f"conditioning privacy: {s.conditioning}")
     lines.append(f"audit verdict: {s.verdict}; report: {s.report}")
     if s.bundle:
         state = s.bundle_state.replace("_", " ") if s.bundle_state else "unknown"
