@@ -26,7 +26,7 @@ DP_AUDIT_LIMITS = ("In dp mode the audit drops no tile: its gate only passes or 
 
 
 def is_dp(conditioning: Mapping[str, Any] | None) -> bool:
-    return bool(conditioning) and conditioning.get("mode") == "dp"
+    return conditioning is not None and conditioning.get("mode") == "dp"
 
 
 def audit_settings(cfg: AuditConfig, conditioning: Mapping[str, Any] | None) -> AuditConfig:

@@ -61,7 +61,7 @@ def conditioning_refusal(claim: ConditioningClaim, requirement: ConditioningRequ
                 f"{requirement.min_mode} or stronger")
     bounds = (("per-tile epsilon", claim.epsilon_per_tile, requirement.max_tile_epsilon),
               ("per-slide epsilon", claim.epsilon_per_slide, requirement.max_slide_epsilon),
-              ("delta", claim.tile_delta if claim.mode == "dp" else math.inf, requirement.max_delta))
+              ("delta", claim.dp.tile_delta if claim.mode == "dp" else math.inf, requirement.max_delta))
     for label, value, limit in bounds:
         if limit is not None and not value <= limit:
             shown = "unbounded (no formal guarantee)" if math.isinf(value) else f"{value:.3g}"

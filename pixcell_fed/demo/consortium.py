@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pixcell_fed.errors import FederationError, PixcellFedError
 from pixcell_fed.runlog import get_logger
@@ -39,7 +40,7 @@ SLIDES_PER_LABEL = 3
 DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
                  "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
                  "epochs": 3, "batch-size": 16, "lr": 0.001}
-DEMO_SITE_CONFIG = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
+DEMO_SITE_CONFIG: dict[str, dict[str, Any]] = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
 #: One hospital conditions synthesis with differential privacy (docs/privacy.md): its audit reports, its bundle,
 #: 'coordinator verify' and the consortium report state its per-tile and per-slide guarantee. The clip norm suits
 #: the untrained UNI2-h twin, whose embeddings have norm about 6.9; a real site chooses it from public tiles.

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from pixcell_fed.config import SiteConfig
-from pixcell_fed.errors import PrivacyGateRefused
+from pixcell_fed.errors import ConfigError, PrivacyGateRefused
 from pixcell_fed.pipeline.run_layout import RunLayout
 from pixcell_fed.privacy.conditioning import (ConditioningClaim, dp_claim, exact_claim, mix_within_groups, mixed_claim,
                                               privatize)
@@ -62,10 +62,13 @@ def _dp_release(cfg: SiteConfig, layout: RunLayout, rows, embeddings: np.ndarray
     tile_ids = [str(t) for t in rows["tile_id"]]
     stored_ids, stored, meta = _read_store(layout)
     delta = syn.dp.delta or meta.get("delta") or min(MAX_DEFAULT_DELTA, default_delta(len(tile_ids)))
-    capped = syn.max_tiles_per_slide is not None
-    claim = dp_claim(epsilon=syn.dp.epsilon, delta=delta, clip_norm=syn.dp.clip_norm,
+    cap, clip_norm = syn.max_tiles_per_slide, syn.dp.clip_norm
+    if clip_norm is None:  # SiteConfig refuses dp without a clip norm already
+        raise ConfigError("synthesis.dp.clip_norm must be set when synthesis.conditioning is dp",
+                          hint="choose it from public tiles (docs/privacy.md)")
+    claim = dp_claim(epsilon=syn.dp.epsilon, delta=delta, clip_norm=clip_norm,
                      vectors_per_tile=int(embeddings.shape[1]),
-                     slide_tiles=syn.max_tiles_per_slide if capped else tiles_per_slide(rows), slide_tiles_capped=capped)
+                     slide_tiles=cap if cap is not None else tiles_per_slide(rows), slide_tiles_capped=cap is not None)
     mechanism = {"epsilon": claim.tile_epsilon, "delta": claim.tile_delta, "clip_norm": claim.clip_norm,
                  "sigma": claim.sigma, "vectors_per_tile": claim.vectors_per_tile, "dim": int(embeddings.shape[2])}
     if meta and any(meta.get(k) != v for k, v in mechanism.items()):
@@ -100,6 +103,7 @@ def _dp_release(cfg: SiteConfig, layout: RunLayout, rows, embeddings: np.ndarray
         append_event(trail_path(cfg.site.work_dir), "dp-conditioning", run_id=layout.run_id, tiles=len(missing),
                      tile_epsilon=claim.tile_epsilon, delta=claim.tile_delta, sigma=claim.sigma,
                      clip_norm=claim.clip_norm, slide_epsilon=claim.slide_epsilon, slide_tiles=claim.slide_tiles)
+    assert stored is not None  # read above, or drawn for every tile it lacked
     return stored[[index[t] for t in tile_ids]], claim
 
 

@@ -58,6 +58,29 @@ def _fmt(x: float) -> str:
 
 
 @dataclass(frozen=True)
+class DPParameters:
+    """The parameters of a dp claim, all present (:attr:`ConditioningClaim.dp`)."""
+
+    clip_norm: float
+    sensitivity: float
+    sigma: float
+    vectors_per_tile: int
+    tile_epsilon: float
+    tile_delta: float
+    slide_tiles: int
+    slide_epsilon: float
+    slide_delta: float
+
+    @property
+    def tile_mu(self) -> float:
+        return self.sensitivity / self.sigma
+
+    @property
+    def slide_mu(self) -> float:
+        return gm.group_mu(self.tile_mu, self.slide_tiles, same_release=False)
+
+
+@dataclass(frozen=True)
 class ConditioningClaim:
     """What a site states about how its synthetic set was conditioned (see the module docstring).
 
@@ -81,21 +104,33 @@ class ConditioningClaim:
     slide_delta: float | None = None
 
     @property
+    def dp(self) -> DPParameters:
+        """The dp parameters; :class:`ClaimError` for another mode or a dp claim that lacks one."""
+        values = {"clip_norm": self.clip_norm, "sensitivity": self.sensitivity, "sigma": self.sigma,
+                  "vectors_per_tile": self.vectors_per_tile, "tile_epsilon": self.tile_epsilon,
+                  "tile_delta": self.tile_delta, "slide_tiles": self.slide_tiles, "slide_epsilon": self.slide_epsilon,
+                  "slide_delta": self.slide_delta}
+        missing = [key for key, value in values.items() if value is None]
+        if self.mode != "dp" or missing:
+            raise ClaimError(f"not a complete dp claim (mode {self.mode!r}; missing {', '.join(missing) or 'nothing'})")
+        return DPParameters(**values)  # type: ignore[arg-type]  # None ruled out just above
+
+    @property
     def tile_mu(self) -> float | None:
-        return None if self.mode != "dp" else self.sensitivity / self.sigma
+        return None if self.mode != "dp" else self.dp.tile_mu
 
     @property
     def slide_mu(self) -> float | None:
-        return None if self.mode != "dp" else gm.group_mu(self.tile_mu, self.slide_tiles, same_release=False)
+        return None if self.mode != "dp" else self.dp.slide_mu
 
     @property
     def epsilon_per_slide(self) -> float:
         """Per-slide epsilon; infinity for the modes without a guarantee."""
-        return self.slide_epsilon if self.mode == "dp" else math.inf
+        return self.dp.slide_epsilon if self.mode == "dp" else math.inf
 
     @property
     def epsilon_per_tile(self) -> float:
-        return self.tile_epsilon if self.mode == "dp" else math.inf
+        return self.dp.tile_epsilon if self.mode == "dp" else math.inf
 
     def statement(self) -> str:
         """The claim in plain words for a privacy officer or a consortium lead."""
@@ -107,23 +142,25 @@ class ConditioningClaim:
             return (f"Mixed conditioning: each synthetic tile was generated from the mean of the embeddings of up to "
                     f"{self.mix_k} real tiles of one slide and label, so no single tile determines it. This is a "
                     "heuristic, not a formal guarantee: the mean still depends on every tile in it.")
+        dp = self.dp
         cap = ("at most" if self.slide_tiles_capped else "in this run at most")
         how = ("the cap synthesis.max_tiles_per_slide" if self.slide_tiles_capped
                else "the largest slide of this run; set synthesis.max_tiles_per_slide to bound it in advance")
-        return (f"Differential privacy per real tile: (epsilon = {_fmt(self.tile_epsilon)}, delta = "
-                f"{self.tile_delta:.0e}). Every synthetic tile depends on the real data only through its source "
-                f"tile's embedding, clipped to norm {self.clip_norm:.4g} and released with Gaussian noise of sigma "
-                f"{self.sigma:.4g} from the operating system's secure random generator. Per slide (a slide "
-                f"contributes {cap} {self.slide_tiles} conditioning tiles: {how}): (epsilon = "
-                f"{_fmt(self.slide_epsilon)}, delta = {self.slide_delta:.0e}), by exact group privacy of the "
+        return (f"Differential privacy per real tile: (epsilon = {_fmt(dp.tile_epsilon)}, delta = "
+                f"{dp.tile_delta:.0e}). Every synthetic tile depends on the real data only through its source "
+                f"tile's embedding, clipped to norm {dp.clip_norm:.4g} and released with Gaussian noise of sigma "
+                f"{dp.sigma:.4g} from the operating system's secure random generator. Per slide (a slide "
+                f"contributes {cap} {dp.slide_tiles} conditioning tiles: {how}): (epsilon = "
+                f"{_fmt(dp.slide_epsilon)}, delta = {dp.slide_delta:.0e}), by exact group privacy of the "
                 "Gaussian mechanism. A patient with several slides is protected as the group of all their tiles.")
 
     def short(self) -> str:
         """One line for tables: mode and, for dp, both guarantees."""
         if self.mode != "dp":
             return f"{self.mode} (no formal guarantee)"
-        return (f"dp: per tile epsilon {_fmt(self.tile_epsilon)}, per slide epsilon {_fmt(self.slide_epsilon)} "
-                f"(<= {self.slide_tiles} tiles), delta {self.tile_delta:.0e}")
+        dp = self.dp
+        return (f"dp: per tile epsilon {_fmt(dp.tile_epsilon)}, per slide epsilon {_fmt(dp.slide_epsilon)} "
+                f"(<= {dp.slide_tiles} tiles), delta {dp.tile_delta:.0e}")
 
     def to_record(self) -> dict[str, Any]:
         """The shareable record (audit summary and ``bundle.json``, under the site's signature)."""
@@ -175,18 +212,19 @@ class ConditioningClaim:
 
     def _check_consistent(self, record: Mapping) -> None:
         """Every derived number follows from clip norm, sigma and delta; the stated epsilons are not understated."""
-        if not 0 < self.tile_delta < 1 or self.slide_delta != self.tile_delta:
+        dp = self.dp
+        if not 0 < dp.tile_delta < 1 or dp.slide_delta != dp.tile_delta:
             raise ClaimError("delta must be in (0, 1) and the same per tile and per slide")
-        if not math.isclose(self.sensitivity, 2 * self.clip_norm, rel_tol=_REL_TOL):
-            raise ClaimError(f"sensitivity {self.sensitivity} is not twice the clip norm {self.clip_norm}")
-        for key, value in (("tile_mu", self.tile_mu), ("slide_mu", self.slide_mu)):
+        if not math.isclose(dp.sensitivity, 2 * dp.clip_norm, rel_tol=_REL_TOL):
+            raise ClaimError(f"sensitivity {dp.sensitivity} is not twice the clip norm {dp.clip_norm}")
+        for key, value in (("tile_mu", dp.tile_mu), ("slide_mu", dp.slide_mu)):
             if not (isinstance(record.get(key), (int, float)) and math.isclose(record[key], value, rel_tol=_REL_TOL)):
                 raise ClaimError(f"{key} does not follow from the sensitivity, sigma and slide tiles")
-        for what, eps, mu in (("per-tile", self.tile_epsilon, self.tile_mu), ("per-slide", self.slide_epsilon, self.slide_mu)):
-            actual = gm.epsilon_for(self.tile_delta, mu)
+        for what, eps, mu in (("per-tile", dp.tile_epsilon, dp.tile_mu), ("per-slide", dp.slide_epsilon, dp.slide_mu)):
+            actual = gm.epsilon_for(dp.tile_delta, mu)
             if actual > eps * (1 + 1e-6) + 1e-9:
                 raise ClaimError(f"the {what} epsilon {eps:.6g} understates the mechanism's {actual:.6g} at delta "
-                                 f"{self.tile_delta:.1e}")
+                                 f"{dp.tile_delta:.1e}")
 
 
 def _integer(record: Mapping, key: str, *, minimum: int) -> int:
@@ -271,8 +309,8 @@ def privatize(embeddings: np.ndarray, claim: ConditioningClaim) -> tuple[np.ndar
     x = np.asarray(embeddings)
     if x.ndim != 3 or x.shape[1] != claim.vectors_per_tile:
         raise ValueError(f"expected embeddings [N, {claim.vectors_per_tile}, D], got shape {x.shape}")
-    clipped, was_clipped = clip_tiles(x, claim.clip_norm)
-    noisy = clipped + claim.sigma * secure_standard_normal(clipped.shape)
+    clipped, was_clipped = clip_tiles(x, claim.dp.clip_norm)
+    noisy = clipped + claim.dp.sigma * secure_standard_normal(clipped.shape)
     return noisy.astype(np.float32), int(was_clipped.sum())
 
 
