@@ -1,7 +1,8 @@
 """Run a complete consortium on this machine with the same commands a real deployment uses.
 
 Three simulated hospitals, each with slides written from the real CMU H&E slide in its own stain and with slide
-labels, run ``site-agent synthesize`` (one of them with differentially private conditioning); a demo privacy officer per site approves; the coordinator admits the sites
+labels, run ``site-agent synthesize`` (one of them with differentially private conditioning); a demo privacy officer
+per site approves; the coordinator admits the sites
 (signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
 the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
 site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its

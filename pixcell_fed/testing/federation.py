@@ -296,7 +296,8 @@ def make_site_bundles(root: str | Path, counts: Mapping[str, int], *, tile_size:
     in ``eval/<label>/`` and DP-training tiles in ``train/<label>/``, drawn from a shifted grid, and a
     ``site.yaml``. The trust file holds each site's signing, officer and SuperNode authentication keys:
     ``auth_keys`` (site -> OpenSSH public key text or ``.pub`` file, e.g. keys registered with a real SuperLink),
-    else :func:`auth_key_for_tests`. ``conditioning`` (site -> :class:`~pixcell_fed.privacy.conditioning.ConditioningClaim`)
+    else :func:`auth_key_for_tests`. ``conditioning``
+    (site -> :class:`~pixcell_fed.privacy.conditioning.ConditioningClaim`)
     puts that claim in a site's audit and signed bundle (default: none stated, i.e. ``exact``).
     """
     root = Path(root)
