@@ -18,20 +18,23 @@ tool() {  # tool NAME ENV_VALUE: the executable to use
   else echo "lint: $1 not found; run scripts/setup.sh (or set ${1^^}=/path/to/$1)" >&2; exit 2
   fi
 }
+
+fix=0
+case "${1:-}" in
+  "") ;;
+  --fix) fix=1 ;;
+  -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
+  *) echo "usage: scripts/lint.sh [--fix]" >&2; exit 2 ;;
+esac
 RUFF=$(tool ruff "${RUFF:-}") || exit 2
 MYPY=$(tool mypy "${MYPY:-}") || exit 2
 PYTHON=$(tool python "${PYTHON:-}") || exit 2
 
-case "${1:-}" in
-  "") ;;
-  --fix)
-    echo "lint: applying ruff's automatic fixes and the formatter" >&2
-    "$RUFF" check --fix-only --quiet "${PATHS[@]}" || exit 1
-    "$RUFF" format --quiet "${PATHS[@]}" || exit 1
-    ;;
-  -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "usage: scripts/lint.sh [--fix]" >&2; exit 2 ;;
-esac
+if (( fix )); then
+  echo "lint: applying ruff's automatic fixes and the formatter" >&2
+  "$RUFF" check --fix-only --quiet "${PATHS[@]}" || exit 1
+  "$RUFF" format --quiet "${PATHS[@]}" || exit 1
+fi
 
 failed=()
 echo "lint: ruff check" >&2
