@@ -10,7 +10,7 @@ and records:
   and H->T in the copy detector's space, and of each synthetic tile to its own source), from ``run_audit``;
 - fidelity in the conditioning encoder's space: the Frechet distance ratio FD(S, T) / FD(H, T) (1 = as close to T
   as new real tissue) and k-NN precision and recall (Kynkaenniemi et al. 2019, k = 5) of S against T. These come
-  from a small local helper (below) until the audit's shared fidelity module (issue 15) lands on main.
+  from the audit's own fidelity module (``pixcell_fed/audit/fidelity_metrics.py``).
 
 By default it runs on a simulated site: slides written from the real CMU-1-Small-Region H&E slide, with the tiny
 UNTRAINED twins. That checks the pipeline and the measurement, not the trade-off: untrained twins generate
@@ -35,40 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+# fidelity in an encoder's space: the audit's own figures (FD with the rank-deficient-safe trace term, k-NN
+# precision and recall), so that the benchmark and the audit report the same numbers
+from pixcell_fed.audit.fidelity_metrics import frechet_distance, precision_recall
+
 EPSILONS = (math.inf, 16.0, 8.0, 4.0, 2.0, 1.0)
 QUICK_EPSILONS = (math.inf, 8.0, 1.0)
-
-
-# --- fidelity in an encoder's space (local helper; issue 15's module replaces it) -----------------------------
-
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """FD between Gaussians fitted to ``x`` and ``y`` ([n, d]). Tr((S1 S2)^1/2) is taken as the trace of the
-    symmetric square root of S1^1/2 S2 S1^1/2 (same eigenvalues), which stays stable when n < d (rank-deficient)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    r1 = _psd_sqrt(s1)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return max(0.0, float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross))
-
-
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaenniemi et al. 2019): the share of fake samples inside the real
-    manifold (union of k-NN balls of the real samples) and of real samples inside the fake manifold."""
-    from scipy.spatial.distance import cdist
-
-    def radii(a):
-        return np.sort(cdist(a, a), axis=1)[:, min(k, len(a) - 1)]
-
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    d = cdist(fake, real)
-    precision = float(np.mean((d <= radii(real)[None]).any(axis=1)))
-    recall = float(np.mean((d.T <= radii(fake)[None]).any(axis=1)))
-    return precision, recall
 
 
 # --- the sweep ------------------------------------------------------------------------------------------------

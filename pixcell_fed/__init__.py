@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pixcell_fed.lazy import lazy_exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "PixCellTransformer2DModel": "pixcell_fed.generation.transformer",

@@ -477,3 +477,21 @@ def check_federation(ctx: DoctorContext) -> CheckResult | None:
     if problems:
         return CheckResult("federation files", "FAIL", "; ".join(problems), "; ".join(fixes))
     return CheckResult("federation files", "OK", ", ".join(found))
+
+
+@register_check("lock")
+def check_lock(ctx: DoctorContext) -> CheckResult:
+    """The installed packages against the hashed lock shipped with the release (pixcell_fed/install_check.py)."""
+    from pixcell_fed.install_check import check_installed_against_lock, describe_differences
+
+    comparison = check_installed_against_lock("site")
+    install = "pip install --require-hashes -r requirements/site.lock (docs/install.md)"
+    if comparison is None:
+        return CheckResult("lock", "WARN", "this installation carries no lock (pixcell_fed/locks/site.lock)",
+                           "install pixcell-fed from its release folder: " + install)
+    if not comparison.ok:
+        return CheckResult("lock", "WARN", f"{len(comparison.differences)} of {comparison.n_pins} packages differ from "
+                           f"{comparison.lock_name}, which this release was tested with: "
+                           + describe_differences(comparison),
+                           "to run what was tested: " + install + "; other versions are untested, not known to fail")
+    return CheckResult("lock", "OK", f"all {comparison.n_pins} packages as pinned in {comparison.lock_name}")

@@ -47,12 +47,13 @@ administrator's; it cannot approve.
 
 
 def example_config_path() -> Path:
-    """The documented example config shipped with the source tree."""
-    import pixcell_fed
+    """The documented example config, ``configs/site.example.yaml``, which the package carries (``pixcell_fed/configs``
+    is a link to ``configs/``, so an installed wheel holds a copy and an editable install reads the folder)."""
+    from importlib import resources
 
-    path = Path(pixcell_fed.__file__).resolve().parents[1] / "configs" / "site.example.yaml"
+    path = Path(str(resources.files("pixcell_fed") / "configs" / "site.example.yaml"))
     if not path.is_file():
-        raise ConfigError(f"the example config is missing: {path}", hint="reinstall pixcell-fed from its source tree")
+        raise ConfigError(f"the example config is missing: {path}", hint="reinstall pixcell-fed from its release folder")
     return path
 
 

@@ -6,14 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=.venv/.pixcell-fed-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml requirements/site.lock | sha256sum | cut -d' ' -f1)"
 if [[ ! -x .venv/bin/python ]]; then
   python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
 fi
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
   echo "setup: installing pixcell-fed and its dependencies into .venv (first run takes a few minutes)" >&2
-  # torch first, from the machine's local copy (pip takes 2.14.1 / 0.29.1 from disk)
-  .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+  # exactly what the release pins, every file's hash checked (docs/install.md); pip takes torch 2.14.1 and
+  # torchvision 0.29.1 from the machine's local copy where it has one (the same files as PyPI's: same hashes)
+  .venv/bin/pip install --quiet --require-hashes -r requirements/site.lock
   .venv/bin/pip install --quiet -e ".[test,bench]"
   echo "$want" > "$stamp"
 fi

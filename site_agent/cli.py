@@ -15,6 +15,7 @@ COMMANDS = (
     "site_agent.commands.officer_key",
     "site_agent.commands.approve",
     "site_agent.commands.status",
+    "site_agent.commands.refusal_notice",
     "site_agent.commands.audit",
     "site_agent.commands.serve",
     "site_agent.commands.privacy_ledger",

@@ -37,6 +37,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _answer(P.MSG_EVALUATE, msg, context)
 
 
+@app.evaluate("augmentation")
+def augmentation(msg: Message, context: Context) -> Message:
+    return _answer(P.MSG_AUGMENTATION, msg, context)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return _answer(P.MSG_TRAIN, msg, context)

@@ -11,9 +11,12 @@ one-way on purpose. Used by test_import_cycles.py and test_demo.py.
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# Where the packages are imported from: the repository, or site-packages when scripts/check_python.sh tests an
+# installed wheel (its copy of tests/ sits beside no package source).
+ROOT = Path(importlib.util.find_spec("pixcell_fed").origin).parents[1]
 PACKAGES = ("pixcell_fed", "site_agent", "coordinator")
 
 def module_files(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:

@@ -16,7 +16,7 @@ from pixcell_fed.errors import RegistryError
 from pixcell_fed.testing.audit_tiles import COPY_TRANSFORMS, stripe_tiles, write_tiles
 
 BUILT_IN = ["memorisation", "copy_detection", "paired", "identifiers", "replication", "outliers", "dcr", "authenticity",
-            "membership_inference"]
+            "membership_inference", "fidelity"]
 
 
 @pytest.fixture(scope="module")

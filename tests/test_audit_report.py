@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import subprocess
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -53,9 +54,10 @@ def test_a_small_clean_set_is_inconclusive_and_every_test_has_its_fields(clean, 
                                "S_kept": len(sets["new"]), "mapping": True}
     names = {t["name"]: t for t in report["tests"]}
     assert set(names) == {"memorisation", "copy_detection", "paired", "identifiers", "replication", "outliers",
-                          "dcr", "authenticity", "membership_inference", "membership_inference:mean-colour"}
+                          "dcr", "authenticity", "membership_inference", "membership_inference:mean-colour", "fidelity"}
     assert {n: t["status"] for n, t in names.items() if t["level"] != "set"} == {
-        "memorisation": "PASS", "copy_detection": "PASS", "paired": "PASS", "identifiers": "PASS"}
+        "memorisation": "PASS", "copy_detection": "PASS", "paired": "PASS", "identifiers": "PASS",
+        "fidelity": "N/A"}  # fidelity is reported, and gates only when audit.fidelity_warn_fd_ratio is set
     for test in (t for t in report["tests"] if t["level"] == "set"):
         assert test["status"] == "INCONCLUSIVE" and 0 <= test["p_value"] <= test["adjusted_p"] <= 1
         assert test["detectable"]["share"] is None or test["detectable"]["share"] > 0.05
@@ -206,3 +208,50 @@ def test_a_set_of_only_copies_is_dropped_entirely_and_fails_with_strict_json(set
     assert report["rounds"][-1]["audited"] == 0 and report["kept_sha256"] == []
     strict(res.summary_path.read_text())
     assert "Verdict: FAIL" in res.report_path.read_text()
+
+
+#: The README walk-through's screenshot of a refused set's audit report (what the officer sees on a FAIL).
+FAIL_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "audit-fail.png"
+#: Set to 1 to rewrite the committed screenshot from the current renderer (then commit docs/images/audit-fail.png).
+REFRESH_ENV = "PIXCELL_FED_REFRESH_DOCS"
+
+
+@pytest.mark.slow
+def test_a_fail_report_renders_in_chromium_and_the_readme_screenshot_is_the_current_renderer(sets, tmp_path):
+    """The committed screenshot must match a fresh headless-Chromium render of a FAIL report within a tolerance
+    (dates and run-specific numbers differ; a changed layout or style does not pass): the image in the README is
+    the current renderer's output, not a picture of an older one. ``PIXCELL_FED_REFRESH_DOCS=1`` rewrites it."""
+    import os
+
+    from pixcell_fed.simulation.memorising_twin import memorised_copy
+
+    real = [cv2.imread(str(p))[..., ::-1] for p in sets["T"][:12]]
+    copies = [memorised_copy(tile, tile, seed)[0] for seed, tile in enumerate(real)]
+    synthetic = sets["new"][:24] + write_tiles(tmp_path / "S", copies, "syn")
+    ident = {"generator": {"label": "memorising twin", "model": "PixCell-256 memorising twin"},
+             "conditioning_encoder": {"name": "uni2-h-twin", "weights_sha256": "cd" * 32}}
+    failed = run_audit(synthetic, sets["T"], sets["H"], out_dir=tmp_path / "audit", identities=ident,
+                       audit_cfg=AuditConfig(drop_flagged=False))
+    assert failed.verdict == "FAIL"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'prof'}"]
+    url = failed.report_path.resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and "Verdict: FAIL" in dom.stdout and "memorising twin" in dom.stdout
+    shot = tmp_path / "fail.png"
+    run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1400", url],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    fresh = cv2.imread(str(shot))
+    banner = np.array([0x30, 0x30, 0xC5])  # the FAIL banner's red, BGR: the verdict banner was painted
+    assert (np.abs(fresh.astype(int) - banner).sum(axis=2) < 30).sum() > 2000
+    if os.environ.get(REFRESH_ENV) == "1":
+        FAIL_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        FAIL_SCREENSHOT.write_bytes(shot.read_bytes())
+    committed = cv2.imread(str(FAIL_SCREENSHOT))
+    assert committed is not None, f"{FAIL_SCREENSHOT} is missing: rerun this test with {REFRESH_ENV}=1"
+    hint = f"the README's screenshot is out of date: rerun this test with {REFRESH_ENV}=1 and commit {FAIL_SCREENSHOT}"
+    assert committed.shape == fresh.shape, hint
+    differs = np.abs(committed.astype(int) - fresh.astype(int)).max(axis=2) > 40
+    assert differs.mean() < 0.03, f"{differs.mean():.1%} of the pixels differ; {hint}"

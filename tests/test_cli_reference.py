@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
-from pixcell_fed.cli_reference import CLIS, DEFAULT_OUT, REGENERATE, build_cli_parser, main, render, subcommands
+from pixcell_fed.cli_reference import CLIS, REGENERATE, build_cli_parser, main, render, subcommands
 from pixcell_fed.cli_support import EXIT_CODES_EPILOG
 
 
+#: The repository's reference (also when the tests run against an installed package, which carries no docs/).
+CLI_MD = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+
+
 def test_docs_cli_md_is_up_to_date_with_the_clis():
-    assert DEFAULT_OUT.is_file(), f"{DEFAULT_OUT} is missing: run '{REGENERATE}'"
-    assert DEFAULT_OUT.read_text(encoding="utf-8") == render(), f"docs/cli.md is out of date: run '{REGENERATE}'"
+    """Word for word; the line breaks are argparse's, which wraps differently from Python 3.13 on (the file is
+    generated on 3.11, CI's Python)."""
+    assert CLI_MD.is_file(), f"{CLI_MD} is missing: run '{REGENERATE}'"
+    assert CLI_MD.read_text(encoding="utf-8").split() == render().split(), \
+        f"docs/cli.md is out of date: run '{REGENERATE}'"
 
 
 @pytest.mark.parametrize("prog,module_name", CLIS)

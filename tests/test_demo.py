@@ -91,6 +91,38 @@ def test_demo_consortium_runs_end_to_end_offline_and_reuses_its_set_up(tmp_path)
         assert sorted(counts) == ["normal", "tumour"] and all(counts.values())  # both classes held out
         assert metrics["n"] == sum(counts.values())  # a site answers aggregate metrics and n only
         assert _recall_sums(metrics["accuracy"], metrics["balanced_accuracy"], list(counts.values()))
+    page = (out / "coordinator" / "work" / "report" / "report.html").read_text()
+    assert "untrained twin" in page
+    # the leaking hospital: its memorising twin's set FAILED the audit, synthesize exited 3, no bundle was built
+    leaking = out / "sites" / "hospital-d"
+    commands = (out / "logs" / "demo-commands.log").read_text()
+    assert "$ leaking-site-agent synthesize" in commands
+    assert commands.split("$ leaking-site-agent synthesize", 1)[1].split("\n$ ", 1)[0].rstrip().endswith("[exit 3]")
+    assert not list((leaking / "work" / "runs").glob("*/bundle")) and "hospital-d" not in pool["sites"]
+    (failed,) = (leaking / "work" / "runs").glob("*/audit/audit.json")
+    assert json.loads(failed.read_text())["verdict"] == "FAIL" and "memorising twin" in failed.read_text()
+    import pandas as pd
+
+    pooled = pd.read_parquet(out / "coordinator" / "work" / "pool" / "pool.parquet")
+    assert sorted(set(pooled["site"])) == ["hospital-a", "hospital-b", "hospital-c"]  # absent from the pool
+    # ... and listed as refused in the report, with the audit's reason, from the notice the site chose to send
+    refused = report["refusals"]["sites"]["hospital-d"]
+    assert refused["verdict"] == "FAIL" and refused["generator"] == "memorising twin" and refused["reasons"]
+    assert "Refused by their own audit" in page and "hospital-d" in page and not report["refusals"]["ignored"]
+    summary = [line for line in first.stdout.splitlines() if line.strip().startswith("hospital-d:")]
+    assert len(summary) == 1 and "exited 3" in summary[0] and "refused" in summary[0]
+    assert Path(summary[0].rsplit(" ", 1)[1]) == failed.with_name("audit.html")
+    trail = [json.loads(t) for t in (leaking / "work" / "audit_trail.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("verdict")) for e in trail][:2] == [("synthesize", "FAIL"), ("refusal_notice", None)]
+    # what each other site shared, at a glance: a montage of its pooled tiles with its label counts
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        montage = report["montage"][site]
+        assert montage["shown"] > 0 and montage["png_base64"] and f"id='montage-{site}'" in page
+        assert sum(montage["label_counts"].values()) == montage["n_tiles"] == pool["sites"][site]["n_tiles"]
+        assert montage["audit"]["verdict"] == pool["sites"][site]["audit_verdict"]
+    assert "hospital-d" not in report["montage"]
+    if any(s["audit_verdict"] == "INCONCLUSIVE" for s in pool["sites"].values()):
+        assert "audit INCONCLUSIVE because a demo site is too small" in first.stdout
     consortium_page = (out / "coordinator" / "work" / "report" / "report.html").read_text()
     assert "untrained twin" in consortium_page
     # the dp hospital's guarantee, as its signed bundle states it, in its audit report and the consortium report
@@ -102,6 +134,19 @@ def test_demo_consortium_runs_end_to_end_offline_and_reuses_its_set_up(tmp_path)
     (dp_page,) = (dp_site / "work" / "runs").glob("*/audit/audit.html")
     assert "Conditioning privacy: dp" in dp_page.read_text() and "Not covered by the guarantee" in dp_page.read_text()
     assert pool["sites"]["hospital-a"]["conditioning"]["mode"] == "exact"
+    # fidelity per site (from each signed audit; a dp set's shareable summary carries none: its figures use T's
+    # statistics, outside the guarantee) and what the pool adds where a site allows it (hospital-a)
+    assert set(report["fidelity"]) == set(pool["complete"]) and report["fidelity"][DP_SITE] == {}
+    for site in pool["complete"]:
+        (audit_page,) = (out / "sites" / site / "work" / "runs").glob("*/audit/audit.html")
+        assert 'id="fidelity"' in audit_page.read_text() and "untrained twin" in audit_page.read_text()
+        if site != DP_SITE:
+            (space,) = report["fidelity"][site].values()
+            assert space["fd"]["ratio"]["value"] > 0 and space["coverage"]["S"] is not None
+    augmentation = report["augmentation"]
+    assert augmentation["hospital-b"] == augmentation["hospital-c"] == {"status": "not-allowed"}
+    assert augmentation["hospital-a"]["status"] == "done" and augmentation["hospital-a"]["epochs"] == 2
+    assert "Fidelity of each site" in consortium_page and "What the pool adds at each site" in consortium_page
     for line in first.stdout.splitlines():
         if "audit report" in line or "consortium report" in line:
             assert Path(line.rsplit(" ", 1)[1]).is_file(), line

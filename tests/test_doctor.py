@@ -344,7 +344,7 @@ def test_low_disk_warns_and_no_config_checks_only_the_machine(tmp_path, models):
 
     report = run_doctor(None)
     names = [r.name for r in report.results]
-    assert names == ["python", "openslide", "config", "work folder", "device"]
+    assert names == ["python", "openslide", "config", "work folder", "device", "lock"]
     assert by_name(report)["config"].status == "WARN" and "--config" in by_name(report)["config"].fix
 
 

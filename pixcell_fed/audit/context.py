@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pixcell_fed.audit import features as F
+from pixcell_fed.audit import region_copy as rc
 from pixcell_fed.audit import statistics as st
 from pixcell_fed.audit.identifiers import Finding, scan_for_identifiers
 from pixcell_fed.audit.roles import DataRoles
@@ -35,18 +36,33 @@ class PerTile:
     pixel: np.ndarray        # best pixel-space score of a confirmed candidate (NaN: no candidate)
     pixel_match: np.ndarray  # index in T of that candidate (-1: none)
     ratio: np.ndarray        # nearest / second-nearest distance ratio
-    copy: np.ndarray         # bool: pixel score reaches audit.copy_pixel_confirm
+    copy: np.ndarray         # bool: a whole-tile copy (pixel score reaches audit.copy_pixel_confirm) or a region copy
+    region: rc.RegionCopies | None = None  # region-level copies (None: audit.region_copy off)
 
     @property
     def nn_sim(self) -> np.ndarray:
         return self.top.sims[:, 0]
 
     @classmethod
-    def compute(cls, queries: F.TileSet, t: F.TileSet, cfg: AuditConfig) -> "PerTile":
+    def compute(cls, queries: F.TileSet, t: F.TileSet, cfg: AuditConfig,
+                region_index: rc.RealIndex | None = None) -> "PerTile":
+        """Nearest real tiles, whole-tile copies confirmed in pixel space and, with ``region_index`` (T's
+        :class:`~pixcell_fed.audit.region_copy.RealIndex`), region copies confirmed geometrically and in pixels."""
         top = F.search_real(queries, t, cfg.top_k, device=cfg.device)
         pixel, match = F.confirm_candidates(queries, t, top, cfg.copy_similarity)
-        return cls(top, pixel, match, st.nn_distance_ratio(top.sims),
-                   np.nan_to_num(pixel, nan=-1.0) >= cfg.copy_pixel_confirm)
+        copy = np.nan_to_num(pixel, nan=-1.0) >= cfg.copy_pixel_confirm
+        region = None if region_index is None else rc.find_region_copies(
+            queries.work, region_index, candidates=cfg.region_copy_candidates, min_inliers=cfg.region_copy_min_inliers,
+            correlation=cfg.region_copy_correlation, device=cfg.device)
+        if region is not None:
+            copy = copy | region.flagged(cfg.region_copy_min_fraction)
+        return cls(top, pixel, match, st.nn_distance_ratio(top.sims), copy, region)
+
+    def region_flagged(self, cfg: AuditConfig) -> np.ndarray:
+        """Tiles flagged for a copied region (all False when region copies were not sought)."""
+        if self.region is None:
+            return np.zeros(len(self.copy), bool)
+        return self.region.flagged(cfg.region_copy_min_fraction)
 
     @classmethod
     def without_copy_detection(cls, top: TopK) -> "PerTile":
@@ -197,11 +213,13 @@ def build_context(roles: DataRoles, cfg: AuditConfig, *, forbidden_strings: Sequ
                   split_unit: str | None = None) -> AuditContext:
     """Describe the three roles' tiles, search, confirm candidates, scan for identifiers and compute every privacy
     space's neighbours: once per audit. ``embeddings``: encoder name -> {"S", "T", "H"} -> (N, D)."""
-    sets = {"S": F.TileSet.from_files(roles.synthetic, "synthetic"),
-            "T": F.TileSet.from_files(roles.reference, "reference"),
-            "H": F.TileSet.from_files(roles.holdout, "holdout")}
-    h_tile = PerTile.compute(sets["H"], sets["T"], cfg)  # the null: H against T, as if synthetic
-    s_tile = PerTile.compute(sets["S"], sets["T"], cfg)
+    work_side = rc.kp.WORK_SIDE if cfg.region_copy else None
+    sets = {"S": F.TileSet.from_files(roles.synthetic, "synthetic", work_side=work_side),
+            "T": F.TileSet.from_files(roles.reference, "reference", work_side=work_side),
+            "H": F.TileSet.from_files(roles.holdout, "holdout", work_side=work_side)}
+    region_index = rc.RealIndex.build(sets["T"].work) if cfg.region_copy else None
+    h_tile = PerTile.compute(sets["H"], sets["T"], cfg, region_index)  # the null: H against T, as if synthetic
+    s_tile = PerTile.compute(sets["S"], sets["T"], cfg, region_index)
     descriptor = DescriptorSpace(sets, cfg.device)
     spaces = {descriptor.name: Neighbours.compute(descriptor, cfg.top_k, s_to_t=s_tile.top, h_to_t=h_tile.top)}
     for name, emb in (embeddings or {}).items():

@@ -27,8 +27,8 @@ DCT_K = 12
 DESCRIPTOR_NAME = f"gray{GRAY_SIZE}-dct{DCT_K}-dihedral"
 
 
-def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
-    """A uint8 RGB (H, W, 3) or gray (H, W) tile as a float32 (size, size) grayscale thumbnail in [0, 1]."""
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """A uint8 RGB (H, W, 3), RGBA or gray (H, W) tile as a 2-D grayscale array."""
     import cv2
 
     arr = np.asarray(image)
@@ -38,8 +38,26 @@ def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
         arr = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
     if arr.ndim != 2:
         raise ValueError(f"expected an image of shape (H, W, 3) or (H, W), got {np.asarray(image).shape}")
-    thumb = cv2.resize(arr.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return arr
+
+
+def to_gray_thumb(image: np.ndarray, size: int = GRAY_SIZE) -> np.ndarray:
+    """A uint8 RGB (H, W, 3) or gray (H, W) tile as a float32 (size, size) grayscale thumbnail in [0, 1]."""
+    import cv2
+
+    thumb = cv2.resize(to_gray(image).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
     return thumb / 255.0
+
+
+def to_gray_uint8(image: np.ndarray, side: int) -> np.ndarray:
+    """A uint8 RGB (H, W, 3) or gray (H, W) tile as a uint8 (side, side) grayscale image, area-averaged (the
+    working image of region-level copy detection, :func:`pixcell_fed.audit.keypoints.work_image`)."""
+    import cv2
+
+    arr = to_gray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return cv2.resize(arr, (side, side), interpolation=cv2.INTER_AREA)
 
 
 def descriptor_from_thumb(thumbs: np.ndarray) -> np.ndarray:
@@ -131,18 +149,25 @@ def read_tile(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Thumbnails and descriptors of tile files, read in a small thread pool (cv2 releases the GIL)."""
+def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", workers: int = 2,
+                   work_side: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Thumbnails, descriptors and (with ``work_side``) the uint8 grayscale working images of region-level copy
+    detection (:func:`pixcell_fed.audit.keypoints.work_image`) of tile files, each file read once, in a small
+    thread pool (cv2 releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pixcell_fed.progress import progress
 
     thumbs = np.empty((len(paths), GRAY_SIZE, GRAY_SIZE), dtype=np.float32)
+    works = None if work_side is None else np.empty((len(paths), work_side, work_side), dtype=np.uint8)
 
     def one(i: int) -> None:
-        thumbs[i] = to_gray_thumb(read_tile(paths[i]))
+        tile = read_tile(paths[i])
+        thumbs[i] = to_gray_thumb(tile)
+        if works is not None:
+            works[i] = to_gray_uint8(tile, work_side)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in progress(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="tile"):
             pass
-    return thumbs, descriptor_from_thumb(thumbs)
+    return thumbs, descriptor_from_thumb(thumbs), works

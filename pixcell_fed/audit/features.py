@@ -15,21 +15,25 @@ from pixcell_fed.audit.search import TopK, topk_cosine
 
 @dataclass
 class TileSet:
-    """Grayscale thumbnails, descriptors and (for real sets) crop-variant descriptors of one role's tiles."""
+    """Grayscale thumbnails, descriptors and (for real sets) crop-variant descriptors of one role's tiles, and the
+    working images of region-level copy detection when asked for."""
 
     paths: tuple[Path, ...]
     thumbs: np.ndarray
     desc: np.ndarray
     crops: np.ndarray  # (10, N, D): the tile and its nine 90 % crops resized back
+    work: np.ndarray | None = None  # (N, side, side) uint8, see pixcell_fed.audit.keypoints.work_image
 
     @classmethod
-    def from_files(cls, paths: Sequence[Path], role: str) -> "TileSet":
-        thumbs, desc = copy_features.describe_files(list(paths), desc=f"describing {role} tiles")
-        return cls(tuple(paths), thumbs, desc, copy_features.crop_variants(thumbs))
+    def from_files(cls, paths: Sequence[Path], role: str, *, work_side: int | None = None) -> "TileSet":
+        thumbs, desc, work = copy_features.describe_files(list(paths), desc=f"describing {role} tiles",
+                                                          work_side=work_side)
+        return cls(tuple(paths), thumbs, desc, copy_features.crop_variants(thumbs), work)
 
     def subset(self, rows: np.ndarray) -> "TileSet":
         rows = np.asarray(rows, dtype=np.int64)
-        return TileSet(tuple(self.paths[i] for i in rows), self.thumbs[rows], self.desc[rows], self.crops[:, rows])
+        return TileSet(tuple(self.paths[i] for i in rows), self.thumbs[rows], self.desc[rows], self.crops[:, rows],
+                       None if self.work is None else self.work[rows])
 
     def __len__(self) -> int:
         return len(self.paths)

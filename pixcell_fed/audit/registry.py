@@ -45,7 +45,7 @@ class AuditTest:
 AUDIT_TESTS: Registry[AuditTest] = Registry("audit test")
 
 #: modules whose import registers the tests, in report order
-_TEST_MODULES = ("pixcell_fed.audit.tests_per_tile", "pixcell_fed.audit.tests_dataset")
+_TEST_MODULES = ("pixcell_fed.audit.tests_per_tile", "pixcell_fed.audit.tests_dataset", "pixcell_fed.audit.fidelity")
 
 
 def audit_test(name: str, *, level: str = "tile", all_spaces: bool = False) -> Callable[[TestFn], TestFn]:
@@ -66,7 +66,14 @@ def registered_tests() -> list[AuditTest]:
 
     for module in _TEST_MODULES:
         importlib.import_module(module)
-    return sorted((AUDIT_TESTS.get(name) for name in AUDIT_TESTS), key=lambda t: t.order)
+    return sorted((AUDIT_TESTS.get(name) for name in AUDIT_TESTS), key=_report_position)
+
+
+def _report_position(test: AuditTest) -> tuple[int, int]:
+    """Report order: the test modules' order, then registration order within a module (whichever module a
+    process happened to import first)."""
+    module = getattr(test.run, "__module__", "")
+    return (_TEST_MODULES.index(module) if module in _TEST_MODULES else len(_TEST_MODULES), test.order)
 
 
 def get_test(name: str) -> AuditTest:

@@ -17,6 +17,7 @@ import numpy as np
 
 from pixcell_fed.atomic import write_text_atomic
 from pixcell_fed.audit.conditioning_section import conditioning_html
+from pixcell_fed.audit.fidelity_report import html_section as fidelity_html_section
 from pixcell_fed.errors import PixcellFedError
 
 _COLOURS = {"PASS": "#1a7f37", "WARN": "#b7791f", "FAIL": "#c53030", "INCONCLUSIVE": "#5a67d8", "N/A": "#718096"}
@@ -109,12 +110,17 @@ def _png_data_uri(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _pair_images(syn_path: str, real_path: str, side: int = 128) -> tuple[str, str, str]:
+def _pair_images(syn_path: str, real_path: str, region: dict[str, Any] | None = None,
+                 side: int = 128) -> tuple[str, str, str]:
     import cv2
 
     from pixcell_fed.audit.copy_features import read_tile, to_gray_thumb
     from pixcell_fed.audit.pixel_confirm import best_aligned_variant, dihedral_images
+    from pixcell_fed.audit.region_copy import draw_region_pair
 
+    if region is not None:   # a region copy: the region outlined on both tiles, and the real tile aligned onto it
+        return tuple(_png_data_uri(img) for img in draw_region_pair(read_tile(syn_path), read_tile(real_path),
+                                                                    region, side))
     syn = cv2.resize(read_tile(syn_path), (side, side), interpolation=cv2.INTER_AREA)
     real = cv2.resize(read_tile(real_path), (side, side), interpolation=cv2.INTER_AREA)
     g = best_aligned_variant(to_gray_thumb(syn), to_gray_thumb(real))
@@ -251,24 +257,23 @@ def similarity_figures(fig: dict[str, Any]) -> list[str]:
 def _figures_section(report: dict[str, Any]) -> list[str]:
     """Histogram, percentiles, ROC, fidelity and the closest pairs: the pages after the first."""
     out = ['<section id="figures">', *similarity_figures(report["figures"])]
-    if report["fidelity"]:
-        out.append("<h2>Fidelity in encoder spaces (not privacy)</h2><p class=\"small\">Cosine similarity in the "
-                   "conditioning encoder's and other encoders' spaces. S is generated to match T there, so these "
-                   "measure fidelity, not privacy.</p><table><tr><th>Space</th><th>S&rarr;T</th><th>H&rarr;T</th>"
-                   "<th>s vs t(s)</th></tr>")
-        for name, e in report["fidelity"].items():
-            out.append(f"<tr><td>{_esc(name)} ({e['dim']} dims)</td><td>{_fmt(e['S->T'])}</td><td>{_fmt(e['H->T'])}</td>"
-                       f"<td>{_fmt(e.get('paired', 'n/a'))}</td></tr>")
-        out.append("</table>")
+    out.append(fidelity_html_section(report["fidelity"], report["identities"],
+                                     report["config"].get("fidelity_warn_fd_ratio")))
     out.append('<h2>Closest pairs, worst first</h2><p class="small">synthetic (rotated/flipped to match) | nearest real '
-               'tile | difference (white = equal). On-site review only.</p><div class="pairs" id="closest-pairs">')
+               'tile | difference (white = equal). For a region copy: synthetic | real tile, the matched region '
+               'outlined on both | the real tile aligned onto the synthetic one. On-site review only.</p>'
+               '<div class="pairs" id="closest-pairs">')
     for pair in report["closest_pairs"]:
         try:
-            a, b, d = _pair_images(pair["synthetic"], pair["real"])
+            a, b, d = _pair_images(pair["synthetic"], pair["real"], pair.get("region"))
         except (PixcellFedError, OSError) as exc:  # a tile that vanished since the audit must not stop the report
             out.append(f'<div class="pair small">cannot show pair: {_esc(exc)}</div>')
             continue
         px = "n/a" if pair["pixel_score"] is None else f'{pair["pixel_score"]:.3f}'
+        if pair.get("region"):
+            r = pair["region"]
+            px += (f', region {r["fraction"]:.0%} of the tile ({r["inliers"]} matches, rotation {r["angle"]:.0f}&deg;, '
+                   f'scale {r["scale"]:.2f}{", mirrored" if r["mirrored"] else ""})')
         out.append(f'<div class="pair"><img src="{a}" alt="synthetic"><img src="{b}" alt="nearest real">'
                    f'<img src="{d}" alt="difference"><div class="small">similarity {pair["similarity"]:.3f}, pixel '
                    f'{px}{" &mdash; " + _esc(", ".join(pair["reasons"])) if pair["reasons"] else ""}<br>'

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 
 from pixcell_fed.atomic import write_json_atomic
+from pixcell_fed.audit import region_copy as rc
 from pixcell_fed.audit import statistics as st
 from pixcell_fed.audit.context import AuditContext, describe
 from pixcell_fed.audit.copy_features import DESCRIPTOR_NAME
+from pixcell_fed.audit.fidelity_report import summary_section as fidelity_summary_section
 from pixcell_fed.audit.gate import THRESHOLD_PROVENANCE
 from pixcell_fed.audit.roles import DataRoles
 from pixcell_fed.audit.rounds import RoundsOutcome
@@ -64,6 +66,7 @@ def _tile_records(ctx: AuditContext, outcome: RoundsOutcome) -> list[dict[str, A
             "nn_ratio": float(s.ratio[i]),
             "paired_similarity": _num(paired_sim[i]), "paired_pixel_score": _num(paired_pixel[i]),
             "identifier_findings": ctx.finding_rows.get(i, []),
+            "region_copy": rc.evidence(s.region, i, ctx.roles.reference),  # on-site only: never in the summary
         })
     return records
 
@@ -81,13 +84,22 @@ def _figures(ctx: AuditContext, outcome: RoundsOutcome) -> dict[str, Any]:
 
 
 def _closest_pairs(ctx: AuditContext) -> list[dict[str, Any]]:
-    """The synthetic tiles closest to a real tile, worst first (pixel score, then descriptor similarity)."""
+    """Copies first (up to :data:`~pixcell_fed.audit.region_copy.FLAGGED_SHOWN` beyond ``audit.closest_pairs``),
+    then the synthetic tiles closest to a real tile; worst first (pixel score or copied region, then descriptor
+    similarity). A region copy carries its evidence (``region``: the matched region on both tiles) for drawing."""
     s, syn, ref = ctx.s_tile, ctx.roles.synthetic, ctx.roles.reference
-    order = sorted(range(len(syn)), key=lambda i: (-np.nan_to_num(s.pixel[i], nan=-1.0), -s.nn_sim[i]))
-    return [{"synthetic": str(syn[i]),
-             "real": str(ref[int(s.pixel_match[i] if s.pixel_match[i] >= 0 else s.top.idx[i, 0])]),
-             "similarity": float(s.nn_sim[i]), "pixel_score": _num(s.pixel[i]), "reasons": list(ctx.reasons[i])}
-            for i in order[: ctx.cfg.closest_pairs]]
+    region_copy = s.region_flagged(ctx.cfg)
+    fraction = np.zeros(len(syn)) if s.region is None else s.region.fraction
+    order = sorted(range(len(syn)), key=lambda i: (not s.copy[i], -max(np.nan_to_num(s.pixel[i], nan=-1.0),
+                                                                       fraction[i]), -s.nn_sim[i]))
+    pairs = []
+    for i in order[: max(ctx.cfg.closest_pairs, min(int(s.copy.sum()), rc.FLAGGED_SHOWN))]:
+        region = rc.evidence(s.region, i, ref) if region_copy[i] else None
+        j = int(s.pixel_match[i] if s.pixel_match[i] >= 0 else s.top.idx[i, 0])
+        real = region["real"] if region else str(ref[j])
+        pairs.append({"synthetic": str(syn[i]), "real": real, "similarity": float(s.nn_sim[i]),
+                      "pixel_score": _num(s.pixel[i]), "reasons": list(ctx.reasons[i]), "region": region})
+    return pairs
 
 
 def _verdicts(ctx: AuditContext, outcome: RoundsOutcome) -> dict[str, Any]:
@@ -159,7 +171,7 @@ def build_summary(report: dict[str, Any]) -> dict[str, Any]:
         "tests": [_scrub_test(t) for t in report["tests"]],
         "null": report["null"],
         "figures": report["figures"],
-        "fidelity": report["fidelity"],
+        "fidelity": fidelity_summary_section(report["fidelity"]),
         "identifier_findings_by_kind": findings_by_kind,
         "tiles": [{"sha256": t["sha256"], "kept": t["kept"], "flagged": t["flagged"], "reasons": t["reasons"],
                    "nearest_similarity": t["nearest_similarity"]} for t in report["tiles"]],

@@ -18,6 +18,7 @@ from typing import Any
 
 from pixcell_fed.atomic import write_text_atomic
 from pixcell_fed.audit.conditioning_section import dp_summary_page_body, is_dp
+from pixcell_fed.audit.fidelity_report import html_section as fidelity_html_section
 from pixcell_fed.audit.report_html import _CSS, _esc, _fmt, first_page, similarity_figures
 from pixcell_fed.audit.report_json import check_no_role_names
 from pixcell_fed.audit.roles import DataRoles
@@ -43,20 +44,10 @@ def _null_section(null: dict[str, Any]) -> list[str]:
     return out + ["</table>"]
 
 
-def _fidelity_section(fidelity: dict[str, Any]) -> list[str]:
-    """Every fidelity figure of every encoder space, as the summary holds it."""
-    if not fidelity:
-        return []
-    out = ['<h2>Fidelity in encoder spaces (not privacy)</h2><p class="small">Cosine similarity in the conditioning '
-           "encoder's and other encoders' spaces. S is generated to match T there, so these measure how faithful the "
-           'synthetic tiles are, not privacy (the membership test in each space is among the tests above).</p>'
-           '<table id="fidelity"><tr><th>Space</th><th>Figure</th><th>Value</th></tr>']
-    for space, figures in fidelity.items():
-        figures = dict(figures) if isinstance(figures, dict) else {"value": figures}
-        label = f"{space} ({figures.pop('dim')} dims)" if "dim" in figures else space
-        out += [f"<tr><td>{_esc(label)}</td><td>{_esc(key)}</td><td>{_value(value)}</td></tr>"
-                for key, value in figures.items()]
-    return out + ["</table>"]
+def _fidelity_section(summary: dict[str, Any]) -> list[str]:
+    """Every fidelity figure of every encoder space, as the summary holds it (the on-site report's renderer)."""
+    return [fidelity_html_section(summary["fidelity"], summary.get("identities"),
+                         (summary.get("config") or {}).get("fidelity_warn_fd_ratio"))]
 
 
 def _identifier_section(by_kind: dict[str, int]) -> list[str]:
@@ -77,7 +68,7 @@ def render_summary_html(summary: dict[str, Any]) -> str:
         return "".join(out + body) + "</body></html>"
     out += first_page(summary, note=SHAREABLE_NOTE)
     out += ['<section id="figures">', *similarity_figures(summary["figures"]), *_null_section(summary["null"]),
-            *_fidelity_section(summary["fidelity"]), *_identifier_section(summary["identifier_findings_by_kind"]),
+            *_fidelity_section(summary), *_identifier_section(summary["identifier_findings_by_kind"]),
             "</section></body></html>"]
     return "".join(out)
 

@@ -8,6 +8,7 @@ import numpy as np
 from pixcell_fed.audit.context import AuditContext
 from pixcell_fed.audit.gate import FAIL, GENERATOR, NA, PASS, WARN, TestResult
 from pixcell_fed.audit.registry import audit_test
+from pixcell_fed.config.schema import AuditConfig
 
 
 @audit_test("memorisation", level=GENERATOR)
@@ -42,17 +43,37 @@ def memorisation_sentence(copies: int, generated: int, share: float, max_share: 
 
 @audit_test("copy_detection")
 def copy_detection(ctx: AuditContext, active: np.ndarray) -> TestResult:
-    """Any synthetic tile confirmed as a copy of a conditioning tile fails."""
+    """Any synthetic tile confirmed as a copy of a conditioning tile, or of a region of one, fails."""
     cfg, n, n_h = ctx.cfg, len(active), len(ctx.h_tile.nn_sim)
     copies = int(ctx.s_tile.copy[active].sum())
+    region_copies = int(ctx.s_tile.region_flagged(cfg)[active].sum())
     h_copies = int(ctx.h_tile.copy.sum())
     return TestResult(
         "copy_detection", "Copies of real tiles", FAIL if copies else PASS,
-        {"copies": copies, "audited": n, "candidates_confirmed": int(np.isfinite(ctx.s_tile.pixel[active]).sum())},
-        {"copy_similarity": cfg.copy_similarity, "copy_pixel_confirm": cfg.copy_pixel_confirm},
+        {"copies": copies, "audited": n, "candidates_confirmed": int(np.isfinite(ctx.s_tile.pixel[active]).sum()),
+         "region_copies": region_copies},
+        {"copy_similarity": cfg.copy_similarity, "copy_pixel_confirm": cfg.copy_pixel_confirm,
+         **_region_thresholds(cfg)},
         f"{copies:,} of {n:,} synthetic tiles are confirmed copies of a real conditioning tile (up to rotation, flip, "
-        f"re-compression, colour change, crop or noise); real held-out tiles gave {h_copies:,} of {n_h:,}.",
+        f"re-compression, colour change, crop or noise)" + _region_clause(cfg, region_copies)
+        + f"; real held-out tiles gave {h_copies:,} of {n_h:,}.",
         {"copies": h_copies, "size": n_h})
+
+
+def _region_thresholds(cfg: AuditConfig) -> dict[str, float]:
+    if not cfg.region_copy:
+        return {}
+    return {"region_copy_min_fraction": cfg.region_copy_min_fraction,
+            "region_copy_min_inliers": cfg.region_copy_min_inliers,
+            "region_copy_correlation": cfg.region_copy_correlation}
+
+
+def _region_clause(cfg: AuditConfig, region_copies: int) -> str:
+    """The copy sentence's part about region copies (empty when they are not sought)."""
+    if not cfg.region_copy:
+        return ""
+    return (f", {region_copies:,} of them because a region of at least {cfg.region_copy_min_fraction:.0%} of the tile "
+            "copies part of a real tile (any rotation, flip, scale 0.7-1.4)")
 
 
 @audit_test("paired")

@@ -205,34 +205,45 @@ def statement(info: dict, *, role: str) -> bytes:
     return canonical_json(body).encode("ascii")
 
 
-def write_signature(bundle_dir: Path, rel: str, private_key, message: bytes, *, role: str) -> None:
-    from pixcell_fed.atomic import write_text_atomic
+def signature_record(private_key, message: bytes, *, role: str) -> dict:
+    """The signature of ``message`` by ``private_key`` as written in a signature file (or a refusal notice)."""
     from pixcell_fed.keys import public_key_text
 
-    record = {
+    return {
         "algorithm": "ed25519",
         "role": role,
         "public_key": public_key_text(private_key.public_key()),
         "signature": base64.b64encode(private_key.sign(message)).decode("ascii"),
     }
-    write_text_atomic(bundle_dir / rel, canonical_json(record) + "\n")
+
+
+def write_signature(bundle_dir: Path, rel: str, private_key, message: bytes, *, role: str) -> None:
+    from pixcell_fed.atomic import write_text_atomic
+
+    write_text_atomic(bundle_dir / rel, canonical_json(signature_record(private_key, message, role=role)) + "\n")
 
 
 def read_signature(bundle_dir: Path, rel: str, *, role: str):
     """``(public key, signature bytes)`` from a signature file; :class:`VerificationError` when malformed."""
-    from pixcell_fed.errors import KeyFileError
-    from pixcell_fed.keys import parse_public_key
-
     path = bundle_dir / rel
     hint = "the signature file was modified or damaged; ask the site for a fresh copy"
     try:
         record = json.loads(path.read_bytes().decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise VerificationError(f"{rel}: not a valid signature file ({exc})", hint=hint) from exc
-    if not isinstance(record, dict) or set(record) != {"algorithm", "role", "public_key", "signature"}:
-        raise VerificationError(f"{rel}: not a valid signature file (unexpected fields)", hint=hint)
+    key, signature = signature_from_record(record, rel, role=role, hint=hint)
     if canonical_json(record) + "\n" != path.read_text(encoding="ascii"):
         raise VerificationError(f"{rel}: its bytes differ from the canonical form", hint=hint)
+    return key, signature
+
+
+def signature_from_record(record: Any, rel: str, *, role: str, hint: str):
+    """``(public key, signature bytes)`` from a :func:`signature_record`; :class:`VerificationError` when malformed."""
+    from pixcell_fed.errors import KeyFileError
+    from pixcell_fed.keys import parse_public_key
+
+    if not isinstance(record, dict) or set(record) != {"algorithm", "role", "public_key", "signature"}:
+        raise VerificationError(f"{rel}: not a valid signature file (unexpected fields)", hint=hint)
     if record["algorithm"] != "ed25519" or record["role"] != role:
         raise VerificationError(f"{rel}: expected an ed25519 {role} signature, got {record['algorithm']!r} {record['role']!r}",
                                 hint=hint)

@@ -6,6 +6,7 @@ from pixcell_fed.config.schema import (
     DPPolicy,
     FederationConfig,
     KeysConfig,
+    LocalTrainingConfig,
     ModelsConfig,
     SiteConfig,
     SiteSection,
@@ -21,6 +22,6 @@ def load_site_config(path) -> SiteConfig:
 
 
 __all__ = [
-    "AuditConfig", "DPPolicy", "FederationConfig", "KeysConfig", "ModelsConfig", "SiteConfig", "SiteSection", "SplitConfig",
+    "AuditConfig", "DPPolicy", "FederationConfig", "KeysConfig", "LocalTrainingConfig", "ModelsConfig", "SiteConfig", "SiteSection", "SplitConfig",
     "SynthesisConfig", "TilingConfig", "build_dataclass", "load_site_config", "load_yaml_config", "to_plain",
 ]

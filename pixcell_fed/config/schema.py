@@ -173,8 +173,18 @@ class AuditConfig:
     max_rounds: int = 2
     closest_pairs: int = 24
     device: str = "auto"  # where the searches run: auto (CUDA when present), cpu, cuda, cuda:N
+    region_copy: bool = True
+    region_copy_min_fraction: float = 0.25
+    region_copy_candidates: int = 5
+    region_copy_min_inliers: int = 6
+    region_copy_correlation: float = 0.6
+    # fidelity (docs/audit.md, "Fidelity"): never gates unless set; then WARN when FD(S,T)/FD(H,T) is above it
+    fidelity_warn_fd_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        _check(self.fidelity_warn_fd_ratio is None or 1.0 <= self.fidelity_warn_fd_ratio <= 1000.0,
+               f"audit.fidelity_warn_fd_ratio must be null or in [1, 1000] (got {self.fidelity_warn_fd_ratio}; "
+               "1 = as close to the conditioning tiles as new real tissue)")
         for name in ("copy_similarity", "copy_pixel_confirm"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
@@ -193,6 +203,14 @@ class AuditConfig:
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        _check(0.0 < self.region_copy_min_fraction <= 1.0,
+               f"audit.region_copy_min_fraction must be in (0, 1] (got {self.region_copy_min_fraction})")
+        _check(1 <= self.region_copy_candidates <= 100,
+               f"audit.region_copy_candidates must be in [1, 100] (got {self.region_copy_candidates})")
+        _check(self.region_copy_min_inliers >= 3,
+               f"audit.region_copy_min_inliers must be at least 3 (got {self.region_copy_min_inliers})")
+        _check(0.0 < self.region_copy_correlation < 1.0,
+               f"audit.region_copy_correlation must be in (0, 1) (got {self.region_copy_correlation})")
 
 
 @dataclass(frozen=True)
@@ -255,6 +273,32 @@ EVALUATION_MODEL_KWARGS = MappingProxyType({
 
 
 @dataclass(frozen=True)
+class LocalTrainingConfig:
+    """The site's own recipe and budget for the opt-in measurement of what the pool adds
+    (``federation.local_training``; docs/federation.md, "What the pool adds at each site"). A coordinator's request
+    can only lower ``epochs`` and ``max_tiles``; everything else is the site's. Which models the site accepts, how
+    large, and how many such queries it answers are its evaluation limits (``federation.evaluation``)."""
+
+    epochs: int = 3                       # passes over the training tiles, the same for both fine-tunes
+    max_tiles: int = 2000                 # at most this many training tiles (a seeded sample, stratified by label)
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    mode: Literal["finetune", "linear_probe"] = "finetune"
+    generic_weights: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))  # arch: weights file
+    bootstrap: int = 1000                 # replicates of the paired bootstrap interval of the difference
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.epochs <= 1000, f"federation.local_training.epochs must be in [1, 1000] (got {self.epochs})")
+        _check(self.max_tiles >= 2, f"federation.local_training.max_tiles must be at least 2 (got {self.max_tiles})")
+        _check(1 <= self.batch_size <= 4096, "federation.local_training.batch_size must be in [1, 4096]")
+        _check(0 < self.lr <= 1 and 0 <= self.weight_decay <= 1,
+               "federation.local_training: need 0 < lr <= 1 and 0 <= weight_decay <= 1")
+        _check(self.bootstrap >= 100, "federation.local_training.bootstrap must be at least 100")
+
+
+@dataclass(frozen=True)
 class FederationEvaluationConfig:
     """What this site's federated evaluation accepts and answers. A coordinator's request can only tighten it."""
 
@@ -298,6 +342,10 @@ class FederationConfig:
     train_dir: Path | None = None
     evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     dp: DPPolicy = field(default_factory=DPPolicy)
+    # opt-in: fine-tune a small classifier on train_dir twice (from the pool's model and from a generic start) and
+    # send back only the two sets of metrics on the held-out tiles and their difference
+    allow_local_training: bool = False
+    local_training: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
     # The Flower app bundle(s) this site runs, by SHA-256 ('site-agent app-hash'): one hash or a list. Messages of
     # any other app are refused by the site's launcher, unanswered. Empty: 'site-agent serve' refuses to start.
     app_sha256: tuple[str, ...] | str = ()
@@ -310,6 +358,9 @@ class FederationConfig:
             _check(is_sha256_hex(pin),
                    f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')")
         object.__setattr__(self, "app_sha256", pins)  # always a tuple after loading
+        for arch in self.local_training.generic_weights:
+            _check(arch in self.evaluation.architectures, f"federation.local_training.generic_weights names {arch!r}, "
+                                                          "which is not in federation.evaluation.architectures")
 
 
 @dataclass(frozen=True)

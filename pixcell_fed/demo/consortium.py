@@ -6,9 +6,20 @@ per site approves; the coordinator admits the sites
 (signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
 the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
 site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its
-pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier and has every site evaluate it
-on its real held-out tiles. Only the slides and the models (tiny UNTRAINED twins) differ from a real
-deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+pinned launcher); ``coordinator run`` pools the bundles, trains a small classifier, has every site evaluate it
+on its real held-out tiles and asks what the pool adds (hospital-a allows local training on its own labelled
+tiles; the others answer that they do not). Only the slides and the models (tiny UNTRAINED twins) differ from a
+real deployment. A second run reuses everything already made: models, slides, keys, runs, bundles, certificates.
+
+A fourth hospital leaks (:data:`LEAKING_SITE`): its generator is a *memorising twin*
+(:mod:`pixcell_fed.simulation.memorising_twin`) that returns copies and region copies of its real tiles. Its
+``site-agent synthesize`` (run through :mod:`pixcell_fed.demo.leaking_site`, the only place that lets site-agent
+load such a twin) ends with the audit's FAIL and exit 3, and builds no bundle: that is the expected outcome. The
+site then chooses to send the consortium a signed refusal notice (``site-agent refusal-notice``: the audit's
+numbers-only shareable summary, no tile, no tile hash), which the lead drops into the coordinator's
+``refusals/`` folder; the consortium report lists the site as refused, with the audit's reasons. The coordinator
+never asks that site for anything, and the site never serves: it has nothing to share.
+
 The real slide comes from the local cache that ``scripts/setup.sh`` fills, or from the file the user gives
 (``--slide``): nothing is fetched at run time.
 """
@@ -42,6 +53,11 @@ DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
                  "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
                  "epochs": 3, "batch-size": 16, "lr": 0.001}
 DEMO_SITE_CONFIG: dict[str, dict[str, Any]] = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
+#: (site name, stain variation) of the leaking hospital, whose generator memorised its tiles: its audit refuses.
+LEAKING_SITE = ("hospital-d", {"hematoxylin": 1.1, "eosin": 0.9, "bias": -0.02})
+#: The hospital that allows local training: it measures what the pool adds on its own labelled tiles (issue 15).
+LOCAL_TRAINING_SITE = "hospital-a"
+DEMO_LOCAL_TRAINING = {"epochs": 2, "max_tiles": 200, "batch_size": 16, "bootstrap": 500}
 #: One hospital conditions synthesis with differential privacy (docs/privacy.md): its audit reports, its bundle,
 #: 'coordinator verify' and the consortium report state its per-tile and per-slide guarantee. The clip norm suits
 #: the untrained UNI2-h twin, whose embeddings have norm about 6.9; a real site chooses it from public tiles.
@@ -65,6 +81,8 @@ class DemoResult:
     bundles: dict[str, Path] = field(default_factory=dict)
     consortium_report: Path | None = None
     consortium_json: Path | None = None
+    refused: dict[str, Path] = field(default_factory=dict)  # site whose own audit refused -> its audit report
+    verdicts: dict[str, str] = field(default_factory=dict)  # site -> its audit's verdict
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
@@ -73,9 +91,11 @@ def _env(flwr_home: Path) -> dict[str, str]:
     return {**flower_env(flwr_home), "PIXCELL_FED_NO_PROGRESS": os.environ.get("PIXCELL_FED_NO_PROGRESS", "1")}
 
 
-def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: float = 1800) -> str:
-    """Run ``site-agent`` or ``coordinator`` (this installation's) and return its stdout; raise on failure."""
-    module = {"site-agent": "site_agent.cli", "coordinator": "coordinator.cli"}[tool]
+def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: float = 1800, expect: int = 0) -> str:
+    """Run ``site-agent`` or ``coordinator`` (this installation's) and return its stdout; raise unless it exits
+    ``expect``. ``leaking-site-agent`` is site-agent in a process that may load the memorising twin."""
+    module = {"site-agent": "site_agent.cli", "coordinator": "coordinator.cli",
+              "leaking-site-agent": "pixcell_fed.demo.leaking_site"}[tool]
     log.info("$ %s %s", tool, " ".join(args))
     with open(log_file, "a", encoding="utf-8") as fh:
         fh.write(f"\n$ {tool} {' '.join(args)}\n")
@@ -83,8 +103,9 @@ def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: fl
         proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=fh, text=True,
                               env=env, timeout=timeout, check=False)
         fh.write(proc.stdout)
-    if proc.returncode != 0:
-        raise FederationError(f"'{tool} {args[0]}' failed with exit code {proc.returncode}",
+        fh.write(f"[exit {proc.returncode}]\n")
+    if proc.returncode != expect:
+        raise FederationError(f"'{tool} {args[0]}' exited {proc.returncode}, expected {expect}",
                               hint=f"see {log_file}")
     return proc.stdout
 
@@ -119,8 +140,33 @@ def _real_slide(out: Path, slide: str | Path | None) -> Path | None:
     if slide is not None:
         return check_real_slide(slide)
     written = all((out / "sites" / name / "slides" / spec.file_name).is_file()
-                  for i, (name, _) in enumerate(SITES) for spec in _slides(i))
+                  for i, (name, _) in enumerate((*SITES, LEAKING_SITE)) for spec in _slides(i))
     return None if written else cached_real_slide()
+
+
+def _make_leaking_site(out: Path, models, source: Path | None):
+    """The leaking hospital: its slides, and a memorising twin that memorised every tissue tile of them.
+    Returns (site.yaml, the site's models)."""
+    import dataclasses
+
+    from pixcell_fed.simulation.memorising_twin import save_memorising_twin
+    from pixcell_fed.simulation.sites import make_site
+    from pixcell_fed.simulation.slide_writer import StainVariation
+
+    name, stain = LEAKING_SITE
+    site_dir = out / "sites" / name
+    config = make_site(site_dir, name=name, models=models, slides=_slides(len(SITES)), stain=StainVariation(**stain),
+                       config=DEMO_SITE_CONFIG, source=source)
+    # the twin's memory is the site's own real tiles: it stays in the site's folder
+    leaking = dataclasses.replace(models, pixcell_dir=save_memorising_twin(site_dir / "memorising-twin", config))
+    return make_site(site_dir, name=name, models=leaking, slides=[]), leaking
+
+
+def _audit_verdict(audit_json: Path) -> str:
+    try:
+        return str(json.loads(audit_json.read_text(encoding="utf-8")).get("verdict"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
 
 
 def _bundle_of(site_dir: Path) -> Path:
@@ -128,6 +174,16 @@ def _bundle_of(site_dir: Path) -> Path:
     if not bundles:
         raise FederationError(f"no bundle under {site_dir / 'work'}", hint="see the demo log")
     return bundles[-1].parent
+
+
+def _allow_local_training(config: Path, bundle: Path, models) -> None:
+    """The site's labelled training tiles (its conditioning slides' real tiles) and its opt-in to local training."""
+    from pixcell_fed.simulation.sites import make_site, write_local_training_set
+
+    site_dir = config.parent
+    write_local_training_set(bundle.parent, site_dir / "labels.csv", site_dir / "train")
+    make_site(site_dir, name=config.parent.name, models=models, slides=[], config={"federation": {
+        "allow_local_training": True, "train_dir": "train", "local_training": DEMO_LOCAL_TRAINING}})
 
 
 def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: float = 1500.0) -> DemoResult:
@@ -162,6 +218,21 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
         site_dir = config.parent
         result.bundles[name] = _bundle_of(site_dir)
         result.audit_reports[name] = result.bundles[name].parent / "audit" / "audit.html"
+        result.verdicts[name] = _audit_verdict(result.bundles[name].parent / "audit" / "audit.json")
+
+    leaking_name = LEAKING_SITE[0]
+    log.info("2b/6 %s, whose generator is a memorising twin: its audit FAILS, synthesize exits 3, no bundle",
+             leaking_name)
+    leaking_config, leaking_models = _make_leaking_site(out, models, source)
+    _cli("leaking-site-agent", "synthesize", "--config", str(leaking_config), env=env, log_file=demo_log, expect=3)
+    leaking_dir = leaking_config.parent
+    if list((leaking_dir / "work" / "runs").glob("*/bundle")):
+        raise PixcellFedError(f"{leaking_name} built a bundle although its audit failed", hint=f"see {demo_log}")
+    (refused_report,) = sorted((leaking_dir / "work" / "runs").glob("*/audit/audit.html"))
+    result.refused[leaking_name] = refused_report
+    result.verdicts[leaking_name] = _audit_verdict(refused_report.parent / "audit.json")
+
+    _allow_local_training(configs[LOCAL_TRAINING_SITE], result.bundles[LOCAL_TRAINING_SITE], models)
 
     log.info("3/6 each site's demo privacy officer approves; the coordinator admits the site to its trust file")
     trust_file = coord / "trust.yaml"
@@ -182,6 +253,21 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
              "--signing-key", str(site_dir / "keys" / "site_signing.pub"), "--officer", str(officer / "officer.pub"),
              "--auth-key", str(auth / f"{name}_auth.pub"), env=env, log_file=demo_log)
         _cli("coordinator", "verify", str(result.bundles[name]), "--trust", str(trust_file), env=env, log_file=demo_log)
+
+    # the leaking site is a consortium member (its keys are in the trust file) that has nothing to share; it
+    # chooses to send the lead a signed refusal notice (numbers only), which the lead drops into refusals/
+    leaking_officer = leaking_dir / "officer"
+    if not (leaking_officer / "officer.key").is_file():
+        _cli("site-agent", "officer-key", "--out", str(leaking_officer), env=env, log_file=demo_log)
+    make_site(leaking_dir, name=leaking_name, models=leaking_models, slides=[],
+              config={"keys": {"officers": [(leaking_officer / "officer.pub").read_text().strip()]}})
+    _cli("coordinator", "trust-add", str(trust_file), "--site", leaking_name,
+         "--signing-key", str(leaking_dir / "keys" / "site_signing.pub"),
+         "--officer", str(leaking_officer / "officer.pub"), env=env, log_file=demo_log)
+    refusals = coord / "work" / "refusals"
+    refusals.mkdir(parents=True, exist_ok=True)
+    _cli("site-agent", "refusal-notice", "--config", str(leaking_config), "--out", str(refusals / f"{leaking_name}.json"),
+         env=env, log_file=demo_log)
 
     log.info("4/6 coordinator serve (SuperLink on loopback, Fleet-only TLS front); register-site binds keys to names")
     port, internal = D.free_port(), D.free_port()

@@ -36,6 +36,7 @@ class CoordinatorConfig:
     max_tile_epsilon: float = 0.0               # dp conditioning: largest per-tile epsilon accepted (0 = no limit)
     max_slide_epsilon: float = 0.0              # dp conditioning: largest per-slide epsilon accepted (0 = no limit)
     recipe: Literal["classifier", "ssl"] = "classifier"
+    ssl_method: Literal["simclr", "dino"] = "simclr"  # the ssl recipe's method
     arch: str = "vit_tiny_patch16_224"          # timm backbone
     model_kwargs: Mapping[str, Any] | None = None  # timm keyword arguments (e.g. depth, embed_dim)
     img_size: int = 224
@@ -46,6 +47,9 @@ class CoordinatorConfig:
     lr: float = 3e-4
     seed: int = 0
     evaluate: bool = True                       # send the model to every site for evaluation on real tiles
+    augmentation_value: bool = True             # ask every site what the pool adds (sites opt in; metrics only)
+    augmentation_epochs: int = 0                # 0 = each site's own budget; more than a site allows is never used
+    augmentation_max_tiles: int = 0             # 0 = each site's own budget
     dp_rounds: int = 0                          # > 0: federated DP fine-tune on the sites' real tiles afterwards
     dp_noise_multiplier: float = 1.0            # asked of each site; a site refuses less than its own floor
     dp_max_grad_norm: float = 1.0
@@ -64,6 +68,15 @@ class CoordinatorConfig:
         self.conditioning_requirement  # noqa: B018 -- the requirement's own checks (mode, finite bounds), at load time
         if self.dp_rounds:
             self.dp_settings  # noqa: B018 -- the DP settings' own range checks, at load time
+        if self.augmentation_epochs < 0 or self.augmentation_max_tiles < 0:
+            raise ValueError("coordinator: augmentation-epochs and augmentation-max-tiles must be >= 0 (0 = the site's own)")
+
+    @property
+    def augmentation_request(self):
+        """What the augmentation round asks of the sites (each site's own budget where 0)."""
+        from pixcell_fed.federation.augmentation_value import AugmentationRequest
+
+        return AugmentationRequest(epochs=self.augmentation_epochs or None, max_tiles=self.augmentation_max_tiles or None)
 
     @property
     def pool_settings(self) -> "PoolSettings":
@@ -101,6 +114,11 @@ class CoordinatorConfig:
     @property
     def report_dir(self) -> Path:
         return self.work_dir / "report"
+
+    @property
+    def refusals_dir(self) -> Path:
+        """Where the lead puts the signed refusal notices sites chose to send (:mod:`pixcell_fed.bundle.refusal`)."""
+        return self.work_dir / "refusals"
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> CoordinatorConfig:

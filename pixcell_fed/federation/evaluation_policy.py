@@ -87,7 +87,10 @@ def check_model_spec(spec: "ModelSpec", limits: FederationEvaluationConfig) -> "
 
 
 def check_weights(state: Mapping[str, Any], model: Any) -> None:
-    """The received arrays must be exactly the model's own parameters and buffers, name by name and shape by shape."""
+    """The received arrays must be exactly the model's own parameters and buffers, name by name and shape by shape,
+    and finite."""
+    import torch
+
     own = model.state_dict()
     if set(state) != set(own):
         raise P.Refusal("refused-weights", f"the weights name {len(set(state) ^ set(own))} tensor(s) the model does not "
@@ -96,6 +99,8 @@ def check_weights(state: Mapping[str, Any], model: Any) -> None:
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise P.Refusal("refused-weights", f"weight {name} has shape {tuple(state[name].shape)}, "
                                                f"the model's is {tuple(tensor.shape)}")
+        if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
+            raise P.Refusal("refused-weights", f"weight {name} is not finite")
 
 
 def check_tiles_per_class(labels: Sequence[str], limits: FederationEvaluationConfig) -> None:

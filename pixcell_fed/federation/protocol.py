@@ -11,6 +11,9 @@ Every exchange is one Flower message with a ``RecordDict``:
 * ``evaluate`` -- the coordinator sends a model (``ArrayRecord`` of plain arrays + ``ConfigRecord`` with its spec);
   the site answers with rounded aggregate metrics only.
 * ``train`` -- one round of the DP fine-tune on the site's real tiles.
+* ``evaluate.augmentation`` -- what the pool adds at a site (opt-in): the site fine-tunes from the model sent and
+  from a generic start on its own tiles and answers with the two sets of metrics and their difference only
+  (:mod:`pixcell_fed.federation.augmentation_value`), within its evaluation limits and query budget.
 
 A site that cannot or will not answer replies with one generic code from :data:`ERROR_CODES` under
 :data:`KEY_ERROR` and keeps the detail in its own log: error texts would tell the coordinator which files exist.
@@ -36,6 +39,7 @@ MSG_MANIFEST = "query.manifest"
 MSG_CHUNK = "query.chunk"
 MSG_EVALUATE = "evaluate"
 MSG_TRAIN = "train"
+MSG_AUGMENTATION = "evaluate.augmentation"
 
 # record keys
 KEY_REQUEST = "request"          # ConfigRecord sent by the coordinator
@@ -71,6 +75,7 @@ ERROR_CODES = (
     "too-few-tiles",     # a class of the held-out set is smaller than the site's minimum
     "budget-exhausted",  # the site's per-run or per-day evaluation budget is spent
     "refused-dp",        # a DP request outside the site's DP policy or past its privacy budget
+    "not-allowed",       # an optional measurement the site does not take part in (federation.allow_local_training)
     "internal",          # anything else (the detail is in the site's log)
 )
 #: numeric dtypes weights may travel as (never object arrays, which would need pickle)

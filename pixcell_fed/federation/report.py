@@ -1,8 +1,10 @@
 """The consortium report: ``report.json`` (everything) and ``report.html`` (one self-contained page).
 
 Which sites took part, how many tiles each contributed, their audit verdicts and conditioning privacy, who is
-missing or rejected and why, the training curves, and each site's accuracy, balanced accuracy and macro F1 on its
-own real held-out tiles, with the figures pooled across sites (weighted by tiles evaluated).
+missing or rejected and why, which sites their own audit refused (from the signed refusal notices they chose to
+send), a montage of pooled synthetic tiles per site, the training curves, and each site's accuracy, balanced
+accuracy and macro F1 on its own real held-out tiles, with the figures pooled across sites (weighted by tiles
+evaluated).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_fed.atomic import write_json_atomic, write_text_atomic
+from pixcell_fed.federation.augmentation_report import augmentation_section_html
 from pixcell_fed.federation.evaluation import METRIC_NAMES
+from pixcell_fed.federation.site_fidelity import fidelity_section_html
 
 _METRIC_HEADERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
 
@@ -45,7 +49,7 @@ def _conditioning(record: Any) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child,td.text{text-align:left}.bad{color:#b00}.ok{color:#070}
-svg{border:1px solid #ddd;background:#fcfcfc}"""
+svg{border:1px solid #ddd;background:#fcfcfc}.montage img{image-rendering:auto;border:1px solid #ddd}"""
 
 
 def _fmt(value: Any) -> str:
@@ -113,6 +117,50 @@ def _sites_section(pool: dict[str, Any]) -> list[str]:
     return out
 
 
+def _refusals_section(refusals: dict[str, Any]) -> list[str]:
+    """Sites whose own audit refused their run, from the signed notices they chose to send (numbers only)."""
+    notices = refusals.get("sites") or {}
+    out: list[str] = []
+    if notices:
+        out.append("<h2>Refused by their own audit</h2><p>These sites shared no tiles: their audit FAILED, so no "
+                   "bundle was built. What is shown is the signed refusal notice each chose to send (the audit's "
+                   "shareable summary: verdicts and figures only).</p>")
+        out.append(_table(["site", "run", "verdict", "generator", "why (the audit's words)"],
+                          [[s, n.get("run_id"), n.get("verdict"), n.get("generator"),
+                            "; ".join(str(r) for r in n.get("reasons") or []) or "not stated"]
+                           for s, n in sorted(notices.items())]))
+    if refusals.get("ignored"):
+        out.append("<p class='bad'>Refusal notices ignored (they did not verify):</p><ul>"
+                   + "".join(f"<li>{html.escape(str(r))}</li>" for r in refusals["ignored"]) + "</ul>")
+    return out
+
+
+def _montage_section(montage: dict[str, Any]) -> list[str]:
+    """Per pooled site: randomly chosen pooled synthetic tiles (never real ones), label counts, audit facts."""
+    if not montage:
+        return []
+    out = ["<h2>What was shared, at a glance</h2><p>Randomly chosen synthetic tiles from the pool (what each site's "
+           "officer approved; never a real tile), with each site's label counts and its audit as its shareable "
+           "summary states it.</p>"]
+    for site, m in sorted(montage.items()):
+        counts = ", ".join(f"{html.escape(str(k))}: {int(v)}" for k, v in (m.get("label_counts") or {}).items())
+        out.append(f"<div class='montage' id='montage-{html.escape(site)}'><h3>{html.escape(site)}</h3>"
+                   f"<p>{int(m.get('n_tiles', 0))} pooled tiles ({counts or 'no labels'}); {int(m.get('shown', 0))} shown.</p>")
+        if m.get("png_base64"):
+            out.append(f"<img alt='pooled synthetic tiles of {html.escape(site)}' "
+                       f"src='data:image/png;base64,{html.escape(str(m['png_base64']))}'>")
+        audit = m.get("audit")
+        if audit:
+            tests = audit.get("tests", [])
+            out.append(f"<p>Audit verdict: <b>{html.escape(str(audit.get('verdict')))}</b> ("
+                       + "; ".join(f"{html.escape(t.get('title', ''))}: {html.escape(t.get('status', ''))}" for t in tests)
+                       + ")</p><details><summary>each test in the audit's words</summary><ul>"
+                       + "".join(f"<li>{html.escape(t.get('title', ''))}: {html.escape(t.get('sentence', ''))}</li>"
+                                 for t in tests) + "</ul></details>")
+        out.append("</div>")
+    return out
+
+
 def render_html(report: dict[str, Any]) -> str:
     pool = report.get("pool", {})
     sites = pool.get("sites", {})
@@ -127,6 +175,13 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f"<p class='bad'>The synthetic tiles of {html.escape(', '.join(twins))} come from untrained twin "
                    "models (a demo or test set-up): the figures below show the plumbing, not model quality.</p>")
     out += _sites_section(pool)
+    refused = sorted((report.get("refusals") or {}).get("sites") or {})
+    if refused:
+        out.append(f"<p class='bad'>Refused by their own audit (no bundle, nothing shared): "
+                   f"{html.escape(', '.join(refused))}.</p>")
+    out += _refusals_section(report.get("refusals") or {})
+    out += _montage_section(report.get("montage") or {})
+    out.append(fidelity_section_html(report.get("fidelity") or {}, twins))
     training = report.get("training")
     out.append("<h2>Training</h2>")
     if training:
@@ -149,6 +204,7 @@ def render_html(report: dict[str, Any]) -> str:
     if pooled:
         rows.append(["pooled (weighted by tiles)", int(pooled.get("n", 0))] + [pooled.get(name) for name in METRIC_NAMES])
     out.append(_table(_metric_header("site"), rows) if rows else "<p>no evaluation</p>")
+    out.append(augmentation_section_html(report.get("augmentation"), twins))
     dp = report.get("dp")
     if dp:
         out.append("<h2>DP fine-tune on real tiles (Opacus DP-SGD at each site + FedAvg)</h2>")

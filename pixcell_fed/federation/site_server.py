@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from pixcell_fed.bundle import layout as L
-from pixcell_fed.config.schema import FederationEvaluationConfig
+from pixcell_fed.config.schema import FederationEvaluationConfig, LocalTrainingConfig
 from pixcell_fed.errors import BundleError, UsageError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.runlog import get_logger
@@ -47,6 +47,8 @@ class SiteSettings:
     evaluation: FederationEvaluationConfig = field(default_factory=FederationEvaluationConfig)
     work_dir: Path | None = None                  # query budget and request log; default: the bundle's work folder
     coordinator: str = "the consortium coordinator"  # the SuperLink this site serves, as recorded in the trail
+    allow_local_training: bool = False            # opt-in of the augmentation round (off without a site.yaml)
+    local_training: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteSettings":
@@ -66,7 +68,9 @@ class SiteSettings:
                                  hint="start the SuperNode with 'site-agent serve --config site.yaml'")
             name = cfg.site.name
             extra = {"config_file": config_path, "evaluation": cfg.federation.evaluation, "work_dir": cfg.site.work_dir,
-                     "coordinator": cfg.federation.superlink}
+                     "coordinator": cfg.federation.superlink,
+                     "allow_local_training": cfg.federation.allow_local_training,
+                     "local_training": cfg.federation.local_training}
         if not name:
             raise UsageError(f"the SuperNode has no '{P.NODE_SITE_NAME}' in its node config",
                              hint="start it with 'site-agent serve --config site.yaml'")
@@ -134,6 +138,8 @@ def _dispatch(kind: str, content: "RecordDict", site: SiteSettings, flower_run: 
         return handle_chunk(content, site, flower_run)
     if kind == P.MSG_EVALUATE:
         return handle_evaluate(content, site, flower_run)
+    if kind == P.MSG_AUGMENTATION:
+        return handle_augmentation(content, site, flower_run)
     if kind == P.MSG_TRAIN:
         return handle_train(content, site, state)
     raise P.Refusal("bad-request", f"unknown message type {kind!r}")
@@ -249,6 +255,19 @@ def handle_evaluate(request: "RecordDict", site: SiteSettings, flower_run: int |
     metrics = evaluate_request(request, site.evaluation, site.eval_dir, site.site_work_dir, flower_run)
     _record("evaluate", site, site.site_work_dir, flower_run, metrics=metrics)
     return RecordDict({P.KEY_METRICS: MetricRecord(dict(metrics))})
+
+
+def handle_augmentation(request: "RecordDict", site: SiteSettings, flower_run: int | str) -> "RecordDict":
+    """Answer ``evaluate.augmentation``: what the pool adds here, if the site allows local training: the two sets
+    of rounded metrics and their difference only, within the site's recipe, budget and evaluation limits, each
+    answer charged to its query budget (:mod:`~pixcell_fed.federation.augmentation_value`)."""
+    from pixcell_fed.federation.augmentation_value import TRAIL_EVENT, SiteLocalTraining, answer_record, measure
+
+    ctx = SiteLocalTraining(site.site_name, site.allow_local_training, site.train_dir, site.eval_dir,
+                            site.site_work_dir, site.local_training, site.evaluation)
+    values, baseline = measure(request, ctx, flower_run)
+    _record(TRAIL_EVENT, site, site.site_work_dir, flower_run, sent=values, baseline=baseline)
+    return answer_record(values, baseline)
 
 
 def handle_train(request: "RecordDict", site: SiteSettings, state: "RecordDict | None" = None) -> "RecordDict":

@@ -43,7 +43,7 @@ def training_config(cfg: CoordinatorConfig, config_class: type):
 
     offered = {"arch": cfg.arch, "kwargs": dict(cfg.model_kwargs or {}), "img_size": cfg.img_size, "epochs": cfg.epochs,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "pretrained_file": cfg.pretrained_file,
-               "mode": cfg.mode}
+               "mode": cfg.mode, "method": cfg.ssl_method}
     fields = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in offered.items() if k in fields})
 
@@ -89,7 +89,10 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, float]:
 def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: TrustVerifier | None = None) -> dict[str, Any]:
     """Pool, train, evaluate and report; returns the report as a dict (also written to ``work_dir/report``)."""
     from pixcell_fed.config import to_plain
+    from pixcell_fed.bundle.refusal import read_refusal_notices
+    from pixcell_fed.federation.montage import site_montages
     from pixcell_fed.federation.report import write_report
+    from pixcell_fed.federation.site_fidelity import pooled_fidelity
     from pixcell_fed.training import get_recipe
     from pixcell_fed.training.models import load_checkpoint, state_dict_of
 
@@ -99,6 +102,10 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Trus
     pool: PoolReport = pool_bundles(transport, cfg.pool_dir, verify, cfg.pool_settings)
     result: dict[str, Any] = {"config": to_plain(cfg), "pool": pool.to_dict(), "training": None, "evaluation": {},
                               "pooled_evaluation": {}, "dp": None}
+    # what the sites chose to share: their pooled tiles at a glance, and the refusal notices of their own audits
+    result["montage"] = site_montages(cfg.pool_dir)
+    result["refusals"] = read_refusal_notices(cfg.refusals_dir, verify.trust).to_report()
+    result["fidelity"] = pooled_fidelity(cfg.pool_dir, result["pool"]["sites"])  # from each site's signed audit
     if pool.n_pooled:
         recipe = get_recipe(cfg.recipe)
         trained = recipe(cfg.pool_dir, cfg.model_dir, training_config(cfg, recipe.config_class))
@@ -109,6 +116,11 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Trus
             nodes = {s: n for s, n in pool.nodes.items() if pool.sites[s].status != "missing"}
             result["evaluation"] = evaluate_at_sites(transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s)
             result["pooled_evaluation"] = pooled_metrics(result["evaluation"])
+            if cfg.augmentation_value:
+                from pixcell_fed.federation.augmentation_value import augmentation_round
+
+                result["augmentation"] = augmentation_round(transport, nodes, state_dict_of(model), spec,
+                                                            cfg.augmentation_request, timeout=cfg.reply_timeout_s)
             if cfg.dp_rounds > 0 and spec.kind == "classifier":
                 from pixcell_fed.federation.dp_rounds import federated_dp_finetune
 

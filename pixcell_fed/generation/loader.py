@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from pixcell_fed.devices import dtype_name, resolve_device, resolve_dtype
 from pixcell_fed.errors import ConfigError, WeightsError
@@ -24,6 +24,7 @@ from pixcell_fed.generation.published import (
     VARIANT_BY_TOKENS,
     WEIGHTS_FILE,
 )
+from pixcell_fed.registry import Registry
 from pixcell_fed.runlog import get_logger
 from pixcell_fed.weights import SafetensorsHeader, compare_shapes, config_mismatches, meta_shapes, read_complete_header, read_json
 
@@ -47,6 +48,16 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "algorithm_type": "dpmsolver++",
     "solver_order": 2,
 }
+
+
+#: The ``model_index.json`` key by which a tiny twin's folder names another pipeline to wrap its parts in. A
+#: published folder never carries it, and the loader refuses it anywhere but in a twin folder.
+PIPELINE_KEY = "_pixcell_fed_pipeline"
+#: Pipelines other than PixCell's own, by the name a twin folder gives under :data:`PIPELINE_KEY`:
+#: ``factory(checked_folder, transformer, vae, scheduler_config, **pipeline_kwargs) -> PixCellPipeline``. Nothing is
+#: registered here: demo material (:mod:`pixcell_fed.simulation.memorising_twin`) registers itself when a process
+#: imports it, which ``site-agent`` never does, so a site cannot load such a pipeline by pointing at a folder.
+PIPELINES: Registry[Callable[..., "PixCellPipeline"]] = Registry("generator pipeline")
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,8 @@ def check_folder(pixcell_dir: str | Path) -> PixCellFolder:
 
     The transformer config must be a PixCell config equal to the published one of its variant (a tiny twin may
     shrink the sizes only), and the safetensors header must be complete, with exactly the tensor names and shapes
-    of the model the config builds (only ``y_pos_embed.y_pos_embed`` may be absent). Raises :class:`WeightsError`.
+    of the model the config builds (only ``y_pos_embed.y_pos_embed`` may be absent); a folder may name another
+    pipeline (:data:`PIPELINE_KEY`) only if it is a twin and that pipeline is registered. Raises :class:`WeightsError`.
     """
     from pixcell_fed.generation.transformer import UNCOND_KEY, Y_POS_KEY, PixCellTransformer2DModel
 
@@ -147,7 +159,24 @@ def check_folder(pixcell_dir: str | Path) -> PixCellFolder:
         if UNCOND_KEY not in header.tensors:
             hint += f" (the null embedding {UNCOND_KEY} must be in the file)"
         raise WeightsError(f"{header.path} does not match {config_path.name}: " + "; ".join(problems), hint=hint)
-    return PixCellFolder(folder=folder, config=config, variant=variant, twin=twin, weights=header)
+    checked = PixCellFolder(folder=folder, config=config, variant=variant, twin=twin, weights=header)
+    pipeline_factory(checked)  # a folder naming a pipeline this program does not load is refused here too (doctor)
+    return checked
+
+
+def pipeline_factory(checked: PixCellFolder) -> Callable[..., "PixCellPipeline"] | None:
+    """The registered pipeline a twin folder names under :data:`PIPELINE_KEY`, or None for PixCell's own."""
+    index = checked.folder / "model_index.json"
+    name = read_json(index, "model index", PIXCELL_SOURCE).get(PIPELINE_KEY) if index.is_file() else None
+    if name is None:
+        return None
+    if not checked.twin:
+        raise WeightsError(f"{index} names the pipeline {name!r}, which only a tiny twin folder may do",
+                           hint=_REDOWNLOAD)
+    if not isinstance(name, str) or name not in PIPELINES:
+        raise WeightsError(f"{index} names the pipeline {name!r}: demo or test material this program does not load",
+                           hint="point models.pixcell_dir at a PixCell-256 or PixCell-1024 folder; " + PIXCELL_SOURCE)
+    return PIPELINES.get(name)
 
 
 def read_pixcell_variant(pixcell_dir: str | Path) -> int:
@@ -221,6 +250,7 @@ def load_pixcell(
 
     pixcell_dir = Path(pixcell_dir)
     checked = check_folder(pixcell_dir)
+    factory = pipeline_factory(checked) or (lambda _checked, *parts, **kwargs: PixCellPipeline(*parts, **kwargs))
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     transformer = load_transformer(checked, device=torch_device, dtype=torch_dtype)
@@ -235,7 +265,8 @@ def load_pixcell(
         " (y_pos_embed rebuilt)" if checked.y_pos_embed_absent else "", vae_folder, scheduler_source, torch_device,
         dtype_name(torch_dtype), dtype_name(vae.dtype),
     )
-    return PixCellPipeline(
+    return factory(
+        checked,
         transformer,
         vae,
         scheduler_config,

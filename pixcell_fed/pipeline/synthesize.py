@@ -260,21 +260,11 @@ def _write_eval_set(layout: RunLayout, h_tiles, labels: dict[str, str]) -> None:
     Held-out slides never conditioned synthesis, so a shared model trained on the pooled synthetic sets is
     evaluated on tiles it has never seen any trace of. Site-internal: only metrics computed on it leave.
     """
-    import os
-    import shutil
+    from pixcell_fed.pipeline.labelled_tiles import link_tiles_by_label
 
     if not labels:
         return
-    for tile_file, slide_file in zip(h_tiles["tile_file"], h_tiles["slide_file"]):
-        source = layout.tiles_dir / tile_file
-        target = layout.eval_dir / labels[slide_file] / source.name
-        if target.is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+    link_tiles_by_label(layout.tiles_dir, h_tiles["tile_file"], h_tiles["slide_file"], labels, layout.eval_dir)
 
 
 def _identifying_strings(slides_dir: Path, slide_files: list[str], patients: Iterable[str] = ()) -> list[str]:

@@ -1,13 +1,17 @@
 """Real H&E tiles cut from the real test slide, and the copy transforms the audit must see through.
 
 Used by the audit's tests and benchmark: regions of the slide stand in for the data roles (conditioning tiles T,
-held-out tiles H, genuinely new "synthetic" tiles), and :data:`COPY_TRANSFORMS` make planted copies.
+held-out tiles H, genuinely new "synthetic" tiles). :data:`COPY_TRANSFORMS` make planted whole-tile copies,
+:data:`REGION_COPY_TRANSFORMS` planted copies of part of a real tile (halves, mosaics of quarters, rotations by any
+angle, crops and shrinks, blur, stain changes), and :func:`overlapping_tiles` real tiles that overlap partly, for
+the region detector's calibration.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -120,6 +124,167 @@ COPY_TRANSFORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarra
     "gaussian_noise": _noise,
 }
 """The copies the audit must catch: name -> f(tile, rng) -> transformed tile."""
+
+
+@dataclass(frozen=True)
+class Plant:
+    """The tiles one planted region copy is made of: ``real`` (the real tile copied), ``others`` (three more real
+    tiles, for mosaics) and ``filler`` (a new tile that fills whatever is not copied)."""
+
+    real: np.ndarray
+    others: tuple[np.ndarray, ...]
+    filler: np.ndarray
+
+
+def tissue_share(img: np.ndarray) -> float:
+    return float(tissue_mask(img).mean())
+
+
+def _tissue_window(img: np.ndarray, h: int, w: int, rng: np.random.Generator, min_tissue: float = 0.5,
+                   step: int = 16) -> tuple[int, int]:
+    """A random (y, x) corner of an h x w window of ``img`` with at least ``min_tissue`` tissue (the most tissue
+    if none has enough): a copied region of glass would disclose nothing."""
+    mask = tissue_mask(img).astype(np.float64)
+    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ys = np.arange(0, img.shape[0] - h + 1, step)
+    xs = np.arange(0, img.shape[1] - w + 1, step)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    share = (integral[yy + h, xx + w] - integral[yy, xx + w] - integral[yy + h, xx] + integral[yy, xx]) / (h * w)
+    ok = np.flatnonzero(share.reshape(-1) >= min_tissue)
+    pick = int(rng.choice(ok)) if len(ok) else int(np.argmax(share))
+    return int(yy.reshape(-1)[pick]), int(xx.reshape(-1)[pick])
+
+
+def _rotate(img: np.ndarray, rng: np.random.Generator, degrees: float) -> np.ndarray:
+    """Rotation by +-``degrees`` about the centre; the corners are filled by reflection, so the tile stays full."""
+    import cv2
+
+    h, w = img.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees * rng.choice([-1.0, 1.0]), 1.0)
+    return cv2.warpAffine(img, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _half(p: Plant, rng: np.random.Generator) -> np.ndarray:
+    """Half of the real tile (left, right, top or bottom, with tissue) beside the other half of a new tile."""
+    out = p.filler.copy()
+    h, w = p.real.shape[:2]
+    halves = [(slice(None), slice(0, w // 2)), (slice(None), slice(w // 2, w)),
+              (slice(0, h // 2), slice(None)), (slice(h // 2, h), slice(None))]
+    rich = [s for s in halves if tissue_share(p.real[s]) >= 0.5] or halves
+    s = rich[int(rng.integers(len(rich)))]
+    out[s] = p.real[s]
+    return out
+
+
+def _quadrant_mosaic(p: Plant, rng: np.random.Generator) -> np.ndarray:
+    """Four quarters, each a quarter-tile region (with tissue) of a different real tile: ``real`` and ``others``."""
+    out = np.empty_like(p.real)
+    h, w = p.real.shape[0] // 2, p.real.shape[1] // 2
+    for q, src in enumerate((p.real, *p.others[:3])):
+        y, x = _tissue_window(src, h, w, rng)
+        qy, qx = divmod(q, 2)
+        out[qy * h:(qy + 1) * h, qx * w:(qx + 1) * w] = src[y:y + h, x:x + w]
+    return out
+
+
+def _shrink(p: Plant, rng: np.random.Generator, fraction: float = 0.8) -> np.ndarray:
+    """The whole real tile shrunk to ``fraction`` of its side, pasted at a random place in a new tile."""
+    import cv2
+
+    h, w = p.real.shape[:2]
+    ch, cw = int(round(h * fraction)), int(round(w * fraction))
+    out = p.filler.copy()
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    out[y:y + ch, x:x + cw] = cv2.resize(p.real, (cw, ch), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _blur(img: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(img, (0, 0), sigma)
+
+
+_RUIFROK = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # H, E, DAB optical densities
+
+
+def _stain_change(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A strong stain change: hematoxylin and eosin amounts each scaled by 0.5-0.7 or 1.4-1.7 and the stain colours
+    perturbed, by colour deconvolution (Ruifrok & Johnston 2001) and back."""
+    stains = _RUIFROK / np.linalg.norm(_RUIFROK, axis=1, keepdims=True)
+    density = -np.log((img.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+    amounts = density @ np.linalg.inv(stains)
+    scale = [rng.uniform(0.5, 0.7) if rng.random() < 0.5 else rng.uniform(1.4, 1.7) for _ in range(2)] + [1.0]
+    changed = stains + rng.normal(0.0, 0.08, stains.shape)
+    changed /= np.linalg.norm(changed, axis=1, keepdims=True)
+    out = 256.0 * np.exp(-(amounts * np.array(scale)) @ changed) - 1.0
+    return np.clip(out, 0, 255).reshape(img.shape).astype(np.uint8)
+
+
+REGION_COPY_TRANSFORMS: dict[str, Callable[[Plant, np.random.Generator], np.ndarray]] = {
+    "half_tile": _half,
+    "quadrant_mosaic": _quadrant_mosaic,
+    "rotate15": lambda p, rng: _rotate(p.real, rng, 15.0),
+    "rotate30": lambda p, rng: _rotate(p.real, rng, 30.0),
+    "rotate45": lambda p, rng: _rotate(p.real, rng, 45.0),
+    "crop70_resize": lambda p, rng: _crop_resize(p.real, rng, 0.7),
+    "crop80_resize": lambda p, rng: _crop_resize(p.real, rng, 0.8),
+    "shrink80": _shrink,
+    "gaussian_blur": lambda p, rng: _blur(p.real),
+    "stain_change": lambda p, rng: _stain_change(p.real, rng),
+}
+"""Copies of part of a real tile the audit must catch (issue 17): name -> f(plant, rng) -> synthetic tile."""
+
+
+def plant_region_copies(kind: str, reals: np.ndarray, fillers: np.ndarray, rng: np.random.Generator,
+                        n: int | None = None) -> np.ndarray:
+    """``n`` (default: one per real tile) planted copies of ``kind``: copy i is made from real tile i (mosaics also
+    from the next three real tiles) and new tile i (cycled) as filler."""
+    make = REGION_COPY_TRANSFORMS[kind]
+    count = len(reals) if n is None else n
+    out = []
+    for i in range(count):
+        others = tuple(reals[(i + d) % len(reals)] for d in (1, 2, 3))
+        out.append(make(Plant(reals[i % len(reals)], others, fillers[i % len(fillers)]), rng))
+    return np.stack(out) if out else np.zeros((0, *reals.shape[1:]), np.uint8)
+
+
+def overlapping_tiles(n: int, *, seed: int, overlap_range: tuple[float, float] = (0.03, 0.6), size: int = 256,
+                      min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real tiles and query tiles that overlap them partly, cut from the slide, for calibrating region copies.
+
+    Each of the ``n`` queries is a real tile shifted sideways, downwards or diagonally so that the two share a
+    random ``overlap_range`` share of a tile's area. Returns (real tiles (n, size, size, 3), query tiles, and each
+    query's true overlap: the largest share of its area it shares with any of the real tiles).
+    """
+    pixels = slide_pixels()
+    mask = tissue_mask(pixels)
+    rng = np.random.default_rng(seed)
+    reals, queries, real_at, query_at = [], [], [], []
+    while len(queries) < n:
+        share = rng.uniform(*overlap_range)
+        if rng.random() < 2 / 3:   # a band: shifted along one axis
+            shift = int(round(size * (1.0 - share)))
+            dy, dx = (shift, 0) if rng.random() < 0.5 else (0, shift)
+        else:                      # a corner: shifted along both axes
+            shift = int(round(size * (1.0 - np.sqrt(share))))
+            dy, dx = shift, shift
+        dy, dx = dy * int(rng.choice([-1, 1])), dx * int(rng.choice([-1, 1]))
+        y = int(rng.integers(max(0, -dy), pixels.shape[0] - size - max(0, dy) + 1))
+        x = int(rng.integers(max(0, -dx), pixels.shape[1] - size - max(0, dx) + 1))
+        a = (slice(y, y + size), slice(x, x + size))
+        b = (slice(y + dy, y + dy + size), slice(x + dx, x + dx + size))
+        shared = (slice(max(y, y + dy), min(y, y + dy) + size), slice(max(x, x + dx), min(x, x + dx) + size))
+        if min(mask[a].mean(), mask[b].mean(), mask[shared].mean()) < min_tissue:
+            continue
+        reals.append(np.array(pixels[a]))
+        queries.append(np.array(pixels[b]))
+        real_at.append((y, x))
+        query_at.append((y + dy, x + dx))
+    r, q = np.array(real_at), np.array(query_at)
+    inter = (np.clip(size - np.abs(q[:, None, 0] - r[None, :, 0]), 0, None)
+             * np.clip(size - np.abs(q[:, None, 1] - r[None, :, 1]), 0, None))
+    return np.stack(reals), np.stack(queries), inter.max(axis=1) / float(size * size)
 
 
 def random_augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
