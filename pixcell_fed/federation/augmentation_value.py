@@ -142,7 +142,7 @@ class AugmentationReply:
     def from_record(cls, content: "RecordDict", *, max_epochs: int | None) -> "AugmentationReply":
         """A site's answer (refusals arrive as generic codes, :meth:`refused`); :class:`ReplyRejected` when any
         value is not what an honest site sends."""
-        info = content[P.KEY_INFO] if P.KEY_INFO in content else {}
+        info: Mapping[str, Any] = content.get(P.KEY_INFO, {})
         if set(content.keys()) != {P.KEY_METRICS, P.KEY_INFO} or set(info.keys()) != {"status", "baseline"} \
                 or info.get("status") != STATUS_DONE:
             raise ReplyRejected("augmentation reply is not exactly a status, a baseline and the metrics")
@@ -152,10 +152,12 @@ class AugmentationReply:
         metrics = content[P.KEY_METRICS]
         if set(metrics.keys()) != set(_metric_keys()):
             raise ReplyRejected("augmentation reply without exactly the expected metrics")
-        values = {k: metrics[k] for k in _metric_keys()}
-        for key, value in values.items():
+        values: dict[str, float] = {}
+        for key in _metric_keys():
+            value = metrics[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ReplyRejected(f"augmentation reply value {key} is not a finite number")
+            values[key] = value
         for m in METRICS:
             if not all(0.0 <= values[f"{role}-{m}"] <= 1.0 for role in ROLES):
                 raise ReplyRejected(f"augmentation reply: {m} outside [0, 1]")
