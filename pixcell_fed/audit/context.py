@@ -52,7 +52,7 @@ class PerTile:
         pixel, match = F.confirm_candidates(queries, t, top, cfg.copy_similarity)
         copy = np.nan_to_num(pixel, nan=-1.0) >= cfg.copy_pixel_confirm
         region = None if region_index is None else rc.find_region_copies(
-            queries.work, region_index, candidates=cfg.region_copy_candidates, min_inliers=cfg.region_copy_min_inliers,
+            queries.work_images(), region_index, candidates=cfg.region_copy_candidates, min_inliers=cfg.region_copy_min_inliers,
             correlation=cfg.region_copy_correlation, device=cfg.device)
         if region is not None:
             copy = copy | region.flagged(cfg.region_copy_min_fraction)
@@ -217,7 +217,7 @@ def build_context(roles: DataRoles, cfg: AuditConfig, *, forbidden_strings: Sequ
     sets = {"S": F.TileSet.from_files(roles.synthetic, "synthetic", work_side=work_side),
             "T": F.TileSet.from_files(roles.reference, "reference", work_side=work_side),
             "H": F.TileSet.from_files(roles.holdout, "holdout", work_side=work_side)}
-    region_index = rc.RealIndex.build(sets["T"].work) if cfg.region_copy else None
+    region_index = rc.RealIndex.build(sets["T"].work_images()) if cfg.region_copy else None
     h_tile = PerTile.compute(sets["H"], sets["T"], cfg, region_index)  # the null: H against T, as if synthetic
     s_tile = PerTile.compute(sets["S"], sets["T"], cfg, region_index)
     descriptor = DescriptorSpace(sets, cfg.device)

@@ -164,7 +164,7 @@ def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", wor
     def one(i: int) -> None:
         tile = read_tile(paths[i])
         thumbs[i] = to_gray_thumb(tile)
-        if works is not None:
+        if works is not None and work_side is not None:  # both set or neither
             works[i] = to_gray_uint8(tile, work_side)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

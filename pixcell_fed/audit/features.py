@@ -35,6 +35,12 @@ class TileSet:
         return TileSet(tuple(self.paths[i] for i in rows), self.thumbs[rows], self.desc[rows], self.crops[:, rows],
                        None if self.work is None else self.work[rows])
 
+    def work_images(self) -> np.ndarray:
+        """The working images of region-level copy detection (the set must be described with ``work_side``)."""
+        if self.work is None:
+            raise ValueError("this tile set was described without working images (from_files(work_side=...))")
+        return self.work
+
     def __len__(self) -> int:
         return len(self.paths)
 

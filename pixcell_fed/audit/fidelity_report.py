@@ -119,8 +119,7 @@ def html_section(fidelity: Mapping[str, Any], identities: Mapping[str, Any] | No
             out.append(f'<tr><td>s against its own source t(s)</td><td colspan="2">{_pct(entry["paired"])}</td>'
                        '<td class="small">cosine of each synthetic tile to the tile that conditioned it</td></tr>')
         out.append("</table>")
-        for reason in entry.get("not_computed") or []:
-            out.append(f'<p class="small">Not computed: {esc(str(reason))}.</p>')
+        out.extend(f'<p class="small">Not computed: {esc(str(reason))}.</p>' for reason in entry.get("not_computed") or [])
     out.append("</section>")
     return "".join(out)
 

@@ -76,7 +76,7 @@ def _sift():
     import cv2
 
     if not hasattr(_local, "sift"):
-        _local.sift = cv2.SIFT_create(nfeatures=MAX_KEYPOINTS)
+        _local.sift = cv2.SIFT.create(nfeatures=MAX_KEYPOINTS)
     return _local.sift
 
 
@@ -139,7 +139,8 @@ class Vocabulary:
             desc = desc[np.sort(rng.choice(len(desc), sample, replace=False))]
         cv2.setRNGSeed(seed)   # k-means++ seeding draws from OpenCV's global generator: fixed for a fixed seed
         criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 1e-4)
-        _, _, centroids = cv2.kmeans(desc, size, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+        labels = np.zeros((len(desc), 1), np.int32)  # an output only: KMEANS_PP_CENTERS does not read it
+        _, _, centroids = cv2.kmeans(desc, size, labels, criteria, 1, cv2.KMEANS_PP_CENTERS)
         raw = cls(centroids.astype(np.float32), np.zeros(0, np.float32), np.zeros((0, 0), np.float32))
         some = [tiles[i] for i in np.sort(rng.choice(len(tiles), min(len(tiles), pca_tiles), replace=False))]
         vectors = raw.vlad_raw([*some, *(mirrored(k) for k in some)])

@@ -179,6 +179,6 @@ def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarra
     filled = np.zeros(agree.shape, np.uint8)
     cv2.fillConvexPoly(filled, hull, 1)
     grow = max(1, int(round(REGION_BORDER * side)))
-    filled = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    fraction = float((filled.astype(bool) & inside).mean())
+    grown = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    fraction = float((grown.astype(bool) & inside).mean())
     return AlignedRegion(fraction, hull.reshape(-1, 2).astype(np.float32), float(np.median(ncc[component])))

@@ -183,8 +183,9 @@ def find_region_copies(works: np.ndarray, index: RealIndex, *, candidates: int, 
     """The best region match of each synthetic working image (N, side, side) among its ``candidates`` nearest
     real tiles (and mirror images) in :class:`RealIndex`."""
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
-    from pixcell_fed.audit.search import topk_cosine
+    from pixcell_fed.audit.search import TopK, topk_cosine
     from pixcell_fed.progress import progress
 
     n = len(works)
@@ -194,27 +195,28 @@ def find_region_copies(works: np.ndarray, index: RealIndex, *, candidates: int, 
     matches: list[RegionMatch | None] = [None] * n
     n_real = len(index)
     k = min(candidates, len(index.keys))
+
+    def verify(start: int, points: list[kp.Keypoints], top: TopK, r: int) -> tuple[int, RegionMatch | None]:
+        """The best match of synthetic tile ``start + r`` (row ``r`` of the chunk at ``start``)."""
+        best = None
+        for key, sim in zip(top.idx[r], top.sims[r]):
+            if sim <= 0.0:   # a synthetic tile without keypoints has a zero vector
+                continue
+            j = int(key) % n_real
+            found = match_pair(works[start + r], points[r], index.works[j], index.keypoints[j],
+                               mirrored=int(key) >= n_real, min_inliers=min_inliers,
+                               correlation=correlation, real_index=j)
+            if found is not None and (best is None or found.fraction > best.fraction):
+                best = found
+        return start + r, best
+
     bar = progress(total=n, desc=desc, unit="tile")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, n, CHUNK):
             rows = range(start, min(n, start + CHUNK))
             points = list(pool.map(kp.detect, (works[i] for i in rows)))
             top = topk_cosine(index.vocabulary.vlad(points), index.keys, k, normalize=False, device=device)
-
-            def verify(r: int) -> tuple[int, RegionMatch | None]:
-                best = None
-                for key, sim in zip(top.idx[r], top.sims[r]):
-                    if sim <= 0.0:   # a synthetic tile without keypoints has a zero vector
-                        continue
-                    j = int(key) % n_real
-                    found = match_pair(works[start + r], points[r], index.works[j], index.keypoints[j],
-                                       mirrored=int(key) >= n_real, min_inliers=min_inliers,
-                                       correlation=correlation, real_index=j)
-                    if found is not None and (best is None or found.fraction > best.fraction):
-                        best = found
-                return start + r, best
-
-            for i, best in pool.map(verify, range(len(rows))):
+            for i, best in pool.map(partial(verify, start, points, top), range(len(rows))):
                 if best is not None:
                     fraction[i], matches[i] = best.fraction, best
             bar.update(len(rows))

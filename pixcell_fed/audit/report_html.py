@@ -119,8 +119,8 @@ def _pair_images(syn_path: str, real_path: str, region: dict[str, Any] | None = 
     from pixcell_fed.audit.region_copy import draw_region_pair
 
     if region is not None:   # a region copy: the region outlined on both tiles, and the real tile aligned onto it
-        return tuple(_png_data_uri(img) for img in draw_region_pair(read_tile(syn_path), read_tile(real_path),
-                                                                    region, side))
+        syn_img, real_img, aligned = draw_region_pair(read_tile(syn_path), read_tile(real_path), region, side)
+        return _png_data_uri(syn_img), _png_data_uri(real_img), _png_data_uri(aligned)
     syn = cv2.resize(read_tile(syn_path), (side, side), interpolation=cv2.INTER_AREA)
     real = cv2.resize(read_tile(real_path), (side, side), interpolation=cv2.INTER_AREA)
     g = best_aligned_variant(to_gray_thumb(syn), to_gray_thumb(real))

@@ -82,7 +82,7 @@ def write_refusal_notice(path: str | Path, summary: Mapping[str, Any], *, site: 
     """Write the signed notice of ``site``'s refused run ``run_id`` from its audit summary; returns what it says."""
     from pixcell_fed.atomic import write_text_atomic
 
-    notice = {"type": NOTICE_TYPE, "format_version": NOTICE_VERSION, "site": L.check_site_name(site),
+    notice: dict[str, Any] = {"type": NOTICE_TYPE, "format_version": NOTICE_VERSION, "site": L.check_site_name(site),
               "run_id": check_run_id(run_id), "created": L.utc_now(), "audit": notice_audit(summary)}
     record = {"notice": notice,
               "signature": L.signature_record(site_key, canonical_json(notice).encode("ascii"), role="site")}

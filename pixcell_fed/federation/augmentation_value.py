@@ -203,22 +203,24 @@ class SiteLocalTraining:
     limits: "FederationEvaluationConfig"
 
 
-def _labelled(folder: Path | None, what: str) -> list[tuple[Path, str]]:
+def _labelled(folder: Path | None, what: str) -> tuple[Path, list[tuple[Path, str]]]:
+    """The configured ``folder`` and its labelled tiles."""
     from pixcell_fed.training.data import labelled_folder
 
     if folder is None:
         raise P.Refusal("unavailable", f"no {what} folder is configured")
     try:
-        return labelled_folder(folder)
+        return folder, labelled_folder(folder)
     except PixcellFedError as exc:
         raise P.Refusal("unavailable", exc.message) from exc
 
 
-def _check_disjoint(train: list[tuple[Path, str]], held_out: list[tuple[Path, str]], ctx: SiteLocalTraining) -> None:
+def _check_disjoint(train: list[tuple[Path, str]], held_out: list[tuple[Path, str]], train_dir: Path,
+                    eval_dir: Path) -> None:
     """The training tiles must not be the held-out tiles: different folders, no file in common by content."""
     from pixcell_fed.hashing import sha256_file
 
-    a, b = Path(ctx.train_dir).resolve(), Path(ctx.eval_dir).resolve()
+    a, b = Path(train_dir).resolve(), Path(eval_dir).resolve()
     if a == b or a.is_relative_to(b) or b.is_relative_to(a):
         raise P.Refusal("unavailable", f"the training folder {a} and the held-out folder {b} overlap")
     shared = {sha256_file(p) for p, _ in train} & {sha256_file(p) for p, _ in held_out}
@@ -262,6 +264,7 @@ def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str
     its model is not acceptable; charges the site's evaluation query budget before reading its tiles."""
     from dataclasses import replace
 
+    import numpy as np
     import torch
 
     from pixcell_fed.federation import evaluation_policy as policy
@@ -282,9 +285,9 @@ def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str
     pool_model = _received_model(spec, state)
     charge_query(ctx.work_dir, flower_run, per_run=limits.max_queries_per_run, per_day=limits.max_queries_per_day)
     # the request and its model are acceptable and paid for: only now are the site's tiles read
-    train = _labelled(ctx.train_dir, "training (federation.train_dir)")
-    held_out = _labelled(ctx.eval_dir, "held-out evaluation")
-    _check_disjoint(train, held_out, ctx)
+    train_dir, train = _labelled(ctx.train_dir, "training (federation.train_dir)")
+    eval_dir, held_out = _labelled(ctx.eval_dir, "held-out evaluation")
+    _check_disjoint(train, held_out, train_dir, eval_dir)
     policy.check_tiles_per_class([label for _, label in held_out], limits)
     classes = sorted({label for _, label in train})
     if len(classes) < 2:
@@ -311,7 +314,7 @@ def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str
         torch.manual_seed(ctx.rules.seed)
         finetune(model, train, classes, site_spec, recipe)
         predictions.append(predict(model, held_out, site_spec))
-    measured = paired_difference([truth[i] for i in known], predictions[0], predictions[1], len(classes),
+    measured = paired_difference(np.asarray([truth[i] for i in known], np.int64), predictions[0], predictions[1], len(classes),
                                  bootstrap=ctx.rules.bootstrap, seed=ctx.rules.seed)
     log.info("local fine-tune on %d tiles, %d epoch(s), evaluated on %d held-out tiles: pool %s, generic %s",
              len(train), epochs, len(held_out), measured["a"], measured["b"])

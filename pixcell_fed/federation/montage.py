@@ -59,7 +59,7 @@ def _pooled_tile(pool_dir: Path, row: Any) -> np.ndarray | None:
 def _thumb(pixels: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def montage_png(tiles: list[np.ndarray]) -> bytes:
@@ -113,7 +113,8 @@ def site_montages(pool_dir: str | Path, *, per_site: int = MONTAGE_TILES, seed: 
     for site, rows in sorted(frame.groupby("site"), key=lambda kv: str(kv[0])):
         labels = Counter("unlabelled" if v is None or v != v else str(v) for v in rows["label"])
         order = rng.permutation(len(rows))
-        shown, shown_labels = [], []
+        shown: list[np.ndarray] = []
+        shown_labels: list[str] = []
         for i in order:
             if len(shown) == per_site:
                 break

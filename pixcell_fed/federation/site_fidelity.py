@@ -35,16 +35,20 @@ def _cell(raw: Any, low: float, high: float) -> dict[str, float | None] | None:
     return cell if cell["value"] is not None else None
 
 
+def _mapping(value: Any) -> Mapping[Any, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def space_figures(entry: Any) -> dict[str, Any] | None:
     """The checked figures of one encoder space of a shareable audit (None when there are none)."""
     if not isinstance(entry, Mapping):
         return None
-    fd = entry.get("fd") if isinstance(entry.get("fd"), Mapping) else {}
+    fd = _mapping(entry.get("fd"))
     out: dict[str, Any] = {"fd": {key: _cell(fd.get(key), 0.0, 1e12) for key in ("S->T", "H->T", "ratio")}}
     for name, _, _ in MANIFOLD_FIGURES:
-        raw = entry.get(name) if isinstance(entry.get(name), Mapping) else {}
+        raw = _mapping(entry.get(name))
         out[name] = {role: _cell(raw.get(role), 0.0, 1e6 if name == "density" else 1.0) for role in _ROLES}
-    sizes = entry.get("sizes") if isinstance(entry.get("sizes"), Mapping) else {}
+    sizes = _mapping(entry.get("sizes"))
     out["compared"] = int(sizes["compared"]) if _number(sizes.get("compared"), 0, 1e9) is not None else None
     return out if out["fd"]["ratio"] or any(out[n]["S"] for n, _, _ in MANIFOLD_FIGURES) else None
 

@@ -63,7 +63,10 @@ def memorised_copy(tile: np.ndarray, fresh: np.ndarray, seed: int) -> tuple[np.n
     elif kind == "re-compressed":
         quality = int(rng.integers(35, 76))
         _, buffer = cv2.imencode(".jpg", np.ascontiguousarray(tile[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        out = cv2.imdecode(buffer, cv2.IMREAD_COLOR)[..., ::-1]
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise ValueError("OpenCV could not decode the JPEG it just encoded")
+        out = decoded[..., ::-1]
     elif kind == "colour-jittered":
         stain = StainVariation(hematoxylin=rng.uniform(0.75, 1.3), eosin=rng.uniform(0.75, 1.3),
                                bias=rng.uniform(-0.03, 0.03))

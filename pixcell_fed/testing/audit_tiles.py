@@ -260,7 +260,10 @@ def overlapping_tiles(n: int, *, seed: int, overlap_range: tuple[float, float] =
     pixels = slide_pixels()
     mask = tissue_mask(pixels)
     rng = np.random.default_rng(seed)
-    reals, queries, real_at, query_at = [], [], [], []
+    reals: list[np.ndarray] = []
+    queries: list[np.ndarray] = []
+    real_at: list[tuple[int, int]] = []
+    query_at: list[tuple[int, int]] = []
     while len(queries) < n:
         share = rng.uniform(*overlap_range)
         if rng.random() < 2 / 3:   # a band: shifted along one axis

@@ -20,13 +20,14 @@ import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from pixcell_fed.errors import UsageError, WeightsError
 from pixcell_fed.runlog import get_logger
 
 if TYPE_CHECKING:
     import torch
+    from lightly.models.modules import DINOProjectionHead
 
     from pixcell_fed.training.models import ModelSpec
 
@@ -83,9 +84,9 @@ class DinoModel:
     """Student and teacher, each a backbone plus a DINO projection head, and the loss (with its centre)."""
 
     student_backbone: "torch.nn.Module"
-    student_head: "torch.nn.Module"
+    student_head: "DINOProjectionHead"
     teacher_backbone: "torch.nn.Module"
-    teacher_head: "torch.nn.Module"
+    teacher_head: "DINOProjectionHead"
     loss: "torch.nn.Module"
 
     @classmethod
@@ -162,7 +163,7 @@ def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any
     """DINO on the images of ``items`` with the ssl recipe's config ``cfg`` (an ``SSLConfig``); writes the teacher
     backbone to ``out_dir`` (resumable per epoch); returns the training curve."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from pixcell_fed.atomic import atomic_path
     from pixcell_fed.training.models import save_checkpoint
@@ -171,8 +172,9 @@ def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any
     backbone, local = _training_backbone(spec, local_crop_size(spec.img_size))
     model = DinoModel.build(backbone, cfg.dino_prototypes)
     optimizer = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = DataLoader(_Views(items, spec, local, cfg.dino_local_views), batch_size=min(cfg.batch_size, len(items)),
-                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    views = cast("Dataset[Any]", _Views(items, spec, local, cfg.dino_local_views))  # map-style: len and getitem
+    loader: DataLoader = DataLoader(views, batch_size=min(cfg.batch_size, len(items)), shuffle=True, drop_last=True,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
     total_steps = cfg.epochs * len(loader)
     history: list[dict] = []
     start = 0

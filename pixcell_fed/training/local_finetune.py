@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, cast
 
 import numpy as np
 
@@ -63,7 +63,8 @@ def stratified_sample(items: Sequence[tuple[Path, str]], max_items: int, seed: i
 
 def with_head(model: "torch.nn.Module", n_classes: int) -> "torch.nn.Module":
     """``model`` with a fresh classification head of ``n_classes`` outputs (timm's ``reset_classifier``)."""
-    model.reset_classifier(n_classes)
+    reset = cast("Callable[[int], None]", model.reset_classifier)  # timm's method, untyped on nn.Module
+    reset(n_classes)
     return model
 
 
@@ -72,19 +73,21 @@ def finetune(model: "torch.nn.Module", items: Sequence[tuple[Path, str]], classe
     """Train ``model`` in place on ``items`` (labels among ``classes``) with ``recipe``; returns the optimiser
     steps taken. The data order depends on ``recipe.seed`` only, so two models see the same batches."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from pixcell_fed.training.data import TileDataset
 
     if recipe.mode == "linear_probe":
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in model.get_classifier().parameters():
+        head = cast("Callable[[], torch.nn.Module]", model.get_classifier)()  # timm's method, untyped on nn.Module
+        for p in head.parameters():
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    loader = DataLoader(TileDataset(list(items), list(classes), spec), batch_size=recipe.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(recipe.seed))
+    tiles = cast("Dataset[Any]", TileDataset(list(items), list(classes), spec))  # map-style: len and getitem
+    loader: DataLoader = DataLoader(tiles, batch_size=recipe.batch_size, shuffle=True,
+                                    generator=torch.Generator().manual_seed(recipe.seed))
     loss_fn = torch.nn.CrossEntropyLoss()
     steps = 0
     model.train()
@@ -105,11 +108,10 @@ def predict(model: "torch.nn.Module", items: Sequence[tuple[Path, str]], spec: "
 
     from pixcell_fed.training.data import load_arrays
 
-    out = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            out.append(model(load_arrays(items[start:start + batch_size], spec)).argmax(1).numpy())
+        out = [model(load_arrays(items[start:start + batch_size], spec)).argmax(1).numpy()
+               for start in range(0, len(items), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -149,7 +151,7 @@ def paired_difference(truth: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
     n = len(truth)
     a, b = metrics_of(truth, pred_a, n_classes), metrics_of(truth, pred_b, n_classes)
     rng = np.random.default_rng(seed)
-    diffs = {name: [] for name in METRICS}
+    diffs: dict[str, list[float]] = {name: [] for name in METRICS}
     per_block = max(1, min(bootstrap, (8 * 2**20) // max(1, 8 * n)))
     for start in range(0, bootstrap, per_block):
         rows = rng.integers(0, n, size=(min(per_block, bootstrap - start), n))
