@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pixcell_fed.errors import ExitCode, PixcellFedError
 
@@ -49,8 +50,12 @@ def build_parser(prog: str, description: str, command_modules: Sequence[str]) ->
     """A parser with the common flags and one sub-command per module in ``command_modules``."""
     from pixcell_fed import __version__
 
-    parser = _Parser(prog=prog, description=description, epilog=EXIT_CODES_EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--no-progress", action="store_true", help="turn progress bars off")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TypeGuard
 from pathlib import Path
+from typing import TypeGuard
 
 #: A lowercase hex SHA-256, as :func:`sha256_bytes` writes it.
 SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, Protocol, TypeVar, overload
+from collections.abc import Iterable, Iterator
+from typing import Protocol, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -42,10 +43,19 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
 def progress(iterable: None = None, *, total: int | None = None, desc: str = "", unit: str = "it") -> ProgressBar: ...
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"
-             ) -> Iterator[T] | ProgressBar:
+def progress(
+    iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"
+) -> Iterator[T] | ProgressBar:
     """Wrap ``iterable`` in a progress bar on stderr (or return a bar to ``update()`` when it is None)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress_enabled(),
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not progress_enabled(),
+        dynamic_ncols=True,
+        leave=False,
+    )

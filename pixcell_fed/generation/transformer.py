@@ -88,7 +88,9 @@ class UNIProjection(PixArtAlphaTextProjection):
     def __init__(self, in_features: int, hidden_size: int, num_tokens: int) -> None:
         super().__init__(in_features=in_features, hidden_size=hidden_size, act_fn="gelu_tanh")
         # A fixed random vector, not trained; a checkpoint always overwrites it with its own.
-        self.register_buffer("uncond_embedding", torch.randn(num_tokens, in_features) / in_features**0.5, persistent=True)
+        self.register_buffer(
+            "uncond_embedding", torch.randn(num_tokens, in_features) / in_features**0.5, persistent=True
+        )
 
 
 class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' mixins disagree on config_name
@@ -142,7 +144,9 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # typ
         if num_embeds_ada_norm is None:
             raise ValueError("num_embeds_ada_norm must be set for norm_type 'ada_norm_single'")
         if use_additional_conditions:
-            raise ValueError("PixCell has no additional (resolution/aspect) conditions; use_additional_conditions must be false")
+            raise ValueError(
+                "PixCell has no additional (resolution/aspect) conditions; use_additional_conditions must be false"
+            )
 
         self.inner_dim = num_attention_heads * attention_head_dim
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -189,7 +193,7 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # typ
         )
 
     @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):  # noqa: D102 - diffusers hook
+    def extract_init_dict(cls, config_dict, **kwargs):
         # Drop the legacy PixArt keys silently: they are known, meaningless here, and must not reach __init__.
         config_dict = {k: v for k, v in config_dict.items() if k not in LEGACY_CONFIG_KEYS}
         return super().extract_init_dict(config_dict, **kwargs)

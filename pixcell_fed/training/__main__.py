@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     from pixcell_fed.errors import PixcellFedError
     from pixcell_fed.training import get_recipe, recipe_names
 
-    parser = argparse.ArgumentParser(prog="python -m pixcell_fed.training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pixcell_fed.training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default="classifier", help=f"one of: {', '.join(recipe_names())}")
     parser.add_argument("--pool", required=True, type=Path, help="pooled set folder (with pool.parquet)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed if present)")

@@ -9,7 +9,7 @@ sample rate are merged first (composition does not depend on order). The default
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from pixcell_fed.privacy.gaussian_mechanism import default_delta  # noqa: F401 (the site's delta: one definition)
 from pixcell_fed.training.dp import DPSteps
