@@ -13,8 +13,8 @@ def register(subparsers) -> None:
         "twins; demo officers approve; a loopback Flower deployment with TLS and registered sites pools "
         "the bundles, trains a small classifier and evaluates it at every site. A second run reuses "
         "what the first made. A fourth hospital's generator memorised its tiles (a 'memorising twin'): "
-        "its audit FAILS, it builds no bundle and the consortium report lists it as refused; that is the expected outcome "
-        "and the demo still exits 0. Prints where the audit reports and the consortium report are.",
+        "its audit FAILS, it builds no bundle and the consortium report lists it as refused; that is the expected "
+        "outcome and the demo still exits 0. Prints where the audit reports and the consortium report are.",
     )
     p.add_argument("--out", default="demo-output", metavar="DIR", help="folder for everything the demo makes")
     p.add_argument(

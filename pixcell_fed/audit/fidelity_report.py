@@ -130,7 +130,8 @@ def html_section(
         + (
             "These figures do not gate the audit."
             if warn_fd_ratio is None
-            else f"The audit warns when a ratio's interval lies wholly above {warn_fd_ratio:g} (audit.fidelity_warn_fd_ratio)."
+            else f"The audit warns when a ratio's interval lies wholly above {warn_fd_ratio:g} "
+            "(audit.fidelity_warn_fd_ratio)."
         )
         + "</p>"
     )

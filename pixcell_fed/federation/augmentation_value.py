@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 STATUS_DONE = "done"
-#: the site's refusal when it does not take part (a generic code of :data:`~pixcell_fed.federation.protocol.ERROR_CODES`)
+#: the site's refusal when it does not take part
+#: (a generic code of :data:`~pixcell_fed.federation.protocol.ERROR_CODES`)
 NOT_ALLOWED = "not-allowed"
 #: where the comparison run starts: the site's generic weights for the backbone, or a random initialisation
 BASELINES = ("site-weights", "random-init")

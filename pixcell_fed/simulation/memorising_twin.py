@@ -1,8 +1,9 @@
 """The memorising twin: a tiny PixCell twin that memorised its site's tiles and hands back copies of them.
 
 Demo and test material that shows the audit stopping a leaking generator. A memorising twin folder is a tiny
-PixCell-256 twin in the published layout (the same :class:`~pixcell_fed.generation.transformer.PixCellTransformer2DModel`
-weights, scheduler and VAE as the untrained twin, checked and loaded by :func:`pixcell_fed.generation.load_pixcell`)
+PixCell-256 twin in the published layout (the same
+:class:`~pixcell_fed.generation.transformer.PixCellTransformer2DModel` weights, scheduler and VAE as the untrained
+twin, checked and loaded by :func:`pixcell_fed.generation.load_pixcell`)
 plus ``memory/memorised_tiles.safetensors``: every tissue tile of the site's slides (uint8) with its embedding by
 the site's conditioning encoder, which is what a generator that memorised its training set carries in its weights.
 Its ``model_index.json`` names the pipeline ``memorising-twin`` (:data:`~pixcell_fed.generation.loader.PIPELINE_KEY`).

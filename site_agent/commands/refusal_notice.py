@@ -1,4 +1,5 @@
-"""``site-agent refusal-notice --config site.yaml --out FILE``: tell the consortium, signed, that the audit refused a run."""
+"""``site-agent refusal-notice --config site.yaml --out FILE``: tell the consortium, signed, that the audit refused a
+run."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "refusal-notice",
         help="write a signed notice that this site's audit refused a run (to send to the lead)",
-        description="For a run whose audit FAILED (so no bundle was built), write a refusal notice: the run's shareable "
-        "audit summary (verdicts, each test's figures and sentence, thresholds, set sizes, model "
+        description="For a run whose audit FAILED (so no bundle was built), write a refusal notice: the run's "
+        "shareable audit summary (verdicts, each test's figures and sentence, thresholds, set sizes, model "
         "identities; no tile, no tile hash, no file name), the site name, run id and time, signed with "
         "the site's signing key. Send it to the consortium lead if you want the consortium report to "
         "list this site as refused by its own audit, with the audit's reasons; nothing is sent "
