@@ -14,14 +14,18 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, get_args, get_origin, get_type_hints
 
 from pixcell_fed.errors import ConfigError
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
 
-T = TypeVar("T", bound="DataclassInstance")
+class DataclassInstance(Protocol):
+    """Any dataclass (typeshed's private ``_typeshed.DataclassInstance``, which exists only for type checkers)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+T = TypeVar("T", bound=DataclassInstance)
 
 _MISSING_HINT = "see configs/site.example.yaml, which documents every key"
 
