@@ -9,8 +9,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pixcell_fed.errors import LockedError
 
@@ -63,7 +64,7 @@ def write_json_atomic(target: str | Path, obj: Any) -> Path:
     return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_parquet_atomic(target: str | Path, frame: "Any") -> Path:
+def write_parquet_atomic(target: str | Path, frame: Any) -> Path:
     """Write a pandas DataFrame as parquet, atomically."""
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, index=False)
@@ -82,7 +83,7 @@ def folder_lock(folder: str | Path, *, what: str = "run") -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_file = folder / ".lock"
-    fh = open(lock_file, "a+")
+    fh = open(lock_file, "a+")  # noqa: SIM115  # the lock lives as long as this handle; closed below
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:

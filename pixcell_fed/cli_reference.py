@@ -11,9 +11,9 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 #: (program name, module holding COMMANDS and DESCRIPTION) of each CLI, in the order they are documented.
 CLIS: tuple[tuple[str, str], ...] = (("site-agent", "site_agent.cli"), ("coordinator", "coordinator.cli"))
@@ -80,10 +80,13 @@ def render() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pixcell_fed.cli_reference",
-                                     description="Write docs/cli.md from the CLIs' parsers, or check that it is current.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FILE",
-                        help="where the reference goes (default: docs/cli.md)")
+    parser = argparse.ArgumentParser(
+        prog="python -m pixcell_fed.cli_reference",
+        description="Write docs/cli.md from the CLIs' parsers, or check that it is current.",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, metavar="FILE", help="where the reference goes (default: docs/cli.md)"
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when FILE differs from the CLIs")
     args = parser.parse_args(argv)
     text = render()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pixcell_fed.errors import ExitCode, PixcellFedError
 
@@ -38,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # argparse's own usage errors use our exit code 2 and format
+    def error(self, message: str) -> NoReturn:  # argparse's own usage errors use our exit code 2 and format
         self.print_usage(sys.stderr)
         print(f"error: {message}", file=sys.stderr)
         print(f"hint: run '{self.prog} --help'", file=sys.stderr)
@@ -49,8 +50,12 @@ def build_parser(prog: str, description: str, command_modules: Sequence[str]) ->
     """A parser with the common flags and one sub-command per module in ``command_modules``."""
     from pixcell_fed import __version__
 
-    parser = _Parser(prog=prog, description=description, epilog=EXIT_CODES_EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--no-progress", action="store_true", help="turn progress bars off")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")

@@ -12,11 +12,18 @@ from pixcell_fed.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
-def resolve_device(device: "str | torch.device | None") -> "torch.device":
+def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None -> cuda if available, else cpu; any other torch device name is taken as given."""
     import torch
 
@@ -34,7 +41,7 @@ def resolve_device(device: "str | torch.device | None") -> "torch.device":
     return resolved
 
 
-def resolve_dtype(dtype: "str | torch.dtype | None", device: "torch.device") -> "torch.dtype":
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None/``"auto"`` -> bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU; names or dtypes otherwise."""
     import torch
 
@@ -50,6 +57,6 @@ def resolve_dtype(dtype: "str | torch.dtype | None", device: "torch.device") -> 
     return getattr(torch, name)
 
 
-def dtype_name(dtype: "torch.dtype") -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pixcell_fed.errors import ExitCode, PixcellFedError
 from pixcell_fed.registry import Registry
@@ -30,8 +31,18 @@ STATUSES: tuple[Status, ...] = ("OK", "WARN", "FAIL")
 #: Free space (GB) under which the work-folder check warns.
 DEFAULT_MIN_FREE_GB = 20.0
 
-REQUIRED_DISTRIBUTIONS = ("torch", "diffusers", "timm", "safetensors", "cryptography", "pyyaml", "pandas", "pyarrow",
-                          "openslide-python", "flwr")
+REQUIRED_DISTRIBUTIONS = (
+    "torch",
+    "diffusers",
+    "timm",
+    "safetensors",
+    "cryptography",
+    "pyyaml",
+    "pandas",
+    "pyarrow",
+    "openslide-python",
+    "flwr",
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,7 @@ class CheckResult:
 class DoctorContext:
     """What the checks look at: the site config (None = only this machine), the trust file, thresholds."""
 
-    config: "SiteConfig | None" = None
+    config: SiteConfig | None = None
     config_path: Path | None = None
     trust_path: Path | None = None
     min_free_gb: float = DEFAULT_MIN_FREE_GB
@@ -84,8 +95,11 @@ class DoctorReport:
         return f"{self.count('OK')} OK, {self.count('WARN')} WARN, {self.count('FAIL')} FAIL"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "summary": {s: self.count(s) for s in STATUSES},
-                "checks": [r.to_dict() for r in self.results]}
+        return {
+            "ok": self.ok,
+            "summary": {s: self.count(s) for s in STATUSES},
+            "checks": [r.to_dict() for r in self.results],
+        }
 
     def render_text(self) -> str:
         width = max((len(r.name) for r in self.results), default=0)
@@ -130,8 +144,12 @@ def run_doctor(
     from pixcell_fed.config import load_site_config
 
     cfg = load_site_config(config_path) if config_path is not None else None
-    ctx = DoctorContext(config=cfg, config_path=Path(config_path) if config_path is not None else None,
-                        trust_path=Path(trust_path) if trust_path is not None else None, min_free_gb=min_free_gb)
+    ctx = DoctorContext(
+        config=cfg,
+        config_path=Path(config_path) if config_path is not None else None,
+        trust_path=Path(trust_path) if trust_path is not None else None,
+        min_free_gb=min_free_gb,
+    )
     results = []
     for name in checks if checks is not None else CHECK_ORDER:
         result = _run_one(name, CHECKS.get(name), ctx)
@@ -147,8 +165,12 @@ def _run_one(name: str, fn: Check, ctx: DoctorContext) -> CheckResult | None:
         return CheckResult(name, "FAIL", exc.message, exc.hint or "")
     # A doctor must report a broken check and go on to the next, whatever broke it.
     except (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError) as exc:
-        return CheckResult(name, "FAIL", f"the check itself failed: {type(exc).__name__}: {exc}",
-                           "rerun with -v and report this as a bug in pixcell-fed if the cause is not clear")
+        return CheckResult(
+            name,
+            "FAIL",
+            f"the check itself failed: {type(exc).__name__}: {exc}",
+            "rerun with -v and report this as a bug in pixcell-fed if the cause is not clear",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,8 +192,12 @@ def check_python(ctx: DoctorContext) -> CheckResult:
             missing.append(dist)
     py = ".".join(str(v) for v in sys.version_info[:3])
     if missing:
-        return CheckResult("python", "FAIL", f"Python {py}, pixcell-fed {__version__}; not installed: {', '.join(missing)}",
-                           "reinstall the package with its dependencies: pip install -e . (from the pixcell-fed folder)")
+        return CheckResult(
+            "python",
+            "FAIL",
+            f"Python {py}, pixcell-fed {__version__}; not installed: {', '.join(missing)}",
+            "reinstall the package with its dependencies: pip install -e . (from the pixcell-fed folder)",
+        )
     return CheckResult("python", "OK", f"Python {py}, pixcell-fed {__version__}; " + ", ".join(found[:3]))
 
 
@@ -181,9 +207,12 @@ def check_openslide(ctx: DoctorContext) -> CheckResult:
     try:
         import openslide
     except (ImportError, OSError) as exc:
-        return CheckResult("openslide", "FAIL", f"OpenSlide cannot be loaded: {exc}",
-                           "pip install openslide-python openslide-bin "
-                           "(or install the system library: apt install libopenslide0)")
+        return CheckResult(
+            "openslide",
+            "FAIL",
+            f"OpenSlide cannot be loaded: {exc}",
+            "pip install openslide-python openslide-bin (or install the system library: apt install libopenslide0)",
+        )
     lib = getattr(openslide, "__library_version__", "unknown")
     return CheckResult("openslide", "OK", f"OpenSlide library {lib} (openslide-python {openslide.__version__})")
 
@@ -192,8 +221,12 @@ def check_openslide(ctx: DoctorContext) -> CheckResult:
 def check_config(ctx: DoctorContext) -> CheckResult:
     """Whether a site config was given (it was loaded and validated before the checks ran)."""
     if ctx.config is None:
-        return CheckResult("config", "WARN", "no site config given: only this machine was checked",
-                           "run 'site-agent doctor --config site.yaml' to check the site's folders, models and keys")
+        return CheckResult(
+            "config",
+            "WARN",
+            "no site config given: only this machine was checked",
+            "run 'site-agent doctor --config site.yaml' to check the site's folders, models and keys",
+        )
     return CheckResult("config", "OK", f"{ctx.config_path} is valid (site {ctx.config.site.name})")
 
 
@@ -206,12 +239,20 @@ def check_slides(ctx: DoctorContext) -> CheckResult | None:
 
     folder = ctx.config.site.slides_dir
     if not folder.is_dir():
-        return CheckResult("slides", "FAIL", f"slides folder not found: {folder}",
-                           f"create {folder} and copy the whole-slide images into it, or set site.slides_dir")
+        return CheckResult(
+            "slides",
+            "FAIL",
+            f"slides folder not found: {folder}",
+            f"create {folder} and copy the whole-slide images into it, or set site.slides_dir",
+        )
     files = list_slide_files(folder)
     if not files:
-        return CheckResult("slides", "WARN", f"the slides folder {folder} holds no slide files yet",
-                           f"copy the whole-slide images (any format OpenSlide reads) into {folder}")
+        return CheckResult(
+            "slides",
+            "WARN",
+            f"the slides folder {folder} holds no slide files yet",
+            f"copy the whole-slide images (any format OpenSlide reads) into {folder}",
+        )
     return CheckResult("slides", "OK", f"{len(files)} slide file(s) in {folder}")
 
 
@@ -237,10 +278,18 @@ def check_slide_table(ctx: DoctorContext) -> CheckResult | None:
     except ConfigError as exc:
         return CheckResult(name, "FAIL", f"site-agent synthesize would refuse (exit 2): {exc.message}", exc.hint or "")
     if unit == "slide":
-        return CheckResult(name, "OK", f"split.unit: slide, chosen in site.yaml: T and H are split by slide and the "
-                           f"audit report says so ({len(table.labels)} labelled slide(s))")
-    return CheckResult(name, "OK", f"{site.labels_csv}: {len(set(table.patients.values()))} patient(s) for "
-                       f"{len(table.patients)} slide(s), {len(table.labels)} labelled; T and H split by patient")
+        return CheckResult(
+            name,
+            "OK",
+            f"split.unit: slide, chosen in site.yaml: T and H are split by slide and the "
+            f"audit report says so ({len(table.labels)} labelled slide(s))",
+        )
+    return CheckResult(
+        name,
+        "OK",
+        f"{site.labels_csv}: {len(set(table.patients.values()))} patient(s) for "
+        f"{len(table.patients)} slide(s), {len(table.labels)} labelled; T and H split by patient",
+    )
 
 
 @register_check("work folder")
@@ -251,14 +300,22 @@ def check_work_folder(ctx: DoctorContext) -> CheckResult:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
-        return CheckResult("work folder", "FAIL", f"{probe} is not writable by this user",
-                           f"give this user write access to {probe}, or set site.work_dir to a writable folder")
+        return CheckResult(
+            "work folder",
+            "FAIL",
+            f"{probe} is not writable by this user",
+            f"give this user write access to {probe}, or set site.work_dir to a writable folder",
+        )
     free = shutil.disk_usage(probe).free
     where = f"{folder}" + ("" if probe == folder else f" (to be created; {probe} exists)")
     detail = f"{where}: {format_bytes(free)} free"
     if free < ctx.min_free_gb * 1e9:
-        return CheckResult("work folder", "WARN", f"{detail}, under the {ctx.min_free_gb:g} GB threshold",
-                           "free space on that disk or set site.work_dir to a larger one (threshold: --min-free-gb)")
+        return CheckResult(
+            "work folder",
+            "WARN",
+            f"{detail}, under the {ctx.min_free_gb:g} GB threshold",
+            "free space on that disk or set site.work_dir to a larger one (threshold: --min-free-gb)",
+        )
     return CheckResult("work folder", "OK", detail)
 
 
@@ -276,15 +333,21 @@ def check_pixcell(ctx: DoctorContext) -> CheckResult | None:
 
     name = "pixcell model"
     if ctx.config.models.pixcell_dir is None:
-        return CheckResult(name, "FAIL", "models.pixcell_dir is not set",
-                           "set models.pixcell_dir in site.yaml to the local PixCell-256 or PixCell-1024 folder; "
-                           + PIXCELL_SOURCE)
+        return CheckResult(
+            name,
+            "FAIL",
+            "models.pixcell_dir is not set",
+            "set models.pixcell_dir in site.yaml to the local PixCell-256 or PixCell-1024 folder; " + PIXCELL_SOURCE,
+        )
     found = check_folder(ctx.config.models.pixcell_dir)
     ctx.facts["pixcell"] = found
     check_tile_size_fits_model(ctx.config.tiling.tile_size, found.variant)
     if found.twin:
-        return _untrained_twin(name, found.describe(), "for real synthesis set models.pixcell_dir to a downloaded "
-                               "PixCell folder; " + PIXCELL_SOURCE)
+        return _untrained_twin(
+            name,
+            found.describe(),
+            "for real synthesis set models.pixcell_dir to a downloaded PixCell folder; " + PIXCELL_SOURCE,
+        )
     return CheckResult(name, "OK", f"{found.describe()}, published architecture")
 
 
@@ -301,14 +364,21 @@ def check_vae(ctx: DoctorContext) -> CheckResult | None:
     if models.vae_dir is None and models.pixcell_dir is None:
         return CheckResult(name, "FAIL", "models.vae_dir is not set", "set models.vae_dir in site.yaml; " + VAE_SOURCE)
     pixcell = ctx.facts.get("pixcell")
-    found = check_folder(resolve_vae_dir(models.vae_dir, models.pixcell_dir or Path(".")),
-                         latent_channels=pixcell.config["in_channels"] if pixcell is not None else None)
+    found = check_folder(
+        resolve_vae_dir(models.vae_dir, models.pixcell_dir or Path(".")),
+        latent_channels=pixcell.config["in_channels"] if pixcell is not None else None,
+    )
     if found.twin:
-        return _untrained_twin(name, found.describe(), "for real synthesis set models.vae_dir to the SD3.5 VAE folder; "
-                               + VAE_SOURCE)
+        return _untrained_twin(
+            name, found.describe(), "for real synthesis set models.vae_dir to the SD3.5 VAE folder; " + VAE_SOURCE
+        )
     if not found.published_size:
-        return CheckResult(name, "WARN", f"{found.describe()}: the SD3.5 VAE has about 83.8 M parameters",
-                           "check this is the SD3.5 VAE; " + VAE_SOURCE)
+        return CheckResult(
+            name,
+            "WARN",
+            f"{found.describe()}: the SD3.5 VAE has about 83.8 M parameters",
+            "check this is the SD3.5 VAE; " + VAE_SOURCE,
+        )
     return CheckResult(name, "OK", found.describe())
 
 
@@ -324,18 +394,26 @@ def check_encoder(ctx: DoctorContext) -> CheckResult | None:
     name = "encoder"
     models = ctx.config.models
     if models.encoder_dir is None:
-        return CheckResult(name, "FAIL", f"models.encoder_dir is not set (encoder {models.encoder})",
-                           f"set models.encoder_dir in site.yaml to the folder of its weights; {UNI_SOURCE}")
+        return CheckResult(
+            name,
+            "FAIL",
+            f"models.encoder_dir is not set (encoder {models.encoder})",
+            f"set models.encoder_dir in site.yaml to the folder of its weights; {UNI_SOURCE}",
+        )
     found = check_folder(models.encoder, models.encoder_dir)
     pixcell = ctx.facts.get("pixcell")
     wanted = pixcell.config["caption_channels"] if pixcell is not None else None
     if wanted is not None and wanted != found.dim:
-        return CheckResult(name, "FAIL", f"the encoder gives {found.dim}-dim embeddings, PixCell is conditioned on "
-                           f"{wanted}-dim ones", "use the encoder PixCell was trained with (uni2-h) and the matching "
-                           "PixCell folder")
+        return CheckResult(
+            name,
+            "FAIL",
+            f"the encoder gives {found.dim}-dim embeddings, PixCell is conditioned on {wanted}-dim ones",
+            "use the encoder PixCell was trained with (uni2-h) and the matching PixCell folder",
+        )
     if found.twin:
-        return _untrained_twin(name, found.describe(), "for real synthesis set models.encoder_dir to the UNI2-h "
-                               "folder; " + UNI_SOURCE)
+        return _untrained_twin(
+            name, found.describe(), "for real synthesis set models.encoder_dir to the UNI2-h folder; " + UNI_SOURCE
+        )
     return CheckResult(name, "OK", found.describe())
 
 
@@ -351,14 +429,24 @@ def check_device(ctx: DoctorContext) -> CheckResult:
     dtype = resolve_dtype(ctx.config.models.dtype if ctx.config is not None else None, device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return CheckResult("device", "OK", f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB; "
-                           f"{torch.cuda.device_count()} GPU(s)), {dtype_name(dtype)}, torch {torch.__version__}")
-    detail = (f"cpu ({os.cpu_count()} cores; no usable CUDA GPU), {dtype_name(dtype)}, torch {torch.__version__} "
-              f"(models.device: {wanted})")
+        return CheckResult(
+            "device",
+            "OK",
+            f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB; "
+            f"{torch.cuda.device_count()} GPU(s)), {dtype_name(dtype)}, torch {torch.__version__}",
+        )
+    detail = (
+        f"cpu ({os.cpu_count()} cores; no usable CUDA GPU), {dtype_name(dtype)}, torch {torch.__version__} "
+        f"(models.device: {wanted})"
+    )
     pixcell = ctx.facts.get("pixcell")
     if pixcell is not None and not pixcell.twin:
-        return CheckResult("device", "WARN", detail + ": real PixCell runs, but slowly, on a CPU",
-                           "run synthesis on a machine with an NVIDIA GPU (check the driver with nvidia-smi) for real models")
+        return CheckResult(
+            "device",
+            "WARN",
+            detail + ": real PixCell runs, but slowly, on a CPU",
+            "run synthesis on a machine with an NVIDIA GPU (check the driver with nvidia-smi) for real models",
+        )
     return CheckResult("device", "OK", detail)
 
 
@@ -377,8 +465,12 @@ def check_site_key(ctx: DoctorContext) -> CheckResult | None:
 
     path = ctx.config.keys.site_private_key
     if not path.is_file():
-        return CheckResult("site key", "FAIL", f"site signing key not found: {path}",
-                           "create the site folder and its key with 'site-agent init DIR', or set keys.site_private_key")
+        return CheckResult(
+            "site key",
+            "FAIL",
+            f"site signing key not found: {path}",
+            "create the site folder and its key with 'site-agent init DIR', or set keys.site_private_key",
+        )
     check_private_key_permissions(path)
     passphrase = passphrase_from_env(ctx.config.keys.passphrase_env)
     key = load_private_key(path, passphrase=passphrase)
@@ -391,9 +483,12 @@ def check_site_key(ctx: DoctorContext) -> CheckResult | None:
         from pixcell_fed.keys import public_key_raw
 
         if public_key_raw(load_public_key(pub_path)) != public_key_raw(public):
-            return CheckResult("site key", "WARN", f"{detail}; but {pub_path} holds another key",
-                               f"the trust file must list the key of {path}: replace {pub_path} with that key's "
-                               "public half")
+            return CheckResult(
+                "site key",
+                "WARN",
+                f"{detail}; but {pub_path} holds another key",
+                f"the trust file must list the key of {path}: replace {pub_path} with that key's public half",
+            )
     return CheckResult("site key", "OK", detail)
 
 
@@ -408,17 +503,25 @@ def check_officers(ctx: DoctorContext) -> CheckResult | None:
 
     officers = SiteAuthority.from_config(ctx.config).officers
     if not officers:
-        return CheckResult("officers", "WARN", "keys.officers in site.yaml lists no privacy officer: every approval "
-                           "(and privacy ledger reset) will be refused, so no bundle can leave the site",
-                           "the privacy officer runs 'site-agent officer-key --out DIR' on a machine of their own; "
-                           "add the line it prints ('- ed25519:...') under keys.officers in site.yaml")
+        return CheckResult(
+            "officers",
+            "WARN",
+            "keys.officers in site.yaml lists no privacy officer: every approval "
+            "(and privacy ledger reset) will be refused, so no bundle can leave the site",
+            "the privacy officer runs 'site-agent officer-key --out DIR' on a machine of their own; "
+            "add the line it prints ('- ed25519:...') under keys.officers in site.yaml",
+        )
     public = ctx.facts.get("site_public_key")
     if public is not None and public_key_raw(public) in {public_key_raw(k) for k in officers}:
-        return CheckResult("officers", "WARN", "keys.officers lists the site's own signing key, which may never "
-                           "approve", "remove it from keys.officers; officers decide with keys of their own "
-                           "('site-agent officer-key')")
-    return CheckResult("officers", "OK", f"{len(officers)} privacy officer key(s): "
-                       + ", ".join(fingerprint(k) for k in officers))
+        return CheckResult(
+            "officers",
+            "WARN",
+            "keys.officers lists the site's own signing key, which may never approve",
+            "remove it from keys.officers; officers decide with keys of their own ('site-agent officer-key')",
+        )
+    return CheckResult(
+        "officers", "OK", f"{len(officers)} privacy officer key(s): " + ", ".join(fingerprint(k) for k in officers)
+    )
 
 
 @register_check("trust file")
@@ -436,14 +539,23 @@ def check_trust(ctx: DoctorContext) -> CheckResult | None:
     name = ctx.config.site.name
     entry = trust.site(name)
     if entry is None:
-        return CheckResult("trust file", "FAIL", f"{detail}, none named {name!r}",
-                           f"send the consortium this site's name ({name}) and public key (keys/*.pub) for the trust file")
+        return CheckResult(
+            "trust file",
+            "FAIL",
+            f"{detail}, none named {name!r}",
+            f"send the consortium this site's name ({name}) and public key (keys/*.pub) for the trust file",
+        )
     public = ctx.facts.get("site_public_key")
     if public is not None and public_key_raw(entry.signing_key) != public_key_raw(public):
-        return CheckResult("trust file", "FAIL", f"{detail}: the signing key listed for {name} is not this site's key",
-                           "send the consortium this site's current public key (keys/*.pub) to replace the listed one")
-    return CheckResult("trust file", "OK",
-                       f"{detail}; {name} listed with this site's key and {len(entry.officers)} officer key(s)")
+        return CheckResult(
+            "trust file",
+            "FAIL",
+            f"{detail}: the signing key listed for {name} is not this site's key",
+            "send the consortium this site's current public key (keys/*.pub) to replace the listed one",
+        )
+    return CheckResult(
+        "trust file", "OK", f"{detail}; {name} listed with this site's key and {len(entry.officers)} officer key(s)"
+    )
 
 
 @register_check("federation files")
@@ -487,11 +599,18 @@ def check_lock(ctx: DoctorContext) -> CheckResult:
     comparison = check_installed_against_lock("site")
     install = "pip install --require-hashes -r requirements/site.lock (docs/install.md)"
     if comparison is None:
-        return CheckResult("lock", "WARN", "this installation carries no lock (pixcell_fed/locks/site.lock)",
-                           "install pixcell-fed from its release folder: " + install)
+        return CheckResult(
+            "lock",
+            "WARN",
+            "this installation carries no lock (pixcell_fed/locks/site.lock)",
+            "install pixcell-fed from its release folder: " + install,
+        )
     if not comparison.ok:
-        return CheckResult("lock", "WARN", f"{len(comparison.differences)} of {comparison.n_pins} packages differ from "
-                           f"{comparison.lock_name}, which this release was tested with: "
-                           + describe_differences(comparison),
-                           "to run what was tested: " + install + "; other versions are untested, not known to fail")
+        return CheckResult(
+            "lock",
+            "WARN",
+            f"{len(comparison.differences)} of {comparison.n_pins} packages differ from "
+            f"{comparison.lock_name}, which this release was tested with: " + describe_differences(comparison),
+            "to run what was tested: " + install + "; other versions are untested, not known to fail",
+        )
     return CheckResult("lock", "OK", f"all {comparison.n_pins} packages as pinned in {comparison.lock_name}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import TypeGuard
 
 #: A lowercase hex SHA-256, as :func:`sha256_bytes` writes it.
 SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def is_sha256_hex(value: object) -> bool:
+def is_sha256_hex(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a lowercase hex SHA-256 string."""
     return isinstance(value, str) and SHA256_HEX_RE.fullmatch(value) is not None
 

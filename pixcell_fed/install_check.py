@@ -10,10 +10,10 @@ interpreter (one lock covers Python 3.11 to 3.13), and compares each pinned vers
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Mapping
 
 #: The roles that have a lock (``requirements/<role>.lock``).
 LOCK_ROLES = ("site", "coordinator")
@@ -125,8 +125,9 @@ def installed_version(name: str, *, path: list[str] | None = None) -> str | None
     return None
 
 
-def compare_with_lock(pins: tuple[LockedPackage, ...], *, lock_name: str = "lock",
-                      path: list[str] | None = None) -> LockComparison:
+def compare_with_lock(
+    pins: tuple[LockedPackage, ...], *, lock_name: str = "lock", path: list[str] | None = None
+) -> LockComparison:
     """Each pin against the installed version: equal versions match (``2.14.1+cpu`` is not ``2.14.1``)."""
     from packaging.version import InvalidVersion, Version
 
@@ -149,8 +150,9 @@ def check_installed_against_lock(role: str = "site", *, path: list[str] | None =
     lock = lock_file(role)
     if lock is None:
         return None
-    return compare_with_lock(parse_lock(lock.read_text(encoding="utf-8")), lock_name=f"requirements/{lock.name}",
-                             path=path)
+    return compare_with_lock(
+        parse_lock(lock.read_text(encoding="utf-8")), lock_name=f"requirements/{lock.name}", path=path
+    )
 
 
 def describe_differences(comparison: LockComparison, *, limit: int = 6) -> str:
@@ -162,9 +164,10 @@ def describe_differences(comparison: LockComparison, *, limit: int = 6) -> str:
 
     parts = []
     if comparison.different:
-        parts.append("installed at other versions: " + listing(
-            comparison.different, lambda d: f"{d.locked.name} {d.installed} (locked {d.locked.version})"))
+        parts.append(
+            "installed at other versions: "
+            + listing(comparison.different, lambda d: f"{d.locked.name} {d.installed} (locked {d.locked.version})")
+        )
     if comparison.missing:
-        parts.append("not installed: " + listing(
-            comparison.missing, lambda d: f"{d.locked.name} {d.locked.version}"))
+        parts.append("not installed: " + listing(comparison.missing, lambda d: f"{d.locked.name} {d.locked.version}"))
     return "; ".join(parts)

@@ -51,7 +51,9 @@ def write_private_key(path: str | Path, key, *, passphrase: str | bytes | None =
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise KeyFileError(f"key file already exists: {path}", hint="choose another file; an existing key is never overwritten")
+        raise KeyFileError(
+            f"key file already exists: {path}", hint="choose another file; an existing key is never overwritten"
+        )
     secret = _passphrase_bytes(passphrase)
     encryption = serialization.BestAvailableEncryption(secret) if secret else serialization.NoEncryption()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
@@ -89,25 +91,33 @@ def parse_public_key(text: str, *, source: str = "public key"):
 
     ed25519 = _ed25519()
     if not isinstance(text, str):
-        raise KeyFileError(f"{source}: expected text, got {type(text).__name__}", hint="write the key as 'ed25519:<base64>'")
+        raise KeyFileError(
+            f"{source}: expected text, got {type(text).__name__}", hint="write the key as 'ed25519:<base64>'"
+        )
     stripped = text.strip()
     if stripped.startswith("-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(stripped.encode("ascii"))
         except (ValueError, UnicodeEncodeError) as exc:
-            raise KeyFileError(f"{source}: not a valid PEM public key ({exc})", hint="paste the whole .pub file") from exc
+            raise KeyFileError(
+                f"{source}: not a valid PEM public key ({exc})", hint="paste the whole .pub file"
+            ) from exc
         if not isinstance(key, ed25519.Ed25519PublicKey):
             raise KeyFileError(f"{source}: not an Ed25519 key", hint="pixcell-fed uses Ed25519 keys only")
         return key
     if stripped.startswith(PUBLIC_KEY_PREFIX):
-        stripped = stripped[len(PUBLIC_KEY_PREFIX):]
+        stripped = stripped[len(PUBLIC_KEY_PREFIX) :]
     try:
         raw = base64.b64decode(stripped, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise KeyFileError(f"{source}: not valid base64", hint="write the key as 'ed25519:<base64>' as printed by site-agent") from exc
+        raise KeyFileError(
+            f"{source}: not valid base64", hint="write the key as 'ed25519:<base64>' as printed by site-agent"
+        ) from exc
     if len(raw) != 32:
-        raise KeyFileError(f"{source}: an Ed25519 public key has 32 bytes, got {len(raw)}",
-                           hint="copy the whole line printed by 'site-agent init' or 'site-agent officer-key'")
+        raise KeyFileError(
+            f"{source}: an Ed25519 public key has 32 bytes, got {len(raw)}",
+            hint="copy the whole line printed by 'site-agent init' or 'site-agent officer-key'",
+        )
     return ed25519.Ed25519PublicKey.from_public_bytes(raw)
 
 
@@ -128,8 +138,10 @@ def check_private_key_permissions(path: Path) -> None:
             hint=f"restrict it to its owner: chmod 600 {path}",
         )
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise KeyFileError(f"private key {path} belongs to another user (uid {info.st_uid})",
-                           hint="use a key file that you own, with mode 0600")
+        raise KeyFileError(
+            f"private key {path} belongs to another user (uid {info.st_uid})",
+            hint="use a key file that you own, with mode 0600",
+        )
 
 
 def load_private_key(path: str | Path, *, passphrase: str | bytes | None = None):
@@ -138,8 +150,10 @@ def load_private_key(path: str | Path, *, passphrase: str | bytes | None = None)
 
     path = Path(path)
     if not path.is_file():
-        raise KeyFileError(f"private key file not found: {path}",
-                           hint="create one with 'site-agent init' (site key) or 'site-agent officer-key' (officer key)")
+        raise KeyFileError(
+            f"private key file not found: {path}",
+            hint="create one with 'site-agent init' (site key) or 'site-agent officer-key' (officer key)",
+        )
     check_private_key_permissions(path)
     secret = _passphrase_bytes(passphrase)
     data = path.read_bytes()
@@ -147,14 +161,22 @@ def load_private_key(path: str | Path, *, passphrase: str | bytes | None = None)
         key = serialization.load_pem_private_key(data, password=secret)
     except TypeError as exc:
         if secret is None:
-            raise KeyFileError(f"private key {path} is passphrase-protected and no passphrase was given",
-                               hint="pass --passphrase-env VAR with the passphrase in environment variable VAR") from exc
-        raise KeyFileError(f"private key {path} is not encrypted, but a passphrase was given",
-                           hint="drop the passphrase option for this key") from exc
+            raise KeyFileError(
+                f"private key {path} is passphrase-protected and no passphrase was given",
+                hint="pass --passphrase-env VAR with the passphrase in environment variable VAR",
+            ) from exc
+        raise KeyFileError(
+            f"private key {path} is not encrypted, but a passphrase was given",
+            hint="drop the passphrase option for this key",
+        ) from exc
     except ValueError as exc:
         if secret is not None and b"ENCRYPTED" in data:
-            raise KeyFileError(f"wrong passphrase for private key {path}", hint="check the passphrase and try again") from exc
-        raise KeyFileError(f"{path} is not a readable private key ({exc})", hint="pass the .key file written by site-agent") from exc
+            raise KeyFileError(
+                f"wrong passphrase for private key {path}", hint="check the passphrase and try again"
+            ) from exc
+        raise KeyFileError(
+            f"{path} is not a readable private key ({exc})", hint="pass the .key file written by site-agent"
+        ) from exc
     if not isinstance(key, _ed25519().Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 private key", hint="pixcell-fed signs with Ed25519 keys only")
     return key
@@ -166,8 +188,10 @@ def passphrase_from_env(var: str | None) -> str | None:
         return None
     value = os.environ.get(var)
     if value is None or value == "":
-        raise UsageError(f"environment variable {var} holding the key passphrase is not set or empty",
-                         hint=f"export {var}=... before running, or drop the passphrase option")
+        raise UsageError(
+            f"environment variable {var} holding the key passphrase is not set or empty",
+            hint=f"export {var}=... before running, or drop the passphrase option",
+        )
     return value
 
 

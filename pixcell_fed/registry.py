@@ -5,7 +5,8 @@ A registry refuses duplicate names and lists the valid names when asked for an u
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from pixcell_fed.errors import RegistryError
 
@@ -24,7 +25,9 @@ class Registry(Generic[T]):
 
         def add(obj: T) -> T:
             if name in self._items:
-                raise RegistryError(f"duplicate {self.kind} name {name!r}", hint="pick a name that is not registered yet")
+                raise RegistryError(
+                    f"duplicate {self.kind} name {name!r}", hint="pick a name that is not registered yet"
+                )
             self._items[name] = obj
             return obj
 
@@ -35,7 +38,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise RegistryError(
-                f"unknown {self.kind} {name!r}", hint=f"valid {self.kind} names: {', '.join(sorted(self._items)) or '(none)'}"
+                f"unknown {self.kind} {name!r}",
+                hint=f"valid {self.kind} names: {', '.join(sorted(self._items)) or '(none)'}",
             ) from None
 
     def names(self) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 LOGGER_NAME = "pixcell_fed"
 

@@ -53,7 +53,9 @@ def example_config_path() -> Path:
 
     path = Path(str(resources.files("pixcell_fed") / "configs" / "site.example.yaml"))
     if not path.is_file():
-        raise ConfigError(f"the example config is missing: {path}", hint="reinstall pixcell-fed from its release folder")
+        raise ConfigError(
+            f"the example config is missing: {path}", hint="reinstall pixcell-fed from its release folder"
+        )
     return path
 
 
@@ -64,8 +66,9 @@ def site_yaml_text(name: str, passphrase_env: str | None) -> str:
     if n != 1:
         raise ConfigError("cannot find 'site.name' in the example config", hint="report this as a bug in pixcell-fed")
     if passphrase_env:
-        text, n = re.subn(r"(?m)^(  passphrase_env: )null(\s)", lambda m: f"{m.group(1)}{passphrase_env}{m.group(2)}",
-                          text, count=1)
+        text, n = re.subn(
+            r"(?m)^(  passphrase_env: )null(\s)", lambda m: f"{m.group(1)}{passphrase_env}{m.group(2)}", text, count=1
+        )
         if n != 1:
             raise ConfigError("cannot find 'keys.passphrase_env' in the example config", hint="report this as a bug")
     return text
@@ -83,7 +86,9 @@ def init_site(folder: str | Path, *, name: str | None = None, passphrase_env: st
     if not SITE_NAME_RE.match(name):
         raise UsageError(f"invalid site name {name!r}", hint="use letters, digits, '-' or '_' (pass --name)")
     if passphrase_env and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", passphrase_env):
-        raise UsageError(f"invalid environment variable name {passphrase_env!r}", hint="e.g. --passphrase-env SITE_KEY_PASSPHRASE")
+        raise UsageError(
+            f"invalid environment variable name {passphrase_env!r}", hint="e.g. --passphrase-env SITE_KEY_PASSPHRASE"
+        )
     passphrase = passphrase_from_env(passphrase_env)
     config_path = folder / "site.yaml"
     if config_path.exists():
@@ -95,10 +100,17 @@ def init_site(folder: str | Path, *, name: str | None = None, passphrase_env: st
     cfg = load_site_config(config_path)  # the written config must load
     for sub in (cfg.site.slides_dir, cfg.site.work_dir):
         sub.mkdir(parents=True, exist_ok=True)
-    officer = write_text_atomic(folder / "OFFICER.md", OFFICER_MD.format(name=name, public_key=public_key_text(public_key)))
+    officer = write_text_atomic(
+        folder / "OFFICER.md", OFFICER_MD.format(name=name, public_key=public_key_text(public_key))
+    )
     return {
-        "dir": str(folder), "name": name, "config": str(config_path), "private_key": str(private_path),
-        "public_key": str(public_path), "public_key_text": public_key_text(public_key),
-        "fingerprint": fingerprint(public_key), "encrypted": passphrase is not None,
+        "dir": str(folder),
+        "name": name,
+        "config": str(config_path),
+        "private_key": str(private_path),
+        "public_key": str(public_path),
+        "public_key_text": public_key_text(public_key),
+        "fingerprint": fingerprint(public_key),
+        "encrypted": passphrase is not None,
         "officer_instructions": str(officer),
     }

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed import hashing
 from pixcell_fed.errors import WeightsError
@@ -48,7 +49,9 @@ def read_json(path: Path, what: str, source: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{what} {path} is not valid JSON: {exc}", hint=f"the download is damaged; {source}") from exc
+        raise WeightsError(
+            f"{what} {path} is not valid JSON: {exc}", hint=f"the download is damaged; {source}"
+        ) from exc
     if not isinstance(data, dict):
         raise WeightsError(f"{what} {path} does not hold a JSON object", hint=f"the download is damaged; {source}")
     return data
@@ -90,8 +93,10 @@ class SafetensorsHeader:
 
     def summary(self) -> str:
         """``"604 tensors, 604 M values, F32, 2.42 GB"``."""
-        return (f"{len(self.tensors)} tensors, {self.n_params / 1e6:.3g} M values, {'/'.join(self.dtypes)}, "
-                f"{format_bytes(self.file_bytes)}")
+        return (
+            f"{len(self.tensors)} tensors, {self.n_params / 1e6:.3g} M values, {'/'.join(self.dtypes)}, "
+            f"{format_bytes(self.file_bytes)}"
+        )
 
 
 def count_values(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -120,7 +125,9 @@ def read_safetensors_header(path: str | Path, source: str) -> SafetensorsHeader:
             raise WeightsError(f"{path} is empty or cut short ({size} bytes)", hint=damaged)
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, _MAX_HEADER):
-            raise WeightsError(f"{path} has no valid safetensors header (header length {n}, file {size} bytes)", hint=damaged)
+            raise WeightsError(
+                f"{path} has no valid safetensors header (header length {n}, file {size} bytes)", hint=damaged
+            )
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -143,13 +150,14 @@ def read_complete_header(path: str | Path, source: str) -> SafetensorsHeader:
     """:func:`read_safetensors_header`, refusing a file whose tensor data is cut short (an unfinished copy)."""
     header = read_safetensors_header(path, source)
     if not header.complete:
-        raise WeightsError(f"{header.path} is cut short ({header.file_bytes} of "
-                           f"{8 + header.header_bytes + header.data_bytes} bytes)",
-                           hint=f"the copy did not finish: copy it again; {source}")
+        raise WeightsError(
+            f"{header.path} is cut short ({header.file_bytes} of {8 + header.header_bytes + header.data_bytes} bytes)",
+            hint=f"the copy did not finish: copy it again; {source}",
+        )
     return header
 
 
-def read_state_dict(path: Path, source: str) -> dict[str, "torch.Tensor"]:
+def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a ``torch.save`` pickle read with ``weights_only=True`` (no code runs)."""
     import pickle
 
@@ -166,7 +174,9 @@ def read_state_dict(path: Path, source: str) -> dict[str, "torch.Tensor"]:
             except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise WeightsError(f"cannot read weights {path}: {exc}", hint=f"the file is damaged or not a plain state dict; {source}") from exc
+        raise WeightsError(
+            f"cannot read weights {path}: {exc}", hint=f"the file is damaged or not a plain state dict; {source}"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -181,7 +191,7 @@ def state_shapes(path: Path, source: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in read_state_dict(path, source).items()}
 
 
-def meta_shapes(build: Callable[[], "torch.nn.Module"]) -> dict[str, tuple[int, ...]]:
+def meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of the model ``build()`` makes on the meta device (no memory, no random init)."""
     import torch
 
@@ -190,13 +200,20 @@ def meta_shapes(build: Callable[[], "torch.nn.Module"]) -> dict[str, tuple[int, 
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def compare_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
-                   *, optional: frozenset[str] = frozenset()) -> list[str]:
+def compare_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    *,
+    optional: frozenset[str] = frozenset(),
+) -> list[str]:
     """Problems between the shapes a model expects and those a file holds: missing, unexpected, wrong shape."""
     missing = sorted(set(expected) - set(found) - optional)
     unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k}: file {tuple(found[k])}, model {tuple(v)}" for k, v in expected.items()
-             if k in found and tuple(found[k]) != tuple(v)]
+    wrong = [
+        f"{k}: file {tuple(found[k])}, model {tuple(v)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k]) != tuple(v)
+    ]
     problems = []
     for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
         if items:
@@ -205,8 +222,9 @@ def compare_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, 
     return problems
 
 
-def config_mismatches(config: Mapping[str, Any], expected: Mapping[str, Any],
-                      skip: frozenset[str] = frozenset()) -> list[str]:
+def config_mismatches(
+    config: Mapping[str, Any], expected: Mapping[str, Any], skip: frozenset[str] = frozenset()
+) -> list[str]:
     """Keys of ``config`` that differ from ``expected`` (floats within 1e-9 relative), as ``key = v (published w)``."""
     wrong = []
     for key, want in expected.items():
@@ -214,7 +232,10 @@ def config_mismatches(config: Mapping[str, Any], expected: Mapping[str, Any],
             continue
         if key not in config:
             wrong.append(f"{key} missing (published {want!r})")
-        elif config[key] != want and not (isinstance(want, float) and isinstance(config[key], (int, float))
-                                          and abs(float(config[key]) - want) <= 1e-9 * max(1.0, abs(want))):
+        elif config[key] != want and not (
+            isinstance(want, float)
+            and isinstance(config[key], (int, float))
+            and abs(float(config[key]) - want) <= 1e-9 * max(1.0, abs(want))
+        ):
             wrong.append(f"{key} = {config[key]!r} (published {want!r})")
     return wrong

@@ -8,12 +8,14 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "fleet-front", help="the public TLS front: forwards only /v1/fleet/* to the SuperLink ('serve' starts it)",
+        "fleet-front",
+        help="the public TLS front: forwards only /v1/fleet/* to the SuperLink ('serve' starts it)",
         description="Listen on HOST:PORT with TLS (DIR/server.pem, DIR/server.key) and forward the SuperNodes' Fleet "
-                    "API calls (POST to the exact /v1/fleet/* routes Flower's SuperNode uses) to the SuperLink at "
-                    "UPSTREAM, verified with DIR/ca.crt; every other request gets 404, bodies over the limit 413. "
-                    "'coordinator serve' runs it; run it alone only to place the front on another process manager. "
-                    "With --nginx, print the equivalent nginx server block instead.")
+        "API calls (POST to the exact /v1/fleet/* routes Flower's SuperNode uses) to the SuperLink at "
+        "UPSTREAM, verified with DIR/ca.crt; every other request gets 404, bodies over the limit 413. "
+        "'coordinator serve' runs it; run it alone only to place the front on another process manager. "
+        "With --nginx, print the equivalent nginx server block instead.",
+    )
     p.add_argument("--certs", required=True, metavar="DIR", help="folder of ca.crt, server.pem, server.key")
     p.add_argument("--host", default="0.0.0.0", help="public address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, required=True, help="public port")
@@ -30,10 +32,15 @@ def run(args: argparse.Namespace) -> int:
 
     certs = Path(args.certs).resolve()
     try:
-        settings = FrontSettings(listen_host=args.host, listen_port=args.port,
-                                 upstream=check_loopback(args.upstream, "--upstream"), ca_cert=certs / "ca.crt",
-                                 server_cert=certs / "server.pem", server_key=certs / "server.key",
-                                 max_body=args.max_body_mb * 1024 * 1024)
+        settings = FrontSettings(
+            listen_host=args.host,
+            listen_port=args.port,
+            upstream=check_loopback(args.upstream, "--upstream"),
+            ca_cert=certs / "ca.crt",
+            server_cert=certs / "server.pem",
+            server_key=certs / "server.key",
+            max_body=args.max_body_mb * 1024 * 1024,
+        )
     except ValueError as exc:
         raise ConfigError(str(exc), hint="raise --max-body-mb") from exc
     if args.nginx:

@@ -16,21 +16,29 @@ from pixcell_fed.federation.services import INTERNAL_PORT
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "run", help="pool -> train -> evaluate at the sites -> consortium report (runs the Flower app)",
+        "run",
+        help="pool -> train -> evaluate at the sites -> consortium report (runs the Flower app)",
         description="Run the coordinator's Flower app against the SuperLink and wait for it. The settings file holds "
-                    "keys of [tool.flwr.app.config] (work-dir, trust-file, expected-sites, arch, epochs, ...). Runs the "
-                    "installed release's app: sites run it only if they pinned its hash ('site-agent app-hash').")
-    p.add_argument("--settings", required=True, metavar="TOML", help="run settings (TOML of [tool.flwr.app.config] keys)")
-    p.add_argument("--superlink", default=f"127.0.0.1:{INTERNAL_PORT}",
-                   help=f"the SuperLink's loopback address (default 127.0.0.1:{INTERNAL_PORT}; 'coordinator serve')")
+        "keys of [tool.flwr.app.config] (work-dir, trust-file, expected-sites, arch, epochs, ...). Runs the "
+        "installed release's app: sites run it only if they pinned its hash ('site-agent app-hash').",
+    )
+    p.add_argument(
+        "--settings", required=True, metavar="TOML", help="run settings (TOML of [tool.flwr.app.config] keys)"
+    )
+    p.add_argument(
+        "--superlink",
+        default=f"127.0.0.1:{INTERNAL_PORT}",
+        help=f"the SuperLink's loopback address (default 127.0.0.1:{INTERNAL_PORT}; 'coordinator serve')",
+    )
     p.add_argument("--ca", required=True, metavar="CA_CERT", help="the consortium CA certificate (certs/ca.crt)")
-    p.add_argument("--flwr-home", metavar="DIR", default=None, help="Flower's config folder (default $FLWR_HOME or ~/.flwr)")
+    p.add_argument(
+        "--flwr-home", metavar="DIR", default=None, help="Flower's config folder (default $FLWR_HOME or ~/.flwr)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import subprocess
-
     import tomllib
 
     from pixcell_fed.errors import ConfigError, FederationError
@@ -42,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         values = tomllib.loads(settings.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read run settings {settings}: {exc}", hint="write a TOML file of key = value lines") from exc
+        raise ConfigError(
+            f"cannot read run settings {settings}: {exc}", hint="write a TOML file of key = value lines"
+        ) from exc
     cfg = from_run_config(values)  # validate here, before anything starts
     superlink = check_loopback(args.superlink, "--superlink")
     home = resolve_flwr_home(args.flwr_home)

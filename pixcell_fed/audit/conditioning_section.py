@@ -12,21 +12,33 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pixcell_fed.config.schema import AuditConfig
 
 #: what a dp-conditioned set ships of its audit: the gate's outcome, not the statistics behind it
-DP_SUMMARY_KEYS = ("schema", "created", "verdict", "config", "provenance", "identities", "identifier_findings_by_kind",
-                   "kept_sha256", "conditioning")
-DP_AUDIT_LIMITS = ("In dp mode the audit drops no tile: its gate only passes or fails the whole set. The shareable "
-                   "summary carries only the verdict, each test's status, the number of synthetic tiles audited and "
-                   "kept, thresholds, model identities and the tiles' hashes; each test's status reveals at most a "
-                   "few bits about the real tiles. Every other figure of this report stays on site.")
+DP_SUMMARY_KEYS = (
+    "schema",
+    "created",
+    "verdict",
+    "config",
+    "provenance",
+    "identities",
+    "identifier_findings_by_kind",
+    "kept_sha256",
+    "conditioning",
+)
+DP_AUDIT_LIMITS = (
+    "In dp mode the audit drops no tile: its gate only passes or fails the whole set. The shareable "
+    "summary carries only the verdict, each test's status, the number of synthetic tiles audited and "
+    "kept, thresholds, model identities and the tiles' hashes; each test's status reveals at most a "
+    "few bits about the real tiles. Every other figure of this report stays on site."
+)
 
 
 def is_dp(conditioning: Mapping[str, Any] | None) -> bool:
-    return bool(conditioning) and conditioning.get("mode") == "dp"
+    return conditioning is not None and conditioning.get("mode") == "dp"
 
 
 def audit_settings(cfg: AuditConfig, conditioning: Mapping[str, Any] | None) -> AuditConfig:
@@ -56,20 +68,33 @@ def conditioning_html(record: Mapping[str, Any] | None) -> str:
     if not record:
         return ""
     esc = html.escape
-    out = [f'<div id="conditioning"><h2>Conditioning privacy: {esc(record["mode"])}</h2>'
-           f'<p id="conditioning-statement">{esc(record["statement"])}</p>']
+    out = [
+        f'<div id="conditioning"><h2>Conditioning privacy: {esc(record["mode"])}</h2>'
+        f'<p id="conditioning-statement">{esc(record["statement"])}</p>'
+    ]
     if record["mode"] == "dp":
-        rows = (("Per real tile", f'epsilon {record["tile_epsilon"]:.3g}, delta {record["tile_delta"]:.0e}'),
-                ("Per slide", f'epsilon {record["slide_epsilon"]:.3g}, delta {record["slide_delta"]:.0e} (at most '
-                              f'{record["slide_tiles"]} conditioning tiles per slide'
-                              f'{"" if record["slide_tiles_capped"] else ", as found in this run"})'),
-                ("Mechanism", record["mechanism"]),
-                ("Clip norm, sensitivity, sigma", f'{record["clip_norm"]:.4g}, {record["sensitivity"]:.4g}, '
-                                                  f'{record["sigma"]:.4g} ({record["vectors_per_tile"]} embedding '
-                                                  'vector(s) per tile, clipped together)'),
-                ("Neighbouring data sets", record["neighbouring"]))
-        out.append('<table id="conditioning-guarantee">' + "".join(
-            f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>")
+        rows = (
+            ("Per real tile", f"epsilon {record['tile_epsilon']:.3g}, delta {record['tile_delta']:.0e}"),
+            (
+                "Per slide",
+                f"epsilon {record['slide_epsilon']:.3g}, delta {record['slide_delta']:.0e} (at most "
+                f"{record['slide_tiles']} conditioning tiles per slide"
+                f"{'' if record['slide_tiles_capped'] else ', as found in this run'})",
+            ),
+            ("Mechanism", record["mechanism"]),
+            (
+                "Clip norm, sensitivity, sigma",
+                f"{record['clip_norm']:.4g}, {record['sensitivity']:.4g}, "
+                f"{record['sigma']:.4g} ({record['vectors_per_tile']} embedding "
+                "vector(s) per tile, clipped together)",
+            ),
+            ("Neighbouring data sets", record["neighbouring"]),
+        )
+        out.append(
+            '<table id="conditioning-guarantee">'
+            + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+            + "</table>"
+        )
         out.append(f'<p id="conditioning-not-covered"><b>{esc(record["not_covered"])}</b> {esc(DP_AUDIT_LIMITS)}</p>')
     return "".join(out) + "</div>"
 
@@ -80,15 +105,17 @@ def dp_summary_page_body(summary: Mapping[str, Any]) -> list[str]:
     caller wraps it in the inert page (Content-Security-Policy first in ``<head>``)."""
     esc = html.escape
     sizes = summary.get("sizes", {})
-    out = ['<section class="page" id="summary"><h1>Memorisation and privacy audit: shareable summary</h1>',
-           f'<div class="small">Created {esc(str(summary.get("created", "")))}. Shareable summary of a set made with '
-           "differentially private conditioning: it carries the audit's decision, not the statistics behind it.</div>",
-           f'<h2 id="verdict">Verdict: {esc(summary["verdict"])}</h2>',
-           f'<p id="verdict-sentence">{sizes.get("S_kept", 0):,} of {sizes.get("S", 0):,} synthetic tiles were '
-           "audited; none was dropped.</p>",
-           conditioning_html(summary.get("conditioning")),
-           '<table id="tests"><tr><th>Test</th><th>Status</th></tr>']
-    out += [f'<tr><td>{esc(t["title"])}</td><td>{esc(t["status"])}</td></tr>' for t in summary.get("tests", [])]
+    out = [
+        '<section class="page" id="summary"><h1>Memorisation and privacy audit: shareable summary</h1>',
+        f'<div class="small">Created {esc(str(summary.get("created", "")))}. Shareable summary of a set made with '
+        "differentially private conditioning: it carries the audit's decision, not the statistics behind it.</div>",
+        f'<h2 id="verdict">Verdict: {esc(summary["verdict"])}</h2>',
+        f'<p id="verdict-sentence">{sizes.get("S_kept", 0):,} of {sizes.get("S", 0):,} synthetic tiles were '
+        "audited; none was dropped.</p>",
+        conditioning_html(summary.get("conditioning")),
+        '<table id="tests"><tr><th>Test</th><th>Status</th></tr>',
+    ]
+    out += [f"<tr><td>{esc(t['title'])}</td><td>{esc(t['status'])}</td></tr>" for t in summary.get("tests", [])]
     out.append('</table><h2>Models and encoders</h2><table id="identities">')
     for name, ident in summary.get("identities", {}).items():
         body = ", ".join(f"{k}: {v}" for k, v in ident.items()) if isinstance(ident, Mapping) else str(ident)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,10 +34,10 @@ class PerTile:
     """Per-tile copy results of a query set against T (S, or H as the null)."""
 
     top: TopK
-    pixel: np.ndarray        # best pixel-space score of a confirmed candidate (NaN: no candidate)
+    pixel: np.ndarray  # best pixel-space score of a confirmed candidate (NaN: no candidate)
     pixel_match: np.ndarray  # index in T of that candidate (-1: none)
-    ratio: np.ndarray        # nearest / second-nearest distance ratio
-    copy: np.ndarray         # bool: a whole-tile copy (pixel score reaches audit.copy_pixel_confirm) or a region copy
+    ratio: np.ndarray  # nearest / second-nearest distance ratio
+    copy: np.ndarray  # bool: a whole-tile copy (pixel score reaches audit.copy_pixel_confirm) or a region copy
     region: rc.RegionCopies | None = None  # region-level copies (None: audit.region_copy off)
 
     @property
@@ -44,16 +45,26 @@ class PerTile:
         return self.top.sims[:, 0]
 
     @classmethod
-    def compute(cls, queries: F.TileSet, t: F.TileSet, cfg: AuditConfig,
-                region_index: rc.RealIndex | None = None) -> "PerTile":
+    def compute(
+        cls, queries: F.TileSet, t: F.TileSet, cfg: AuditConfig, region_index: rc.RealIndex | None = None
+    ) -> PerTile:
         """Nearest real tiles, whole-tile copies confirmed in pixel space and, with ``region_index`` (T's
         :class:`~pixcell_fed.audit.region_copy.RealIndex`), region copies confirmed geometrically and in pixels."""
         top = F.search_real(queries, t, cfg.top_k, device=cfg.device)
         pixel, match = F.confirm_candidates(queries, t, top, cfg.copy_similarity)
         copy = np.nan_to_num(pixel, nan=-1.0) >= cfg.copy_pixel_confirm
-        region = None if region_index is None else rc.find_region_copies(
-            queries.work, region_index, candidates=cfg.region_copy_candidates, min_inliers=cfg.region_copy_min_inliers,
-            correlation=cfg.region_copy_correlation, device=cfg.device)
+        region = (
+            None
+            if region_index is None
+            else rc.find_region_copies(
+                queries.work_images(),
+                region_index,
+                candidates=cfg.region_copy_candidates,
+                min_inliers=cfg.region_copy_min_inliers,
+                correlation=cfg.region_copy_correlation,
+                device=cfg.device,
+            )
+        )
         if region is not None:
             copy = copy | region.flagged(cfg.region_copy_min_fraction)
         return cls(top, pixel, match, st.nn_distance_ratio(top.sims), copy, region)
@@ -65,11 +76,16 @@ class PerTile:
         return self.region.flagged(cfg.region_copy_min_fraction)
 
     @classmethod
-    def without_copy_detection(cls, top: TopK) -> "PerTile":
+    def without_copy_detection(cls, top: TopK) -> PerTile:
         """Nearest neighbours only (the simulation harness: no pixels to confirm)."""
         n = len(top.sims)
-        return cls(top, np.full(n, np.nan, np.float32), np.full(n, -1, np.int64), st.nn_distance_ratio(top.sims),
-                   np.zeros(n, bool))
+        return cls(
+            top,
+            np.full(n, np.nan, np.float32),
+            np.full(n, -1, np.int64),
+            st.nn_distance_ratio(top.sims),
+            np.zeros(n, bool),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ class Paired:
     copy: np.ndarray
 
     @classmethod
-    def compute(cls, roles: DataRoles, s_set: F.TileSet, t_set: F.TileSet, cfg: AuditConfig) -> "Paired | None":
+    def compute(cls, roles: DataRoles, s_set: F.TileSet, t_set: F.TileSet, cfg: AuditConfig) -> Paired | None:
         if not roles.has_mapping:
             return None
         rows_s, rows_t = _pairs(roles)
@@ -119,7 +135,7 @@ class AuditContext:
     spaces: dict[str, Neighbours]
     split_unit: str | None = None
     space: str = ""
-    family_size: int = 1      # dataset-level tests in the Holm family, for each test's power calculation
+    family_size: int = 1  # dataset-level tests in the Holm family, for each test's power calculation
 
     @property
     def neighbours(self) -> Neighbours:
@@ -130,7 +146,7 @@ class AuditContext:
     def primary(self) -> bool:
         return not self.space or self.space == next(iter(self.spaces))
 
-    def in_space(self, name: str) -> "AuditContext":
+    def in_space(self, name: str) -> AuditContext:
         return dataclasses.replace(self, space=name)
 
     @property
@@ -153,8 +169,9 @@ def _finding_rows(roles: DataRoles, findings: Sequence[Finding]) -> dict[int, li
     return rows
 
 
-def _reasons(s_tile: PerTile, h_tile: PerTile, paired: Paired | None, finding_rows: dict[int, list[str]],
-             cfg: AuditConfig) -> list[list[str]]:
+def _reasons(
+    s_tile: PerTile, h_tile: PerTile, paired: Paired | None, finding_rows: dict[int, list[str]], cfg: AuditConfig
+) -> list[list[str]]:
     """Why each synthetic tile is flagged: copy, paired_copy, identifier (FAIL); and, only where the whole set shows
     more of them than the held-out null allows (exact test at ``audit.alpha``: the multiplicity budget), tiles
     closer to T than every held-out tile is (exceeds_null), closer to their own source than that (
@@ -168,9 +185,14 @@ def _reasons(s_tile: PerTile, h_tile: PerTile, paired: Paired | None, finding_ro
         copied[paired.rows[paired.copy]] = True
     rest, h_nn = ~copied, h_tile.nn_sim  # copies are judged as copies; the budget is about the other tiles
     top = float(h_nn.max()) if h_nn.size else np.inf
-    suspicious = [("exceeds_null", s_tile.nn_sim > top, exact.top_run(s_tile.nn_sim[rest], h_nn).p_value),
-                  ("nn_ratio", s_tile.ratio < cfg.nn_ratio,
-                   exact.flag_count(s_tile.ratio[rest] < cfg.nn_ratio, h_tile.ratio < cfg.nn_ratio).p_value)]
+    suspicious = [
+        ("exceeds_null", s_tile.nn_sim > top, exact.top_run(s_tile.nn_sim[rest], h_nn).p_value),
+        (
+            "nn_ratio",
+            s_tile.ratio < cfg.nn_ratio,
+            exact.flag_count(s_tile.ratio[rest] < cfg.nn_ratio, h_tile.ratio < cfg.nn_ratio).p_value,
+        ),
+    ]
     if paired is not None:
         close = np.zeros(len(reasons), bool)
         close[paired.rows] = paired.sims > top
@@ -183,8 +205,8 @@ def _reasons(s_tile: PerTile, h_tile: PerTile, paired: Paired | None, finding_ro
         if p_value <= cfg.alpha:
             for i in np.flatnonzero(mask):
                 reasons[i].append(name)
-    for i in finding_rows:
-        reasons[i].append("identifier")
+    for row in finding_rows:
+        reasons[row].append("identifier")
     return reasons
 
 
@@ -200,52 +222,95 @@ def _family_size(n_spaces: int) -> int:
     return sum(n_spaces if t.all_spaces else 1 for t in registered_tests() if t.level == SET)
 
 
-def _assemble(cfg: AuditConfig, roles: DataRoles, s_tile: PerTile, h_tile: PerTile, paired: Paired | None,
-              findings: list[Finding], spaces: dict[str, Neighbours], split_unit: str | None) -> AuditContext:
+def _assemble(
+    cfg: AuditConfig,
+    roles: DataRoles,
+    s_tile: PerTile,
+    h_tile: PerTile,
+    paired: Paired | None,
+    findings: list[Finding],
+    spaces: dict[str, Neighbours],
+    split_unit: str | None,
+) -> AuditContext:
     rows = _finding_rows(roles, findings)
-    return AuditContext(cfg, roles, s_tile, h_tile, paired, findings, rows,
-                        _reasons(s_tile, h_tile, paired, rows, cfg), spaces, split_unit,
-                        family_size=_family_size(len(spaces)))
+    return AuditContext(
+        cfg,
+        roles,
+        s_tile,
+        h_tile,
+        paired,
+        findings,
+        rows,
+        _reasons(s_tile, h_tile, paired, rows, cfg),
+        spaces,
+        split_unit,
+        family_size=_family_size(len(spaces)),
+    )
 
 
-def build_context(roles: DataRoles, cfg: AuditConfig, *, forbidden_strings: Sequence[str] = (),
-                  embeddings: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                  split_unit: str | None = None) -> AuditContext:
+def build_context(
+    roles: DataRoles,
+    cfg: AuditConfig,
+    *,
+    forbidden_strings: Sequence[str] = (),
+    embeddings: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    split_unit: str | None = None,
+) -> AuditContext:
     """Describe the three roles' tiles, search, confirm candidates, scan for identifiers and compute every privacy
     space's neighbours: once per audit. ``embeddings``: encoder name -> {"S", "T", "H"} -> (N, D)."""
     work_side = rc.kp.WORK_SIDE if cfg.region_copy else None
-    sets = {"S": F.TileSet.from_files(roles.synthetic, "synthetic", work_side=work_side),
-            "T": F.TileSet.from_files(roles.reference, "reference", work_side=work_side),
-            "H": F.TileSet.from_files(roles.holdout, "holdout", work_side=work_side)}
-    region_index = rc.RealIndex.build(sets["T"].work) if cfg.region_copy else None
+    sets = {
+        "S": F.TileSet.from_files(roles.synthetic, "synthetic", work_side=work_side),
+        "T": F.TileSet.from_files(roles.reference, "reference", work_side=work_side),
+        "H": F.TileSet.from_files(roles.holdout, "holdout", work_side=work_side),
+    }
+    region_index = rc.RealIndex.build(sets["T"].work_images()) if cfg.region_copy else None
     h_tile = PerTile.compute(sets["H"], sets["T"], cfg, region_index)  # the null: H against T, as if synthetic
     s_tile = PerTile.compute(sets["S"], sets["T"], cfg, region_index)
     descriptor = DescriptorSpace(sets, cfg.device)
     spaces = {descriptor.name: Neighbours.compute(descriptor, cfg.top_k, s_to_t=s_tile.top, h_to_t=h_tile.top)}
     for name, emb in (embeddings or {}).items():
-        spaces[space_name(name)] = Neighbours.compute(EmbeddingSpace(space_name(name), dict(emb), cfg.device),
-                                                      cfg.top_k)
+        spaces[space_name(name)] = Neighbours.compute(
+            EmbeddingSpace(space_name(name), dict(emb), cfg.device), cfg.top_k
+        )
     paired = Paired.compute(roles, sets["S"], sets["T"], cfg)
     findings = scan_for_identifiers(roles.synthetic, forbidden_strings)
     return _assemble(cfg, roles, s_tile, h_tile, paired, findings, spaces, split_unit)
 
 
-def context_from_features(s: np.ndarray, t: np.ndarray, h: np.ndarray, cfg: AuditConfig, *,
-                          source_of: Mapping[int, int] | None = None, name: str = "simulated descriptor",
-                          split_unit: str | None = "patient") -> AuditContext:
+def context_from_features(
+    s: np.ndarray,
+    t: np.ndarray,
+    h: np.ndarray,
+    cfg: AuditConfig,
+    *,
+    source_of: Mapping[int, int] | None = None,
+    name: str = "simulated descriptor",
+    split_unit: str | None = "patient",
+) -> AuditContext:
     """A context from feature vectors alone (the simulation harness): plain cosine, no pixels, so no copy
     detection and no identifier scan; ``source_of`` maps rows of ``s`` to rows of ``t``."""
     space = EmbeddingSpace(name, {"S": s, "T": t, "H": h}, cfg.device)
     nb = Neighbours.compute(space, cfg.top_k)
-    roles = DataRoles(*(tuple(Path(f"{role}{i:06d}") for i in range(len(x))) for role, x in
-                        (("s", s), ("t", t), ("h", h))), dict(source_of or {}))
+    s_paths, t_paths, h_paths = (
+        tuple(Path(f"{role}{i:06d}") for i in range(len(x))) for role, x in (("s", s), ("t", t), ("h", h))
+    )
+    roles = DataRoles(s_paths, t_paths, h_paths, dict(source_of or {}))
     paired = None
     if roles.has_mapping:
         rows_s, rows_t = _pairs(roles)
         sims = np.einsum("nd,nd->n", _unit(s[rows_s]), _unit(t[rows_t]))
         paired = Paired(rows_s, sims, np.full(len(rows_s), np.nan, np.float32), np.zeros(len(rows_s), bool))
-    return _assemble(cfg, roles, PerTile.without_copy_detection(nb.s_to_t),
-                     PerTile.without_copy_detection(nb.h_to_t), paired, [], {name: nb}, split_unit)
+    return _assemble(
+        cfg,
+        roles,
+        PerTile.without_copy_detection(nb.s_to_t),
+        PerTile.without_copy_detection(nb.h_to_t),
+        paired,
+        [],
+        {name: nb},
+        split_unit,
+    )
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -255,6 +320,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def describe(ctx: AuditContext) -> dict[str, Any]:
     """The null's numbers for the report: held-out tiles against T, as if they were synthetic."""
     h_nn = ctx.h_tile.nn_sim
-    return {"h_size": len(h_nn), "h_flagged": int(ctx.h_flagged.sum()), "h_copies": int(ctx.h_tile.copy.sum()),
-            "h_nn_median": float(np.median(h_nn)) if h_nn.size else None,
-            "h_nn_max": float(h_nn.max()) if h_nn.size else None}
+    return {
+        "h_size": len(h_nn),
+        "h_flagged": int(ctx.h_flagged.sum()),
+        "h_copies": int(ctx.h_tile.copy.sum()),
+        "h_nn_median": float(np.median(h_nn)) if h_nn.size else None,
+        "h_nn_max": float(h_nn.max()) if h_nn.size else None,
+    }

@@ -15,8 +15,8 @@ crops resized back (a 3 x 3 grid of positions, :func:`crop_variants`), and the s
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -123,7 +123,7 @@ def crop_variants(thumbs: np.ndarray, fraction: float = CROP_FRACTION) -> np.nda
     c = int(round(s * fraction))
     steps = (0, (s - c) // 2, s - c)
     for y, x in ((y, x) for y in steps for x in steps):
-        crops = np.stack([cv2.resize(t[y:y + c, x:x + c], (s, s), interpolation=cv2.INTER_LINEAR) for t in thumbs])
+        crops = np.stack([cv2.resize(t[y : y + c, x : x + c], (s, s), interpolation=cv2.INTER_LINEAR) for t in thumbs])
         out.append(descriptor_from_thumb(crops))
     return np.stack(out)
 
@@ -149,8 +149,9 @@ def read_tile(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", workers: int = 2,
-                   work_side: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def describe_files(
+    paths: Sequence[Path], *, desc: str = "describing tiles", workers: int = 2, work_side: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Thumbnails, descriptors and (with ``work_side``) the uint8 grayscale working images of region-level copy
     detection (:func:`pixcell_fed.audit.keypoints.work_image`) of tile files, each file read once, in a small
     thread pool (cv2 releases the GIL)."""
@@ -164,7 +165,7 @@ def describe_files(paths: Sequence[Path], *, desc: str = "describing tiles", wor
     def one(i: int) -> None:
         tile = read_tile(paths[i])
         thumbs[i] = to_gray_thumb(tile)
-        if works is not None:
+        if works is not None and work_side is not None:  # both set or neither
             works[i] = to_gray_uint8(tile, work_side)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -19,8 +19,8 @@ selection's cut), from the same hypergeometric laws. That is what INCONCLUSIVE r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -54,15 +54,21 @@ class CountTest:
     cut: float | None = None  # the value at which the selection was cut, where there is one
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return {"p_value": self.p_value, "observed": self.observed, "selected": self.selected,
-                "expected": self.expected, "cut": self.cut}
+        return {
+            "p_value": self.p_value,
+            "observed": self.observed,
+            "selected": self.selected,
+            "expected": self.expected,
+            "cut": self.cut,
+        }
 
 
 def count_test(selected_group: int, selected: int, group: int, total: int, cut: float | None = None) -> CountTest:
     """Exact one-sided test that a label-blind selection holds more of the group than chance."""
     expected = selected * group / total if total else 0.0
-    return CountTest(hypergeom_sf(selected_group, total, group, selected), int(selected_group), int(selected),
-                     expected, cut)
+    return CountTest(
+        hypergeom_sf(selected_group, total, group, selected), int(selected_group), int(selected), expected, cut
+    )
 
 
 def cut_size(share: float, total: int) -> int:
@@ -94,8 +100,9 @@ def top_run(group_values: np.ndarray, other_values: np.ndarray) -> CountTest:
     k = int((group_values > top).sum())
     total = group_values.size + other_values.size
     # E[K] = m / (n + 1): each group value lies above all n others with probability 1 / (n + 1)
-    return CountTest(hypergeom_sf(k, total, group_values.size, k), k, k, group_values.size / (other_values.size + 1),
-                     top)
+    return CountTest(
+        hypergeom_sf(k, total, group_values.size, k), k, k, group_values.size / (other_values.size + 1), top
+    )
 
 
 def flag_count(group_flags: np.ndarray, other_flags: np.ndarray) -> CountTest:
@@ -193,8 +200,10 @@ def detectable_pooled_cuts(group: int, other: int, shares: Sequence[float], alph
 def best_pooled_cut(group: int, other: int, shares: Sequence[float], alpha: float) -> tuple[int | None, int | None]:
     """(smallest detectable leak, index of the cut that detects it) over the pooled cuts; (None, None) if none."""
     total = group + other
-    found = [(detectable_in_selection(total, group, cut_size(q, total), alpha / len(shares)), i)
-             for i, q in enumerate(shares)]
+    found = [
+        (detectable_in_selection(total, group, cut_size(q, total), alpha / len(shares)), i)
+        for i, q in enumerate(shares)
+    ]
     found = [f for f in found if f[0] is not None]
     return min(found) if found else (None, None)
 

@@ -3,9 +3,10 @@ confirmation of candidates, and optional encoder spaces (fidelity)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,15 +26,27 @@ class TileSet:
     work: np.ndarray | None = None  # (N, side, side) uint8, see pixcell_fed.audit.keypoints.work_image
 
     @classmethod
-    def from_files(cls, paths: Sequence[Path], role: str, *, work_side: int | None = None) -> "TileSet":
-        thumbs, desc, work = copy_features.describe_files(list(paths), desc=f"describing {role} tiles",
-                                                          work_side=work_side)
+    def from_files(cls, paths: Sequence[Path], role: str, *, work_side: int | None = None) -> TileSet:
+        thumbs, desc, work = copy_features.describe_files(
+            list(paths), desc=f"describing {role} tiles", work_side=work_side
+        )
         return cls(tuple(paths), thumbs, desc, copy_features.crop_variants(thumbs), work)
 
-    def subset(self, rows: np.ndarray) -> "TileSet":
+    def subset(self, rows: np.ndarray) -> TileSet:
         rows = np.asarray(rows, dtype=np.int64)
-        return TileSet(tuple(self.paths[i] for i in rows), self.thumbs[rows], self.desc[rows], self.crops[:, rows],
-                       None if self.work is None else self.work[rows])
+        return TileSet(
+            tuple(self.paths[i] for i in rows),
+            self.thumbs[rows],
+            self.desc[rows],
+            self.crops[:, rows],
+            None if self.work is None else self.work[rows],
+        )
+
+    def work_images(self) -> np.ndarray:
+        """The working images of region-level copy detection (the set must be described with ``work_side``)."""
+        if self.work is None:
+            raise ValueError("this tile set was described without working images (from_files(work_side=...))")
+        return self.work
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -41,8 +54,14 @@ class TileSet:
 
 def search_real(queries: TileSet, keys: TileSet, k: int, *, device: str, exclude_self: bool = False) -> TopK:
     """Top-k of each query tile among real key tiles: max over the query's 8 rotations/flips and the key's crops."""
-    return topk_cosine(copy_features.dihedral_variants(queries.desc), keys.crops, k, normalize=False,
-                       exclude_self=exclude_self, device=device)
+    return topk_cosine(
+        copy_features.dihedral_variants(queries.desc),
+        keys.crops,
+        k,
+        normalize=False,
+        exclude_self=exclude_self,
+        device=device,
+    )
 
 
 def search_from_real(reals: TileSet, synthetic_desc: np.ndarray, k: int, *, device: str) -> TopK:
@@ -65,7 +84,7 @@ DIHEDRAL_CANDIDATES = 2
 
 
 def _best_variants(a: TileSet, i: int, b: TileSet, j: int) -> list[int]:
-    sims = np.einsum("gd,vd->gv", copy_features.dihedral_variants(a.desc[i:i + 1])[:, 0], b.crops[:, j]).max(axis=1)
+    sims = np.einsum("gd,vd->gv", copy_features.dihedral_variants(a.desc[i : i + 1])[:, 0], b.crops[:, j]).max(axis=1)
     return [int(g) for g in np.argsort(-sims)[:DIHEDRAL_CANDIDATES]]
 
 
@@ -73,7 +92,8 @@ class _Prepared:
     """Pixel-confirmation inputs, prepared once per tile and reused across pairs."""
 
     def __init__(self, tiles: TileSet, real: bool) -> None:
-        self.tiles, self.real, self.cache = tiles, real, {}
+        self.tiles, self.real = tiles, real
+        self.cache: dict[int, list[np.ndarray]] = {}
 
     def __getitem__(self, i: int):
         if i not in self.cache:
@@ -100,15 +120,18 @@ def confirm_candidates(queries: TileSet, keys: TileSet, top: TopK, cutoff: float
     return best, which
 
 
-def confirm_given_pairs(a: TileSet, rows_a: np.ndarray, b: TileSet, rows_b: np.ndarray, sims: np.ndarray,
-                        cutoff: float) -> np.ndarray:
+def confirm_given_pairs(
+    a: TileSet, rows_a: np.ndarray, b: TileSet, rows_b: np.ndarray, sims: np.ndarray, cutoff: float
+) -> np.ndarray:
     """Pixel scores of given pairs whose descriptor similarity reaches ``cutoff`` (NaN for the others)."""
     out = np.full(len(rows_a), np.nan, np.float32)
     for n, (i, j) in enumerate(zip(rows_a, rows_b)):
         if sims[n] >= cutoff:
-            out[n] = pixel_confirm.score_prepared(pixel_confirm.prepare_synthetic(a.thumbs[i]),
-                                                  pixel_confirm.prepare_real(b.thumbs[j]),
-                                                  _best_variants(a, int(i), b, int(j)))
+            out[n] = pixel_confirm.score_prepared(
+                pixel_confirm.prepare_synthetic(a.thumbs[i]),
+                pixel_confirm.prepare_real(b.thumbs[j]),
+                _best_variants(a, int(i), b, int(j)),
+            )
     return out
 
 
@@ -127,6 +150,6 @@ def as_embed_fn(space: Any) -> EmbedFn:
 def embed_files(fn: EmbedFn, paths: Sequence[Path], batch: int = 32) -> np.ndarray:
     out = []
     for start in range(0, len(paths), batch):
-        images = np.stack([copy_features.read_tile(p) for p in paths[start:start + batch]])
+        images = np.stack([copy_features.read_tile(p) for p in paths[start : start + batch]])
         out.append(np.asarray(fn(images), dtype=np.float32))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -12,7 +12,8 @@ when no threshold is set. The figures are rendered by :mod:`pixcell_fed.audit.fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,13 +36,16 @@ def embed_roles(spaces: Mapping[str, Any], roles: DataRoles) -> dict[str, dict[s
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, space in spaces.items():
         fn = F.as_embed_fn(space)
-        out[name] = {role: F.embed_files(fn, list(paths)) for role, paths in
-                     zip(ROLES, (roles.synthetic, roles.reference, roles.holdout))}
+        out[name] = {
+            role: F.embed_files(fn, list(paths))
+            for role, paths in zip(ROLES, (roles.synthetic, roles.reference, roles.holdout))
+        }
     return out
 
 
-def fidelity(embeddings: Mapping[str, Mapping[str, np.ndarray]], roles: DataRoles,
-             active: np.ndarray, *, device: str = "cpu") -> dict[str, Any]:
+def fidelity(
+    embeddings: Mapping[str, Mapping[str, np.ndarray]], roles: DataRoles, active: np.ndarray, *, device: str = "cpu"
+) -> dict[str, Any]:
     """Per encoder space: NN cosine percentiles S->T (kept tiles) and H->T, s against t(s) when mapped, and the
     figures of :func:`~pixcell_fed.audit.fidelity_metrics.fidelity_figures` (kept tiles against T, H as the floor)."""
     from pixcell_fed.audit.search import topk_cosine
@@ -50,8 +54,11 @@ def fidelity(embeddings: Mapping[str, Mapping[str, np.ndarray]], roles: DataRole
     for name, emb in embeddings.items():
         s, t, h = emb["S"][active], emb["T"], emb["H"]
         s_nn = topk_cosine(s, t, 1, device=device).sims[:, 0] if len(s) else np.zeros(0)
-        entry: dict[str, Any] = {"dim": int(t.shape[1]), "S->T": st.percentiles(s_nn),
-                                 "H->T": st.percentiles(topk_cosine(h, t, 1, device=device).sims[:, 0])}
+        entry: dict[str, Any] = {
+            "dim": int(t.shape[1]),
+            "S->T": st.percentiles(s_nn),
+            "H->T": st.percentiles(topk_cosine(h, t, 1, device=device).sims[:, 0]),
+        }
         pos = {int(i): n for n, i in enumerate(active)}
         pairs = [(pos[i], j) for i, j in roles.source_index.items() if i in pos]
         if pairs:
@@ -65,16 +72,23 @@ def fidelity(embeddings: Mapping[str, Mapping[str, np.ndarray]], roles: DataRole
 
 
 @audit_test("fidelity")
-def fidelity_test(ctx: "AuditContext", active: np.ndarray) -> TestResult:
+def fidelity_test(ctx: AuditContext, active: np.ndarray) -> TestResult:
     """WARN when some encoder space's FD(S, T) / FD(H, T) on the audited tiles is significantly above
     ``audit.fidelity_warn_fd_ratio`` (its interval's lower end is); N/A, not gating, when the site set no threshold."""
     from pixcell_fed.audit.spaces import EmbeddingSpace
 
     title, warn = "Fidelity: Fréchet distance against the held-out floor", ctx.cfg.fidelity_warn_fd_ratio
     if warn is None:
-        return TestResult("fidelity", title, NA, {}, {}, "Fidelity does not gate this audit "
-                          "(audit.fidelity_warn_fd_ratio is not set); its figures are in the fidelity section.",
-                          gates=False)
+        return TestResult(
+            "fidelity",
+            title,
+            NA,
+            {},
+            {},
+            "Fidelity does not gate this audit "
+            "(audit.fidelity_warn_fd_ratio is not set); its figures are in the fidelity section.",
+            gates=False,
+        )
     ratios, statuses, parts = {}, {}, []
     for name, neighbours in ctx.spaces.items():
         if not isinstance(neighbours.space, EmbeddingSpace):
@@ -85,8 +99,17 @@ def fidelity_test(ctx: "AuditContext", active: np.ndarray) -> TestResult:
         if ratio.get("value") is not None:
             parts.append(f"{name}: {interval_text(ratio)}")
     status = WARN if WARN in statuses.values() else PASS if PASS in statuses.values() else NA
-    sentence = (f"FD(S, T) / FD(H, T) {'; '.join(parts) if parts else 'could not be computed (no encoder space)'}; "
-                f"warns when a ratio's {CONFIDENCE:.0%} interval lies wholly above {warn:g} "
-                "(1 = as close to the conditioning tiles as new real tissue of this site).")
-    return TestResult("fidelity", title, status, {"fd_ratio": ratios, "statuses": statuses},
-                      {"fidelity_warn_fd_ratio": warn}, sentence, gates=status != NA)
+    sentence = (
+        f"FD(S, T) / FD(H, T) {'; '.join(parts) if parts else 'could not be computed (no encoder space)'}; "
+        f"warns when a ratio's {CONFIDENCE:.0%} interval lies wholly above {warn:g} "
+        "(1 = as close to the conditioning tiles as new real tissue of this site)."
+    )
+    return TestResult(
+        "fidelity",
+        title,
+        status,
+        {"fd_ratio": ratios, "statuses": statuses},
+        {"fidelity_warn_fd_ratio": warn},
+        sentence,
+        gates=status != NA,
+    )

@@ -42,11 +42,12 @@ FD_BOOTSTRAP = 100
 COUNT_BOOTSTRAP = 1000
 CONFIDENCE = 0.95
 SEED = 0
-_EXTRA_CANDIDATES = 4        # neighbours beyond k rescored in float64 (guards float32 near-ties)
-_BLOCK_BYTES = 64 * 2**20    # float64 working block of the ball counts
+_EXTRA_CANDIDATES = 4  # neighbours beyond k rescored in float64 (guards float32 near-ties)
+_BLOCK_BYTES = 64 * 2**20  # float64 working block of the ball counts
 
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance
+
 
 @dataclass(frozen=True)
 class Moments:
@@ -106,8 +107,10 @@ def frechet_from_moments(a: Moments, b: Moments) -> float:
 
 def gaussian_frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, cov1) and N(mu2, cov2) (covariances symmetric positive semi-definite)."""
-    return frechet_from_moments(Moments(np.asarray(mu1, np.float64), covariance_factor(cov1)),
-                                Moments(np.asarray(mu2, np.float64), covariance_factor(cov2)))
+    return frechet_from_moments(
+        Moments(np.asarray(mu1, np.float64), covariance_factor(cov1)),
+        Moments(np.asarray(mu2, np.float64), covariance_factor(cov2)),
+    )
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -116,6 +119,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------- neighbourhoods and balls
+
 
 def _euclidean_search(queries: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
     """Indices (N, k') of each query's k' = min(k, available) nearest keys by Euclidean distance, from the exact
@@ -138,9 +142,9 @@ def kth_neighbour_radii(x: np.ndarray, k: int = K_NEIGHBOURS) -> np.ndarray:
     radii = np.empty(len(x))
     rows = max(1, _BLOCK_BYTES // (8 * idx.shape[1] * x.shape[1]))
     for start in range(0, len(x), rows):
-        block = x[start:start + rows]
-        dist = np.sqrt(np.sum((block[:, None, :] - x[idx[start:start + rows]]) ** 2, axis=2))
-        radii[start:start + rows] = np.sort(dist, axis=1)[:, k - 1]
+        block = x[start : start + rows]
+        dist = np.sqrt(np.sum((block[:, None, :] - x[idx[start : start + rows]]) ** 2, axis=2))
+        radii[start : start + rows] = np.sort(dist, axis=1)[:, k - 1]
     return radii
 
 
@@ -156,8 +160,8 @@ def ball_counts(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> t
         return per_point, per_centre
     dim = p64.shape[1]
     p32, c32 = p64.astype(np.float32), c64.astype(np.float32)
-    pn, cn = np.sum(p64 ** 2, axis=1), np.sum(c64 ** 2, axis=1)
-    slack = (dim + 4) * 2.0 ** -23  # float32 inner products (and input rounding) err by at most this x (|p|^2 + |c|^2)
+    pn, cn = np.sum(p64**2, axis=1), np.sum(c64**2, axis=1)
+    slack = (dim + 4) * 2.0**-23  # float32 inner products (and input rounding) err by at most this x (|p|^2 + |c|^2)
     rows = max(1, min(n, _BLOCK_BYTES // (8 * m)))
     for start in range(0, n, rows):
         stop = min(n, start + rows)
@@ -183,7 +187,7 @@ class Manifold:
     k: int
 
     @classmethod
-    def of(cls, x: np.ndarray, k: int = K_NEIGHBOURS) -> "Manifold":
+    def of(cls, x: np.ndarray, k: int = K_NEIGHBOURS) -> Manifold:
         x = np.asarray(x, np.float64)
         return cls(x, kth_neighbour_radii(x, k), k)
 
@@ -192,7 +196,7 @@ class Manifold:
 class ManifoldCounts:
     """Per-tile indicators behind precision/recall/density/coverage of ``fake`` against ``real``."""
 
-    in_real: np.ndarray       # per fake tile: real balls containing it (precision: > 0; density: / k)
+    in_real: np.ndarray  # per fake tile: real balls containing it (precision: > 0; density: / k)
     real_covered: np.ndarray  # per real tile: does its ball contain a fake tile (coverage)
     real_in_fake: np.ndarray  # per real tile: is it inside some fake ball (recall)
     k: int
@@ -236,6 +240,7 @@ def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = K_NEIGHBOURS) 
 
 # --------------------------------------------------------------------------------------------- intervals
 
+
 def interval(value: float | None, replicates: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """``{"value", "low", "high"}``: the estimate and the bootstrap percentile interval (None where undefined)."""
     reps = np.asarray(replicates, np.float64)
@@ -266,13 +271,18 @@ def log_normal_interval(value: float | None, replicates: np.ndarray, confidence:
     return {"value": float(value), "low": float(value * math.exp(-spread)), "high": float(value * math.exp(spread))}
 
 
-def _mean_interval(values: np.ndarray, rng: np.random.Generator, bootstrap: int, confidence: float,
-                   scale: float = 1.0) -> dict[str, Any]:
+def _mean_interval(
+    values: np.ndarray, rng: np.random.Generator, bootstrap: int, confidence: float, scale: float = 1.0
+) -> dict[str, Any]:
     values = np.asarray(values, np.float64) / scale
     n = len(values)
     per_block = max(1, min(bootstrap, (16 * 2**20) // (8 * n)))  # replicates drawn at once
-    means = np.concatenate([values[rng.integers(0, n, size=(min(per_block, bootstrap - b), n))].mean(axis=1)
-                            for b in range(0, bootstrap, per_block)])
+    means = np.concatenate(
+        [
+            values[rng.integers(0, n, size=(min(per_block, bootstrap - b), n))].mean(axis=1)
+            for b in range(0, bootstrap, per_block)
+        ]
+    )
     return interval(float(values.mean()), means, confidence)
 
 
@@ -280,8 +290,9 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
-def _frechet_block(s: np.ndarray, t: np.ndarray, h: np.ndarray, rng: np.random.Generator, bootstrap: int,
-                   confidence: float) -> dict[str, Any]:
+def _frechet_block(
+    s: np.ndarray, t: np.ndarray, h: np.ndarray, rng: np.random.Generator, bootstrap: int, confidence: float
+) -> dict[str, Any]:
     """FD(S, T), FD(H, T) and their ratio, each with a paired bootstrap interval."""
     mt = moments(t)
     fd_s, fd_h = frechet_from_moments(moments(s), mt), frechet_from_moments(moments(h), mt)
@@ -292,13 +303,16 @@ def _frechet_block(s: np.ndarray, t: np.ndarray, h: np.ndarray, rng: np.random.G
         reps[b, 0] = frechet_from_moments(moments(s, counts[0]), mt_b)
         reps[b, 1] = frechet_from_moments(moments(h, counts[2]), mt_b)
         reps[b, 2] = _ratio(reps[b, 0], reps[b, 1])
-    return {"S->T": log_normal_interval(fd_s, reps[:, 0], confidence),
-            "H->T": log_normal_interval(fd_h, reps[:, 1], confidence),
-            "ratio": log_normal_interval(_ratio(fd_s, fd_h), reps[:, 2], confidence)}
+    return {
+        "S->T": log_normal_interval(fd_s, reps[:, 0], confidence),
+        "H->T": log_normal_interval(fd_h, reps[:, 1], confidence),
+        "ratio": log_normal_interval(_ratio(fd_s, fd_h), reps[:, 2], confidence),
+    }
 
 
-def _manifold_block(s: np.ndarray, t: np.ndarray, h: np.ndarray, k: int, rng: np.random.Generator, bootstrap: int,
-                    confidence: float) -> dict[str, dict[str, Any]]:
+def _manifold_block(
+    s: np.ndarray, t: np.ndarray, h: np.ndarray, k: int, rng: np.random.Generator, bootstrap: int, confidence: float
+) -> dict[str, dict[str, Any]]:
     real = Manifold.of(t, k)
     out: dict[str, dict[str, Any]] = {"precision": {}, "recall": {}, "density": {}, "coverage": {}}
     for role, fake in (("S", s), ("H", h)):
@@ -310,9 +324,17 @@ def _manifold_block(s: np.ndarray, t: np.ndarray, h: np.ndarray, k: int, rng: np
     return out
 
 
-def fidelity_figures(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, k: int = K_NEIGHBOURS,
-                     fd_bootstrap: int = FD_BOOTSTRAP, count_bootstrap: int = COUNT_BOOTSTRAP,
-                     confidence: float = CONFIDENCE, seed: int = SEED) -> dict[str, Any]:
+def fidelity_figures(
+    s: np.ndarray,
+    t: np.ndarray,
+    h: np.ndarray,
+    *,
+    k: int = K_NEIGHBOURS,
+    fd_bootstrap: int = FD_BOOTSTRAP,
+    count_bootstrap: int = COUNT_BOOTSTRAP,
+    confidence: float = CONFIDENCE,
+    seed: int = SEED,
+) -> dict[str, Any]:
     """Every fidelity figure of S against T in one encoder space, with H against T as the floor (JSON-able).
 
     S and H are compared at the same size (the smaller of the two; the larger is subsampled, seeded); T is used
@@ -332,9 +354,16 @@ def fidelity_figures(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, k: int = K_
     out: dict[str, Any] = {
         "dim": int(dims.pop()) if dims else 0,
         "sizes": {"S": len(s), "T": len(t), "H": len(h), "compared": m},
-        "k": k, "bootstrap": {"fd": fd_bootstrap, "counts": count_bootstrap}, "confidence": confidence,
+        "k": k,
+        "bootstrap": {"fd": fd_bootstrap, "counts": count_bootstrap},
+        "confidence": confidence,
         "bootstrap_seed": seed,
-        "fd": None, "precision": None, "recall": None, "density": None, "coverage": None, "not_computed": [],
+        "fd": None,
+        "precision": None,
+        "recall": None,
+        "density": None,
+        "coverage": None,
+        "not_computed": [],
     }
     if m >= 2 and len(t) >= 2:
         out["fd"] = _frechet_block(s_m, t, h_m, rng, fd_bootstrap, confidence)
@@ -348,7 +377,7 @@ def fidelity_figures(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, k: int = K_
 
 
 def fd_ratio_status(figures: dict[str, Any], warn_ratio: float | None) -> str:
-    """"WARN" when the FD ratio is significantly above ``warn_ratio`` (the lower end of its interval is), "PASS"
+    """ "WARN" when the FD ratio is significantly above ``warn_ratio`` (the lower end of its interval is), "PASS"
     when it is not, "N/A" when no ratio could be computed or no threshold is set."""
     ratio = (figures.get("fd") or {}).get("ratio") or {}
     if warn_ratio is None or ratio.get("value") is None:

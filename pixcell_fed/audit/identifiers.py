@@ -11,16 +11,32 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 MIN_FORBIDDEN_LENGTH = 4
 """Forbidden strings shorter than this are ignored: they would match everywhere by chance."""
 
 GENERIC_MARKERS = (
-    "openslide.", "aperio.", "hamamatsu.", "mirax.", "philips.", "leica.", "ventana.", "tiff.imagedescription",
-    "scanscope", "barcode", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".isyntax",
+    "openslide.",
+    "aperio.",
+    "hamamatsu.",
+    "mirax.",
+    "philips.",
+    "leica.",
+    "ventana.",
+    "tiff.imagedescription",
+    "scanscope",
+    "barcode",
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".isyntax",
 )
 """Substrings that betray slide metadata or slide files wherever they appear."""
 
@@ -61,8 +77,8 @@ def _png_metadata(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
     found: list[tuple[str, str]] = []
     pos = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         pos += 12 + length
         if ctype in PNG_METADATA_CHUNKS:
             text = body
@@ -94,15 +110,15 @@ def _jpeg_metadata(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
             break
         marker = data[pos + 1]
         if marker == 0xD9:
-            return found, data[pos + 2:]
+            return found, data[pos + 2 :]
         if marker == 0xDA:  # start of scan: entropy-coded data follows up to EOI
             end = data.rfind(b"\xff\xd9")
-            return found, data[end + 2:] if end >= 0 else b""
+            return found, data[end + 2 :] if end >= 0 else b""
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:
             pos += 2
             continue
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-        body = data[pos + 4:pos + 2 + length]
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        body = data[pos + 4 : pos + 2 + length]
         if marker == 0xFE:
             found.append(("COM", body.decode("latin-1", "replace")))
         elif 0xE0 <= marker <= 0xEF and marker not in JPEG_ALLOWED_APP:
@@ -131,24 +147,32 @@ def scan_for_identifiers(paths: Iterable[str | Path], forbidden_strings: Iterabl
     for raw in paths:
         path = Path(raw)
         name = path.name
-        for hit in _matches(name, needles):
-            findings.append(Finding(str(path), "file_name", f"file name contains {hit!r}"))
+        findings.extend(
+            Finding(str(path), "file_name", f"file name contains {hit!r}") for hit in _matches(name, needles)
+        )
         if TILE_ID_PATTERN.search(name):
             findings.append(Finding(str(path), "file_name", "file name looks like a source tile id or coordinates"))
         data = path.read_bytes()
-        if data.startswith(PNG_SIGNATURE) or data.startswith(b"\xff\xd8"):
+        if data.startswith((PNG_SIGNATURE, b"\xff\xd8")):
             is_png = data.startswith(PNG_SIGNATURE)
             meta, trailing = _png_metadata(data) if is_png else _jpeg_metadata(data)
             for kind, text in meta:
                 hits = _matches(text, needles)
                 what = f"; contains {', '.join(repr(h) for h in hits)}" if hits else ""
-                findings.append(Finding(str(path), "image_metadata", f"{kind} {'chunk' if is_png else 'segment'}"
-                                        f" ({len(text)} bytes) must be stripped{what}"))
+                findings.append(
+                    Finding(
+                        str(path),
+                        "image_metadata",
+                        f"{kind} {'chunk' if is_png else 'segment'} ({len(text)} bytes) must be stripped{what}",
+                    )
+                )
             if trailing.strip(b"\0"):
                 hits = _matches(trailing.decode("latin-1"), needles)
                 what = f"; contains {', '.join(repr(h) for h in hits)}" if hits else ""
                 findings.append(Finding(str(path), "trailing_data", f"{len(trailing)} bytes after the image end{what}"))
             continue
-        for hit in _matches(_text_of(path, data), needles):
-            findings.append(Finding(str(path), "content", f"content contains {hit!r}"))
+        findings.extend(
+            Finding(str(path), "content", f"content contains {hit!r}")
+            for hit in _matches(_text_of(path, data), needles)
+        )
     return findings

@@ -20,8 +20,8 @@ vectors correlate and the exact top-k search ranks the real tile among the first
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ VLAD_DIM = 256
 """Principal components kept of the VLAD vectors (fitted on the real tiles)."""
 KEYPOINTS_NAME = f"gray{WORK_SIDE}-sift{MAX_KEYPOINTS}-rootsift-vlad{VOCABULARY_SIZE}-pca{VLAD_DIM}"
 
-_SIFT_BINS = (4, 4, 8)   # spatial rows, spatial columns, orientation bins of a SIFT descriptor (row-major)
+_SIFT_BINS = (4, 4, 8)  # spatial rows, spatial columns, orientation bins of a SIFT descriptor (row-major)
 
 
 def _mirror_permutation() -> np.ndarray:
@@ -76,7 +76,7 @@ def _sift():
     import cv2
 
     if not hasattr(_local, "sift"):
-        _local.sift = cv2.SIFT_create(nfeatures=MAX_KEYPOINTS)
+        _local.sift = cv2.SIFT.create(nfeatures=MAX_KEYPOINTS)
     return _local.sift
 
 
@@ -118,13 +118,21 @@ def detect_all(works: np.ndarray, *, workers: int = 2, desc: str = "finding keyp
 class Vocabulary:
     """VLAD aggregation fitted on real tiles: k-means centroids of RootSIFT descriptors and a PCA projection."""
 
-    centroids: np.ndarray    # (K, 128) float32
-    mean: np.ndarray         # (K * 128,) float32, mean VLAD vector of the fitting tiles
-    components: np.ndarray   # (d, K * 128) float32, principal axes
+    centroids: np.ndarray  # (K, 128) float32
+    mean: np.ndarray  # (K * 128,) float32, mean VLAD vector of the fitting tiles
+    components: np.ndarray  # (d, K * 128) float32, principal axes
 
     @classmethod
-    def fit(cls, tiles: Sequence[Keypoints], *, seed: int, size: int = VOCABULARY_SIZE, dim: int = VLAD_DIM,
-            sample: int = 40_000, pca_tiles: int = 2048) -> "Vocabulary | None":
+    def fit(
+        cls,
+        tiles: Sequence[Keypoints],
+        *,
+        seed: int,
+        size: int = VOCABULARY_SIZE,
+        dim: int = VLAD_DIM,
+        sample: int = 40_000,
+        pca_tiles: int = 2048,
+    ) -> Vocabulary | None:
         """Fit on the keypoints of real tiles: k-means on up to ``sample`` descriptors, PCA on the VLAD vectors of up
         to ``pca_tiles`` tiles and their mirror images. None when the tiles have too few keypoints."""
         import cv2
@@ -137,9 +145,10 @@ class Vocabulary:
             return None
         if len(desc) > sample:
             desc = desc[np.sort(rng.choice(len(desc), sample, replace=False))]
-        cv2.setRNGSeed(seed)   # k-means++ seeding draws from OpenCV's global generator: fixed for a fixed seed
+        cv2.setRNGSeed(seed)  # k-means++ seeding draws from OpenCV's global generator: fixed for a fixed seed
         criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 1e-4)
-        _, _, centroids = cv2.kmeans(desc, size, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+        labels = np.zeros((len(desc), 1), np.int32)  # an output only: KMEANS_PP_CENTERS does not read it
+        _, _, centroids = cv2.kmeans(desc, size, labels, criteria, 1, cv2.KMEANS_PP_CENTERS)
         raw = cls(centroids.astype(np.float32), np.zeros(0, np.float32), np.zeros((0, 0), np.float32))
         some = [tiles[i] for i in np.sort(rng.choice(len(tiles), min(len(tiles), pca_tiles), replace=False))]
         vectors = raw.vlad_raw([*some, *(mirrored(k) for k in some)])
@@ -157,8 +166,8 @@ class Vocabulary:
         if not counts.sum():
             return np.zeros((len(tiles), k * dim), np.float32)
         d = root_sift(np.concatenate([t.desc for t in tiles if len(t)]))
-        words = np.argmax(d @ self.centroids.T - 0.5 * (self.centroids ** 2).sum(axis=1), axis=1)
-        cell = np.repeat(np.arange(len(tiles)), counts) * k + words     # (tile, word) of every descriptor
+        words = np.argmax(d @ self.centroids.T - 0.5 * (self.centroids**2).sum(axis=1), axis=1)
+        cell = np.repeat(np.arange(len(tiles)), counts) * k + words  # (tile, word) of every descriptor
         order = np.argsort(cell, kind="stable")
         cells, starts = np.unique(cell[order], return_index=True)
         v = np.zeros((len(tiles) * k, dim), np.float32)
@@ -174,9 +183,9 @@ class Vocabulary:
         from pixcell_fed.audit.search import l2_normalize
 
         out = np.zeros((len(tiles), len(self.components)), np.float32)
-        for start in range(0, len(tiles), 1024):   # raw vectors are large (K * 128 floats): a chunk at a time
-            raw = self.vlad_raw(tiles[start:start + 1024])
+        for start in range(0, len(tiles), 1024):  # raw vectors are large (K * 128 floats): a chunk at a time
+            raw = self.vlad_raw(tiles[start : start + 1024])
             part = l2_normalize((raw - self.mean) @ self.components.T)
             part[~raw.any(axis=1)] = 0.0
-            out[start:start + len(raw)] = part
+            out[start : start + len(raw)] = part
         return out

@@ -20,8 +20,8 @@ blind to a stain change that varies slowly across the tile.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def prepare_synthetic(thumb: np.ndarray) -> list[np.ndarray]:
     """The 8 rotated/flipped, band-passed templates of a synthetic thumbnail (shift margin trimmed)."""
     size = thumb.shape[0]
     m = int(round(size * MARGIN))
-    return [v[m:size - m, m:size - m] for v in dihedral_images(band_pass(thumb))]
+    return [v[m : size - m, m : size - m] for v in dihedral_images(band_pass(thumb))]
 
 
 def prepare_real(thumb: np.ndarray) -> list[np.ndarray]:
@@ -72,8 +72,9 @@ def prepare_real(thumb: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def score_prepared(templates: Sequence[np.ndarray], zooms: Sequence[np.ndarray],
-                   variants: Sequence[int] | None = None) -> float:
+def score_prepared(
+    templates: Sequence[np.ndarray], zooms: Sequence[np.ndarray], variants: Sequence[int] | None = None
+) -> float:
     """Max normalised correlation of prepared templates (all 8, or the indices ``variants``) over zooms and shifts."""
     import cv2
 
@@ -142,8 +143,9 @@ class AlignedRegion:
     correlation: float
 
 
-def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarray, *,
-                   threshold: float) -> AlignedRegion:
+def aligned_region(
+    synthetic: np.ndarray, real: np.ndarray, transform: np.ndarray, *, threshold: float
+) -> AlignedRegion:
     """The region of ``synthetic`` that matches ``real`` once aligned by ``transform`` (2 x 3, synthetic pixels ->
     real pixels; both square grayscale working images): the convex hull of the largest connected area whose local
     normalised correlation of band-passed images reaches ``threshold``, clipped to where the real tile lies."""
@@ -166,8 +168,11 @@ def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarra
     ma, mb = local_mean(a), local_mean(b)
     va, vb = local_mean(a * a) - ma * ma, local_mean(b * b) - mb * mb
     cov = local_mean(a * b) - ma * mb
-    textured = ((va > TEXTURE_FLOOR * float(np.median(local_mean(a * a))))
-                & (vb > TEXTURE_FLOOR * float(np.median(local_mean(b_real * b_real)))) & inside)
+    textured = (
+        (va > TEXTURE_FLOOR * float(np.median(local_mean(a * a))))
+        & (vb > TEXTURE_FLOOR * float(np.median(local_mean(b_real * b_real))))
+        & inside
+    )
     ncc = np.where(textured, cov / np.sqrt(np.maximum(va * vb, 1e-12)), 0.0)
     agree = cv2.morphologyEx((ncc >= threshold).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(agree, connectivity=8)
@@ -179,6 +184,6 @@ def aligned_region(synthetic: np.ndarray, real: np.ndarray, transform: np.ndarra
     filled = np.zeros(agree.shape, np.uint8)
     cv2.fillConvexPoly(filled, hull, 1)
     grow = max(1, int(round(REGION_BORDER * side)))
-    filled = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    fraction = float((filled.astype(bool) & inside).mean())
+    grown = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    fraction = float((grown.astype(bool) & inside).mean())
     return AlignedRegion(fraction, hull.reshape(-1, 2).astype(np.float32), float(np.median(ncc[component])))

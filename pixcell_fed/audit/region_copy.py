@@ -24,8 +24,9 @@ The cost per synthetic tile is one keypoint detection on an 80 px image, one row
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,16 +67,21 @@ class RegionMatch:
     scale: float
     outline_synthetic: np.ndarray
     outline_real: np.ndarray
-    transform: np.ndarray   # (2, 3): synthetic unit coordinates -> real unit coordinates
+    transform: np.ndarray  # (2, 3): synthetic unit coordinates -> real unit coordinates
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready evidence for the on-site report (the real tile is named by the caller)."""
-        return {"fraction": round(self.fraction, 4), "inliers": self.inliers, "mirrored": self.mirrored,
-                "correlation": round(self.correlation, 4), "angle": round(self.angle, 1),
-                "scale": round(self.scale, 3),
-                "outline_synthetic": np.round(self.outline_synthetic, 4).tolist(),
-                "outline_real": np.round(self.outline_real, 4).tolist(),
-                "transform": np.round(self.transform, 6).tolist()}
+        return {
+            "fraction": round(self.fraction, 4),
+            "inliers": self.inliers,
+            "mirrored": self.mirrored,
+            "correlation": round(self.correlation, 4),
+            "angle": round(self.angle, 1),
+            "scale": round(self.scale, 3),
+            "outline_synthetic": np.round(self.outline_synthetic, 4).tolist(),
+            "outline_real": np.round(self.outline_real, 4).tolist(),
+            "transform": np.round(self.transform, 6).tolist(),
+        }
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class RegionCopies:
         return self.fraction >= flag_threshold(min_fraction)
 
     @classmethod
-    def empty(cls, n: int) -> "RegionCopies":
+    def empty(cls, n: int) -> RegionCopies:
         return cls(np.zeros(n, np.float32), [None] * n)
 
 
@@ -105,7 +111,7 @@ class RealIndex:
     keys: np.ndarray
 
     @classmethod
-    def build(cls, works: np.ndarray, *, seed: int = 0, workers: int = 2) -> "RealIndex":
+    def build(cls, works: np.ndarray, *, seed: int = 0, workers: int = 2) -> RealIndex:
         """Keypoints of the real working images (N, side, side) and the vocabulary fitted on them; ``seed`` fixes
         the k-means and PCA sampling, so the same real tiles give the same index."""
         points = kp.detect_all(works, workers=workers, desc="finding keypoints of real tiles")
@@ -136,8 +142,17 @@ def _matcher():
     return _local.matcher
 
 
-def match_pair(synthetic: np.ndarray, synthetic_kp: kp.Keypoints, real: np.ndarray, real_kp: kp.Keypoints, *,
-               mirrored: bool, min_inliers: int, correlation: float, real_index: int = -1) -> RegionMatch | None:
+def match_pair(
+    synthetic: np.ndarray,
+    synthetic_kp: kp.Keypoints,
+    real: np.ndarray,
+    real_kp: kp.Keypoints,
+    *,
+    mirrored: bool,
+    min_inliers: int,
+    correlation: float,
+    real_index: int = -1,
+) -> RegionMatch | None:
     """Verify one (synthetic, real) pair of working images geometrically and in pixels; None when no region of
     the synthetic tile aligns with the real tile (``mirrored``: with the real tile's mirror image)."""
     import cv2
@@ -152,16 +167,16 @@ def match_pair(synthetic: np.ndarray, synthetic_kp: kp.Keypoints, real: np.ndarr
         return None
     src = synthetic_kp.xy[[m.queryIdx for m in good]]
     dst = target.xy[[m.trainIdx for m in good]]
-    transform, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
-                                                     ransacReprojThreshold=RANSAC_THRESHOLD * side,
-                                                     maxIters=2000, confidence=0.995)
+    transform, inliers = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_THRESHOLD * side, maxIters=2000, confidence=0.995
+    )
     if transform is None or int(inliers.sum()) < min_inliers:
         return None
     scale = float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))
     if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
         return None
     angle = float(np.degrees(np.arctan2(transform[1, 0], transform[0, 0])))
-    if mirrored:   # the fit maps onto the mirror image (x -> w - x); compose with the mirror to reach the real tile
+    if mirrored:  # the fit maps onto the mirror image (x -> w - x); compose with the mirror to reach the real tile
         flip = np.array([[-1.0, 0.0, real.shape[1]], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
         transform = (flip @ np.vstack([transform, [0.0, 0.0, 1.0]]))[:2]
     region = aligned_region(synthetic, real, transform, threshold=correlation)
@@ -170,21 +185,40 @@ def match_pair(synthetic: np.ndarray, synthetic_kp: kp.Keypoints, real: np.ndarr
     outline = region.outline
     on_real = cv2.transform(outline.reshape(-1, 1, 2).astype(np.float64), transform).reshape(-1, 2)
     real_side = float(real.shape[1])
-    unit_transform = (np.diag([1 / real_side, 1 / real_side, 1.0]) @ np.vstack([transform, [0, 0, 1]])
-                      @ np.diag([side, side, 1.0]))[:2]
-    return RegionMatch(real_index, mirrored, int(inliers.sum()), region.fraction, region.correlation, angle, scale,
-                       (outline / side).astype(np.float32), (on_real / real_side).astype(np.float32),
-                       unit_transform.astype(np.float32))
+    unit_transform = (
+        np.diag([1 / real_side, 1 / real_side, 1.0]) @ np.vstack([transform, [0, 0, 1]]) @ np.diag([side, side, 1.0])
+    )[:2]
+    return RegionMatch(
+        real_index,
+        mirrored,
+        int(inliers.sum()),
+        region.fraction,
+        region.correlation,
+        angle,
+        scale,
+        (outline / side).astype(np.float32),
+        (on_real / real_side).astype(np.float32),
+        unit_transform.astype(np.float32),
+    )
 
 
-def find_region_copies(works: np.ndarray, index: RealIndex, *, candidates: int, min_inliers: int,
-                       correlation: float, device: str = "cpu", workers: int = 2,
-                       desc: str = "region copies") -> RegionCopies:
+def find_region_copies(
+    works: np.ndarray,
+    index: RealIndex,
+    *,
+    candidates: int,
+    min_inliers: int,
+    correlation: float,
+    device: str = "cpu",
+    workers: int = 2,
+    desc: str = "region copies",
+) -> RegionCopies:
     """The best region match of each synthetic working image (N, side, side) among its ``candidates`` nearest
     real tiles (and mirror images) in :class:`RealIndex`."""
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
-    from pixcell_fed.audit.search import topk_cosine
+    from pixcell_fed.audit.search import TopK, topk_cosine
     from pixcell_fed.progress import progress
 
     n = len(works)
@@ -194,27 +228,35 @@ def find_region_copies(works: np.ndarray, index: RealIndex, *, candidates: int, 
     matches: list[RegionMatch | None] = [None] * n
     n_real = len(index)
     k = min(candidates, len(index.keys))
+
+    def verify(start: int, points: list[kp.Keypoints], top: TopK, r: int) -> tuple[int, RegionMatch | None]:
+        """The best match of synthetic tile ``start + r`` (row ``r`` of the chunk at ``start``)."""
+        best = None
+        for key, sim in zip(top.idx[r], top.sims[r]):
+            if sim <= 0.0:  # a synthetic tile without keypoints has a zero vector
+                continue
+            j = int(key) % n_real
+            found = match_pair(
+                works[start + r],
+                points[r],
+                index.works[j],
+                index.keypoints[j],
+                mirrored=int(key) >= n_real,
+                min_inliers=min_inliers,
+                correlation=correlation,
+                real_index=j,
+            )
+            if found is not None and (best is None or found.fraction > best.fraction):
+                best = found
+        return start + r, best
+
     bar = progress(total=n, desc=desc, unit="tile")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, n, CHUNK):
             rows = range(start, min(n, start + CHUNK))
             points = list(pool.map(kp.detect, (works[i] for i in rows)))
             top = topk_cosine(index.vocabulary.vlad(points), index.keys, k, normalize=False, device=device)
-
-            def verify(r: int) -> tuple[int, RegionMatch | None]:
-                best = None
-                for key, sim in zip(top.idx[r], top.sims[r]):
-                    if sim <= 0.0:   # a synthetic tile without keypoints has a zero vector
-                        continue
-                    j = int(key) % n_real
-                    found = match_pair(works[start + r], points[r], index.works[j], index.keypoints[j],
-                                       mirrored=int(key) >= n_real, min_inliers=min_inliers,
-                                       correlation=correlation, real_index=j)
-                    if found is not None and (best is None or found.fraction > best.fraction):
-                        best = found
-                return start + r, best
-
-            for i, best in pool.map(verify, range(len(rows))):
+            for i, best in pool.map(partial(verify, start, points, top), range(len(rows))):
                 if best is not None:
                     fraction[i], matches[i] = best.fraction, best
             bar.update(len(rows))
@@ -230,8 +272,9 @@ def evidence(copies: RegionCopies | None, i: int, real_names: Sequence[Any]) -> 
     return {"real": str(real_names[match.real]), **match.to_dict()}
 
 
-def draw_region_pair(synthetic: np.ndarray, real: np.ndarray, region: dict[str, Any], side: int = 128
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_region_pair(
+    synthetic: np.ndarray, real: np.ndarray, region: dict[str, Any], side: int = 128
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the on-site report: the synthetic tile and the real tile (uint8 RGB, any size) at ``side`` px with the
     matched region (``region``, as :func:`evidence` gives it) outlined on both, and the real tile aligned onto the
     synthetic one (same outline): where the region is a copy, the first and third show the same tissue."""
@@ -242,8 +285,13 @@ def draw_region_pair(synthetic: np.ndarray, real: np.ndarray, region: dict[str, 
     to_px = np.diag([side, side, 1.0])
     from_px = np.diag([1.0 / side, 1.0 / side, 1.0])
     unit = np.vstack([np.asarray(region["transform"], dtype=np.float64), [0.0, 0.0, 1.0]])
-    aligned = cv2.warpAffine(rea, (to_px @ unit @ from_px)[:2], (side, side),
-                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+    aligned = cv2.warpAffine(
+        rea,
+        (to_px @ unit @ from_px)[:2],
+        (side, side),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+    )
     colour = (255, 0, 255)
 
     def outlined(img: np.ndarray, outline: list) -> np.ndarray:
@@ -253,5 +301,8 @@ def draw_region_pair(synthetic: np.ndarray, real: np.ndarray, region: dict[str, 
             cv2.polylines(out, [pts.reshape(-1, 1, 2)], isClosed=True, color=colour, thickness=2)
         return out
 
-    return (outlined(syn, region["outline_synthetic"]), outlined(rea, region["outline_real"]),
-            outlined(aligned, region["outline_synthetic"]))
+    return (
+        outlined(syn, region["outline_synthetic"]),
+        outlined(rea, region["outline_real"]),
+        outlined(aligned, region["outline_synthetic"]),
+    )

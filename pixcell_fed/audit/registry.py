@@ -15,8 +15,9 @@ privacy feature space (the copy descriptor, the conditioning encoder, extra enco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

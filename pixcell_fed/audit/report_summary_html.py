@@ -24,12 +24,17 @@ from pixcell_fed.audit.report_json import check_no_role_names
 from pixcell_fed.audit.roles import DataRoles
 from pixcell_fed.html_policy import INERT_CSP_META
 
-SHAREABLE_NOTE = ("Shareable summary of this site's audit: statistics and figures only, no real tiles and no file "
-                  "names. The site's privacy officer decided on the full on-site report, which never leaves the site.")
-_NULL_ROWS = (("h_size", "held-out tiles (H)"), ("h_flagged", "held-out tiles flagged as if they were synthetic"),
-              ("h_copies", "held-out tiles confirmed as copies of a conditioning tile"),
-              ("h_nn_median", "median nearest-neighbour similarity H->T"),
-              ("h_nn_max", "largest nearest-neighbour similarity H->T"))
+SHAREABLE_NOTE = (
+    "Shareable summary of this site's audit: statistics and figures only, no real tiles and no file "
+    "names. The site's privacy officer decided on the full on-site report, which never leaves the site."
+)
+_NULL_ROWS = (
+    ("h_size", "held-out tiles (H)"),
+    ("h_flagged", "held-out tiles flagged as if they were synthetic"),
+    ("h_copies", "held-out tiles confirmed as copies of a conditioning tile"),
+    ("h_nn_median", "median nearest-neighbour similarity H->T"),
+    ("h_nn_max", "largest nearest-neighbour similarity H->T"),
+)
 
 
 def _value(x: Any) -> str:
@@ -38,20 +43,25 @@ def _value(x: Any) -> str:
 
 def _null_section(null: dict[str, Any]) -> list[str]:
     """The held-out tiles against T, as if they were synthetic: what 'normal' looks like."""
-    out = ['<h2>The null: held-out tiles against T</h2><p class="small">Real tiles of slides that conditioned '
-           'nothing, put through the same tests as the synthetic tiles.</p><table id="null">']
+    out = [
+        '<h2>The null: held-out tiles against T</h2><p class="small">Real tiles of slides that conditioned '
+        'nothing, put through the same tests as the synthetic tiles.</p><table id="null">'
+    ]
     out += [f"<tr><td>{label}</td><td>{_value(null.get(key))}</td></tr>" for key, label in _NULL_ROWS if key in null]
     return out + ["</table>"]
 
 
 def _fidelity_section(summary: dict[str, Any]) -> list[str]:
     """Every fidelity figure of every encoder space, as the summary holds it (the on-site report's renderer)."""
-    return [fidelity_html_section(summary["fidelity"], summary.get("identities"),
-                         (summary.get("config") or {}).get("fidelity_warn_fd_ratio"))]
+    return [
+        fidelity_html_section(
+            summary["fidelity"], summary.get("identities"), (summary.get("config") or {}).get("fidelity_warn_fd_ratio")
+        )
+    ]
 
 
 def _identifier_section(by_kind: dict[str, int]) -> list[str]:
-    out = ['<h2>Identifier scan of the synthetic files</h2>']
+    out = ["<h2>Identifier scan of the synthetic files</h2>"]
     if not by_kind:
         return out + ['<p id="identifier-findings">No identifying content was found in the synthetic files.</p>']
     out.append('<table id="identifier-findings"><tr><th>Kind of finding</th><th>Count</th></tr>')
@@ -61,15 +71,22 @@ def _identifier_section(by_kind: dict[str, int]) -> list[str]:
 
 def render_summary_html(summary: dict[str, Any]) -> str:
     """The inert shareable page of a shareable summary (see the module docstring)."""
-    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{INERT_CSP_META}'
-           f'<title>Privacy audit summary: {_esc(summary["verdict"])}</title><style>{_CSS}</style></head><body>']
+    out = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{INERT_CSP_META}'
+        f"<title>Privacy audit summary: {_esc(summary['verdict'])}</title><style>{_CSS}</style></head><body>"
+    ]
     if is_dp(summary.get("conditioning")):  # a dp set ships the decision, not the statistics (no figures, no null)
         body = dp_summary_page_body(summary) + _identifier_section(summary.get("identifier_findings_by_kind", {}))
         return "".join(out + body) + "</body></html>"
     out += first_page(summary, note=SHAREABLE_NOTE)
-    out += ['<section id="figures">', *similarity_figures(summary["figures"]), *_null_section(summary["null"]),
-            *_fidelity_section(summary), *_identifier_section(summary["identifier_findings_by_kind"]),
-            "</section></body></html>"]
+    out += [
+        '<section id="figures">',
+        *similarity_figures(summary["figures"]),
+        *_null_section(summary["null"]),
+        *_fidelity_section(summary),
+        *_identifier_section(summary["identifier_findings_by_kind"]),
+        "</section></body></html>",
+    ]
     return "".join(out)
 
 

@@ -51,16 +51,24 @@ def run_tests(ctx: AuditContext, active: np.ndarray, carried: dict[str, TestResu
         if test.level == GENERATOR and carried is not None:
             results.append(carried[test.name])
             continue
-        for result in ([test.run(ctx.in_space(name), active) for name in ctx.spaces] if test.all_spaces
-                       else [test.run(ctx, active)]):
+        for result in (
+            [test.run(ctx.in_space(name), active) for name in ctx.spaces]
+            if test.all_spaces
+            else [test.run(ctx, active)]
+        ):
             result.level = test.level  # the registry's word is the level
             results.append(result)
     return decide(results, ctx.cfg)
 
 
 def _record(number: int, audited: int, flagged: int, verdict: str, tests: list[TestResult]) -> dict[str, Any]:
-    return {"round": number, "audited": audited, "flagged": flagged, "verdict": verdict,
-            "tests": {t.name: t.status for t in tests}}
+    return {
+        "round": number,
+        "audited": audited,
+        "flagged": flagged,
+        "verdict": verdict,
+        "tests": {t.name: t.status for t in tests},
+    }
 
 
 def run_rounds(ctx: AuditContext) -> RoundsOutcome:
@@ -77,11 +85,12 @@ def run_rounds(ctx: AuditContext) -> RoundsOutcome:
         out.kept_verdict = verdict_of(out.tests)
         flagged = ctx.flagged(out.active)
         out.rounds.append(_record(number, len(out.active), len(flagged), out.kept_verdict, out.tests))
-        log.info("audit round %d: %d tiles, %d flagged, verdict %s", number, len(out.active), len(flagged),
-                 out.kept_verdict)
+        log.info(
+            "audit round %d: %d tiles, %d flagged, verdict %s", number, len(out.active), len(flagged), out.kept_verdict
+        )
         if not (cfg.drop_flagged and flagged and number < cfg.max_rounds):
             break
-        out.dropped_in.update({i: number for i in flagged})
+        out.dropped_in.update(dict.fromkeys(flagged, number))
         out.active = np.array([i for i in out.active if i not in out.dropped_in], dtype=np.int64)
         out.rounds[-1]["dropped"] = len(flagged)
         if len(out.active) == 0:  # nothing left: nothing may be shipped

@@ -7,9 +7,10 @@ survive each round; the reports are written from both.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pixcell_fed.audit.gate import FAIL, TestResult
 from pixcell_fed.audit.roles import build_roles
@@ -54,10 +55,18 @@ class AuditResult:
         return self.verdict != FAIL
 
 
-def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], holdout: Sequence[str | Path], *,
-              out_dir: str | Path, audit_cfg: AuditConfig | None = None, source_of: Mapping[str, str] | None = None,
-              identities: Mapping[str, Any] | None = None, site: SiteFacts | None = None,
-              conditioning: Mapping[str, Any] | None = None) -> AuditResult:
+def run_audit(
+    synthetic: Sequence[str | Path],
+    reference: Sequence[str | Path],
+    holdout: Sequence[str | Path],
+    *,
+    out_dir: str | Path,
+    audit_cfg: AuditConfig | None = None,
+    source_of: Mapping[str, str] | None = None,
+    identities: Mapping[str, Any] | None = None,
+    site: SiteFacts | None = None,
+    conditioning: Mapping[str, Any] | None = None,
+) -> AuditResult:
     """Audit synthetic tiles S against their conditioning tiles T with held-out tiles H as the null.
 
     Writes ``out_dir/audit.json`` and ``out_dir/audit.html`` (on-site: real file names, real tiles),
@@ -77,17 +86,28 @@ def run_audit(synthetic: Sequence[str | Path], reference: Sequence[str | Path], 
 
     cfg = conditioning_section.audit_settings(audit_cfg or AuditConfig(), conditioning)  # dp: no tile dropped
     site = site or SiteFacts()
-    roles = build_roles(synthetic, reference, holdout, source_of=source_of, min_holdout=cfg.min_holdout,
-                        min_holdout_ratio=cfg.min_holdout_ratio)
-    log.info("audit: |S|=%d |T|=%d |H|=%d, mapping %s", len(roles.synthetic), len(roles.reference),
-             len(roles.holdout), "given" if roles.has_mapping else "absent")
+    roles = build_roles(
+        synthetic,
+        reference,
+        holdout,
+        source_of=source_of,
+        min_holdout=cfg.min_holdout,
+        min_holdout_ratio=cfg.min_holdout_ratio,
+    )
+    log.info(
+        "audit: |S|=%d |T|=%d |H|=%d, mapping %s",
+        len(roles.synthetic),
+        len(roles.reference),
+        len(roles.holdout),
+        "given" if roles.has_mapping else "absent",
+    )
     embeddings = embed_roles(site.feature_spaces, roles)
-    ctx = build_context(roles, cfg, forbidden_strings=site.forbidden_strings, embeddings=embeddings,
-                        split_unit=site.split_unit)
+    ctx = build_context(
+        roles, cfg, forbidden_strings=site.forbidden_strings, embeddings=embeddings, split_unit=site.split_unit
+    )
     outcome = run_rounds(ctx)
     figures = fidelity(embeddings, roles, outcome.active, device=cfg.device)
-    report = report_json.build_report(ctx, outcome, fidelity=figures,
-                                      identities=dict(identities or {}))
+    report = report_json.build_report(ctx, outcome, fidelity=figures, identities=dict(identities or {}))
     if conditioning is not None:
         report["conditioning"] = dict(conditioning)
     out_dir = Path(out_dir)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -63,8 +63,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-12)
 
 
-def topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, normalize: bool = True, exclude_self: bool = False,
-                device: str | None = "cpu", block_bytes: int | None = None) -> TopK:
+def topk_cosine(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    *,
+    normalize: bool = True,
+    exclude_self: bool = False,
+    device: str | None = "cpu",
+    block_bytes: float | None = None,
+) -> TopK:
     """Exact top-``k`` cosine neighbours of each query among ``keys``.
 
     ``queries`` is (N, D), or (G, N, D) for a group of G variants per query; ``keys`` is (M, D), or (V, M, D) for V
@@ -72,7 +80,6 @@ def topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, normalize: boo
     (queries are the keys, row i is key i) skips each row's own index. ``device``: ``cpu``, ``cuda[:N]`` or ``auto``.
     ``block_bytes`` bounds one similarity block (default 256 MiB on CPU, 2 GiB on a GPU). Returns a :class:`TopK`.
     """
-    import torch
 
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim == 2:
@@ -97,8 +104,9 @@ def topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, normalize: boo
         block_bytes = (2 if dev.type == "cuda" else 0.25) * 2**30
     with ieee_float32():
         if _bf16_gemm_pays(dev, groups * n * kvar * m * dim, m, k_eff, variants=groups * kvar > 1):
-            return _topk_bf16_certified(q, keys, k_eff, exclude_self=exclude_self, block_bytes=int(block_bytes),
-                                        dev=dev)
+            return _topk_bf16_certified(
+                q, keys, k_eff, exclude_self=exclude_self, block_bytes=int(block_bytes), dev=dev
+            )
         return _topk_float32(q, keys, k_eff, exclude_self=exclude_self, block_bytes=int(block_bytes), dev=dev)
 
 
@@ -128,8 +136,9 @@ def _topk_float32(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool
                 np.matmul(block_q, keys_flat.T, out=buf_np[: groups * rows])
                 sims = buf[: groups * rows]
             else:
-                sims = torch.mm(torch.from_numpy(np.ascontiguousarray(block_q)).to(dev), key_t.T,
-                                out=buf[: groups * rows])
+                sims = torch.mm(
+                    torch.from_numpy(np.ascontiguousarray(block_q)).to(dev), key_t.T, out=buf[: groups * rows]
+                )
             if kvar > 1:
                 sims = sims.view(groups * rows, kvar, m).amax(dim=1)
             if groups > 1:
@@ -147,13 +156,13 @@ def _topk_float32(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool
 #: the rest only for rows the first tier cannot certify (measured on clustered 1,536-d data: ~92 % and ~99.9 %)
 _EXTRA = 43
 _FIRST_TIER = 11
-_U_BF16 = 2.0 ** -8     # unit roundoff of bfloat16 (8 significant bits, round to nearest)
-_SHIFT_SAMPLE = 512     # keys sampled to estimate each query's score level (the shift that keeps rounding small)
-_CHUNK_ROWS = 256       # query rows per bf16 block on CPU: the block stays cache-warm for topk
+_U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+_SHIFT_SAMPLE = 512  # keys sampled to estimate each query's score level (the shift that keeps rounding small)
+_CHUNK_ROWS = 256  # query rows per bf16 block on CPU: the block stays cache-warm for topk
 #: Unit roundoff assumed for the float32 accumulation of the bf16 GEMM. oneDNN (CPU) adds exact bf16 products in
 #: IEEE float32 (2**-24). GPU tensor cores align the addends of each block to the largest and truncate (Fasi et al.
 #: 2021, "Numerical behavior of NVIDIA tensor cores"), about 2**-23 relative; 2**-20 leaves a margin of 8 over that.
-_U_ACCUMULATE = {"cpu": 2.0 ** -24, "cuda": 2.0 ** -20}
+_U_ACCUMULATE = {"cpu": 2.0**-24, "cuda": 2.0**-20}
 
 
 def _bf16_gemm_pays(dev, work: float, m: int, k: int, *, variants: bool = False) -> bool:
@@ -168,8 +177,12 @@ def _bf16_gemm_pays(dev, work: float, m: int, k: int, *, variants: bool = False)
     if dev.type == "cuda":
         return True
     try:
-        return (dev.type == "cpu" and not variants and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
-                and _cpu_has_bf16())
+        return (
+            dev.type == "cpu"
+            and not variants
+            and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+            and _cpu_has_bf16()
+        )
     except AttributeError:
         return False
 
@@ -184,14 +197,13 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _gamma(terms: int, unit: float = 2.0 ** -24) -> float:
+def _gamma(terms: int, unit: float = 2.0**-24) -> float:
     """Relative error bound of a sum of ``terms`` products with unit roundoff ``unit``, in any order (Higham's
     gamma_n; float32 by default)."""
     return terms * unit / (1 - terms * unit)
 
 
-def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool, block_bytes: int,
-                         dev) -> TopK:
+def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool, block_bytes: int, dev) -> TopK:
     """Exact top-``k`` inner products: a shifted bf16 GEMM proposes candidates, float32 rescores them, and a rigorous
     error bound certifies that no other key can enter the top ``k``; rows it cannot certify are recomputed in float32
     in full. The result equals the float32 search (up to float32 rounding of near-tied scores).
@@ -214,7 +226,7 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
     groups, n, dim = q.shape
     kvar, m = keys.shape[0], keys.shape[1]
     g_acc = _gamma(dim + 1, _U_ACCUMULATE[dev.type])
-    qt = torch.from_numpy(np.ascontiguousarray(q))            # stays on the host; chunks move to dev
+    qt = torch.from_numpy(np.ascontiguousarray(q))  # stays on the host; chunks move to dev
     kt = torch.from_numpy(np.ascontiguousarray(keys)).to(dev)  # (V, M, D) float32
     kb = kt.bfloat16()
     # norms in float32, rounded up by a margin that covers their own rounding error
@@ -239,17 +251,22 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             rows = torch.arange(start, stop, device=dev)
-            q32 = qt[:, start:stop].to(dev)                    # (G, R, D)
+            q32 = qt[:, start:stop].to(dev)  # (G, R, D)
             qb = q32.bfloat16()
             qb_norm = qb.float().norm(dim=2).amax(dim=0).double() * up
             q_res = (q32 - qb.float()).norm(dim=2).amax(dim=0).double() * up
             q_norm = q32.norm(dim=2).amax(dim=0).double() * up
-            own_error = _gamma(dim) * q_norm * k_norm     # float32 rounding of a rescored score
+            own_error = _gamma(dim) * q_norm * k_norm  # float32 rounding of a rescored score
             shift = _score_levels(qb, sample_keys, kvar, sample, rows if exclude_self else None)
             c = shift.double()
             # everything in the ceiling but the bf16 output term (float64: its own rounding is negligible)
-            slack = (c + g_acc * (qb_norm * kb_norm + c.abs()) + qb_norm * k_res + q_res * k_norm
-                     + dim * 2.0 ** -100 * (1 + qb_norm) * (1 + kb_norm))  # bf16 dot products flush denormals
+            slack = (
+                c
+                + g_acc * (qb_norm * kb_norm + c.abs())
+                + qb_norm * k_res
+                + q_res * k_norm
+                + dim * 2.0**-100 * (1 + qb_norm) * (1 + kb_norm)
+            )  # bf16 dot products flush denormals
             q_ext = torch.cat([qb, -shift[None, :, None].expand(groups, -1, 1)], dim=2).reshape(-1, dim + 1)
             approx = _variant_max(torch.mm(q_ext, k_ext.T), groups, kvar)
             if exclude_self:
@@ -261,17 +278,17 @@ def _topk_bf16_certified(q: np.ndarray, keys: np.ndarray, k: int, *, exclude_sel
             top_v = torch.empty((len(local), k), dtype=torch.float32, device=dev)
             top_i = torch.empty((len(local), k), dtype=torch.int64, device=dev)
             certified = torch.zeros(len(local), dtype=torch.bool, device=dev)
-            for tier, width in enumerate(tiers):   # rescore the first `width` candidates of the uncertified rows
+            for tier, width in enumerate(tiers):  # rescore the first `width` candidates of the uncertified rows
                 todo = torch.nonzero(~certified).flatten()
                 if not len(todo):
                     break
                 widened += len(todo) if tier else 0
                 top_v[todo], top_i[todo] = _rescore(q32, kt, local[todo], cand_i[todo, :width], k)
                 if width == m_eff:
-                    certified[todo] = True   # every other key was rescored
-                else:   # no unrescored key's output exceeds the next candidate's (or, past the last, the last's)
+                    certified[todo] = True  # every other key was rescored
+                else:  # no unrescored key's output exceeds the next candidate's (or, past the last, the last's)
                     next_b = cand_v[todo, min(width, kp - 1)]
-                    certified[todo] = (top_v[todo, -1].double() - own_error[todo] > _ceiling(next_b, slack[todo]))
+                    certified[todo] = top_v[todo, -1].double() - own_error[todo] > _ceiling(next_b, slack[todo])
             uncertain = torch.nonzero(~certified).flatten()
             if len(uncertain):
                 recomputed += len(uncertain)
@@ -300,10 +317,10 @@ def _score_levels(qb, sample_keys, kvar: int, sample, rows=None):
     (``sample_keys`` is (V * S, D); its own key left out when ``rows`` gives the queries' key indices): a level just
     below its top-k scores."""
     groups = qb.shape[0]
-    levels = _variant_max(qb.reshape(-1, qb.shape[2]) @ sample_keys.T, groups, kvar)   # (R, S)
+    levels = _variant_max(qb.reshape(-1, qb.shape[2]) @ sample_keys.T, groups, kvar)  # (R, S)
     if rows is not None:
         levels = levels.masked_fill(sample[None, :] == rows[:, None], float("-inf"))
-    return levels.amax(dim=1)   # a bf16 value: the extra column holds it exactly
+    return levels.amax(dim=1)  # a bf16 value: the extra column holds it exactly
 
 
 def _ceiling(next_approx, slack):
@@ -318,9 +335,14 @@ def _rescore(q32, kt, rows, cand_i, k: int, slice_rows: int = 32):
     (the gathered keys stay in cache); their top ``k``. ``q32`` is (G, R, D), ``kt`` (V, M, D)."""
     import torch
 
-    exact = torch.cat([
-        torch.einsum("grd,vrcd->gvrc", q32[:, rows[a:a + slice_rows]], kt[:, cand_i[a:a + slice_rows]])
-        .amax(dim=(0, 1)) for a in range(0, len(rows), slice_rows)])
+    exact = torch.cat(
+        [
+            torch.einsum("grd,vrcd->gvrc", q32[:, rows[a : a + slice_rows]], kt[:, cand_i[a : a + slice_rows]]).amax(
+                dim=(0, 1)
+            )
+            for a in range(0, len(rows), slice_rows)
+        ]
+    )
     top_v, pos = torch.topk(exact, k, dim=1, largest=True, sorted=True)
     return top_v, torch.gather(cand_i, 1, pos)
 
@@ -334,10 +356,10 @@ def numpy_topk_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *, chunk: i
     out_s = np.empty((n, k), np.float32)
     out_i = np.empty((n, k), np.int64)
     for start in range(0, n, chunk):
-        sims = q[start:start + chunk] @ keys.T
+        sims = q[start : start + chunk] @ keys.T
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(sims, part, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")
-        out_i[start:start + chunk] = np.take_along_axis(part, order, axis=1)
-        out_s[start:start + chunk] = np.take_along_axis(vals, order, axis=1)
+        out_i[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+        out_s[start : start + chunk] = np.take_along_axis(vals, order, axis=1)
     return TopK(out_s, out_i)

@@ -26,10 +26,19 @@ REAL_TO_SYNTHETIC_K = 10
 class FeatureSpace(Protocol):
     """Top-k search between the roles "S", "T" and "H" of one feature space."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
-    def search(self, queries: str, keys: str, k: int, *, exclude_self: bool = False,
-               key_rows: np.ndarray | None = None, query_rows: np.ndarray | None = None) -> TopK: ...
+    def search(
+        self,
+        queries: str,
+        keys: str,
+        k: int,
+        *,
+        exclude_self: bool = False,
+        key_rows: np.ndarray | None = None,
+        query_rows: np.ndarray | None = None,
+    ) -> TopK: ...
 
 
 def _rows(n: int, rows: np.ndarray | None) -> np.ndarray:
@@ -48,8 +57,16 @@ class DescriptorSpace:
     device: str
     name: str = "copy descriptor"
 
-    def search(self, queries: str, keys: str, k: int, *, exclude_self: bool = False,
-               key_rows: np.ndarray | None = None, query_rows: np.ndarray | None = None) -> TopK:
+    def search(
+        self,
+        queries: str,
+        keys: str,
+        k: int,
+        *,
+        exclude_self: bool = False,
+        key_rows: np.ndarray | None = None,
+        query_rows: np.ndarray | None = None,
+    ) -> TopK:
         q = _take(self.sets[queries], query_rows)
         if keys == "S":
             s = self.sets["S"]
@@ -65,11 +82,20 @@ class EmbeddingSpace:
     embeddings: dict[str, np.ndarray]
     device: str = "cpu"
 
-    def search(self, queries: str, keys: str, k: int, *, exclude_self: bool = False,
-               key_rows: np.ndarray | None = None, query_rows: np.ndarray | None = None) -> TopK:
+    def search(
+        self,
+        queries: str,
+        keys: str,
+        k: int,
+        *,
+        exclude_self: bool = False,
+        key_rows: np.ndarray | None = None,
+        query_rows: np.ndarray | None = None,
+    ) -> TopK:
         q, kv = self.embeddings[queries], self.embeddings[keys]
-        return topk_cosine(q[_rows(len(q), query_rows)], kv[_rows(len(kv), key_rows)], k, exclude_self=exclude_self,
-                           device=self.device)
+        return topk_cosine(
+            q[_rows(len(q), query_rows)], kv[_rows(len(kv), key_rows)], k, exclude_self=exclude_self, device=self.device
+        )
 
 
 @dataclass(frozen=True)
@@ -77,12 +103,12 @@ class Neighbours:
     """One space's neighbour structure: everything the dataset-level tests need, computed once."""
 
     space: FeatureSpace
-    s_to_t: TopK          # each synthetic tile's nearest conditioning tiles (k >= 2)
-    h_to_t: TopK          # each held-out tile's, as if it were synthetic: the null
-    t_self: np.ndarray    # each conditioning tile's similarity to its nearest other conditioning tile
-    s_real: np.ndarray    # index into R (T then H) of each synthetic tile's nearest real tile
-    r_self: np.ndarray    # each real tile's similarity to its nearest other real tile
-    r_to_s: TopK          # each real tile's nearest synthetic tiles among all of S
+    s_to_t: TopK  # each synthetic tile's nearest conditioning tiles (k >= 2)
+    h_to_t: TopK  # each held-out tile's, as if it were synthetic: the null
+    t_self: np.ndarray  # each conditioning tile's similarity to its nearest other conditioning tile
+    s_real: np.ndarray  # index into R (T then H) of each synthetic tile's nearest real tile
+    r_self: np.ndarray  # each real tile's similarity to its nearest other real tile
+    r_to_s: TopK  # each real tile's nearest synthetic tiles among all of S
 
     @property
     def name(self) -> str:
@@ -93,8 +119,9 @@ class Neighbours:
         return len(self.t_self)
 
     @classmethod
-    def compute(cls, space: FeatureSpace, k: int, *, s_to_t: TopK | None = None,
-                h_to_t: TopK | None = None) -> "Neighbours":
+    def compute(
+        cls, space: FeatureSpace, k: int, *, s_to_t: TopK | None = None, h_to_t: TopK | None = None
+    ) -> Neighbours:
         """Search S, T and H against each other (``s_to_t``, ``h_to_t``: searches already done, reused)."""
         s_to_t = s_to_t if s_to_t is not None else space.search("S", "T", k)
         h_to_t = h_to_t if h_to_t is not None else space.search("H", "T", k)
@@ -106,8 +133,9 @@ class Neighbours:
         s_real = np.where(s_to_t.sims[:, 0] >= s_h[0], s_to_t.idx[:, 0], n_t + s_h[1])
         r_self = np.concatenate([np.maximum(t_t[0], t_h[0]), np.maximum(h_h[0], h_to_t.sims[:, 0])])
         n_s = len(s_to_t.sims)
-        r_to_s = _stack(space.search("T", "S", min(REAL_TO_SYNTHETIC_K, n_s)),
-                        space.search("H", "S", min(REAL_TO_SYNTHETIC_K, n_s)))
+        r_to_s = _stack(
+            space.search("T", "S", min(REAL_TO_SYNTHETIC_K, n_s)), space.search("H", "S", min(REAL_TO_SYNTHETIC_K, n_s))
+        )
         return cls(space, s_to_t, h_to_t, t_t[0], s_real.astype(np.int64), r_self, r_to_s)
 
     def nearest_synthetic(self, active: np.ndarray) -> np.ndarray:
@@ -123,7 +151,8 @@ class Neighbours:
         for role, rows in (("T", missing[missing < self.n_t]), ("H", missing[missing >= self.n_t] - self.n_t)):
             if rows.size:
                 sims[rows + (0 if role == "T" else self.n_t)] = self.space.search(
-                    role, "S", 1, key_rows=active, query_rows=rows).sims[:, 0]
+                    role, "S", 1, key_rows=active, query_rows=rows
+                ).sims[:, 0]
         return sims
 
 

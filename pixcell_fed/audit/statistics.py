@@ -88,7 +88,7 @@ def auc_p_value(pos: np.ndarray, neg: np.ndarray) -> float:
         sums = np.fromiter((ranks[list(c)].sum() for c in itertools.combinations(range(n), n1)), np.float64)
         return float(np.mean(sums >= observed - 1e-9))
     mean = n1 * (n + 1) / 2.0
-    var = n1 * n2 / 12.0 * ((n + 1) - float((ties ** 3 - ties).sum()) / (n * (n - 1)))
+    var = n1 * n2 / 12.0 * ((n + 1) - float((ties**3 - ties).sum()) / (n * (n - 1)))
     if var <= 0:
         return 1.0
     z = (observed - mean - 0.5) / math.sqrt(var)

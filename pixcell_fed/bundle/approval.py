@@ -11,9 +11,10 @@ bundle can never be approved or verified afterwards. The CLI only parses, prints
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.errors import BundleError, ConfigError, PrivacyGateRefused, UsageError, VerificationError
@@ -31,7 +32,7 @@ class SiteAuthority:
     officers: tuple[Any, ...]  # Ed25519 public keys (keys.officers)
 
     @classmethod
-    def from_config(cls, cfg) -> "SiteAuthority":
+    def from_config(cls, cfg) -> SiteAuthority:
         """From a loaded :class:`~pixcell_fed.config.SiteConfig` (``keys.officers`` was validated on loading)."""
         from pixcell_fed.keys import parse_public_key
 
@@ -54,14 +55,18 @@ class SiteAuthority:
         from pixcell_fed.keys import fingerprint, public_key_raw
 
         if not self.officers:
-            raise ConfigError(f"site {self.name}: site.yaml lists no privacy officer (keys.officers)",
-                              hint="add each officer's public key line ('site-agent officer-key' prints it) under "
-                                   "keys.officers in site.yaml")
+            raise ConfigError(
+                f"site {self.name}: site.yaml lists no privacy officer (keys.officers)",
+                hint="add each officer's public key line ('site-agent officer-key' prints it) under "
+                "keys.officers in site.yaml",
+            )
         if public_key_raw(officer_public_key) not in {public_key_raw(k) for k in self.officers}:
-            raise PrivacyGateRefused(f"key {fingerprint(officer_public_key)} is not one of the privacy officers of "
-                                     f"site {self.name} (keys.officers in site.yaml); nothing was decided",
-                                     hint="decide with your own officer key, or have the administrator add its "
-                                          "public key line to keys.officers")
+            raise PrivacyGateRefused(
+                f"key {fingerprint(officer_public_key)} is not one of the privacy officers of "
+                f"site {self.name} (keys.officers in site.yaml); nothing was decided",
+                hint="decide with your own officer key, or have the administrator add its "
+                "public key line to keys.officers",
+            )
         return fingerprint(officer_public_key)
 
 
@@ -76,16 +81,27 @@ def bundle_overview(bundle_dir: str | Path, site: SiteAuthority | None = None) -
     run = site.run_dir(info["run_id"]) if site is not None else bundle_dir.parent
     report = audit_dir(run) / AUDIT_REPORT  # the full on-site report (real tiles): it never leaves the site
     reports += [report] if report.is_file() else []
-    return {"bundle": str(bundle_dir), "site": info["site"], "run_id": info["run_id"], "created": info["created"],
-            "state": info["state"], "verdict": info["verdict"], "tiles": info["counts"]["tiles"],
-            "tile_size": info["tile_size"], "labels": info["counts"]["labels"], "reports": [str(p) for p in reports],
-            "conditioning": info["conditioning"]["statement"]}
+    return {
+        "bundle": str(bundle_dir),
+        "site": info["site"],
+        "run_id": info["run_id"],
+        "created": info["created"],
+        "state": info["state"],
+        "verdict": info["verdict"],
+        "tiles": info["counts"]["tiles"],
+        "tile_size": info["tile_size"],
+        "labels": info["counts"]["labels"],
+        "reports": [str(p) for p in reports],
+        "conditioning": info["conditioning"]["statement"],
+    }
 
 
 def _check_undecided(bundle_dir: Path, info: dict) -> None:
     if info["state"] == L.STATE_REJECTED:
-        raise PrivacyGateRefused(f"bundle {bundle_dir} was rejected; it can never be approved",
-                                 hint="run synthesize again to make a new bundle")
+        raise PrivacyGateRefused(
+            f"bundle {bundle_dir} was rejected; it can never be approved",
+            hint="run synthesize again to make a new bundle",
+        )
     if info["state"] == L.STATE_APPROVED:
         raise BundleError(f"bundle {bundle_dir} is already approved", hint="nothing to do")
 
@@ -98,24 +114,33 @@ def _check_approvable(bundle_dir: Path, info: dict, site: SiteAuthority, officer
 
     _check_undecided(bundle_dir, info)
     if info["verdict"] == "FAIL":
-        raise PrivacyGateRefused(f"bundle {bundle_dir} has audit verdict FAIL; it cannot be approved",
-                                 hint=f"reject it: site-agent reject {bundle_dir} --reason 'audit FAIL'")
+        raise PrivacyGateRefused(
+            f"bundle {bundle_dir} has audit verdict FAIL; it cannot be approved",
+            hint=f"reject it: site-agent reject {bundle_dir} --reason 'audit FAIL'",
+        )
     if info["site"] != site.name:
-        raise PrivacyGateRefused(f"bundle {bundle_dir} is a bundle of site {info['site']}, not of this site {site.name}",
-                                 hint="approve only your own site's bundles")
+        raise PrivacyGateRefused(
+            f"bundle {bundle_dir} is a bundle of site {info['site']}, not of this site {site.name}",
+            hint="approve only your own site's bundles",
+        )
     problem = binding_problem(bundle_dir, site.run_dir(info["run_id"]), info)
     if problem:
-        raise PrivacyGateRefused(f"bundle {bundle_dir} is not what its run audited: {problem}",
-                                 hint="reject it; only a run's own audited set may leave the site")
+        raise PrivacyGateRefused(
+            f"bundle {bundle_dir} is not what its run audited: {problem}",
+            hint="reject it; only a run's own audited set may leave the site",
+        )
     try:
         inspect_bundle(bundle_dir)
     except VerificationError as exc:
-        raise BundleError(f"bundle {bundle_dir} is damaged: {exc.message}",
-                          hint="do not approve it; rebuild the bundle from the run") from exc
+        raise BundleError(
+            f"bundle {bundle_dir} is damaged: {exc.message}", hint="do not approve it; rebuild the bundle from the run"
+        ) from exc
     site_key, _ = L.read_signature(bundle_dir, L.SITE_SIG, role="site")
     if public_key_raw(site_key) == public_key_raw(officer_public_key):
-        raise UsageError("the officer key is the site's own signing key",
-                         hint="the privacy officer approves with a key of their own ('site-agent officer-key')")
+        raise UsageError(
+            "the officer key is the site's own signing key",
+            hint="the privacy officer approves with a key of their own ('site-agent officer-key')",
+        )
 
 
 def approve_bundle(bundle_dir: str | Path, officer_key, *, site: SiteAuthority, confirm: Confirm | None = None) -> dict:
@@ -135,14 +160,23 @@ def approve_bundle(bundle_dir: str | Path, officer_key, *, site: SiteAuthority, 
         _check_approvable(bundle_dir, info, site, officer_key.public_key())
         overview = bundle_overview(bundle_dir, site)
         if confirm is not None and not confirm(overview):
-            raise UsageError("approval not confirmed; nothing was signed", hint="type 'approve' at the prompt, or pass --yes")
+            raise UsageError(
+                "approval not confirmed; nothing was signed", hint="type 'approve' at the prompt, or pass --yes"
+            )
         info["state"] = L.STATE_APPROVED
         info["decision"] = {"state": L.STATE_APPROVED, "time": L.utc_now(), "officer": officer}
         # signature first: if killed in between, the bundle still reads "awaiting approval" and approve can rerun
         L.write_signature(bundle_dir, L.OFFICER_SIG, officer_key, L.statement(info, role="officer"), role="officer")
         L.write_bundle_json(bundle_dir, info)
-    append_event(site.trail, "approve", run_id=info["run_id"], bundle=bundle_dir.name, officer=officer,
-                 verdict=info["verdict"], tiles=info["counts"]["tiles"])
+    append_event(
+        site.trail,
+        "approve",
+        run_id=info["run_id"],
+        bundle=bundle_dir.name,
+        officer=officer,
+        verdict=info["verdict"],
+        tiles=info["counts"]["tiles"],
+    )
     return bundle_overview(bundle_dir, site)
 
 

@@ -15,14 +15,21 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.conditioning_policy import claim_of_audit
-from pixcell_fed.bundle.manifest import (canonical_json, check_label, check_run_id, label_counts, manifest_bytes,
-                                         manifest_frame)
+from pixcell_fed.bundle.manifest import (
+    canonical_json,
+    check_label,
+    check_run_id,
+    label_counts,
+    manifest_bytes,
+    manifest_frame,
+)
 from pixcell_fed.bundle.png import MAX_TILE_SIZE, MIN_TILE_SIZE, random_tile_name, read_rgb_tile
 from pixcell_fed.bundle.run_binding import read_run_audit, run_refusal, tile_set_problem
 from pixcell_fed.bundle.shareable import HASHES_KEY, audit_json_text, validate_identity
@@ -85,17 +92,23 @@ def self_check(bundle_dir: Path, forbidden: Sequence[str] = ()) -> None:
     try:
         check_signed_files(bundle_dir, None)  # tiles: checked canonical as read, shipped byte for byte
     except VerificationError as exc:
-        raise BundleError(f"self-check: {exc.message}", hint="this is a bug in pixcell-fed; the bundle was not built") from exc
+        raise BundleError(
+            f"self-check: {exc.message}", hint="this is a bug in pixcell-fed; the bundle was not built"
+        ) from exc
     findings = scan_for_identifiers(sorted(p for p in bundle_dir.rglob("*") if p.is_file()), forbidden)
     if findings:
         where = "; ".join(f"{Path(f.path).relative_to(bundle_dir).as_posix()}: {f.detail}" for f in findings[:5])
-        raise BundleError(f"self-check: identifying content found in the bundle: {where}",
-                          hint="nothing from source file names, folders or slide metadata may be shipped; the bundle was not built")
+        raise BundleError(
+            f"self-check: identifying content found in the bundle: {where}",
+            hint="nothing from source file names, folders or slide metadata may be shipped; the bundle was not built",
+        )
     hits = scan_bytes_for(bundle_dir, forbidden, skip_tiles=True)  # raw bytes of every other file too
     if hits:
         where = "; ".join(f"{f} contains {s!r}" for f, s in hits[:5])
-        raise BundleError(f"self-check: identifying strings found in the bundle: {where}",
-                          hint="nothing from source file names, folders or slide metadata may be shipped; the bundle was not built")
+        raise BundleError(
+            f"self-check: identifying strings found in the bundle: {where}",
+            hint="nothing from source file names, folders or slide metadata may be shipped; the bundle was not built",
+        )
 
 
 def write_site_signature(bundle_dir: Path, site_key) -> None:
@@ -142,26 +155,33 @@ def build_bundle(
     L.check_site_name(site_name)
     refusal = run_refusal(run_dir)
     if refusal:
-        raise PrivacyGateRefused(f"{refusal}: no bundle is built",
-                                 hint="see the audit report; nothing may leave the site from this run")
+        raise PrivacyGateRefused(
+            f"{refusal}: no bundle is built", hint="see the audit report; nothing may leave the site from this run"
+        )
     audit = read_run_audit(run_dir)
     if audit["verdict"] == "FAIL":
-        raise PrivacyGateRefused(f"the audit verdict of run {run_id} is FAIL: no bundle is built",
-                                 hint="see the audit report; nothing may leave the site from this run")
+        raise PrivacyGateRefused(
+            f"the audit verdict of run {run_id} is FAIL: no bundle is built",
+            hint="see the audit report; nothing may leave the site from this run",
+        )
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE:
-        raise BundleError(f"tile size {tile_size!r} is not {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px",
-                          hint="pass the run's tiling.tile_size")
+        raise BundleError(
+            f"tile size {tile_size!r} is not {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px",
+            hint="pass the run's tiling.tile_size",
+        )
     try:
         conditioning = claim_of_audit(audit)
     except ClaimError as exc:
-        raise BundleError(f"run {run_id}: the audit's conditioning claim is invalid: {exc}",
-                          hint="rerun the audit with this version of pixcell-fed") from exc
+        raise BundleError(
+            f"run {run_id}: the audit's conditioning claim is invalid: {exc}",
+            hint="rerun the audit with this version of pixcell-fed",
+        ) from exc
     generator_id = validate_identity(generator, "generator")
     encoder_id = validate_identity(encoder, "encoder")
-    tiles = [Path(t) for t in tiles]
-    if not tiles:
+    tile_paths = [Path(t) for t in tiles]
+    if not tile_paths:
         raise BundleError("no tiles to bundle", hint="check that synthesis and the audit kept tiles")
-    labels = _checked_labels(labels, len(tiles))
+    labels = _checked_labels(labels, len(tile_paths))
     html_path = audit_dir(run_dir) / AUDIT_SUMMARY_HTML
     html_bytes = html_path.read_bytes() if html_path.is_file() else None
     if html_bytes is not None:
@@ -171,13 +191,24 @@ def build_bundle(
     out_dir = run_dir / BUNDLE_DIR
     with L.bundle_lock(out_dir):
         if out_dir.exists():
-            raise BundleError(f"bundle folder already exists: {out_dir}",
-                              hint="a bundle is built once per run; remove it to rebuild")
-        return _build_locked(out_dir, site_name=site_name, run_id=run_id, tiles=tiles, tile_size=tile_size,
-                             labels=labels, generator_id=generator_id, encoder_id=encoder_id, audit=audit,
-                             conditioning=conditioning,
-                             site_key=site_key, html_bytes=html_bytes,
-                             forbidden=_forbidden_from_inputs(tiles, forbidden_strings))
+            raise BundleError(
+                f"bundle folder already exists: {out_dir}", hint="a bundle is built once per run; remove it to rebuild"
+            )
+        return _build_locked(
+            out_dir,
+            site_name=site_name,
+            run_id=run_id,
+            tiles=tile_paths,
+            tile_size=tile_size,
+            labels=labels,
+            generator_id=generator_id,
+            encoder_id=encoder_id,
+            audit=audit,
+            conditioning=conditioning,
+            site_key=site_key,
+            html_bytes=html_bytes,
+            forbidden=_forbidden_from_inputs(tile_paths, forbidden_strings),
+        )
 
 
 def _checked_labels(labels: Sequence[str | None] | None, n_tiles: int) -> list | None:
@@ -188,16 +219,31 @@ def _checked_labels(labels: Sequence[str | None] | None, n_tiles: int) -> list |
         raise BundleError(f"{len(labels)} labels for {n_tiles} tiles", hint="give one label per tile, or none")
     labelled = [lab is not None for lab in labels]
     if any(labelled) and not all(labelled):
-        raise BundleError("some tiles have a class label and others none", hint="label every slide in the labels CSV, or none")
+        raise BundleError(
+            "some tiles have a class label and others none", hint="label every slide in the labels CSV, or none"
+        )
     for i, lab in enumerate(labels):
         if lab is not None:
             check_label(lab, f"label of tile {i}")
     return labels
 
 
-def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Path], tile_size: int,
-                  labels: list | None, generator_id: dict, encoder_id: dict, audit: dict, conditioning, site_key,
-                  html_bytes: bytes | None, forbidden: list[str]) -> BundleInfo:
+def _build_locked(
+    out_dir: Path,
+    *,
+    site_name: str,
+    run_id: str,
+    tiles: list[Path],
+    tile_size: int,
+    labels: list | None,
+    generator_id: dict,
+    encoder_id: dict,
+    audit: dict,
+    conditioning,
+    site_key,
+    html_bytes: bytes | None,
+    forbidden: list[str],
+) -> BundleInfo:
     from pixcell_fed.progress import progress
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -207,18 +253,28 @@ def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Pat
         (tmp / L.TILES).mkdir(parents=True)
         (tmp / L.SIGNATURES).mkdir()
         generator_text, encoder_text = canonical_json(generator_id), canonical_json(encoder_id)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i, tile in enumerate(progress(tiles, total=len(tiles), desc="bundle", unit="tile")):
             data = read_rgb_tile(tile, tile_size=tile_size)  # read once: the bytes checked are the bytes shipped
             name = random_tile_name()
             (tmp / L.TILES / name).write_bytes(data)
-            rows.append({"file_name": name, "sha256": sha256_bytes(data), "size": len(data),
-                         "label": labels[i] if labels is not None else None,
-                         "generator": generator_text, "encoder": encoder_text, "run_id": run_id})
+            rows.append(
+                {
+                    "file_name": name,
+                    "sha256": sha256_bytes(data),
+                    "size": len(data),
+                    "label": labels[i] if labels is not None else None,
+                    "generator": generator_text,
+                    "encoder": encoder_text,
+                    "run_id": run_id,
+                }
+            )
         problem = tile_set_problem([r["sha256"] for r in rows], list(audit[HASHES_KEY]))
         if problem:
-            raise BundleError(f"the tiles given are not exactly the run's audited kept set: {problem}",
-                              hint="bundle exactly the tiles the audit kept, as synthesize wrote them")
+            raise BundleError(
+                f"the tiles given are not exactly the run's audited kept set: {problem}",
+                hint="bundle exactly the tiles the audit kept, as synthesize wrote them",
+            )
         rows.sort(key=lambda r: r["file_name"])  # random order: the row order tells nothing about the sources
         frame = manifest_frame(rows)
         (tmp / L.MANIFEST).write_bytes(manifest_bytes(frame))
@@ -250,11 +306,19 @@ def _build_locked(out_dir: Path, *, site_name: str, run_id: str, tiles: list[Pat
         try:
             os.rename(tmp, out_dir)
         except OSError as exc:
-            raise BundleError(f"cannot move the built bundle into place at {out_dir}: {exc}",
-                              hint="check that nothing else writes there, then run again") from exc
+            raise BundleError(
+                f"cannot move the built bundle into place at {out_dir}: {exc}",
+                hint="check that nothing else writes there, then run again",
+            ) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle of %d tiles for run %s built at %s, awaiting approval", len(frame), run_id, out_dir)
-    return BundleInfo(path=out_dir, site_name=site_name, run_id=run_id, n_tiles=len(frame),
-                      verdict=audit["verdict"], state=L.STATE_AWAITING)
+    return BundleInfo(
+        path=out_dir,
+        site_name=site_name,
+        run_id=run_id,
+        n_tiles=len(frame),
+        verdict=audit["verdict"],
+        state=L.STATE_AWAITING,
+    )

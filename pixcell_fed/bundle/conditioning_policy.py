@@ -13,8 +13,9 @@ lower a site's protection through this check, only refuse a bundle that offers l
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pixcell_fed.privacy.conditioning import MODE_RANK, MODES, ConditioningClaim, exact_claim
 
@@ -42,13 +43,20 @@ class ConditioningRequirement:
 
     @property
     def requires_nothing(self) -> bool:
-        return self.min_mode == "exact" and self.max_tile_epsilon is None and self.max_slide_epsilon is None \
+        return (
+            self.min_mode == "exact"
+            and self.max_tile_epsilon is None
+            and self.max_slide_epsilon is None
             and self.max_delta is None
+        )
 
     def describe(self) -> str:
         parts = [f"conditioning {self.min_mode} or stronger"]
-        for label, value in (("per-tile epsilon", self.max_tile_epsilon), ("per-slide epsilon", self.max_slide_epsilon),
-                             ("delta", self.max_delta)):
+        for label, value in (
+            ("per-tile epsilon", self.max_tile_epsilon),
+            ("per-slide epsilon", self.max_slide_epsilon),
+            ("delta", self.max_delta),
+        ):
             if value is not None:
                 parts.append(f"{label} <= {value:g}")
         return ", ".join(parts)
@@ -57,11 +65,15 @@ class ConditioningRequirement:
 def conditioning_refusal(claim: ConditioningClaim, requirement: ConditioningRequirement) -> str | None:
     """Why a bundle with ``claim`` does not meet ``requirement``, in one sentence; ``None`` when it does."""
     if MODE_RANK[claim.mode] < MODE_RANK[requirement.min_mode]:
-        return (f"its synthetic set was made with {claim.mode} conditioning, the consortium requires "
-                f"{requirement.min_mode} or stronger")
-    bounds = (("per-tile epsilon", claim.epsilon_per_tile, requirement.max_tile_epsilon),
-              ("per-slide epsilon", claim.epsilon_per_slide, requirement.max_slide_epsilon),
-              ("delta", claim.tile_delta if claim.mode == "dp" else math.inf, requirement.max_delta))
+        return (
+            f"its synthetic set was made with {claim.mode} conditioning, the consortium requires "
+            f"{requirement.min_mode} or stronger"
+        )
+    bounds = (
+        ("per-tile epsilon", claim.epsilon_per_tile, requirement.max_tile_epsilon),
+        ("per-slide epsilon", claim.epsilon_per_slide, requirement.max_slide_epsilon),
+        ("delta", claim.dp.tile_delta if claim.mode == "dp" else math.inf, requirement.max_delta),
+    )
     for label, value, limit in bounds:
         if limit is not None and not value <= limit:
             shown = "unbounded (no formal guarantee)" if math.isinf(value) else f"{value:.3g}"

@@ -24,30 +24,126 @@ from pixcell_fed.html_policy import INERT_CSP, INERT_CSP_META
 MAX_SUMMARY_HTML_BYTES = 50 * 1024 * 1024
 
 _HTML_TAGS = {
-    "html", "head", "body", "title", "meta", "style", "h1", "h2", "h3", "h4", "h5", "h6", "p", "div", "span",
-    "section", "article", "header", "footer", "main", "figure", "figcaption", "img", "table", "caption", "thead",
-    "tbody", "tfoot", "tr", "th", "td", "colgroup", "col", "ul", "ol", "li", "dl", "dt", "dd", "strong", "em", "b",
-    "i", "u", "small", "sub", "sup", "code", "pre", "br", "hr", "blockquote", "abbr", "details", "summary", "a",
+    "html",
+    "head",
+    "body",
+    "title",
+    "meta",
+    "style",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "p",
+    "div",
+    "span",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "main",
+    "figure",
+    "figcaption",
+    "img",
+    "table",
+    "caption",
+    "thead",
+    "tbody",
+    "tfoot",
+    "tr",
+    "th",
+    "td",
+    "colgroup",
+    "col",
+    "ul",
+    "ol",
+    "li",
+    "dl",
+    "dt",
+    "dd",
+    "strong",
+    "em",
+    "b",
+    "i",
+    "u",
+    "small",
+    "sub",
+    "sup",
+    "code",
+    "pre",
+    "br",
+    "hr",
+    "blockquote",
+    "abbr",
+    "details",
+    "summary",
+    "a",
 }
-_SVG_TAGS = {"svg", "g", "path", "rect", "circle", "ellipse", "line", "polyline", "polygon", "text", "tspan", "desc",
-             "defs", "lineargradient", "radialgradient", "stop", "clippath"}
+_SVG_TAGS = {
+    "svg",
+    "g",
+    "path",
+    "rect",
+    "circle",
+    "ellipse",
+    "line",
+    "polyline",
+    "polygon",
+    "text",
+    "tspan",
+    "desc",
+    "defs",
+    "lineargradient",
+    "radialgradient",
+    "stop",
+    "clippath",
+}
 ALLOWED_TAGS = frozenset(_HTML_TAGS | _SVG_TAGS)
 #: elements allowed before the policy meta (the policy covers only what follows it)
 _BEFORE_POLICY = {"html", "head", "meta", "title"}
 #: attributes whose value the browser fetches or navigates to
-_URL_ATTRS = {"href", "xlink:href", "src", "srcset", "action", "formaction", "poster", "data", "background", "cite",
-              "longdesc", "ping", "codebase", "manifest", "icon", "profile", "lowsrc", "dynsrc", "usemap", "archive",
-              "classid"}
+_URL_ATTRS = {
+    "href",
+    "xlink:href",
+    "src",
+    "srcset",
+    "action",
+    "formaction",
+    "poster",
+    "data",
+    "background",
+    "cite",
+    "longdesc",
+    "ping",
+    "codebase",
+    "manifest",
+    "icon",
+    "profile",
+    "lowsrc",
+    "dynsrc",
+    "usemap",
+    "archive",
+    "classid",
+}
 _NAMESPACES = {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink", "http://www.w3.org/1999/xhtml"}
 _DATA_IMAGE_RE = re.compile(r"^data:image/(?:png|jpeg|gif|webp)(?:;base64)?,[A-Za-z0-9+/=%\s]*$", re.IGNORECASE)
 _CSS_URL_RE = re.compile(r"url\(\s*(['\"]?)(.*?)\1\s*\)", re.IGNORECASE | re.DOTALL)
-_CSS_FORBIDDEN = re.compile(r"@import|expression\s*\(|(?<![\w-])behavior\s*:|-moz-binding|image-set\s*\(|(?<![\w-])image\s*\("
-                            r"|(?<![\w-])src\s*\(", re.IGNORECASE)
+_CSS_FORBIDDEN = re.compile(
+    r"@import|expression\s*\(|(?<![\w-])behavior\s*:|-moz-binding|image-set\s*\(|(?<![\w-])image\s*\("
+    r"|(?<![\w-])src\s*\(",
+    re.IGNORECASE,
+)
 _DATA_PAYLOAD_RE = re.compile(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=\s]*", re.IGNORECASE)
 _RAW_TAG_RE = re.compile(r"<[^>]*>", re.DOTALL)
 _RAW_HANDLER_RE = re.compile(r"(?:^|[\s/\"'])on[a-z]+\s*=", re.IGNORECASE)
-_RAW_FORBIDDEN = (("<script", "a <script> element"), ("javascript:", "a javascript: URL"),
-                  ("vbscript:", "a vbscript: URL"), ("@import", "a CSS @import"))
+_RAW_FORBIDDEN = (
+    ("<script", "a <script> element"),
+    ("javascript:", "a javascript: URL"),
+    ("vbscript:", "a vbscript: URL"),
+    ("@import", "a CSS @import"),
+)
 _URL_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.\-]*://|\bfile:", re.IGNORECASE)
 _HINT = "the shareable summary must be inert: no script, no event handler, no external URL (see docs/bundle-format.md)"
 
@@ -69,7 +165,7 @@ def check_css(css: str, where: str) -> None:
         end = text.find("*/", start + 2)
         if end < 0:
             raise _bad(f"{where}: unterminated CSS comment")
-        text = text[:start] + " " + text[end + 2:]
+        text = text[:start] + " " + text[end + 2 :]
     low = text.lower()
     forbidden = _CSS_FORBIDDEN.search(text)
     if forbidden:
@@ -130,7 +226,9 @@ class _InertChecker(HTMLParser):
                 return
             if name == "src" and tag == "img" and _DATA_IMAGE_RE.match(value.strip()):
                 return
-            raise _bad(self._where(f"{name}={value[:80]!r} on <{tag}>: only #anchors and data:image/(png|jpeg|gif|webp) URIs"))
+            raise _bad(
+                self._where(f"{name}={value[:80]!r} on <{tag}>: only #anchors and data:image/(png|jpeg|gif|webp) URIs")
+            )
         if name == "style" or "url(" in low:
             check_css(value, self._where(f"{name}= on <{tag}>"))
         if _URL_SCHEME_RE.search(value) or "javascript:" in low or "vbscript:" in low:
@@ -141,7 +239,7 @@ class _InertChecker(HTMLParser):
         if not equiv:
             return
         if equiv == "refresh":
-            raise _bad(self._where("<meta http-equiv=\"refresh\">: the summary may not redirect or reload"))
+            raise _bad(self._where('<meta http-equiv="refresh">: the summary may not redirect or reload'))
         if equiv != "content-security-policy":
             raise _bad(self._where(f"<meta http-equiv={equiv!r}> is not allowed"))
         if self.policy_seen:
@@ -171,7 +269,9 @@ class _InertChecker(HTMLParser):
 def check_inert_html(data: bytes, *, name: str = "audit_summary.html") -> None:
     """Refuse a summary page that is not inert UTF-8 HTML (see the module docstring), naming what is wrong."""
     if len(data) > MAX_SUMMARY_HTML_BYTES:
-        raise BundleError(f"{name}: {len(data)} bytes, more than {MAX_SUMMARY_HTML_BYTES}", hint="share a smaller summary")
+        raise BundleError(
+            f"{name}: {len(data)} bytes, more than {MAX_SUMMARY_HTML_BYTES}", hint="share a smaller summary"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -191,7 +291,7 @@ def check_inert_html(data: bytes, *, name: str = "audit_summary.html") -> None:
         raw = raw.replace(ns, "")
     match = _URL_SCHEME_RE.search(raw)
     if match:
-        context = raw[max(0, match.start() - 30):match.end() + 50].strip()
+        context = raw[max(0, match.start() - 30) : match.end() + 50].strip()
         raise _bad(f"{name}: an external URL or file reference near {context[:100]!r}")
     checker = _InertChecker(name)
     checker.feed(text)

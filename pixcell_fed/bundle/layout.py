@@ -19,8 +19,9 @@ import datetime as _dt
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pixcell_fed.bundle.manifest import canonical_json, check_run_id
 from pixcell_fed.bundle.png import MAX_TILE_SIZE, MIN_TILE_SIZE
@@ -44,8 +45,18 @@ STATE_APPROVED = "approved"
 STATE_REJECTED = "rejected"
 STATES = (STATE_AWAITING, STATE_APPROVED, STATE_REJECTED)
 
-IMMUTABLE_KEYS = ("format", "format_version", "site", "run_id", "created", "tile_size", "counts", "verdict",
-                  "conditioning", "files")
+IMMUTABLE_KEYS = (
+    "format",
+    "format_version",
+    "site",
+    "run_id",
+    "created",
+    "tile_size",
+    "counts",
+    "verdict",
+    "conditioning",
+    "files",
+)
 MUTABLE_KEYS = ("state", "decision")
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -64,8 +75,9 @@ def bundle_lock(bundle_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise LockedError(f"another process is building or deciding on {bundle_dir}",
-                              hint="wait for it to finish") from exc
+            raise LockedError(
+                f"another process is building or deciding on {bundle_dir}", hint="wait for it to finish"
+            ) from exc
         try:
             yield
         finally:
@@ -74,7 +86,7 @@ def bundle_lock(bundle_dir: Path) -> Iterator[None]:
 
 def utc_now() -> str:
     """The current UTC time as written in bundles: ISO 8601 to the second, ``+00:00``."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def parse_time(text: Any) -> _dt.datetime | None:
@@ -89,7 +101,9 @@ def parse_time(text: Any) -> _dt.datetime | None:
 
 def check_site_name(name: Any, where: str = "site name") -> str:
     if not isinstance(name, str) or not SITE_NAME_RE.match(name):
-        raise BundleError(f"{where}: {name!r} is not a valid site name", hint="site names are letters, digits, '-' or '_'")
+        raise BundleError(
+            f"{where}: {name!r} is not a valid site name", hint="site names are letters, digits, '-' or '_'"
+        )
     return name
 
 
@@ -108,7 +122,10 @@ def immutable_sha256(info: dict) -> str:
 
 def _bad(message: str, *, verifying: bool) -> BundleError:
     cls = VerificationError if verifying else BundleError
-    return cls(f"bundle.json: {message}", hint="the bundle was modified or is not a pixcell-fed bundle; ask the site for a fresh copy")
+    return cls(
+        f"bundle.json: {message}",
+        hint="the bundle was modified or is not a pixcell-fed bundle; ask the site for a fresh copy",
+    )
 
 
 def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
@@ -116,7 +133,8 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
     path = bundle_dir / BUNDLE_JSON
     if not path.is_file():
         raise (VerificationError if verifying else BundleError)(
-            f"{bundle_dir} is not a bundle: {BUNDLE_JSON} is missing", hint="pass the bundle folder built by site-agent")
+            f"{bundle_dir} is not a bundle: {BUNDLE_JSON} is missing", hint="pass the bundle folder built by site-agent"
+        )
     data = path.read_bytes()
     try:
         info = json.loads(data.decode("ascii"))
@@ -146,7 +164,9 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
         raise _bad(f"invalid 'created' time {str(info['created'])[:40]!r} (expected UTC ISO 8601)", verifying=verifying)
     size = info["tile_size"]
     if isinstance(size, bool) or not isinstance(size, int) or not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:
-        raise _bad(f"invalid 'tile_size' {size!r} (expected {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px)", verifying=verifying)
+        raise _bad(
+            f"invalid 'tile_size' {size!r} (expected {MIN_TILE_SIZE} to {MAX_TILE_SIZE} px)", verifying=verifying
+        )
     if info["verdict"] not in ("PASS", "WARN", "INCONCLUSIVE", "FAIL"):
         raise _bad(f"invalid verdict {info['verdict']!r}", verifying=verifying)
     try:
@@ -160,19 +180,30 @@ def read_bundle_json(bundle_dir: Path, *, verifying: bool = False) -> dict:
         if not (digest is None and name == SUMMARY_HTML) and not (isinstance(digest, str) and _SHA_RE.match(digest)):
             raise _bad(f"invalid sha256 for {name}", verifying=verifying)
     counts = info["counts"]
-    if not isinstance(counts, dict) or set(counts) != {"tiles", "labels"} or not isinstance(counts["tiles"], int) \
-            or not isinstance(counts["labels"], dict):
+    if (
+        not isinstance(counts, dict)
+        or set(counts) != {"tiles", "labels"}
+        or not isinstance(counts["tiles"], int)
+        or not isinstance(counts["labels"], dict)
+    ):
         raise _bad("invalid 'counts'", verifying=verifying)
     if info["state"] not in STATES:
         raise _bad(f"invalid state {info['state']!r}", verifying=verifying)
     decision = info["decision"]
-    expected_keys = {STATE_AWAITING: None, STATE_APPROVED: {"state", "time", "officer"},
-                     STATE_REJECTED: {"state", "time", "reason", "officer"}}[info["state"]]
+    expected_keys = {
+        STATE_AWAITING: None,
+        STATE_APPROVED: {"state", "time", "officer"},
+        STATE_REJECTED: {"state", "time", "reason", "officer"},
+    }[info["state"]]
     if expected_keys is None:
         if decision is not None:
             raise _bad("a bundle awaiting approval has no decision", verifying=verifying)
-    elif not isinstance(decision, dict) or set(decision) != expected_keys or decision["state"] != info["state"] \
-            or not all(isinstance(v, str) for v in decision.values()):
+    elif (
+        not isinstance(decision, dict)
+        or set(decision) != expected_keys
+        or decision["state"] != info["state"]
+        or not all(isinstance(v, str) for v in decision.values())
+    ):
         raise _bad(f"invalid 'decision' for state {info['state']}", verifying=verifying)
     return info
 
@@ -245,8 +276,9 @@ def signature_from_record(record: Any, rel: str, *, role: str, hint: str):
     if not isinstance(record, dict) or set(record) != {"algorithm", "role", "public_key", "signature"}:
         raise VerificationError(f"{rel}: not a valid signature file (unexpected fields)", hint=hint)
     if record["algorithm"] != "ed25519" or record["role"] != role:
-        raise VerificationError(f"{rel}: expected an ed25519 {role} signature, got {record['algorithm']!r} {record['role']!r}",
-                                hint=hint)
+        raise VerificationError(
+            f"{rel}: expected an ed25519 {role} signature, got {record['algorithm']!r} {record['role']!r}", hint=hint
+        )
     try:
         key = parse_public_key(record["public_key"], source=f"{rel}: public_key")
         signature = base64.b64decode(record["signature"], validate=True)

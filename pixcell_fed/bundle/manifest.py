@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pixcell_fed.bundle.png import TILE_NAME_RE
 from pixcell_fed.bundle.shareable import validate_identity
@@ -33,15 +34,18 @@ def canonical_json(obj: Any) -> str:
 
 def check_label(label: Any, where: str) -> str:
     if not isinstance(label, str) or not LABEL_RE.match(label):
-        raise BundleError(f"{where}: class label {label!r} is not a short plain name",
-                          hint="labels are 1-64 letters, digits, spaces, '_', '.', '+' or '-' (no paths)")
+        raise BundleError(
+            f"{where}: class label {label!r} is not a short plain name",
+            hint="labels are 1-64 letters, digits, spaces, '_', '.', '+' or '-' (no paths)",
+        )
     return label
 
 
 def check_run_id(run_id: Any, where: str = "run id") -> str:
     if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
-        raise BundleError(f"{where}: {run_id!r} is not a valid run id",
-                          hint="run ids are 1-64 letters, digits, '_', '.' or '-'")
+        raise BundleError(
+            f"{where}: {run_id!r} is not a valid run id", hint="run ids are 1-64 letters, digits, '_', '.' or '-'"
+        )
     return run_id
 
 
@@ -68,8 +72,10 @@ def validate_manifest(frame, *, source: str = "manifest.parquet"):
     columns = list(frame.columns)
     extra = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if extra:
-        raise BundleError(f"{source}: columns not allowed: {', '.join(map(str, extra))}",
-                          hint=f"a manifest may hold only: {', '.join(COLUMN_ORDER)}")
+        raise BundleError(
+            f"{source}: columns not allowed: {', '.join(map(str, extra))}",
+            hint=f"a manifest may hold only: {', '.join(COLUMN_ORDER)}",
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise BundleError(f"{source}: missing columns: {', '.join(missing)}", hint="rebuild the bundle")
@@ -85,22 +91,31 @@ def validate_manifest(frame, *, source: str = "manifest.parquet"):
             raise BundleError(f"{source}: missing values in column '{column}'", hint="every row needs every column")
         if column == "size":
             if not ptypes.is_integer_dtype(series.dtype) or ptypes.is_bool_dtype(series.dtype):
-                raise BundleError(f"{source}: column 'size' must be integers, got {series.dtype}", hint="rebuild the bundle")
+                raise BundleError(
+                    f"{source}: column 'size' must be integers, got {series.dtype}", hint="rebuild the bundle"
+                )
             if (series <= 0).any():
                 raise BundleError(f"{source}: non-positive sizes", hint="rebuild the bundle")
             continue
         if not (ptypes.is_object_dtype(series.dtype) or ptypes.is_string_dtype(series.dtype)) or not all(
-                isinstance(v, str) for v in series):
-            raise BundleError(f"{source}: column '{column}' must be text, got {series.dtype}", hint="rebuild the bundle")
+            isinstance(v, str) for v in series
+        ):
+            raise BundleError(
+                f"{source}: column '{column}' must be text, got {series.dtype}", hint="rebuild the bundle"
+            )
     for i, name in enumerate(frame["file_name"]):
         if not TILE_NAME_RE.match(name):
-            raise BundleError(f"{source}: row {i}: file name {name[:80]!r} is not a random '<32 hex>.png' name",
-                              hint="tiles are shipped under random names only (no paths, no source names)")
+            raise BundleError(
+                f"{source}: row {i}: file name {name[:80]!r} is not a random '<32 hex>.png' name",
+                hint="tiles are shipped under random names only (no paths, no source names)",
+            )
     if frame["file_name"].duplicated().any():
         raise BundleError(f"{source}: duplicate file names", hint="rebuild the bundle")
     for i, digest in enumerate(frame["sha256"]):
         if not _SHA256_RE.match(digest):
-            raise BundleError(f"{source}: row {i}: sha256 {digest[:80]!r} is not a lowercase hex digest", hint="rebuild the bundle")
+            raise BundleError(
+                f"{source}: row {i}: sha256 {digest[:80]!r} is not a lowercase hex digest", hint="rebuild the bundle"
+            )
     if "label" in columns:
         for i, label in enumerate(frame["label"]):
             check_label(label, f"{source}: row {i}")
@@ -156,7 +171,9 @@ def read_manifest(path: str | Path):
     for field in table.schema:
         expected = pa.int64() if field.name == "size" else pa.string()
         if field.name in COLUMN_ORDER and field.type != expected:
-            raise BundleError(f"{path.name}: column '{field.name}' has type {field.type}, expected {expected}",
-                              hint="rebuild the bundle")
+            raise BundleError(
+                f"{path.name}: column '{field.name}' has type {field.type}, expected {expected}",
+                hint="rebuild the bundle",
+            )
     frame = table.to_pandas()
     return validate_manifest(frame, source=path.name)

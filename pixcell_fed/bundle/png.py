@@ -95,20 +95,22 @@ def _chunks(data: bytes, name: str) -> list[tuple[str, bytes]]:
     while pos < len(data):
         if pos + 12 > len(data):
             raise BundleError(f"{name}: truncated PNG chunk at byte {pos}", hint=_REENCODE_HINT)
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        ctype = data[pos + 4:pos + 8]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        ctype = data[pos + 4 : pos + 8]
         end = pos + 12 + length
         if end > len(data):
             raise BundleError(f"{name}: PNG chunk {ctype!r} runs past the end of the file", hint=_REENCODE_HINT)
-        (crc,) = struct.unpack(">I", data[end - 4:end])
-        if zlib.crc32(ctype + data[pos + 8:end - 4]) & 0xFFFFFFFF != crc:
+        (crc,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(ctype + data[pos + 8 : end - 4]) & 0xFFFFFFFF != crc:
             raise BundleError(f"{name}: PNG chunk {ctype!r} at byte {pos} has a bad CRC", hint="the file is corrupt")
-        chunks.append((ctype.decode("latin-1"), data[pos + 8:end - 4]))
+        chunks.append((ctype.decode("latin-1"), data[pos + 8 : end - 4]))
         pos = end
         if ctype == b"IEND":
             if pos != len(data):
-                raise BundleError(f"{name}: {len(data) - pos} bytes after the PNG's IEND chunk",
-                                  hint="re-encode the tile; trailing data can hide anything")
+                raise BundleError(
+                    f"{name}: {len(data) - pos} bytes after the PNG's IEND chunk",
+                    hint="re-encode the tile; trailing data can hide anything",
+                )
             return chunks
     raise BundleError(f"{name}: PNG without an IEND chunk", hint=_REENCODE_HINT)
 
@@ -119,7 +121,9 @@ def list_chunks(data: bytes, *, name: str = "PNG") -> list[str]:
 
 
 def _chunk(ctype: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload) & 0xFFFFFFFF)
+    )
 
 
 def _filtered_rows(pixels: np.ndarray) -> bytes:
@@ -128,17 +132,17 @@ def _filtered_rows(pixels: np.ndarray) -> bytes:
     h, w, channels = pixels.shape
     x = pixels.reshape(h, w * channels).astype(np.int16)
     a = np.zeros_like(x)
-    a[:, channels:] = x[:, :-channels]          # left
+    a[:, channels:] = x[:, :-channels]  # left
     b = np.zeros_like(x)
-    b[1:] = x[:-1]                              # up
+    b[1:] = x[:-1]  # up
     c = np.zeros_like(x)
-    c[1:, channels:] = x[:-1, :-channels]       # up-left
+    c[1:, channels:] = x[:-1, :-channels]  # up-left
     p = a + b - c
     pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
     paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
     candidates = np.stack([x, x - a, x - b, x - ((a + b) >> 1), x - paeth]) & 0xFF  # filter types 0..4
-    cost = np.minimum(candidates, 256 - candidates).sum(axis=2)                    # [5, h]
-    choice = np.argmin(cost, axis=0)                                               # first minimum wins ties
+    cost = np.minimum(candidates, 256 - candidates).sum(axis=2)  # [5, h]
+    choice = np.argmin(cost, axis=0)  # first minimum wins ties
     rows = candidates[choice, np.arange(h)].astype(np.uint8)
     return np.concatenate([choice.astype(np.uint8)[:, None], rows], axis=1).tobytes()
 
@@ -147,7 +151,9 @@ def clean_png_bytes(pixels: np.ndarray) -> bytes:
     """The project's one PNG encoding of a uint8 HxWx3 RGB array: ``IHDR``, one ``IDAT``, ``IEND`` (deterministic)."""
     array = np.asarray(pixels)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
-        raise BundleError(f"a tile must be uint8 HxWx3 RGB, got {array.dtype} {array.shape}", hint="convert the tile to RGB")
+        raise BundleError(
+            f"a tile must be uint8 HxWx3 RGB, got {array.dtype} {array.shape}", hint="convert the tile to RGB"
+        )
     check_encoder()
     return _encode(np.ascontiguousarray(array))
 
@@ -156,8 +162,12 @@ def _encode(array: np.ndarray) -> bytes:
     h, w, _ = array.shape
     compressor = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, 15, 8, zlib.Z_FILTERED)
     idat = compressor.compress(_filtered_rows(array)) + compressor.flush()
-    return (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + _chunk(b"IDAT", idat)
-            + _chunk(b"IEND", b""))
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _reference_pixels() -> np.ndarray:
@@ -181,7 +191,8 @@ def check_encoder() -> None:
         raise BundleError(
             f"this Python's zlib ({zlib.ZLIB_RUNTIME_VERSION}) does not reproduce pixcell-fed's canonical PNG "
             "encoding: tiles encoded or verified here would not match those of other sites",
-            hint="run pixcell-fed with a Python linked against the reference zlib (not zlib-ng)")
+            hint="run pixcell-fed with a Python linked against the reference zlib (not zlib-ng)",
+        )
 
 
 def _decompress_idat(payload: bytes, expected: int, name: str) -> None:
@@ -190,16 +201,23 @@ def _decompress_idat(payload: bytes, expected: int, name: str) -> None:
     try:
         raw = stream.decompress(payload, expected + 1)
     except zlib.error as exc:
-        raise BundleError(f"{name}: the PNG's image data is not a valid zlib stream ({exc})", hint=_REENCODE_HINT) from exc
+        raise BundleError(
+            f"{name}: the PNG's image data is not a valid zlib stream ({exc})", hint=_REENCODE_HINT
+        ) from exc
     if len(raw) > expected or stream.unconsumed_tail:
-        raise BundleError(f"{name}: the PNG's image data decompresses to more than its {expected} bytes",
-                          hint="extra data can hide anything; " + _REENCODE_HINT)
+        raise BundleError(
+            f"{name}: the PNG's image data decompresses to more than its {expected} bytes",
+            hint="extra data can hide anything; " + _REENCODE_HINT,
+        )
     if not stream.eof:
-        raise BundleError(f"{name}: the PNG's image data is truncated ({len(raw)} of {expected} bytes)",
-                          hint=_REENCODE_HINT)
+        raise BundleError(
+            f"{name}: the PNG's image data is truncated ({len(raw)} of {expected} bytes)", hint=_REENCODE_HINT
+        )
     if stream.unused_data:
-        raise BundleError(f"{name}: {len(stream.unused_data)} bytes after the zlib stream inside IDAT",
-                          hint="trailing data can hide anything; " + _REENCODE_HINT)
+        raise BundleError(
+            f"{name}: {len(stream.unused_data)} bytes after the zlib stream inside IDAT",
+            hint="trailing data can hide anything; " + _REENCODE_HINT,
+        )
     if len(raw) != expected:
         raise BundleError(f"{name}: the PNG's image data holds {len(raw)} bytes, not {expected}", hint=_REENCODE_HINT)
 
@@ -215,20 +233,29 @@ def check_canonical_tile(data: bytes, *, tile_size: int, name: str = "PNG") -> n
 
     header = read_png_header(data, name=name)
     if (header.width, header.height) != (tile_size, tile_size):
-        raise BundleError(f"{name}: {header.width}x{header.height} px, but this run's tiles are {tile_size}x{tile_size}",
-                          hint="ship only the run's own tiles, at the run's tile size")
+        raise BundleError(
+            f"{name}: {header.width}x{header.height} px, but this run's tiles are {tile_size}x{tile_size}",
+            hint="ship only the run's own tiles, at the run's tile size",
+        )
     if not header.is_8bit_rgb or header.interlace or header.compression or header.filter_method:
-        raise BundleError(f"{name}: {header.describe()}{', interlaced' if header.interlace else ''}; "
-                          "a tile must be 8-bit RGB, not interlaced", hint=_REENCODE_HINT)
+        raise BundleError(
+            f"{name}: {header.describe()}{', interlaced' if header.interlace else ''}; "
+            "a tile must be 8-bit RGB, not interlaced",
+            hint=_REENCODE_HINT,
+        )
     chunks = _chunks(data, name)
     types = [ctype for ctype, _ in chunks]
     extra = sorted(set(types) - set(CANONICAL_CHUNKS))
     if extra:
-        raise BundleError(f"{name}: PNG carries chunks {', '.join(extra)} besides IHDR, IDAT and IEND",
-                          hint="metadata chunks can hold identifiers; " + _REENCODE_HINT)
+        raise BundleError(
+            f"{name}: PNG carries chunks {', '.join(extra)} besides IHDR, IDAT and IEND",
+            hint="metadata chunks can hold identifiers; " + _REENCODE_HINT,
+        )
     if tuple(types) != CANONICAL_CHUNKS:
-        raise BundleError(f"{name}: PNG chunks {', '.join(types)}; the canonical layout is one IHDR, one IDAT, one IEND",
-                          hint=_REENCODE_HINT)
+        raise BundleError(
+            f"{name}: PNG chunks {', '.join(types)}; the canonical layout is one IHDR, one IDAT, one IEND",
+            hint=_REENCODE_HINT,
+        )
     _decompress_idat(chunks[1][1], tile_size * (1 + 3 * tile_size), name)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
@@ -239,8 +266,11 @@ def check_canonical_tile(data: bytes, *, tile_size: int, name: str = "PNG") -> n
     if pixels.shape != (tile_size, tile_size, 3):
         raise BundleError(f"{name}: decodes to {pixels.shape}, not {tile_size}x{tile_size} RGB", hint=_REENCODE_HINT)
     if clean_png_bytes(pixels) != data:
-        raise BundleError(f"{name}: its bytes are not the canonical encoding of its pixels (other row filters, "
-                          "compression or padding)", hint="only canonical bytes leave a site; " + _REENCODE_HINT)
+        raise BundleError(
+            f"{name}: its bytes are not the canonical encoding of its pixels (other row filters, "
+            "compression or padding)",
+            hint="only canonical bytes leave a site; " + _REENCODE_HINT,
+        )
     return pixels
 
 
@@ -259,10 +289,15 @@ def check_image_side(path: str | Path, max_side: int) -> None:
             with Image.open(path) as img:  # reads the header only
                 width, height = img.size
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise BundleError(f"{path.name}: cannot read the image header ({exc})", hint="pass PNG, JPEG or TIFF tiles") from exc
+            raise BundleError(
+                f"{path.name}: cannot read the image header ({exc})", hint="pass PNG, JPEG or TIFF tiles"
+            ) from exc
     if max(width, height) > max_side:
-        raise BundleError(f"{path.name}: {width}x{height} px, larger than the {max_side} px tiles allowed here; "
-                          "refused before decoding", hint="a tile that large is a decompression bomb or not a tile")
+        raise BundleError(
+            f"{path.name}: {width}x{height} px, larger than the {max_side} px tiles allowed here; "
+            "refused before decoding",
+            hint="a tile that large is a decompression bomb or not a tile",
+        )
 
 
 def read_rgb_tile(path: str | Path, *, tile_size: int) -> bytes:

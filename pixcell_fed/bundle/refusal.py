@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.manifest import canonical_json, check_run_id
@@ -57,13 +58,22 @@ class RefusalNotice:
 
     def reasons(self) -> list[str]:
         """One line per failing test: its title and the audit's plain sentence."""
-        return [f"{t.get('title', t.get('name'))}: {t.get('sentence', '')}" for t in self.audit.get("tests", [])
-                if isinstance(t, Mapping) and t.get("status") == "FAIL"]
+        return [
+            f"{t.get('title', t.get('name'))}: {t.get('sentence', '')}"
+            for t in self.audit.get("tests", [])
+            if isinstance(t, Mapping) and t.get("status") == "FAIL"
+        ]
 
     def to_report(self) -> dict[str, Any]:
         """What the consortium report shows of the notice."""
-        return {"run_id": self.run_id, "created": self.created, "verdict": self.audit["verdict"],
-                "generator": self.generator, "sizes": dict(self.audit.get("sizes") or {}), "reasons": self.reasons()}
+        return {
+            "run_id": self.run_id,
+            "created": self.created,
+            "verdict": self.audit["verdict"],
+            "generator": self.generator,
+            "sizes": dict(self.audit.get("sizes") or {}),
+            "reasons": self.reasons(),
+        }
 
 
 def notice_audit(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,21 +82,34 @@ def notice_audit(summary: Mapping[str, Any]) -> dict[str, Any]:
     audit[HASHES_KEY] = []
     validate_shareable_audit(audit, source="refusal notice audit")
     if audit["verdict"] != "FAIL":
-        raise UsageError(f"the audit's verdict is {audit['verdict']}, not FAIL: there is no refusal to report",
-                         hint="a run that passed builds a bundle for the officer to approve or reject")
+        raise UsageError(
+            f"the audit's verdict is {audit['verdict']}, not FAIL: there is no refusal to report",
+            hint="a run that passed builds a bundle for the officer to approve or reject",
+        )
     return audit
 
 
-def write_refusal_notice(path: str | Path, summary: Mapping[str, Any], *, site: str, run_id: str,
-                         site_key: Any) -> RefusalNotice:
+def write_refusal_notice(
+    path: str | Path, summary: Mapping[str, Any], *, site: str, run_id: str, site_key: Any
+) -> RefusalNotice:
     """Write the signed notice of ``site``'s refused run ``run_id`` from its audit summary; returns what it says."""
     from pixcell_fed.atomic import write_text_atomic
 
-    notice = {"type": NOTICE_TYPE, "format_version": NOTICE_VERSION, "site": L.check_site_name(site),
-              "run_id": check_run_id(run_id), "created": L.utc_now(), "audit": notice_audit(summary)}
-    record = {"notice": notice,
-              "signature": L.signature_record(site_key, canonical_json(notice).encode("ascii"), role="site")}
-    write_text_atomic(Path(path), json.dumps(record, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n")
+    notice: dict[str, Any] = {
+        "type": NOTICE_TYPE,
+        "format_version": NOTICE_VERSION,
+        "site": L.check_site_name(site),
+        "run_id": check_run_id(run_id),
+        "created": L.utc_now(),
+        "audit": notice_audit(summary),
+    }
+    record = {
+        "notice": notice,
+        "signature": L.signature_record(site_key, canonical_json(notice).encode("ascii"), role="site"),
+    }
+    write_text_atomic(
+        Path(path), json.dumps(record, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
+    )
     return RefusalNotice(site=notice["site"], run_id=notice["run_id"], created=notice["created"], audit=notice["audit"])
 
 
@@ -106,7 +129,7 @@ def _check_notice(notice: Any, path: Path) -> dict:
     except BundleError as exc:
         raise _bad(path, exc.message) from exc
     created = L.parse_time(notice["created"])
-    if created is None or created > _dt.datetime.now(_dt.timezone.utc) + MAX_FUTURE_SKEW:
+    if created is None or created > _dt.datetime.now(_dt.UTC) + MAX_FUTURE_SKEW:
         raise _bad(path, f"its time {str(notice['created'])[:40]!r} is not a past UTC time")
     if audit["verdict"] != "FAIL":
         raise _bad(path, f"its audit's verdict is {audit['verdict']}: a notice reports a FAIL only")
@@ -115,7 +138,7 @@ def _check_notice(notice: Any, path: Path) -> dict:
     return notice
 
 
-def read_refusal_notice(path: str | Path, trust: "TrustStore") -> RefusalNotice:
+def read_refusal_notice(path: str | Path, trust: TrustStore) -> RefusalNotice:
     """Verify one notice against the trust file; :class:`VerificationError` (exit 3) names what is wrong."""
     from pixcell_fed.keys import fingerprint, public_key_raw
 
@@ -139,8 +162,7 @@ def read_refusal_notice(path: str | Path, trust: "TrustStore") -> RefusalNotice:
         raise _bad(path, f"signed by key {fingerprint(key)}, not by the signing key of site {notice['site']!r}")
     if not L.signature_valid(key, signature, canonical_json(notice).encode("ascii")):
         raise _bad(path, "the site's signature does not match the notice (it was modified after signing)")
-    return RefusalNotice(site=notice["site"], run_id=notice["run_id"], created=notice["created"],
-                         audit=notice["audit"])
+    return RefusalNotice(site=notice["site"], run_id=notice["run_id"], created=notice["created"], audit=notice["audit"])
 
 
 @dataclass(frozen=True)
@@ -154,7 +176,7 @@ class Refusals:
         return {"sites": {s: n.to_report() for s, n in sorted(self.notices.items())}, "ignored": list(self.ignored)}
 
 
-def read_refusal_notices(folder: str | Path, trust: "TrustStore") -> Refusals:
+def read_refusal_notices(folder: str | Path, trust: TrustStore) -> Refusals:
     """Every ``*.json`` notice in ``folder`` (none when it does not exist), verified; the newest counts per site."""
     folder = Path(folder)
     found: dict[str, RefusalNotice] = {}
@@ -188,8 +210,9 @@ def refused_runs(work_dir: str | Path) -> list[str]:
     return [name for _, name in sorted(found, reverse=True)]
 
 
-def make_refusal_notice(work_dir: str | Path, out: str | Path, *, site: str, site_key: Any,
-                        run_id: str | None = None) -> RefusalNotice:
+def make_refusal_notice(
+    work_dir: str | Path, out: str | Path, *, site: str, site_key: Any, run_id: str | None = None
+) -> RefusalNotice:
     """Write the notice of a refused run of ``work_dir`` (default: the newest) to ``out`` and record it in the
     site's audit trail. :class:`UsageError` when there is no such run."""
     from pixcell_fed.bundle.trail import append_event
@@ -200,8 +223,10 @@ def make_refusal_notice(work_dir: str | Path, out: str | Path, *, site: str, sit
     if run_id is None and not runs:
         raise UsageError(f"no run in {work_dir} was refused by its audit", hint="a notice reports a FAILED audit only")
     if run_id is not None and run_id not in runs:
-        raise UsageError(f"run {run_id!r} was not refused by its audit (or has a bundle)",
-                         hint=f"runs refused by their audit: {', '.join(runs) or 'none'}")
+        raise UsageError(
+            f"run {run_id!r} was not refused by its audit (or has a bundle)",
+            hint=f"runs refused by their audit: {', '.join(runs) or 'none'}",
+        )
     run_id = run_id or runs[0]
     summary = json.loads((audit_dir(run_dir(work_dir, run_id)) / AUDIT_SUMMARY).read_text(encoding="utf-8"))
     notice = write_refusal_notice(out, summary, site=site, run_id=run_id, site_key=site_key)

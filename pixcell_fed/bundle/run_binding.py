@@ -45,13 +45,17 @@ def read_run_audit(run: Path) -> dict:
 
     path = audit_dir(run) / AUDIT_SUMMARY
     if not path.is_file():
-        raise BundleError(f"run {run.name} has no audit summary ({AUDIT_SUMMARY_PATH})",
-                          hint="a bundle is built only from a run whose audit finished; run synthesize")
+        raise BundleError(
+            f"run {run.name} has no audit summary ({AUDIT_SUMMARY_PATH})",
+            hint="a bundle is built only from a run whose audit finished; run synthesize",
+        )
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"run {run.name}: {AUDIT_SUMMARY_PATH} is not valid JSON ({exc})",
-                          hint="run the audit again (site-agent synthesize continues the run)") from exc
+        raise BundleError(
+            f"run {run.name}: {AUDIT_SUMMARY_PATH} is not valid JSON ({exc})",
+            hint="run the audit again (site-agent synthesize continues the run)",
+        ) from exc
     return validate_shareable_audit(summary, source=f"run {run.name}: {AUDIT_SUMMARY_PATH}")
 
 

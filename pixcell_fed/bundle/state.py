@@ -12,9 +12,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pixcell_fed.bundle.work_layout import (  # noqa: F401  (re-exported: the work folder's names)
-    TRAIL_FILE, RUNS_DIR, BUNDLE_DIR, RUN_JSON, STATE_UNUSABLE, AUDIT_DIR,
-    AUDIT_SUMMARY, AUDIT_SUMMARY_HTML, AUDIT_REPORT, AUDIT_SUMMARY_PATH, audit_dir,
-    bundle_dir, run_dir, trail_path, work_dir_of_bundle,
+    AUDIT_DIR,
+    AUDIT_REPORT,
+    AUDIT_SUMMARY,
+    AUDIT_SUMMARY_HTML,
+    AUDIT_SUMMARY_PATH,
+    BUNDLE_DIR,
+    RUN_JSON,
+    RUNS_DIR,
+    STATE_UNUSABLE,
+    TRAIL_FILE,
+    audit_dir,
+    bundle_dir,
+    run_dir,
+    trail_path,
+    work_dir_of_bundle,
 )
 from pixcell_fed.errors import BundleError, TrailError
 
@@ -77,16 +89,31 @@ def site_status(work_dir: str | Path) -> SiteStatus:
                 bstate = f"damaged ({exc.message})"
             if problem:  # never shown as approved (or awaiting) beside a run that refused it
                 bstate = STATE_UNUSABLE
-        runs.append(RunStatus(run_id=folder.name, run_state=_run_state(folder), bundle=bundle, bundle_state=bstate,
-                              verdict=verdict, tiles=tiles, problem=problem))
+        runs.append(
+            RunStatus(
+                run_id=folder.name,
+                run_state=_run_state(folder),
+                bundle=bundle,
+                bundle_state=bstate,
+                verdict=verdict,
+                tiles=tiles,
+                problem=problem,
+            )
+        )
     trail = trail_path(work_dir)
     try:
         check = verify_trail(trail)
         entries, head, ok, trail_problem = check.count, (check.head if check.count else None), True, None
     except TrailError as exc:
         entries, head, ok, trail_problem = 0, None, False, exc.message
-    return SiteStatus(work_dir=str(work_dir), runs=runs, trail_entries=entries, trail_head=head, trail_ok=ok,
-                      trail_problem=trail_problem)
+    return SiteStatus(
+        work_dir=str(work_dir),
+        runs=runs,
+        trail_entries=entries,
+        trail_head=head,
+        trail_ok=ok,
+        trail_problem=trail_problem,
+    )
 
 
 def newest_approved_bundle(work_dir: str | Path) -> Path | None:

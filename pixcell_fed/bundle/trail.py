@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pixcell_fed.atomic import write_text_atomic
 from pixcell_fed.errors import TrailError, UsageError
@@ -48,8 +49,9 @@ def head_path(trail_path: Path) -> Path:
 
 
 def _canonical(entry: dict) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
-                      default=str).encode("ascii")
+    return json.dumps(
+        entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=str
+    ).encode("ascii")
 
 
 @contextlib.contextmanager
@@ -67,8 +69,10 @@ def _locked(trail_path: Path) -> Iterator[None]:
 
 def _check_lines(trail_path: Path, data: bytes) -> TrailCheck:
     if data and not data.endswith(b"\n"):
-        raise TrailError(f"{trail_path}: the last entry is incomplete (no final newline)",
-                         hint="a write was interrupted; keep a copy of the file and tell the site's security officer")
+        raise TrailError(
+            f"{trail_path}: the last entry is incomplete (no final newline)",
+            hint="a write was interrupted; keep a copy of the file and tell the site's security officer",
+        )
     entries: list[dict] = []
     prev = GENESIS
     for number, line in enumerate(data.splitlines(), start=1):
@@ -76,17 +80,27 @@ def _check_lines(trail_path: Path, data: bytes) -> TrailCheck:
         try:
             entry = json.loads(line)
         except ValueError as exc:
-            raise TrailError(f"{where} is not valid JSON: the trail was edited", hint="restore the trail from a backup") from exc
-        if not isinstance(entry, dict) or not RESERVED <= set(entry):
-            raise TrailError(f"{where} is not a trail entry: the trail was edited", hint="restore the trail from a backup")
+            raise TrailError(
+                f"{where} is not valid JSON: the trail was edited", hint="restore the trail from a backup"
+            ) from exc
+        if not isinstance(entry, dict) or not set(entry) >= RESERVED:
+            raise TrailError(
+                f"{where} is not a trail entry: the trail was edited", hint="restore the trail from a backup"
+            )
         if _canonical(entry) != line:
-            raise TrailError(f"{where} was edited (not the bytes this entry was written as)", hint="restore the trail from a backup")
+            raise TrailError(
+                f"{where} was edited (not the bytes this entry was written as)", hint="restore the trail from a backup"
+            )
         if entry["seq"] != number - 1:
-            raise TrailError(f"{where} has sequence number {entry['seq']}, expected {number - 1}: entries were deleted or reordered",
-                             hint="restore the trail from a backup")
+            raise TrailError(
+                f"{where} has sequence number {entry['seq']}, expected {number - 1}: entries were deleted or reordered",
+                hint="restore the trail from a backup",
+            )
         if entry["prev"] != prev:
-            raise TrailError(f"{where} does not chain to the previous entry: an entry before it was edited, deleted or reordered",
-                             hint="restore the trail from a backup")
+            raise TrailError(
+                f"{where} does not chain to the previous entry: an entry before it was edited, deleted or reordered",
+                hint="restore the trail from a backup",
+            )
         entries.append(entry)
         prev = _line_hash(line)
     return TrailCheck(entries=entries, head=prev)
@@ -96,8 +110,10 @@ def _check_head(trail_path: Path, check: TrailCheck) -> None:
     head_file = head_path(trail_path)
     if not head_file.exists():
         if check.entries:
-            raise TrailError(f"{head_file} is missing although the trail has {check.count} entries",
-                             hint="restore the trail and its head file from a backup")
+            raise TrailError(
+                f"{head_file} is missing although the trail has {check.count} entries",
+                hint="restore the trail and its head file from a backup",
+            )
         return
     try:
         head = json.loads(head_file.read_text(encoding="utf-8"))
@@ -108,9 +124,11 @@ def _check_head(trail_path: Path, check: TrailCheck) -> None:
         return
     if count == check.count - 1 and digest == check.entries[-1]["prev"]:
         return  # interrupted between appending the line and updating the head: the chain itself is whole
-    raise TrailError(f"{trail_path}: {check.count} entries end in {check.head[:16]}..., but the head file records "
-                     f"{count} entries ending in {digest[:16]}...: entries were cut off or the file was replaced",
-                     hint="restore the trail from a backup")
+    raise TrailError(
+        f"{trail_path}: {check.count} entries end in {check.head[:16]}..., but the head file records "
+        f"{count} entries ending in {digest[:16]}...: entries were cut off or the file was replaced",
+        hint="restore the trail from a backup",
+    )
 
 
 def verify_trail(trail_path: str | Path) -> TrailCheck:
@@ -134,7 +152,7 @@ def append_event(trail_path: str | Path, event: str, **fields: Any) -> dict:
         check = verify_trail(trail_path)
         entry = {
             "seq": check.count,
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "event": event,
             "prev": check.head,
             **fields,
@@ -148,5 +166,7 @@ def append_event(trail_path: str | Path, event: str, **fields: Any) -> dict:
             os.fsync(fd)
         finally:
             os.close(fd)
-        write_text_atomic(head_path(trail_path), json.dumps({"count": check.count + 1, "head": _line_hash(line)}) + "\n")
+        write_text_atomic(
+            head_path(trail_path), json.dumps({"count": check.count + 1, "head": _line_hash(line)}) + "\n"
+        )
     return json.loads(line)

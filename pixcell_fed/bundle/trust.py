@@ -17,10 +17,10 @@ SuperNode to its site name: the coordinator never takes a site's name from what 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 from pixcell_fed.errors import ConfigError, KeyFileError
 
@@ -100,8 +100,10 @@ def auth_key_der(public_key: str | bytes, *, source: str = "authentication key")
         else:
             key = serialization.load_ssh_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(f"{source}: not an OpenSSH or PEM public key ({exc})",
-                           hint="paste the one-line key of the site's '<site>_auth.pub' ('site-agent auth-key')") from exc
+        raise KeyFileError(
+            f"{source}: not an OpenSSH or PEM public key ({exc})",
+            hint="paste the one-line key of the site's '<site>_auth.pub' ('site-agent auth-key')",
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise KeyFileError(f"{source}: not an EC P-384 key", hint="Flower authenticates SuperNodes with EC P-384 keys")
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -114,17 +116,20 @@ def _check_one_role_per_key(sites: Mapping[str, TrustedSite], source: str) -> No
     seen: dict[bytes, tuple[str, str]] = {}
     for name, site in sites.items():
         places = [(public_key_raw(site.signing_key), f"sites.{name}.signing_key", f"the signing key of site {name}")]
-        places += [(public_key_raw(o), f"sites.{name}.officers[{i}]", f"an officer key of site {name}")
-                   for i, o in enumerate(site.officers)]
+        places += [
+            (public_key_raw(o), f"sites.{name}.officers[{i}]", f"an officer key of site {name}")
+            for i, o in enumerate(site.officers)
+        ]
         if site.auth_key is not None:
             places.append((site.auth_key, f"sites.{name}.auth_key", f"the SuperNode key of site {name}"))
         for raw, where, role in places:
             if raw in seen:
                 earlier, earlier_role = seen[raw]
-                raise ConfigError(f"{source}: the key at {where} ({role}) is already used at {earlier} "
-                                  f"({earlier_role})",
-                                  hint="one key, one role: every site, officer and SuperNode holds a key of its own; "
-                                       "ask for a fresh key pair")
+                raise ConfigError(
+                    f"{source}: the key at {where} ({role}) is already used at {earlier} ({earlier_role})",
+                    hint="one key, one role: every site, officer and SuperNode holds a key of its own; "
+                    "ask for a fresh key pair",
+                )
             seen[raw] = (where, role)
 
 
@@ -137,17 +142,24 @@ def trust_from_entries(trust: TrustFile, *, source: str = "trust file") -> Trust
         raise ConfigError(f"{source}: no sites", hint="add a 'sites:' mapping (see configs/trust.example.yaml)")
     for name, entry in trust.sites.items():
         if not SITE_NAME_RE.match(name):
-            raise ConfigError(f"{source}: invalid site name {name!r} at key 'sites'", hint="site names are letters, digits, '-' or '_'")
+            raise ConfigError(
+                f"{source}: invalid site name {name!r} at key 'sites'",
+                hint="site names are letters, digits, '-' or '_'",
+            )
         try:
             signing = parse_public_key(entry.signing_key, source=f"{source}: sites.{name}.signing_key")
-            officers = tuple(parse_public_key(k, source=f"{source}: sites.{name}.officers[{i}]") for i, k in enumerate(entry.officers))
-            auth = (auth_key_der(entry.auth_key, source=f"{source}: sites.{name}.auth_key")
-                    if entry.auth_key else None)
+            officers = tuple(
+                parse_public_key(k, source=f"{source}: sites.{name}.officers[{i}]")
+                for i, k in enumerate(entry.officers)
+            )
+            auth = auth_key_der(entry.auth_key, source=f"{source}: sites.{name}.auth_key") if entry.auth_key else None
         except KeyFileError as exc:
             raise ConfigError(exc.message, hint=exc.hint) from exc
         if not officers:
-            raise ConfigError(f"{source}: site {name!r} has no officers at key 'sites.{name}.officers'",
-                              hint="list the public key of at least one privacy officer of that site")
+            raise ConfigError(
+                f"{source}: site {name!r} has no officers at key 'sites.{name}.officers'",
+                hint="list the public key of at least one privacy officer of that site",
+            )
         sites[name] = TrustedSite(name=name, signing_key=signing, officers=officers, auth_key=auth)
     _check_one_role_per_key(sites, source)
     return TrustStore(sites=MappingProxyType(sites), source=source)
@@ -161,8 +173,9 @@ def load_trust(path: str | Path) -> TrustStore:
     return trust_from_entries(load_yaml_config(path, TrustFile), source=str(path))
 
 
-def add_site_to_trust_file(path: str | Path, site: str, *, signing_key: str, officers: list[str],
-                           auth_key: str | None = None) -> TrustStore:
+def add_site_to_trust_file(
+    path: str | Path, site: str, *, signing_key: str, officers: list[str], auth_key: str | None = None
+) -> TrustStore:
     """Add or replace ``site`` in the trust file at ``path`` (created if missing); validated before it is written."""
     import yaml
 
@@ -172,11 +185,13 @@ def add_site_to_trust_file(path: str | Path, site: str, *, signing_key: str, off
     path = Path(path)
     current = load_yaml_config(path, TrustFile) if path.is_file() else None
     sites = dict(current.sites) if current else {}
-    sites[site] = TrustedSiteEntry(signing_key=signing_key.strip(), officers=tuple(k.strip() for k in officers),
-                                   auth_key=auth_key.strip() if auth_key else None)
+    sites[site] = TrustedSiteEntry(
+        signing_key=signing_key.strip(),
+        officers=tuple(k.strip() for k in officers),
+        auth_key=auth_key.strip() if auth_key else None,
+    )
     updated = TrustFile(sites=MappingProxyType(sites))
     store = trust_from_entries(updated, source=str(path))
     header = "# The consortium's trust file (see configs/trust.example.yaml). Public keys only.\n"
     write_text_atomic(path, header + yaml.safe_dump(to_plain(updated), sort_keys=True, width=200))
     return store
-

@@ -59,8 +59,10 @@ class VerifiedBundle:
     @functools.cached_property
     def tile_records(self) -> dict[str, tuple[int, str]]:
         """File name -> (size, sha256), from the manifest."""
-        return {str(n): (int(z), str(h)) for n, z, h in zip(self.tiles["file_name"], self.tiles["size"],
-                                                              self.tiles["sha256"])}
+        return {
+            str(n): (int(z), str(h))
+            for n, z, h in zip(self.tiles["file_name"], self.tiles["size"], self.tiles["sha256"])
+        }
 
 
 def _fail(message: str, hint: str = _HINT) -> VerificationError:
@@ -96,14 +98,17 @@ def _check_site_key(key, site: str, trust: TrustStore) -> None:
 
     trusted = trust.site(site)
     if trusted is None:
-        raise _fail(f"site {site!r} named in bundle.json is not in the trust file {trust.source}",
-                    hint="add the site's signing key to the trust file if it belongs to the consortium")
+        raise _fail(
+            f"site {site!r} named in bundle.json is not in the trust file {trust.source}",
+            hint="add the site's signing key to the trust file if it belongs to the consortium",
+        )
     if public_key_raw(key) != public_key_raw(trusted.signing_key):
         other = trust.site_with_signing_key(public_key_raw(key))
-        why = (f"; that is the key of site {other!r}: the bundle was replayed under another site's name"
-               if other else "")
-        raise _fail(f"bundle signed by an unknown key {fingerprint(key)}, not the trusted signing key "
-                    f"{fingerprint(trusted.signing_key)} of site {site!r}{why}")
+        why = f"; that is the key of site {other!r}: the bundle was replayed under another site's name" if other else ""
+        raise _fail(
+            f"bundle signed by an unknown key {fingerprint(key)}, not the trusted signing key "
+            f"{fingerprint(trusted.signing_key)} of site {site!r}{why}"
+        )
 
 
 def _check_audit(bundle_dir: Path, info: dict, frame) -> dict:
@@ -126,12 +131,16 @@ def _check_audit(bundle_dir: Path, info: dict, frame) -> dict:
     if audit["verdict"] != info["verdict"]:
         raise _fail(f"the audit's verdict {audit['verdict']} differs from bundle.json's {info['verdict']}")
     if audit["verdict"] == "FAIL":
-        raise _fail("the audit verdict is FAIL: this synthetic set may not leave the site",
-                    hint="refuse the bundle and tell the site; a FAIL set must never be pooled")
+        raise _fail(
+            "the audit verdict is FAIL: this synthetic set may not leave the site",
+            hint="refuse the bundle and tell the site; a FAIL set must never be pooled",
+        )
     problem = tile_set_problem(list(frame["sha256"]), list(audit[HASHES_KEY]))
     if problem:
-        raise _fail(f"the bundle's tiles are not exactly its audit's kept set: {problem}",
-                    hint="refuse the bundle: an officer approves exactly the audited set, nothing more or less")
+        raise _fail(
+            f"the bundle's tiles are not exactly its audit's kept set: {problem}",
+            hint="refuse the bundle: an officer approves exactly the audited set, nothing more or less",
+        )
     return audit
 
 
@@ -145,8 +154,10 @@ def _check_conditioning(info: dict, audit: dict):
     except ClaimError as exc:
         raise _fail(f"the audit's conditioning claim is invalid: {exc}") from exc
     if claim.to_record() != info["conditioning"]:
-        raise _fail(f"bundle.json claims {info['conditioning'].get('mode')!r} conditioning, its audit "
-                    f"{claim.mode!r} with other figures: the two signed claims must be the same")
+        raise _fail(
+            f"bundle.json claims {info['conditioning'].get('mode')!r} conditioning, its audit "
+            f"{claim.mode!r} with other figures: the two signed claims must be the same"
+        )
     return claim
 
 
@@ -166,12 +177,18 @@ def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> Veri
     if trust is not None:
         _check_site_key(key, info["site"], trust)
     if not L.signature_valid(key, signature, L.statement(info, role="site")):
-        raise _fail("the site signature does not match the bundle: bundle.json (site name, run id, time, tile size, "
-                    "counts, verdict or file hashes) or signatures/site.sig was modified after signing")
+        raise _fail(
+            "the site signature does not match the bundle: bundle.json (site name, run id, time, tile size, "
+            "counts, verdict or file hashes) or signatures/site.sig was modified after signing"
+        )
     created = L.parse_time(info["created"])
-    if created > _dt.datetime.now(_dt.timezone.utc) + MAX_FUTURE_SKEW:
-        raise _fail(f"the bundle claims to be built at {info['created']}, in the future",
-                    hint="check the site's clock; a bundle from the future would never age")
+    if created is None:  # read_info refuses these already; fail closed all the same
+        raise _fail(f"invalid 'created' time {str(info['created'])[:40]!r} in bundle.json")
+    if created > _dt.datetime.now(_dt.UTC) + MAX_FUTURE_SKEW:
+        raise _fail(
+            f"the bundle claims to be built at {info['created']}, in the future",
+            hint="check the site's clock; a bundle from the future would never age",
+        )
 
     for rel in (L.MANIFEST, L.AUDIT, L.SUMMARY_HTML):  # the signature binds these files through their hashes
         expected = info["files"][rel]
@@ -179,8 +196,11 @@ def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> Veri
             continue
         actual = sha256_file(bundle_dir / rel)
         if actual != expected:
-            what = "the audit bound to this bundle's signature (modified, or swapped from another bundle)" \
-                if rel == L.AUDIT else "the one bound to this bundle's signature (modified)"
+            what = (
+                "the audit bound to this bundle's signature (modified, or swapped from another bundle)"
+                if rel == L.AUDIT
+                else "the one bound to this bundle's signature (modified)"
+            )
             raise _fail(f"{rel} does not match {what}: sha256 {actual[:16]}... != {expected[:16]}...")
 
     try:
@@ -200,9 +220,19 @@ def check_signed_files(bundle_dir: str | Path, trust: TrustStore | None) -> Veri
             check_inert_html((bundle_dir / L.SUMMARY_HTML).read_bytes(), name=L.SUMMARY_HTML)
         except BundleError as exc:
             raise _fail(exc.message, hint="refuse the bundle: its summary page is not inert") from exc
-    return VerifiedBundle(path=bundle_dir, site_name=info["site"], run_id=info["run_id"], created=created,
-                          tile_size=info["tile_size"], tiles=frame, audit=audit, verdict=audit["verdict"], info=info,
-                          site_key_fingerprint=fingerprint(key), conditioning=conditioning)
+    return VerifiedBundle(
+        path=bundle_dir,
+        site_name=info["site"],
+        run_id=info["run_id"],
+        created=created,
+        tile_size=info["tile_size"],
+        tiles=frame,
+        audit=audit,
+        verdict=audit["verdict"],
+        info=info,
+        site_key_fingerprint=fingerprint(key),
+        conditioning=conditioning,
+    )
 
 
 def check_approval(checked: VerifiedBundle, trust: TrustStore) -> VerifiedBundle:
@@ -211,11 +241,15 @@ def check_approval(checked: VerifiedBundle, trust: TrustStore) -> VerifiedBundle
 
     info, bundle_dir = checked.info, checked.path
     if info["state"] == L.STATE_REJECTED:
-        raise _fail(f"the bundle was rejected by the site's privacy officer ({info['decision']['reason']})",
-                    hint="a rejected bundle can never be accepted")
+        raise _fail(
+            f"the bundle was rejected by the site's privacy officer ({info['decision']['reason']})",
+            hint="a rejected bundle can never be accepted",
+        )
     if info["state"] != L.STATE_APPROVED:
-        raise _fail(f"the bundle is not approved (state {info['state']})",
-                    hint="the site's privacy officer must approve it first ('site-agent approve')")
+        raise _fail(
+            f"the bundle is not approved (state {info['state']})",
+            hint="the site's privacy officer must approve it first ('site-agent approve')",
+        )
     if not (bundle_dir / L.OFFICER_SIG).is_file():
         raise _fail(f"the bundle is marked approved but {L.OFFICER_SIG} is missing: it is not approved")
     key, signature = L.read_signature(bundle_dir, L.OFFICER_SIG, role="officer")
@@ -223,8 +257,10 @@ def check_approval(checked: VerifiedBundle, trust: TrustStore) -> VerifiedBundle
     if trusted is None:
         raise _fail(f"site {checked.site_name!r} is not in the trust file {trust.source}")
     if public_key_raw(key) not in {public_key_raw(o) for o in trusted.officers}:
-        raise _fail(f"the approval was signed by key {fingerprint(key)}, which is not a privacy officer of site "
-                    f"{checked.site_name!r} in the trust file")
+        raise _fail(
+            f"the approval was signed by key {fingerprint(key)}, which is not a privacy officer of site "
+            f"{checked.site_name!r} in the trust file"
+        )
     if not L.signature_valid(key, signature, L.statement(info, role="officer")):
         raise _fail("the officer's approval signature does not match this bundle")
     return replace(checked, officer_key_fingerprint=fingerprint(key))
@@ -244,7 +280,9 @@ def check_tile(checked: VerifiedBundle, file_name: str, data: bytes) -> None:
     try:
         check_canonical_tile(data, tile_size=checked.tile_size, name=name)
     except BundleError as exc:
-        raise _fail(exc.message, hint="refuse the bundle: only canonical tiles of the run's size may leave a site") from exc
+        raise _fail(
+            exc.message, hint="refuse the bundle: only canonical tiles of the run's size may leave a site"
+        ) from exc
 
 
 def tile_files(checked: VerifiedBundle) -> dict[str, Path]:

@@ -19,9 +19,9 @@ BUNDLE_DIR = "bundle"
 RUN_JSON = "run.json"
 STATE_UNUSABLE = "unusable"  # shown instead of a bundle's state when it is not (or no longer) its run's
 AUDIT_DIR = "audit"
-AUDIT_SUMMARY = "audit_summary.json"        # the audit's shareable summary: becomes the bundle's audit.json
-AUDIT_SUMMARY_HTML = "audit_summary.html"   # the audit's shareable page, bundled when present
-AUDIT_REPORT = "audit.html"                 # the on-site report (real tiles): never bundled
+AUDIT_SUMMARY = "audit_summary.json"  # the audit's shareable summary: becomes the bundle's audit.json
+AUDIT_SUMMARY_HTML = "audit_summary.html"  # the audit's shareable page, bundled when present
+AUDIT_REPORT = "audit.html"  # the on-site report (real tiles): never bundled
 AUDIT_SUMMARY_PATH = f"{AUDIT_DIR}/{AUDIT_SUMMARY}"
 
 

@@ -22,6 +22,19 @@ def load_site_config(path) -> SiteConfig:
 
 
 __all__ = [
-    "AuditConfig", "DPPolicy", "FederationConfig", "KeysConfig", "LocalTrainingConfig", "ModelsConfig", "SiteConfig", "SiteSection", "SplitConfig",
-    "SynthesisConfig", "TilingConfig", "build_dataclass", "load_site_config", "load_yaml_config", "to_plain",
+    "AuditConfig",
+    "DPPolicy",
+    "FederationConfig",
+    "KeysConfig",
+    "LocalTrainingConfig",
+    "ModelsConfig",
+    "SiteConfig",
+    "SiteSection",
+    "SplitConfig",
+    "SynthesisConfig",
+    "TilingConfig",
+    "build_dataclass",
+    "load_site_config",
+    "load_yaml_config",
+    "to_plain",
 ]

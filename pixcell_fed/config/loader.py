@@ -14,11 +14,18 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, get_args, get_origin, get_type_hints
 
 from pixcell_fed.errors import ConfigError
 
-T = TypeVar("T")
+
+class DataclassInstance(Protocol):
+    """Any dataclass (typeshed's private ``_typeshed.DataclassInstance``, which exists only for type checkers)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+T = TypeVar("T", bound=DataclassInstance)
 
 _MISSING_HINT = "see configs/site.example.yaml, which documents every key"
 
@@ -65,11 +72,13 @@ def _convert(value: Any, tp: Any, key: str, source: str, base_dir: Path | None) 
             return value
         choices = ", ".join(repr(a) for a in get_args(tp))
         raise _fail(source, key, f"invalid value {value!r}", f"choose one of {choices}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise _fail(source, key, f"expected a mapping, got {type(value).__name__}", f"write '{key}:' as a mapping of keys")
+            raise _fail(
+                source, key, f"expected a mapping, got {type(value).__name__}", f"write '{key}:' as a mapping of keys"
+            )
         return build_dataclass(tp, value, source=source, prefix=key, base_dir=base_dir)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -82,7 +91,10 @@ def _convert(value: Any, tp: Any, key: str, source: str, base_dir: Path | None) 
             raise _fail(source, key, f"expected a mapping, got {value!r}", f"write '{key}' as a YAML mapping")
         ktp, vtp = get_args(tp) or (Any, Any)
         return types.MappingProxyType(
-            {_convert(k, ktp, key, source, base_dir): _convert(v, vtp, f"{key}.{k}", source, base_dir) for k, v in value.items()}
+            {
+                _convert(k, ktp, key, source, base_dir): _convert(v, vtp, f"{key}.{k}", source, base_dir)
+                for k, v in value.items()
+            }
         )
     if tp is Path:
         if not isinstance(value, (str, Path)):
@@ -110,7 +122,9 @@ def _convert(value: Any, tp: Any, key: str, source: str, base_dir: Path | None) 
     raise _fail(source, key, f"unsupported type {tp!r}", "report this as a bug in pixcell-fed")
 
 
-def build_dataclass(cls: type[T], data: dict[str, Any], *, source: str = "", prefix: str = "", base_dir: Path | None = None) -> T:
+def build_dataclass(
+    cls: type[T], data: dict[str, Any], *, source: str = "", prefix: str = "", base_dir: Path | None = None
+) -> T:
     """Build the frozen dataclass ``cls`` from a plain mapping, validating every key and type.
 
     Relative paths are resolved against ``base_dir`` (the config file's folder) when given.
@@ -136,10 +150,16 @@ def build_dataclass(cls: type[T], data: dict[str, Any], *, source: str = "", pre
             continue
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             dotted = f"{prefix}.{name}" if prefix else name
-            raise _fail(source, dotted, "missing required value", f"add '{dotted}' ({_type_name(hints[name])}); {_MISSING_HINT}")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if dataclasses.is_dataclass(default) and base_dir is not None:
-            default = build_dataclass(type(default), {}, source=source, prefix=f"{prefix}.{name}" if prefix else name, base_dir=base_dir)
+            raise _fail(
+                source, dotted, "missing required value", f"add '{dotted}' ({_type_name(hints[name])}); {_MISSING_HINT}"
+            )
+        default: Any = field.default
+        if field.default_factory is not dataclasses.MISSING:  # a field has a default or a factory, never both
+            default = field.default_factory()
+        if dataclasses.is_dataclass(default) and not isinstance(default, type) and base_dir is not None:
+            default = build_dataclass(
+                type(default), {}, source=source, prefix=f"{prefix}.{name}" if prefix else name, base_dir=base_dir
+            )
         if isinstance(default, Path) and base_dir is not None and not default.is_absolute():
             default = base_dir / default
         kwargs[name] = default
@@ -155,7 +175,9 @@ def load_yaml_config(path: str | Path, cls: type[T]) -> T:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", hint="pass --config with an existing YAML file, or run 'site-agent init'")
+        raise ConfigError(
+            f"config file not found: {path}", hint="pass --config with an existing YAML file, or run 'site-agent init'"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

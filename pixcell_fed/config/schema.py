@@ -7,10 +7,11 @@ Each section is a frozen dataclass whose fields are the keys of that YAML sectio
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 
 def _check(condition: bool, message: str) -> None:
@@ -28,8 +29,10 @@ class SiteSection:
     labels_csv: Path | None = None
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
-               f"site.name must be letters, digits, '-' or '_' (got {self.name!r})")
+        _check(
+            bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
+            f"site.name must be letters, digits, '-' or '_' (got {self.name!r})",
+        )
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,10 @@ class TileQCConfig:
         for name in ("pen_fraction", "fold_fraction", "glare_fraction"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"tiling.qc.{name} must be in (0, 1] (got {value})")
-        _check(0.0 <= self.blur_laplacian_var <= 1e6,
-               f"tiling.qc.blur_laplacian_var must be in [0, 1e6] (got {self.blur_laplacian_var}; 0 turns it off)")
+        _check(
+            0.0 <= self.blur_laplacian_var <= 1e6,
+            f"tiling.qc.blur_laplacian_var must be in [0, 1e6] (got {self.blur_laplacian_var}; 0 turns it off)",
+        )
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,9 @@ class TilingConfig:
     def __post_init__(self) -> None:
         _check(0.05 <= self.target_mpp <= 20, f"tiling.target_mpp must be in [0.05, 20] (got {self.target_mpp})")
         _check(self.tile_size in (256, 1024), f"tiling.tile_size must be 256 or 1024 (got {self.tile_size})")
-        _check(0.0 <= self.tissue_fraction <= 1.0, f"tiling.tissue_fraction must be in [0, 1] (got {self.tissue_fraction})")
+        _check(
+            0.0 <= self.tissue_fraction <= 1.0, f"tiling.tissue_fraction must be in [0, 1] (got {self.tissue_fraction})"
+        )
         _check(self.workers >= 1, f"tiling.workers must be at least 1 (got {self.workers})")
         _check(self.median_blur % 2 == 1, f"tiling.median_blur must be odd (got {self.median_blur})")
         _check(256 <= self.thumbnail_max_side <= 16384, "tiling.thumbnail_max_side must be in [256, 16384]")
@@ -96,15 +103,20 @@ class ConditioningDPConfig:
     """The target guarantee of ``synthesis.conditioning: dp`` (docs/privacy.md): (epsilon, delta) per real tile,
     and the L2 norm every tile's embedding is clipped to before the Gaussian noise is added."""
 
-    epsilon: float = 8.0                 # per conditioning tile; the per-slide epsilon follows (see the report)
-    delta: float | None = None           # null = 1/(10 N) rounded down to a power of ten, at most 1e-5 (N: tiles)
-    clip_norm: float | None = None       # required in dp mode: choose it from public tiles, never from your own
+    epsilon: float = 8.0  # per conditioning tile; the per-slide epsilon follows (see the report)
+    delta: float | None = None  # null = 1/(10 N) rounded down to a power of ten, at most 1e-5 (N: tiles)
+    clip_norm: float | None = None  # required in dp mode: choose it from public tiles, never from your own
 
     def __post_init__(self) -> None:
         _check(0 < self.epsilon <= 100, f"synthesis.dp.epsilon must be in (0, 100] (got {self.epsilon})")
-        _check(self.delta is None or 0 < self.delta <= 1e-3, f"synthesis.dp.delta must be in (0, 0.001] or null (got {self.delta})")
-        _check(self.clip_norm is None or 0 < self.clip_norm <= 1e6,
-               f"synthesis.dp.clip_norm must be in (0, 1e6] (got {self.clip_norm})")
+        _check(
+            self.delta is None or 0 < self.delta <= 1e-3,
+            f"synthesis.dp.delta must be in (0, 0.001] or null (got {self.delta})",
+        )
+        _check(
+            self.clip_norm is None or 0 < self.clip_norm <= 1e6,
+            f"synthesis.dp.clip_norm must be in (0, 1e6] (got {self.clip_norm})",
+        )
 
 
 @dataclass(frozen=True)
@@ -131,11 +143,15 @@ class SynthesisConfig:
         _check(self.guidance is None or self.guidance >= 0, "synthesis.guidance must be >= 0")
         _check(self.batch_size is None or self.batch_size >= 1, "synthesis.batch_size must be at least 1")
         _check(2 <= self.mix_k <= 64, f"synthesis.mix_k must be in [2, 64] (got {self.mix_k})")
-        _check(self.max_tiles_per_slide is None or self.max_tiles_per_slide >= 1,
-               "synthesis.max_tiles_per_slide must be at least 1 or null")
-        _check(self.conditioning != "dp" or self.dp.clip_norm is not None,
-               "synthesis.dp.clip_norm must be set when synthesis.conditioning is dp: the L2 norm each tile's "
-               "embedding is clipped to, chosen from public tiles (docs/privacy.md, 'Choosing the clip norm')")
+        _check(
+            self.max_tiles_per_slide is None or self.max_tiles_per_slide >= 1,
+            "synthesis.max_tiles_per_slide must be at least 1 or null",
+        )
+        _check(
+            self.conditioning != "dp" or self.dp.clip_norm is not None,
+            "synthesis.dp.clip_norm must be set when synthesis.conditioning is dp: the L2 norm each tile's "
+            "embedding is clipped to, chosen from public tiles (docs/privacy.md, 'Choosing the clip norm')",
+        )
 
 
 @dataclass(frozen=True)
@@ -182,35 +198,53 @@ class AuditConfig:
     fidelity_warn_fd_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.fidelity_warn_fd_ratio is None or 1.0 <= self.fidelity_warn_fd_ratio <= 1000.0,
-               f"audit.fidelity_warn_fd_ratio must be null or in [1, 1000] (got {self.fidelity_warn_fd_ratio}; "
-               "1 = as close to the conditioning tiles as new real tissue)")
+        _check(
+            self.fidelity_warn_fd_ratio is None or 1.0 <= self.fidelity_warn_fd_ratio <= 1000.0,
+            f"audit.fidelity_warn_fd_ratio must be null or in [1, 1000] (got {self.fidelity_warn_fd_ratio}; "
+            "1 = as close to the conditioning tiles as new real tissue)",
+        )
         for name in ("copy_similarity", "copy_pixel_confirm"):
             value = getattr(self, name)
             _check(0.0 < value <= 1.0, f"audit.{name} must be in (0, 1] (got {value})")
         _check(0.0 <= self.max_copy_share < 1.0, f"audit.max_copy_share must be in [0, 1) (got {self.max_copy_share})")
         _check(0.0 < self.nn_ratio < 1.0, f"audit.nn_ratio must be in (0, 1) (got {self.nn_ratio})")
-        _check(0.0 < self.fail_alpha <= self.alpha <= 0.2,
-               f"audit: need 0 < fail_alpha <= alpha <= 0.2 (got {self.fail_alpha}, {self.alpha})")
-        _check(0.0 < self.target_leak_share <= 1.0,
-               f"audit.target_leak_share must be in (0, 1] (got {self.target_leak_share})")
-        _check(0.0 <= self.encoder_membership_tpr_warn <= self.encoder_membership_tpr_fail <= 1.0,
-               "audit: need 0 <= encoder_membership_tpr_warn <= encoder_membership_tpr_fail <= 1")
+        _check(
+            0.0 < self.fail_alpha <= self.alpha <= 0.2,
+            f"audit: need 0 < fail_alpha <= alpha <= 0.2 (got {self.fail_alpha}, {self.alpha})",
+        )
+        _check(
+            0.0 < self.target_leak_share <= 1.0,
+            f"audit.target_leak_share must be in (0, 1] (got {self.target_leak_share})",
+        )
+        _check(
+            0.0 <= self.encoder_membership_tpr_warn <= self.encoder_membership_tpr_fail <= 1.0,
+            "audit: need 0 <= encoder_membership_tpr_warn <= encoder_membership_tpr_fail <= 1",
+        )
         _check(self.min_holdout >= 2, "audit.min_holdout must be at least 2")
         _check(0.0 <= self.min_holdout_ratio <= 10.0, "audit.min_holdout_ratio must be in [0, 10]")
         _check(self.top_k >= 2, "audit.top_k must be at least 2 (the distance-ratio test needs two neighbours)")
         _check(self.max_rounds >= 1, "audit.max_rounds must be at least 1")
         _check(self.closest_pairs >= 0, "audit.closest_pairs must be >= 0")
-        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-               f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
-        _check(0.0 < self.region_copy_min_fraction <= 1.0,
-               f"audit.region_copy_min_fraction must be in (0, 1] (got {self.region_copy_min_fraction})")
-        _check(1 <= self.region_copy_candidates <= 100,
-               f"audit.region_copy_candidates must be in [1, 100] (got {self.region_copy_candidates})")
-        _check(self.region_copy_min_inliers >= 3,
-               f"audit.region_copy_min_inliers must be at least 3 (got {self.region_copy_min_inliers})")
-        _check(0.0 < self.region_copy_correlation < 1.0,
-               f"audit.region_copy_correlation must be in (0, 1) (got {self.region_copy_correlation})")
+        _check(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            f"audit.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
+        )
+        _check(
+            0.0 < self.region_copy_min_fraction <= 1.0,
+            f"audit.region_copy_min_fraction must be in (0, 1] (got {self.region_copy_min_fraction})",
+        )
+        _check(
+            1 <= self.region_copy_candidates <= 100,
+            f"audit.region_copy_candidates must be in [1, 100] (got {self.region_copy_candidates})",
+        )
+        _check(
+            self.region_copy_min_inliers >= 3,
+            f"audit.region_copy_min_inliers must be at least 3 (got {self.region_copy_min_inliers})",
+        )
+        _check(
+            0.0 < self.region_copy_correlation < 1.0,
+            f"audit.region_copy_correlation must be in (0, 1) (got {self.region_copy_correlation})",
+        )
 
 
 @dataclass(frozen=True)
@@ -240,36 +274,61 @@ class DPPolicy:
     """The site's own limits for the DP fine-tune on its real tiles (``federation.dp``). A coordinator's request
     can only ask for less privacy loss than these allow; everything else is refused before training."""
 
-    epsilon_budget: float = 8.0            # total epsilon this site ever spends (at delta), over rounds, runs, restarts
-    delta: float | None = None             # null = 1/(10 N) rounded down to a power of ten (N: training tiles)
-    min_noise_multiplier: float = 1.0      # requests with less noise are refused
-    max_grad_norm: float = 1.0             # largest per-tile clipping norm a request may ask for
-    max_local_epochs: int = 1              # most passes over the training tiles in one round
-    min_batch_size: int = 4                # expected batch size (Poisson sampling) bounds of a request
+    epsilon_budget: float = 8.0  # total epsilon this site ever spends (at delta), over rounds, runs, restarts
+    delta: float | None = None  # null = 1/(10 N) rounded down to a power of ten (N: training tiles)
+    min_noise_multiplier: float = 1.0  # requests with less noise are refused
+    max_grad_norm: float = 1.0  # largest per-tile clipping norm a request may ask for
+    max_local_epochs: int = 1  # most passes over the training tiles in one round
+    min_batch_size: int = 4  # expected batch size (Poisson sampling) bounds of a request
     max_batch_size: int = 256
-    count_granularity: int = 100           # examples reported rounded to a multiple of this; 0 = not reported
+    count_granularity: int = 100  # examples reported rounded to a multiple of this; 0 = not reported
 
     def __post_init__(self) -> None:
-        _check(0 < self.epsilon_budget <= 100, f"federation.dp.epsilon_budget must be in (0, 100] (got {self.epsilon_budget})")
-        _check(self.delta is None or 0 < self.delta <= 1e-2, f"federation.dp.delta must be in (0, 0.01] or null (got {self.delta})")
-        _check(0.3 <= self.min_noise_multiplier <= 100,
-               f"federation.dp.min_noise_multiplier must be in [0.3, 100] (got {self.min_noise_multiplier})")
-        _check(0 < self.max_grad_norm <= 100, f"federation.dp.max_grad_norm must be in (0, 100] (got {self.max_grad_norm})")
+        _check(
+            0 < self.epsilon_budget <= 100,
+            f"federation.dp.epsilon_budget must be in (0, 100] (got {self.epsilon_budget})",
+        )
+        _check(
+            self.delta is None or 0 < self.delta <= 1e-2,
+            f"federation.dp.delta must be in (0, 0.01] or null (got {self.delta})",
+        )
+        _check(
+            0.3 <= self.min_noise_multiplier <= 100,
+            f"federation.dp.min_noise_multiplier must be in [0.3, 100] (got {self.min_noise_multiplier})",
+        )
+        _check(
+            0 < self.max_grad_norm <= 100, f"federation.dp.max_grad_norm must be in (0, 100] (got {self.max_grad_norm})"
+        )
         _check(self.max_local_epochs >= 1, "federation.dp.max_local_epochs must be at least 1")
-        _check(1 <= self.min_batch_size <= self.max_batch_size, "federation.dp: need 1 <= min_batch_size <= max_batch_size")
+        _check(
+            1 <= self.min_batch_size <= self.max_batch_size, "federation.dp: need 1 <= min_batch_size <= max_batch_size"
+        )
         _check(self.count_granularity >= 0, "federation.dp.count_granularity must be >= 0 (0 = do not report counts)")
 
 
 #: Backbones a site evaluates by default: timm ViT/DeiT/ConvNeXt (the families that also train under DP-SGD).
 EVALUATION_ARCHITECTURES = (
-    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
-    "deit_small_patch16_224", "deit_base_patch16_224", "convnext_tiny", "convnext_small",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+    "convnext_tiny",
+    "convnext_small",
 )
 #: timm keyword arguments a site accepts in an evaluation request by default, with their [min, max] (numbers only).
-EVALUATION_MODEL_KWARGS = MappingProxyType({
-    "patch_size": (4.0, 32.0), "depth": (1.0, 24.0), "embed_dim": (16.0, 1024.0), "num_heads": (1.0, 16.0),
-    "mlp_ratio": (1.0, 8.0), "drop_rate": (0.0, 0.9), "drop_path_rate": (0.0, 0.9),
-})
+EVALUATION_MODEL_KWARGS = MappingProxyType(
+    {
+        "patch_size": (4.0, 32.0),
+        "depth": (1.0, 24.0),
+        "embed_dim": (16.0, 1024.0),
+        "num_heads": (1.0, 16.0),
+        "mlp_ratio": (1.0, 8.0),
+        "drop_rate": (0.0, 0.9),
+        "drop_path_rate": (0.0, 0.9),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -279,22 +338,24 @@ class LocalTrainingConfig:
     can only lower ``epochs`` and ``max_tiles``; everything else is the site's. Which models the site accepts, how
     large, and how many such queries it answers are its evaluation limits (``federation.evaluation``)."""
 
-    epochs: int = 3                       # passes over the training tiles, the same for both fine-tunes
-    max_tiles: int = 2000                 # at most this many training tiles (a seeded sample, stratified by label)
+    epochs: int = 3  # passes over the training tiles, the same for both fine-tunes
+    max_tiles: int = 2000  # at most this many training tiles (a seeded sample, stratified by label)
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
     mode: Literal["finetune", "linear_probe"] = "finetune"
     generic_weights: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))  # arch: weights file
-    bootstrap: int = 1000                 # replicates of the paired bootstrap interval of the difference
+    bootstrap: int = 1000  # replicates of the paired bootstrap interval of the difference
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(1 <= self.epochs <= 1000, f"federation.local_training.epochs must be in [1, 1000] (got {self.epochs})")
         _check(self.max_tiles >= 2, f"federation.local_training.max_tiles must be at least 2 (got {self.max_tiles})")
         _check(1 <= self.batch_size <= 4096, "federation.local_training.batch_size must be in [1, 4096]")
-        _check(0 < self.lr <= 1 and 0 <= self.weight_decay <= 1,
-               "federation.local_training: need 0 < lr <= 1 and 0 <= weight_decay <= 1")
+        _check(
+            0 < self.lr <= 1 and 0 <= self.weight_decay <= 1,
+            "federation.local_training: need 0 < lr <= 1 and 0 <= weight_decay <= 1",
+        )
         _check(self.bootstrap >= 100, "federation.local_training.bootstrap must be at least 100")
 
 
@@ -314,18 +375,24 @@ class FederationEvaluationConfig:
     max_queries_per_day: int = 20
 
     def __post_init__(self) -> None:
-        _check(all(a and a.replace("_", "").isalnum() for a in self.architectures),
-               "federation.evaluation.architectures must be timm model names")
+        _check(
+            all(a and a.replace("_", "").isalnum() for a in self.architectures),
+            "federation.evaluation.architectures must be timm model names",
+        )
         for name, bounds in self.model_kwargs.items():
-            _check(name.replace("_", "").isalnum() and len(bounds) == 2 and bounds[0] <= bounds[1],
-                   f"federation.evaluation.model_kwargs[{name!r}] must be [min, max] with min <= max")
+            _check(
+                name.replace("_", "").isalnum() and len(bounds) == 2 and bounds[0] <= bounds[1],
+                f"federation.evaluation.model_kwargs[{name!r}] must be [min, max] with min <= max",
+            )
         _check(16 <= self.max_img_size <= 4096, "federation.evaluation.max_img_size must be in [16, 4096]")
         _check(2 <= self.max_classes <= 10000, "federation.evaluation.max_classes must be in [2, 10000]")
         _check(0 < self.max_weights_mb <= 65536, "federation.evaluation.max_weights_mb must be in (0, 65536]")
         _check(self.min_tiles_per_class >= 1, "federation.evaluation.min_tiles_per_class must be at least 1")
         _check(0 <= self.round_digits <= 6, "federation.evaluation.round_digits must be in [0, 6]")
-        _check(self.max_queries_per_run >= 0 and self.max_queries_per_day >= 0,
-               "federation.evaluation.max_queries_per_run and max_queries_per_day must be >= 0 (0 = no evaluation)")
+        _check(
+            self.max_queries_per_run >= 0 and self.max_queries_per_day >= 0,
+            "federation.evaluation.max_queries_per_run and max_queries_per_day must be >= 0 (0 = no evaluation)",
+        )
 
 
 @dataclass(frozen=True)
@@ -355,12 +422,17 @@ class FederationConfig:
 
         pins = (self.app_sha256,) if isinstance(self.app_sha256, str) else tuple(self.app_sha256)
         for pin in pins:
-            _check(is_sha256_hex(pin),
-                   f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')")
+            _check(
+                is_sha256_hex(pin),
+                f"federation.app_sha256: {pin!r} is not a SHA-256 (64 lowercase hex digits; see 'site-agent app-hash')",
+            )
         object.__setattr__(self, "app_sha256", pins)  # always a tuple after loading
         for arch in self.local_training.generic_weights:
-            _check(arch in self.evaluation.architectures, f"federation.local_training.generic_weights names {arch!r}, "
-                                                          "which is not in federation.evaluation.architectures")
+            _check(
+                arch in self.evaluation.architectures,
+                f"federation.local_training.generic_weights names {arch!r}, "
+                "which is not in federation.evaluation.architectures",
+            )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Run a complete consortium on this machine with the same commands a real deployment uses.
 
 Three simulated hospitals, each with slides written from the real CMU H&E slide in its own stain and with slide
-labels, run ``site-agent synthesize`` (one of them with differentially private conditioning); a demo privacy officer per site approves; the coordinator admits the sites
+labels, run ``site-agent synthesize`` (one of them with differentially private conditioning); a demo privacy officer
+per site approves; the coordinator admits the sites
 (signing, officer and SuperNode keys) to its trust file, starts ``coordinator serve`` (SuperLink on loopback behind
 the Fleet-only TLS front) and registers each site's SuperNode key under the name the trust file binds it to; each
 site pins the consortium app (``site-agent app-hash``) and joins with ``site-agent serve`` (SuperNode plus its
@@ -32,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pixcell_fed.errors import FederationError, PixcellFedError
 from pixcell_fed.runlog import get_logger
@@ -47,10 +49,18 @@ SITES = (
 LABELS = ("normal", "tumour")
 SLIDES_PER_LABEL = 3
 #: A small timm classifier for a 2-core CPU (the real deployment picks its backbone in the run settings).
-DEMO_TRAINING = {"arch": "vit_tiny_patch16_224", "img-size": 64,
-                 "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
-                 "epochs": 3, "batch-size": 16, "lr": 0.001}
-DEMO_SITE_CONFIG = {"synthesis": {"max_conditioning_tiles": 32}, "split": {"holdout_fraction": 0.34}}
+DEMO_TRAINING = {
+    "arch": "vit_tiny_patch16_224",
+    "img-size": 64,
+    "model-kwargs": json.dumps({"patch_size": 16, "depth": 2, "embed_dim": 96, "num_heads": 2}),
+    "epochs": 3,
+    "batch-size": 16,
+    "lr": 0.001,
+}
+DEMO_SITE_CONFIG: dict[str, dict[str, Any]] = {
+    "synthesis": {"max_conditioning_tiles": 32},
+    "split": {"holdout_fraction": 0.34},
+}
 #: (site name, stain variation) of the leaking hospital, whose generator memorised its tiles: its audit refuses.
 LEAKING_SITE = ("hospital-d", {"hematoxylin": 1.1, "eosin": 0.9, "bias": -0.02})
 #: The hospital that allows local training: it measures what the pool adds on its own labelled tiles (issue 15).
@@ -92,19 +102,28 @@ def _env(flwr_home: Path) -> dict[str, str]:
 def _cli(tool: str, *args: str, env: dict[str, str], log_file: Path, timeout: float = 1800, expect: int = 0) -> str:
     """Run ``site-agent`` or ``coordinator`` (this installation's) and return its stdout; raise unless it exits
     ``expect``. ``leaking-site-agent`` is site-agent in a process that may load the memorising twin."""
-    module = {"site-agent": "site_agent.cli", "coordinator": "coordinator.cli",
-              "leaking-site-agent": "pixcell_fed.demo.leaking_site"}[tool]
+    module = {
+        "site-agent": "site_agent.cli",
+        "coordinator": "coordinator.cli",
+        "leaking-site-agent": "pixcell_fed.demo.leaking_site",
+    }[tool]
     log.info("$ %s %s", tool, " ".join(args))
     with open(log_file, "a", encoding="utf-8") as fh:
         fh.write(f"\n$ {tool} {' '.join(args)}\n")
         fh.flush()
-        proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=fh, text=True,
-                              env=env, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=fh,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
         fh.write(proc.stdout)
         fh.write(f"[exit {proc.returncode}]\n")
     if proc.returncode != expect:
-        raise FederationError(f"'{tool} {args[0]}' exited {proc.returncode}, expected {expect}",
-                              hint=f"see {log_file}")
+        raise FederationError(f"'{tool} {args[0]}' exited {proc.returncode}, expected {expect}", hint=f"see {log_file}")
     return proc.stdout
 
 
@@ -114,8 +133,11 @@ def _slides(site_index: int):
     specs = []
     for k in range(SLIDES_PER_LABEL * len(LABELS)):
         label = LABELS[k % len(LABELS)]
-        specs.append(SlideSpec(f"slide-{k + 1:02d}.svs", label=label, seed=100 * site_index + k,
-                               label_text=f"DEMO-{site_index}-{k}"))
+        specs.append(
+            SlideSpec(
+                f"slide-{k + 1:02d}.svs", label=label, seed=100 * site_index + k, label_text=f"DEMO-{site_index}-{k}"
+            )
+        )
     return specs
 
 
@@ -125,8 +147,15 @@ def _make_sites(out: Path, models, source: Path | None) -> dict[str, Path]:
 
     configs = {}
     for i, (name, stain) in enumerate(SITES):
-        configs[name] = make_site(out / "sites" / name, name=name, models=models, slides=_slides(i),
-                                  stain=StainVariation(**stain), config=site_config(name), source=source)
+        configs[name] = make_site(
+            out / "sites" / name,
+            name=name,
+            models=models,
+            slides=_slides(i),
+            stain=StainVariation(**stain),
+            config=site_config(name),
+            source=source,
+        )
     return configs
 
 
@@ -137,8 +166,11 @@ def _real_slide(out: Path, slide: str | Path | None) -> Path | None:
 
     if slide is not None:
         return check_real_slide(slide)
-    written = all((out / "sites" / name / "slides" / spec.file_name).is_file()
-                  for i, (name, _) in enumerate((*SITES, LEAKING_SITE)) for spec in _slides(i))
+    written = all(
+        (out / "sites" / name / "slides" / spec.file_name).is_file()
+        for i, (name, _) in enumerate((*SITES, LEAKING_SITE))
+        for spec in _slides(i)
+    )
     return None if written else cached_real_slide()
 
 
@@ -153,8 +185,15 @@ def _make_leaking_site(out: Path, models, source: Path | None):
 
     name, stain = LEAKING_SITE
     site_dir = out / "sites" / name
-    config = make_site(site_dir, name=name, models=models, slides=_slides(len(SITES)), stain=StainVariation(**stain),
-                       config=DEMO_SITE_CONFIG, source=source)
+    config = make_site(
+        site_dir,
+        name=name,
+        models=models,
+        slides=_slides(len(SITES)),
+        stain=StainVariation(**stain),
+        config=DEMO_SITE_CONFIG,
+        source=source,
+    )
     # the twin's memory is the site's own real tiles: it stays in the site's folder
     leaking = dataclasses.replace(models, pixcell_dir=save_memorising_twin(site_dir / "memorising-twin", config))
     return make_site(site_dir, name=name, models=leaking, slides=[]), leaking
@@ -180,8 +219,15 @@ def _allow_local_training(config: Path, bundle: Path, models) -> None:
 
     site_dir = config.parent
     write_local_training_set(bundle.parent, site_dir / "labels.csv", site_dir / "train")
-    make_site(site_dir, name=config.parent.name, models=models, slides=[], config={"federation": {
-        "allow_local_training": True, "train_dir": "train", "local_training": DEMO_LOCAL_TRAINING}})
+    make_site(
+        site_dir,
+        name=config.parent.name,
+        models=models,
+        slides=[],
+        config={
+            "federation": {"allow_local_training": True, "train_dir": "train", "local_training": DEMO_LOCAL_TRAINING}
+        },
+    )
 
 
 def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: float = 1500.0) -> DemoResult:
@@ -219,8 +265,9 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
         result.verdicts[name] = _audit_verdict(result.bundles[name].parent / "audit" / "audit.json")
 
     leaking_name = LEAKING_SITE[0]
-    log.info("2b/6 %s, whose generator is a memorising twin: its audit FAILS, synthesize exits 3, no bundle",
-             leaking_name)
+    log.info(
+        "2b/6 %s, whose generator is a memorising twin: its audit FAILS, synthesize exits 3, no bundle", leaking_name
+    )
     leaking_config, leaking_models = _make_leaking_site(out, models, source)
     _cli("leaking-site-agent", "synthesize", "--config", str(leaking_config), env=env, log_file=demo_log, expect=3)
     leaking_dir = leaking_config.parent
@@ -240,16 +287,43 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
         if not (officer / "officer.key").is_file():
             _cli("site-agent", "officer-key", "--out", str(officer), env=env, log_file=demo_log)
         # the site's administrator lists the officer's public key in site.yaml: only listed keys can decide
-        make_site(site_dir, name=name, models=models, slides=[],
-                  config={"keys": {"officers": [(officer / "officer.pub").read_text().strip()]}})
+        make_site(
+            site_dir,
+            name=name,
+            models=models,
+            slides=[],
+            config={"keys": {"officers": [(officer / "officer.pub").read_text().strip()]}},
+        )
         if read_bundle_json(result.bundles[name])["state"] != STATE_APPROVED:
-            _cli("site-agent", "approve", str(result.bundles[name]), "--key", str(officer / "officer.key"),
-                 "--config", str(config), "--yes", env=env, log_file=demo_log)
+            _cli(
+                "site-agent",
+                "approve",
+                str(result.bundles[name]),
+                "--key",
+                str(officer / "officer.key"),
+                "--config",
+                str(config),
+                "--yes",
+                env=env,
+                log_file=demo_log,
+            )
         if not (auth / f"{name}_auth").is_file():
             _cli("site-agent", "auth-key", "--config", str(config), "--out", str(auth), env=env, log_file=demo_log)
-        _cli("coordinator", "trust-add", str(trust_file), "--site", name,
-             "--signing-key", str(site_dir / "keys" / "site_signing.pub"), "--officer", str(officer / "officer.pub"),
-             "--auth-key", str(auth / f"{name}_auth.pub"), env=env, log_file=demo_log)
+        _cli(
+            "coordinator",
+            "trust-add",
+            str(trust_file),
+            "--site",
+            name,
+            "--signing-key",
+            str(site_dir / "keys" / "site_signing.pub"),
+            "--officer",
+            str(officer / "officer.pub"),
+            "--auth-key",
+            str(auth / f"{name}_auth.pub"),
+            env=env,
+            log_file=demo_log,
+        )
         _cli("coordinator", "verify", str(result.bundles[name]), "--trust", str(trust_file), env=env, log_file=demo_log)
 
     # the leaking site is a consortium member (its keys are in the trust file) that has nothing to share; it
@@ -257,15 +331,38 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
     leaking_officer = leaking_dir / "officer"
     if not (leaking_officer / "officer.key").is_file():
         _cli("site-agent", "officer-key", "--out", str(leaking_officer), env=env, log_file=demo_log)
-    make_site(leaking_dir, name=leaking_name, models=leaking_models, slides=[],
-              config={"keys": {"officers": [(leaking_officer / "officer.pub").read_text().strip()]}})
-    _cli("coordinator", "trust-add", str(trust_file), "--site", leaking_name,
-         "--signing-key", str(leaking_dir / "keys" / "site_signing.pub"),
-         "--officer", str(leaking_officer / "officer.pub"), env=env, log_file=demo_log)
+    make_site(
+        leaking_dir,
+        name=leaking_name,
+        models=leaking_models,
+        slides=[],
+        config={"keys": {"officers": [(leaking_officer / "officer.pub").read_text().strip()]}},
+    )
+    _cli(
+        "coordinator",
+        "trust-add",
+        str(trust_file),
+        "--site",
+        leaking_name,
+        "--signing-key",
+        str(leaking_dir / "keys" / "site_signing.pub"),
+        "--officer",
+        str(leaking_officer / "officer.pub"),
+        env=env,
+        log_file=demo_log,
+    )
     refusals = coord / "work" / "refusals"
     refusals.mkdir(parents=True, exist_ok=True)
-    _cli("site-agent", "refusal-notice", "--config", str(leaking_config), "--out", str(refusals / f"{leaking_name}.json"),
-         env=env, log_file=demo_log)
+    _cli(
+        "site-agent",
+        "refusal-notice",
+        "--config",
+        str(leaking_config),
+        "--out",
+        str(refusals / f"{leaking_name}.json"),
+        env=env,
+        log_file=demo_log,
+    )
 
     log.info("4/6 coordinator serve (SuperLink on loopback, Fleet-only TLS front); register-site binds keys to names")
     port, internal = D.free_port(), D.free_port()
@@ -273,34 +370,86 @@ def run_demo(out: str | Path, *, slide: str | Path | None = None, timeout_s: flo
     certs = coord / "certs"
     processes: list = []
     try:
-        processes.append(start_coordinator_serve(certs, port=port, internal_port=internal, env=env,
-                                                 log_path=logs / "coordinator-serve.log"))
+        processes.append(
+            start_coordinator_serve(
+                certs, port=port, internal_port=internal, env=env, log_path=logs / "coordinator-serve.log"
+            )
+        )
         for name, config in configs.items():
             auth = config.parent / "keys" / "flower"
-            _cli("coordinator", "register-site", str(auth / f"{name}_auth.pub"), "--name", name, "--trust",
-                 str(trust_file), "--superlink", superlink, "--ca", str(certs / "ca.crt"), "--flwr-home", str(flwr_home),
-                 env=env, log_file=demo_log)
+            _cli(
+                "coordinator",
+                "register-site",
+                str(auth / f"{name}_auth.pub"),
+                "--name",
+                name,
+                "--trust",
+                str(trust_file),
+                "--superlink",
+                superlink,
+                "--ca",
+                str(certs / "ca.crt"),
+                "--flwr-home",
+                str(flwr_home),
+                env=env,
+                log_file=demo_log,
+            )
             pin = _cli("site-agent", "app-hash", env=env, log_file=demo_log).strip()
-            make_site(config.parent, name=name, models=models, slides=[], config={
-                "federation": {"superlink": f"127.0.0.1:{port}", "root_certificates": str(certs / "ca.crt"),
-                               "auth_private_key": str(auth / f"{name}_auth"), "port": D.free_port(),
-                               "app_sha256": [pin]}})
+            make_site(
+                config.parent,
+                name=name,
+                models=models,
+                slides=[],
+                config={
+                    "federation": {
+                        "superlink": f"127.0.0.1:{port}",
+                        "root_certificates": str(certs / "ca.crt"),
+                        "auth_private_key": str(auth / f"{name}_auth"),
+                        "port": D.free_port(),
+                        "app_sha256": [pin],
+                    }
+                },
+            )
 
         log.info("5/6 the sites join: site-agent serve (SuperNode + launcher running only the pinned app)")
         for name, config in configs.items():
-            processes.append(D.Process(f"site-serve-{name}", [sys.executable, "-m", "site_agent.cli", "serve",
-                                                              "--config", str(config)],
-                                       log_path=logs / f"site-serve-{name}.log", env=env))
+            processes.append(
+                D.Process(
+                    f"site-serve-{name}",
+                    [sys.executable, "-m", "site_agent.cli", "serve", "--config", str(config)],
+                    log_path=logs / f"site-serve-{name}.log",
+                    env=env,
+                )
+            )
 
         log.info("6/6 coordinator run: pool the verified bundles -> train a classifier -> evaluate at every site")
-        settings = {"work-dir": str(coord / "work"), "trust-file": str(trust_file),
-                    "expected-sites": ",".join(configs), "min-sites": len(configs), "wait-for-sites-s": 120.0,
-                    "chunk-mb": 16.0, "reply-timeout-s": 300.0, **DEMO_TRAINING}
+        settings = {
+            "work-dir": str(coord / "work"),
+            "trust-file": str(trust_file),
+            "expected-sites": ",".join(configs),
+            "min-sites": len(configs),
+            "wait-for-sites-s": 120.0,
+            "chunk-mb": 16.0,
+            "reply-timeout-s": 300.0,
+            **DEMO_TRAINING,
+        }
         settings_file = D.write_run_config(coord / "run-settings.toml", settings)
         remaining = max(60.0, timeout_s - (time.monotonic() - started))
-        report = _cli("coordinator", "run", "--settings", str(settings_file), "--superlink", superlink, "--ca",
-                      str(certs / "ca.crt"), "--flwr-home", str(flwr_home), env=env, log_file=demo_log,
-                      timeout=remaining)
+        report = _cli(
+            "coordinator",
+            "run",
+            "--settings",
+            str(settings_file),
+            "--superlink",
+            superlink,
+            "--ca",
+            str(certs / "ca.crt"),
+            "--flwr-home",
+            str(flwr_home),
+            env=env,
+            log_file=demo_log,
+            timeout=remaining,
+        )
         log.info(report.strip())
     finally:
         for process in reversed(processes):

@@ -9,7 +9,7 @@ registers it: pointed at such a folder, it refuses to load it.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:

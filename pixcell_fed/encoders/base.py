@@ -7,9 +7,10 @@ registry by name is :mod:`~pixcell_fed.encoders.registry`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,8 +39,9 @@ def find_weights_file(weights_dir: Path | None, what: str, source: str) -> Path:
     candidates = sorted(p for p in weights_dir.iterdir() if p.suffix in (".bin", ".safetensors", ".pth", ".pt"))
     if len(candidates) == 1:
         return candidates[0]
-    raise WeightsError(f"{what} weights not found: {weights_dir} has no pytorch_model.bin or model.safetensors",
-                       hint=source)
+    raise WeightsError(
+        f"{what} weights not found: {weights_dir} has no pytorch_model.bin or model.safetensors", hint=source
+    )
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,22 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
 
     @classmethod
-    def of(cls, resize: int, mean: Sequence[float], std: Sequence[float]) -> "Preprocess":
+    def of(cls, resize: int, mean: Sequence[float], std: Sequence[float]) -> Preprocess:
         return cls(int(resize), tuple(float(m) for m in mean), tuple(float(v) for v in std))
 
 
 class Encoder:
     """A feature network (``found``: what it is and which file it came from) plus its preprocessing."""
 
-    def __init__(self, model: "torch.nn.Module", found: EncoderFolder, *, preprocess: Preprocess = Preprocess(),
-                 weights_sha256: str | None = None, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        found: EncoderFolder,
+        *,
+        preprocess: Preprocess = Preprocess(),
+        weights_sha256: str | None = None,
+        batch_size: int | None = None,
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.name = found.name
         self.architecture = found.architecture
@@ -112,7 +121,7 @@ class Encoder:
             "transform": f"Resize({self.resize}) -> ToTensor -> Normalize(mean={self.mean}, std={self.std})",
         }
 
-    def preprocess(self, images: np.ndarray) -> "torch.Tensor":
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 ``[N, H, W, 3]`` -> normalised float ``[N, 3, h, w]`` on the encoder's device and dtype."""
         import torch
         from torchvision.transforms.v2 import functional as TF
@@ -130,7 +139,9 @@ class Encoder:
         import torch
 
         if not isinstance(images, np.ndarray):
-            raise UsageError(f"images must be a numpy array, got {type(images).__name__}", hint="pass uint8 [N, H, W, 3] RGB tiles")
+            raise UsageError(
+                f"images must be a numpy array, got {type(images).__name__}", hint="pass uint8 [N, H, W, 3] RGB tiles"
+            )
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:

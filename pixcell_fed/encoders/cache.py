@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -46,9 +47,8 @@ def load_cache(folder: Path, dim: int) -> dict[str, np.ndarray]:
 
 def _write_shard(folder: Path, index: int, ids: list[str], emb: np.ndarray) -> None:
     target = folder / f"shard-{index:06d}-{secrets.token_hex(4)}.npz"
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, tile_ids=np.asarray(ids, dtype=np.str_), embeddings=emb.astype(np.float32))
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, tile_ids=np.asarray(ids, dtype=np.str_), embeddings=emb.astype(np.float32))
 
 
 def _key_and_source(item: Any) -> tuple[str, Any]:
@@ -104,7 +104,9 @@ def _zip_exact(ids: Iterable[Any], images: Iterable[Any]) -> Iterator[tuple[Any,
     for n, tile_id in enumerate(ids_it):
         image = next(images_it, missing)
         if image is missing:
-            raise UsageError(f"fewer images than tile ids (only {n} images)", hint="pass one image per tile id, in the same order")
+            raise UsageError(
+                f"fewer images than tile ids (only {n} images)", hint="pass one image per tile id, in the same order"
+            )
         yield tile_id, image
     if next(images_it, missing) is not missing:
         raise UsageError("more images than tile ids", hint="pass one image per tile id, in the same order")
@@ -153,7 +155,9 @@ def embed_tiles(
         images = [_load_image(s) for s in sources]
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
-            raise UsageError(f"tiles of different sizes in one batch: {sorted(shapes)}", hint="tile all slides at one tile size")
+            raise UsageError(
+                f"tiles of different sizes in one batch: {sorted(shapes)}", hint="tile all slides at one tile size"
+            )
         emb = encoder.embed(np.stack(images))
         _write_shard(folder, n_shards, ids, emb)
         n_shards += 1

@@ -7,9 +7,10 @@ is read, so the encoder modules never import the registry back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from pixcell_fed.encoders import timm_models, uni
 from pixcell_fed.encoders.base import Encoder, EncoderFolder
@@ -43,10 +44,11 @@ def _family(name: str) -> tuple[EncoderFamily, str | None]:
     """The family of encoder ``name`` and its timm architecture (for ``timm:<arch>``)."""
     key, arch = name, None
     if name.startswith("timm:"):
-        key, arch = "timm", name[len("timm:"):]
+        key, arch = "timm", name[len("timm:") :]
         if not arch:
-            raise UsageError("encoder name 'timm:' lacks an architecture",
-                             hint="write timm:<arch>, e.g. timm:vit_base_patch16_224")
+            raise UsageError(
+                "encoder name 'timm:' lacks an architecture", hint="write timm:<arch>, e.g. timm:vit_base_patch16_224"
+            )
     if key not in ENCODERS or name == "timm":
         valid = ", ".join(n if n != "timm" else "timm:<arch>" for n in encoder_names())
         raise RegistryError(f"unknown encoder {name!r}", hint=f"set models.encoder to one of: {valid}")
@@ -62,8 +64,8 @@ def check_folder(name: str, weights_dir: str | Path | None) -> EncoderFolder:
 def load_encoder(
     name: str,
     weights_dir: str | Path | None = None,
-    device: "str | torch.device" = "cpu",
-    dtype: "str | torch.dtype | None" = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> Encoder:
     """Build encoder ``name`` from a local weights folder (or file) on ``device``, after checking the folder.
 

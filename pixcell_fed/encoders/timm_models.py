@@ -8,7 +8,7 @@ otherwise the architecture's own defaults are used. Classifier-head weights are 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pixcell_fed.devices import resolve_dtype
 from pixcell_fed.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderFolder, Preprocess, find_weights_file
@@ -23,7 +23,7 @@ def _source(arch: str | None) -> str:
     return f"put the weight file of timm model {arch!r} (pytorch_model.bin or model.safetensors) in one folder"
 
 
-def _meta_model(arch: str | None, weights_dir: Path | None) -> tuple["torch.nn.Module", Path, dict[str, Any]]:
+def _meta_model(arch: str | None, weights_dir: Path | None) -> tuple[torch.nn.Module, Path, dict[str, Any]]:
     """The architecture built on the meta device with the folder's ``model_args``, its weight file and config."""
     import timm
     import torch
@@ -39,9 +39,10 @@ def _meta_model(arch: str | None, weights_dir: Path | None) -> tuple["torch.nn.M
     return model, path, cfg
 
 
-def _without_head(model: "torch.nn.Module", state: dict[str, Any]) -> dict[str, Any]:
+def _without_head(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without the classifier-head tensors the headless model has no place for."""
-    classifier = model.pretrained_cfg.get("classifier") or "head"
+    pretrained_cfg = cast("dict[str, Any]", model.pretrained_cfg)  # timm's attribute, untyped on nn.Module
+    classifier = pretrained_cfg.get("classifier") or "head"
     heads = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     expected = model.state_dict()
     return {k: v for k, v in state.items() if k in expected or not any(k.startswith(h + ".") for h in heads)}
@@ -50,12 +51,16 @@ def _without_head(model: "torch.nn.Module", state: dict[str, Any]) -> dict[str, 
 def _checked(arch: str | None, weights_dir: Path | None):
     model, path, cfg = _meta_model(arch, weights_dir)
     state = _without_head(model, read_state_dict(path, _source(arch)))
-    problems = compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                              {k: tuple(v.shape) for k, v in state.items()})
+    problems = compare_shapes(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()}
+    )
     if problems:
-        raise WeightsError(f"{path} does not match timm architecture {arch}: " + "; ".join(problems),
-                           hint=_source(arch))
-    folder = EncoderFolder(name=f"timm:{arch}", weights_file=path, architecture=str(arch), dim=int(model.num_features))
+        raise WeightsError(
+            f"{path} does not match timm architecture {arch}: " + "; ".join(problems), hint=_source(arch)
+        )
+    folder = EncoderFolder(
+        name=f"timm:{arch}", weights_file=path, architecture=str(arch), dim=int(cast(int, model.num_features))
+    )
     return folder, model, state, cfg
 
 
@@ -64,13 +69,15 @@ def check_folder(weights_dir: Path | None, arch: str | None = None) -> EncoderFo
     return _checked(arch, weights_dir)[0]
 
 
-def load_timm(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | str | None" = None,
-              arch: str | None = None) -> Encoder:
+def load_timm(
+    weights_dir: Path | None, device: torch.device, dtype: torch.dtype | str | None = None, arch: str | None = None
+) -> Encoder:
     """Load ``timm:<arch>`` from a local weight file (dtype None: fp32 on CPU, bf16 on a GPU)."""
     checked, model, state, cfg = _checked(arch, weights_dir)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=resolve_dtype(dtype, device))
     pre = {**model.pretrained_cfg, **cfg.get("pretrained_cfg", {})}
     size = int(pre.get("input_size", (3, 224, 224))[-1])
-    return Encoder(model, checked, preprocess=Preprocess.of(size, pre.get("mean", IMAGENET_MEAN),
-                                                            pre.get("std", IMAGENET_STD)))
+    return Encoder(
+        model, checked, preprocess=Preprocess.of(size, pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD))
+    )

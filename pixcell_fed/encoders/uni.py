@@ -65,14 +65,14 @@ def uni_twin_kwargs(dim: int = 48) -> dict[str, Any]:
     return uni2h_kwargs(depth=2, num_heads=2, embed_dim=dim, patch_size=16)
 
 
-def build_uni(kwargs: dict[str, Any] | None = None) -> "torch.nn.Module":
+def build_uni(kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
     """UNI2-h's architecture (random weights), or a variant of it with ``kwargs``; honours a torch device context."""
     import timm
 
     return timm.create_model(UNI_ARCH, pretrained=False, **(kwargs or uni2h_kwargs()))
 
 
-def build_uni_twin(kwargs: dict[str, Any]) -> "torch.nn.Module":
+def build_uni_twin(kwargs: dict[str, Any]) -> torch.nn.Module:
     return build_uni(kwargs)
 
 
@@ -90,19 +90,28 @@ def _twin_kwargs(weights_dir: Path) -> dict[str, Any] | None:
 def _check(weights_dir: Path | None, *, twin_only: bool) -> tuple[EncoderFolder, dict[str, Any] | None]:
     twin_kwargs = _twin_kwargs(weights_dir) if weights_dir is not None else None
     if twin_only and twin_kwargs is None:
-        raise WeightsError(f"{weights_dir} is not a uni2-h twin folder (no {TWIN_MARKER_FILE})",
-                           hint="set models.encoder to uni2-h for real UNI2-h weights, or write a twin with save_tiny_uni")
+        raise WeightsError(
+            f"{weights_dir} is not a uni2-h twin folder (no {TWIN_MARKER_FILE})",
+            hint="set models.encoder to uni2-h for real UNI2-h weights, or write a twin with save_tiny_uni",
+        )
     twin = twin_kwargs is not None
     source = _TWIN_SOURCE if twin else UNI_SOURCE
     path = find_weights_file(weights_dir, "uni2-h-twin" if twin else "UNI2-h", source)
     problems = compare_shapes(meta_shapes(lambda: build_uni(twin_kwargs)), state_shapes(path, source))
     if problems:
-        raise WeightsError(f"{path} is not UNI2-h{' (twin)' if twin else ''}: " + "; ".join(problems),
-                           hint=f"re-download pytorch_model.bin; {source}")
-    dim = int(twin_kwargs["embed_dim"]) if twin else UNI_DIM
-    folder = EncoderFolder(name="uni2-h-twin" if twin else "uni2-h", weights_file=path, dim=dim, twin=twin,
-                           architecture=f"{UNI_ARCH} (UNI2-h options{', tiny' if twin else ''})",
-                           title="UNI2-h architecture" if twin else "UNI2-h")
+        raise WeightsError(
+            f"{path} is not UNI2-h{' (twin)' if twin else ''}: " + "; ".join(problems),
+            hint=f"re-download pytorch_model.bin; {source}",
+        )
+    dim = int(twin_kwargs["embed_dim"]) if twin_kwargs is not None else UNI_DIM
+    folder = EncoderFolder(
+        name="uni2-h-twin" if twin else "uni2-h",
+        weights_file=path,
+        dim=dim,
+        twin=twin,
+        architecture=f"{UNI_ARCH} (UNI2-h options{', tiny' if twin else ''})",
+        title="UNI2-h architecture" if twin else "UNI2-h",
+    )
     return folder, twin_kwargs
 
 
@@ -117,7 +126,7 @@ def check_twin_folder(weights_dir: Path | None, arch: str | None = None) -> Enco
     return _check(weights_dir, twin_only=True)[0]
 
 
-def compute_dtype(dtype: "str | torch.dtype | None", device: "torch.device") -> "torch.dtype":
+def compute_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The dtype UNI2-h runs in: float32 on every device unless another dtype is asked for by name.
 
     PixCell's conditioning embeddings were extracted from UNI2-h in float32; the generic ``auto`` (bf16 on a GPU)
@@ -128,25 +137,28 @@ def compute_dtype(dtype: "str | torch.dtype | None", device: "torch.device") -> 
     return torch.float32 if dtype is None or dtype == "auto" else resolve_dtype(dtype, device)
 
 
-def _load(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None", *, twin_only: bool) -> Encoder:
+def _load(weights_dir: Path | None, device: torch.device, dtype: torch.dtype | None, *, twin_only: bool) -> Encoder:
     import torch
 
     checked, twin_kwargs = _check(weights_dir, twin_only=twin_only)
     with torch.device("meta"):
         model = build_uni(twin_kwargs)
+    assert checked.weights_file is not None  # _check always names the file it checked
     model.load_state_dict(read_state_dict(checked.weights_file, UNI_SOURCE), strict=True, assign=True)
     model = model.to(device=device, dtype=compute_dtype(dtype, device))
     return Encoder(model, checked, preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD))
 
 
-def load_uni2h(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None" = None,
-               arch: str | None = None) -> Encoder:
+def load_uni2h(
+    weights_dir: Path | None, device: torch.device, dtype: torch.dtype | None = None, arch: str | None = None
+) -> Encoder:
     """UNI2-h from the site's folder holding ``pytorch_model.bin`` (a twin folder is recognised by its marker);
     float32 unless ``dtype`` is given."""
     return _load(weights_dir, device, dtype, twin_only=False)
 
 
-def load_uni2h_twin(weights_dir: Path | None, device: "torch.device", dtype: "torch.dtype | None" = None,
-                    arch: str | None = None) -> Encoder:
+def load_uni2h_twin(
+    weights_dir: Path | None, device: torch.device, dtype: torch.dtype | None = None, arch: str | None = None
+) -> Encoder:
     """The tiny random twin written by ``save_tiny_uni``: same timm class and options, tiny dims."""
     return _load(weights_dir, device, dtype, twin_only=True)

@@ -24,8 +24,10 @@ APP_FOLDER = "flower_app"
 def check_sha256(value: object, what: str = "app hash") -> str:
     """``value`` if it is a lowercase hex SHA-256, else :class:`ConfigError`."""
     if not is_sha256_hex(value):
-        raise ConfigError(f"{what} {value!r} is not a SHA-256 (64 lowercase hex digits)",
-                          hint="copy the value printed by 'site-agent app-hash'")
+        raise ConfigError(
+            f"{what} {value!r} is not a SHA-256 (64 lowercase hex digits)",
+            hint="copy the value printed by 'site-agent app-hash'",
+        )
     return value
 
 
@@ -35,8 +37,10 @@ def app_dir() -> Path:
 
     folder = Path(pixcell_fed.__file__).resolve().parent / APP_FOLDER
     if not (folder / "pyproject.toml").is_file():
-        raise UsageError(f"the Flower app folder {folder} is missing its pyproject.toml",
-                         hint="reinstall pixcell-fed (the folder is part of the package)")
+        raise UsageError(
+            f"the Flower app folder {folder} is missing its pyproject.toml",
+            hint="reinstall pixcell-fed (the folder is part of the package)",
+        )
     return folder
 
 

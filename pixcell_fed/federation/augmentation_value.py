@@ -37,9 +37,10 @@ Who could abuse the message, and what stops them (tests in ``tests/test_federati
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.errors import FederationError, PixcellFedError
 from pixcell_fed.federation import protocol as P
@@ -56,7 +57,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 STATUS_DONE = "done"
-#: the site's refusal when it does not take part (a generic code of :data:`~pixcell_fed.federation.protocol.ERROR_CODES`)
+#: the site's refusal when it does not take part
+#: (a generic code of :data:`~pixcell_fed.federation.protocol.ERROR_CODES`)
 NOT_ALLOWED = "not-allowed"
 #: where the comparison run starts: the site's generic weights for the backbone, or a random initialisation
 BASELINES = ("site-weights", "random-init")
@@ -66,6 +68,7 @@ MAX_EVAL_TILES = 10_000_000
 
 
 # ------------------------------------------------------------------------------------------------- the wire
+
 
 @dataclass(frozen=True)
 class AugmentationRequest:
@@ -80,14 +83,14 @@ class AugmentationRequest:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"augmentation request: {name} must be a whole number >= 1 or None (got {value!r})")
 
-    def to_record(self, state: dict, spec: "ModelSpec") -> "RecordDict":
+    def to_record(self, state: dict, spec: ModelSpec) -> RecordDict:
         values = {k: v for k, v in (("epochs", self.epochs), ("max-tiles", self.max_tiles)) if v is not None}
         content = P.request_record(**values)
         P.model_to_records(state, spec, content)
         return content
 
     @classmethod
-    def from_record(cls, content: "RecordDict") -> "AugmentationRequest":
+    def from_record(cls, content: RecordDict) -> AugmentationRequest:
         """The budget a request asks for; :class:`~pixcell_fed.federation.protocol.Refusal` ``bad-request`` when a
         value is not a whole number >= 1."""
         asked = P.config_values(content[P.KEY_REQUEST], {"epochs": int, "max-tiles": int})
@@ -96,7 +99,7 @@ class AugmentationRequest:
         except ValueError as exc:
             raise P.Refusal("bad-request", str(exc)) from exc
 
-    def budget(self, site: "LocalTrainingConfig") -> tuple[int, int]:
+    def budget(self, site: LocalTrainingConfig) -> tuple[int, int]:
         """(epochs, max_tiles): the site's, lowered (never raised) by the request."""
         return (min(site.epochs, self.epochs or site.epochs), min(site.max_tiles, self.max_tiles or site.max_tiles))
 
@@ -121,12 +124,16 @@ def answer_values(measured: Mapping[str, Any], *, epochs: int, digits: int) -> d
     return values
 
 
-def answer_record(values: Mapping[str, float], baseline: str) -> "RecordDict":
+def answer_record(values: Mapping[str, float], baseline: str) -> RecordDict:
     """A site's answer: the numbers of :func:`answer_values` and the baseline's name; nothing else."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    return RecordDict({P.KEY_METRICS: MetricRecord(dict(values)),
-                       P.KEY_INFO: ConfigRecord({"status": STATUS_DONE, "baseline": baseline})})
+    return RecordDict(
+        {
+            P.KEY_METRICS: MetricRecord(dict(values)),
+            P.KEY_INFO: ConfigRecord({"status": STATUS_DONE, "baseline": baseline}),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -139,12 +146,15 @@ class AugmentationReply:
     metrics: Mapping[str, float] | None = None
 
     @classmethod
-    def from_record(cls, content: "RecordDict", *, max_epochs: int | None) -> "AugmentationReply":
+    def from_record(cls, content: RecordDict, *, max_epochs: int | None) -> AugmentationReply:
         """A site's answer (refusals arrive as generic codes, :meth:`refused`); :class:`ReplyRejected` when any
         value is not what an honest site sends."""
-        info = content[P.KEY_INFO] if P.KEY_INFO in content else {}
-        if set(content.keys()) != {P.KEY_METRICS, P.KEY_INFO} or set(info.keys()) != {"status", "baseline"} \
-                or info.get("status") != STATUS_DONE:
+        info: Mapping[str, Any] = content.get(P.KEY_INFO, {})
+        if (
+            set(content.keys()) != {P.KEY_METRICS, P.KEY_INFO}
+            or set(info.keys()) != {"status", "baseline"}
+            or info.get("status") != STATUS_DONE
+        ):
             raise ReplyRejected("augmentation reply is not exactly a status, a baseline and the metrics")
         baseline = info.get("baseline")
         if baseline not in BASELINES:
@@ -152,10 +162,12 @@ class AugmentationReply:
         metrics = content[P.KEY_METRICS]
         if set(metrics.keys()) != set(_metric_keys()):
             raise ReplyRejected("augmentation reply without exactly the expected metrics")
-        values = {k: metrics[k] for k in _metric_keys()}
-        for key, value in values.items():
+        values: dict[str, float] = {}
+        for key in _metric_keys():
+            value = metrics[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ReplyRejected(f"augmentation reply value {key} is not a finite number")
+            values[key] = value
         for m in METRICS:
             if not all(0.0 <= values[f"{role}-{m}"] <= 1.0 for role in ROLES):
                 raise ReplyRejected(f"augmentation reply: {m} outside [0, 1]")
@@ -164,13 +176,16 @@ class AugmentationReply:
                 raise ReplyRejected(f"augmentation reply: the difference of {m} does not add up")
         if values["n"] != int(values["n"]) or not 1 <= values["n"] <= MAX_EVAL_TILES:
             raise ReplyRejected("augmentation reply: n is not a count of tiles")
-        if values["epochs"] != int(values["epochs"]) or values["epochs"] < 1 or \
-                (max_epochs is not None and values["epochs"] > max_epochs):
+        if (
+            values["epochs"] != int(values["epochs"])
+            or values["epochs"] < 1
+            or (max_epochs is not None and values["epochs"] > max_epochs)
+        ):
             raise ReplyRejected("augmentation reply: more epochs than were asked for")
         return cls(status=STATUS_DONE, baseline=str(baseline), metrics=values)
 
     @classmethod
-    def refused(cls, code: str) -> "AugmentationReply":
+    def refused(cls, code: str) -> AugmentationReply:
         """A site's refusal (its generic code, already checked by the transport): ``not-allowed`` or ``refused``."""
         return cls(status=NOT_ALLOWED) if code == NOT_ALLOWED else cls(status="refused", code=code)
 
@@ -179,13 +194,22 @@ class AugmentationReply:
         if self.status != STATUS_DONE or self.metrics is None:
             return {"status": self.status, **({"code": self.code} if self.code else {})}
         v = self.metrics
-        return {"status": self.status, "baseline": self.baseline, "n": int(v["n"]), "epochs": int(v["epochs"]),
-                "pool": {m: v[f"pool-{m}"] for m in METRICS}, "generic": {m: v[f"generic-{m}"] for m in METRICS},
-                "difference": {m: {"value": v[f"difference-{m}"], "low": v[f"difference-{m}-low"],
-                                   "high": v[f"difference-{m}-high"]} for m in METRICS}}
+        return {
+            "status": self.status,
+            "baseline": self.baseline,
+            "n": int(v["n"]),
+            "epochs": int(v["epochs"]),
+            "pool": {m: v[f"pool-{m}"] for m in METRICS},
+            "generic": {m: v[f"generic-{m}"] for m in METRICS},
+            "difference": {
+                m: {"value": v[f"difference-{m}"], "low": v[f"difference-{m}-low"], "high": v[f"difference-{m}-high"]}
+                for m in METRICS
+            },
+        }
 
 
 # ------------------------------------------------------------------------------------------------- the site
+
 
 @dataclass(frozen=True)
 class SiteLocalTraining:
@@ -197,26 +221,29 @@ class SiteLocalTraining:
     train_dir: Path | None
     eval_dir: Path | None
     work_dir: Path | None
-    rules: "LocalTrainingConfig"
-    limits: "FederationEvaluationConfig"
+    rules: LocalTrainingConfig
+    limits: FederationEvaluationConfig
 
 
-def _labelled(folder: Path | None, what: str) -> list[tuple[Path, str]]:
+def _labelled(folder: Path | None, what: str) -> tuple[Path, list[tuple[Path, str]]]:
+    """The configured ``folder`` and its labelled tiles."""
     from pixcell_fed.training.data import labelled_folder
 
     if folder is None:
         raise P.Refusal("unavailable", f"no {what} folder is configured")
     try:
-        return labelled_folder(folder)
+        return folder, labelled_folder(folder)
     except PixcellFedError as exc:
         raise P.Refusal("unavailable", exc.message) from exc
 
 
-def _check_disjoint(train: list[tuple[Path, str]], held_out: list[tuple[Path, str]], ctx: SiteLocalTraining) -> None:
+def _check_disjoint(
+    train: list[tuple[Path, str]], held_out: list[tuple[Path, str]], train_dir: Path, eval_dir: Path
+) -> None:
     """The training tiles must not be the held-out tiles: different folders, no file in common by content."""
     from pixcell_fed.hashing import sha256_file
 
-    a, b = Path(ctx.train_dir).resolve(), Path(ctx.eval_dir).resolve()
+    a, b = Path(train_dir).resolve(), Path(eval_dir).resolve()
     if a == b or a.is_relative_to(b) or b.is_relative_to(a):
         raise P.Refusal("unavailable", f"the training folder {a} and the held-out folder {b} overlap")
     shared = {sha256_file(p) for p, _ in train} & {sha256_file(p) for p, _ in held_out}
@@ -224,7 +251,7 @@ def _check_disjoint(train: list[tuple[Path, str]], held_out: list[tuple[Path, st
         raise P.Refusal("unavailable", f"{len(shared)} tile(s) of the training folder are also held-out tiles")
 
 
-def _received_model(spec: "ModelSpec", state: dict):
+def _received_model(spec: ModelSpec, state: dict):
     """The model the coordinator sent (its spec already checked), built and loaded after its weights passed the
     evaluation policy's checks."""
     from pixcell_fed.federation.evaluation_policy import check_weights
@@ -239,7 +266,7 @@ def _received_model(spec: "ModelSpec", state: dict):
     return model
 
 
-def _generic_start(spec: "ModelSpec", classes: list[str], rules: "LocalTrainingConfig"):
+def _generic_start(spec: ModelSpec, classes: list[str], rules: LocalTrainingConfig):
     """(the same backbone's generic start with a head for the site's classes, baseline name)."""
     from dataclasses import replace
 
@@ -249,27 +276,42 @@ def _generic_start(spec: "ModelSpec", classes: list[str], rules: "LocalTrainingC
 
     generic_file = rules.generic_weights.get(spec.arch)
     torch.manual_seed(rules.seed)
-    model = build_model(replace(spec.without_local_weights(), kind="classifier", classes=tuple(classes),
-                                pretrained_file=str(generic_file) if generic_file else None))
+    model = build_model(
+        replace(
+            spec.without_local_weights(),
+            kind="classifier",
+            classes=tuple(classes),
+            pretrained_file=str(generic_file) if generic_file else None,
+        )
+    )
     return model, "site-weights" if generic_file else "random-init"
 
 
-def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str) -> tuple[dict[str, float], str]:
+def measure(request: RecordDict, ctx: SiteLocalTraining, flower_run: int | str) -> tuple[dict[str, float], str]:
     """The two fine-tunes and their comparison: (the answer's rounded numbers, baseline). Refuses (``not-allowed``,
     or the evaluation policy's codes) before any tile is read when the site does not take part or the request or
     its model is not acceptable; charges the site's evaluation query budget before reading its tiles."""
     from dataclasses import replace
 
+    import numpy as np
     import torch
 
     from pixcell_fed.federation import evaluation_policy as policy
     from pixcell_fed.federation.query_budget import charge_query
-    from pixcell_fed.training.local_finetune import (FinetuneRecipe, finetune, paired_difference, predict,
-                                                     stratified_sample, with_head)
+    from pixcell_fed.training.local_finetune import (
+        FinetuneRecipe,
+        finetune,
+        paired_difference,
+        predict,
+        stratified_sample,
+        with_head,
+    )
 
     if not ctx.allowed:
-        raise P.Refusal(NOT_ALLOWED, f"site {ctx.site_name} does not allow local training "
-                                     "(federation.allow_local_training); nothing was run")
+        raise P.Refusal(
+            NOT_ALLOWED,
+            f"site {ctx.site_name} does not allow local training (federation.allow_local_training); nothing was run",
+        )
     if ctx.work_dir is None:  # checked first: an answer the budget and the trail cannot record is never computed
         raise P.Refusal("unavailable", "no work folder for the query budget and the audit trail")
     asked = AugmentationRequest.from_record(request)
@@ -280,9 +322,9 @@ def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str
     pool_model = _received_model(spec, state)
     charge_query(ctx.work_dir, flower_run, per_run=limits.max_queries_per_run, per_day=limits.max_queries_per_day)
     # the request and its model are acceptable and paid for: only now are the site's tiles read
-    train = _labelled(ctx.train_dir, "training (federation.train_dir)")
-    held_out = _labelled(ctx.eval_dir, "held-out evaluation")
-    _check_disjoint(train, held_out, ctx)
+    train_dir, train = _labelled(ctx.train_dir, "training (federation.train_dir)")
+    eval_dir, held_out = _labelled(ctx.eval_dir, "held-out evaluation")
+    _check_disjoint(train, held_out, train_dir, eval_dir)
     policy.check_tiles_per_class([label for _, label in held_out], limits)
     classes = sorted({label for _, label in train})
     if len(classes) < 2:
@@ -292,15 +334,23 @@ def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str
         torch.manual_seed(ctx.rules.seed)
         with_head(pool_model, len(classes))  # the site's own classes: a fresh head on the pool's backbone
     generic, baseline = _generic_start(spec, classes, ctx.rules)
-    recipe = FinetuneRecipe(epochs=epochs, batch_size=ctx.rules.batch_size, lr=ctx.rules.lr,
-                            weight_decay=ctx.rules.weight_decay, mode=ctx.rules.mode, seed=ctx.rules.seed)
+    recipe = FinetuneRecipe(
+        epochs=epochs,
+        batch_size=ctx.rules.batch_size,
+        lr=ctx.rules.lr,
+        weight_decay=ctx.rules.weight_decay,
+        mode=ctx.rules.mode,
+        seed=ctx.rules.seed,
+    )
     site_spec = replace(spec.without_local_weights(), kind="classifier", classes=tuple(classes))
     index = {c: i for i, c in enumerate(classes)}
     truth = [index.get(label, -1) for _, label in held_out]
     known = [i for i, t in enumerate(truth) if t >= 0]
     if len(known) < len(truth):  # a held-out class the site has no training tiles of: it cannot be predicted
-        log.warning("local fine-tune: %d held-out tile(s) of classes without training tiles are left out",
-                    len(truth) - len(known))
+        log.warning(
+            "local fine-tune: %d held-out tile(s) of classes without training tiles are left out",
+            len(truth) - len(known),
+        )
     held_out = [held_out[i] for i in known]
     if not held_out:
         raise P.Refusal("unavailable", "no held-out tile of a class the site trains on")
@@ -309,20 +359,41 @@ def measure(request: "RecordDict", ctx: SiteLocalTraining, flower_run: int | str
         torch.manual_seed(ctx.rules.seed)
         finetune(model, train, classes, site_spec, recipe)
         predictions.append(predict(model, held_out, site_spec))
-    measured = paired_difference([truth[i] for i in known], predictions[0], predictions[1], len(classes),
-                                 bootstrap=ctx.rules.bootstrap, seed=ctx.rules.seed)
-    log.info("local fine-tune on %d tiles, %d epoch(s), evaluated on %d held-out tiles: pool %s, generic %s",
-             len(train), epochs, len(held_out), measured["a"], measured["b"])
+    measured = paired_difference(
+        np.asarray([truth[i] for i in known], np.int64),
+        predictions[0],
+        predictions[1],
+        len(classes),
+        bootstrap=ctx.rules.bootstrap,
+        seed=ctx.rules.seed,
+    )
+    log.info(
+        "local fine-tune on %d tiles, %d epoch(s), evaluated on %d held-out tiles: pool %s, generic %s",
+        len(train),
+        epochs,
+        len(held_out),
+        measured["a"],
+        measured["b"],
+    )
     return answer_values(measured, epochs=epochs, digits=limits.round_digits), baseline
 
 
 # ------------------------------------------------------------------------------------------ the coordinator
 
-def augmentation_round(transport: Any, nodes: Mapping[str, int], state: dict, spec: "ModelSpec",
-                       request: AugmentationRequest, *, timeout: float) -> dict[str, dict[str, Any]]:
+
+def augmentation_round(
+    transport: Any,
+    nodes: Mapping[str, int],
+    state: dict,
+    spec: ModelSpec,
+    request: AugmentationRequest,
+    *,
+    timeout: float,
+) -> dict[str, dict[str, Any]]:
     """Ask every site what the pool adds; returns site -> report row (status, and the figures when done)."""
-    replies = transport.exchange({node: (P.MSG_AUGMENTATION, request.to_record(state, spec)) for node in nodes.values()},
-                                 timeout=timeout)
+    replies = transport.exchange(
+        {node: (P.MSG_AUGMENTATION, request.to_record(state, spec)) for node in nodes.values()}, timeout=timeout
+    )
     rows: dict[str, dict[str, Any]] = {}
     for site, node in sorted(nodes.items()):
         reply = replies.get(node)

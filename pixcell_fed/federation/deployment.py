@@ -15,6 +15,7 @@ The locked-down services built from these (``coordinator serve``, ``site-agent s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import ipaddress
 import os
@@ -23,9 +24,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from pixcell_fed.atomic import write_bytes_atomic, write_text_atomic
 from pixcell_fed.errors import FederationError, KeyFileError, UsageError
@@ -33,9 +34,12 @@ from pixcell_fed.runlog import get_logger
 
 log = get_logger(__name__)
 
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             # a SuperExec looks for queued work every 0.1 s instead of 1 s (pooling latency, docs/federation.md)
-             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # a SuperExec looks for queued work every 0.1 s instead of 1 s (pooling latency, docs/federation.md)
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+}
 REGISTER_REFUSED_EXIT = 305  # Flower's exit code (in the SuperNode log) when its key is not registered
 
 
@@ -53,7 +57,9 @@ def flower_bin(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if not found:
-        raise UsageError(f"'{name}' not found", hint="install pixcell-fed's dependencies (flwr==1.42.0) in this environment")
+        raise UsageError(
+            f"'{name}' not found", hint="install pixcell-fed's dependencies (flwr==1.42.0) in this environment"
+        )
     return found
 
 
@@ -80,20 +86,37 @@ def make_tls(folder: str | Path, *, hosts: Sequence[str] = (), days: int = 825) 
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder = Path(folder)
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pixcell-fed consortium CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
-               .not_valid_after(now + _dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               # key identifiers: Python 3.13's default TLS verification (X509 strict) refuses certificates without
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                            key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                            encipher_only=False, decipher_only=False), critical=True)
-               .sign(ca_key, hashes.SHA384()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        # key identifiers: Python 3.13's default TLS verification (X509 strict) refuses certificates without
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
     key = ec.generate_private_key(ec.SECP384R1())
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     for host in hosts:
@@ -101,24 +124,35 @@ def make_tls(folder: str | Path, *, hosts: Sequence[str] = (), days: int = 825) 
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
     pem = serialization.Encoding.PEM
     files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     write_bytes_atomic(files.ca_cert, ca_cert.public_bytes(pem))
-    write_bytes_atomic(folder / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                              serialization.NoEncryption()), mode=0o600)
+    write_bytes_atomic(
+        folder / "ca.key",
+        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        mode=0o600,
+    )
     write_bytes_atomic(files.server_cert, cert.public_bytes(pem))
-    write_bytes_atomic(files.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()), mode=0o600)
+    write_bytes_atomic(
+        files.server_key,
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        mode=0o600,
+    )
     return files
 
 
@@ -129,10 +163,18 @@ def make_site_auth_key(folder: str | Path, site: str) -> tuple[Path, Path]:
 
     folder = Path(folder)
     key = ec.generate_private_key(ec.SECP384R1())
-    private = write_bytes_atomic(folder / f"{site}_auth", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), mode=0o600)
-    public = write_bytes_atomic(folder / f"{site}_auth.pub", key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
+    private = write_bytes_atomic(
+        folder / f"{site}_auth",
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        mode=0o600,
+    )
+    public = write_bytes_atomic(
+        folder / f"{site}_auth.pub",
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + f" {site}\n".encode(),
+    )
     return private, public
 
 
@@ -158,21 +200,44 @@ def read_superexec_secret(path: str | Path) -> bytes:
     try:
         secret = Path(path).read_bytes()
     except OSError as exc:
-        raise UsageError(f"cannot read the SuperExec secret {path}: {exc}", hint="'site-agent serve' writes it") from exc
+        raise UsageError(
+            f"cannot read the SuperExec secret {path}: {exc}", hint="'site-agent serve' writes it"
+        ) from exc
     if not secret:
         raise UsageError(f"the SuperExec secret {path} is empty", hint="'site-agent serve' writes it")
     return secret
 
 
-def superlink_command(*, port: int, tls: TlsFiles | None, node_auth: bool, database: Path | None = None,
-                      host: str = "127.0.0.1", superexec_secret: Path | None = None) -> list[str]:
+def superlink_command(
+    *,
+    port: int,
+    tls: TlsFiles | None,
+    node_auth: bool,
+    database: Path | None = None,
+    host: str = "127.0.0.1",
+    superexec_secret: Path | None = None,
+) -> list[str]:
     """``flower-superlink``; with ``superexec_secret`` in process isolation: it starts no SuperExec of its own, and
     only a SuperExec holding the secret may claim its ServerApp tasks (:func:`superexec_command`)."""
-    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    cmd = [
+        flower_bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         cmd.append("--insecure")
     else:
-        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
     if node_auth:
         cmd.append("--enable-supernode-auth")
     if superexec_secret is not None:
@@ -182,10 +247,19 @@ def superlink_command(*, port: int, tls: TlsFiles | None, node_auth: bool, datab
     return cmd
 
 
-def superexec_command(*, runtime_api: str, ca_cert: Path, superexec_secret: Path, parent_pid: int | None = None) -> list[str]:
+def superexec_command(
+    *, runtime_api: str, ca_cert: Path, superexec_secret: Path, parent_pid: int | None = None
+) -> list[str]:
     """The coordinator's ``flower-superexec``: runs the ServerApps of the SuperLink at ``runtime_api`` (TLS)."""
-    cmd = [flower_bin("flower-superexec"), "--runtime-api-address", runtime_api, "--root-certificates", str(ca_cert),
-           "--superexec-auth-secret-file", str(superexec_secret)]
+    cmd = [
+        flower_bin("flower-superexec"),
+        "--runtime-api-address",
+        runtime_api,
+        "--root-certificates",
+        str(ca_cert),
+        "--superexec-auth-secret-file",
+        str(superexec_secret),
+    ]
     if parent_pid is not None:
         cmd += ["--parent-pid", str(parent_pid)]
     return cmd
@@ -195,17 +269,35 @@ def node_config_arg(values: Mapping[str, str]) -> str:
     """``--node-config`` value: space-separated ``key="value"`` pairs (TOML strings)."""
     for key, value in values.items():
         if '"' in str(value) or "\\" in str(value) or " " in str(key):
-            raise UsageError(f"node config {key}={value!r} contains quotes, backslashes or spaces",
-                             hint="use plain folder paths without quotes or backslashes")
+            raise UsageError(
+                f"node config {key}={value!r} contains quotes, backslashes or spaces",
+                hint="use plain folder paths without quotes or backslashes",
+            )
     return " ".join(f'{k}="{v}"' for k, v in values.items())
 
 
-def supernode_command(*, superlink: str, port: int, node_config: Mapping[str, str], root_certificates: Path | None,
-                      auth_private_key: Path | None, superexec_secret: Path | None = None) -> list[str]:
+def supernode_command(
+    *,
+    superlink: str,
+    port: int,
+    node_config: Mapping[str, str],
+    root_certificates: Path | None,
+    auth_private_key: Path | None,
+    superexec_secret: Path | None = None,
+) -> list[str]:
     """``flower-supernode`` with its runtime API on 127.0.0.1:``port``; with ``superexec_secret`` in process
     isolation: it runs no app itself, the site's launcher (holding the secret) does."""
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
-           "--node-config", node_config_arg(node_config)]
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        node_config_arg(node_config),
+    ]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates is not None else ["--insecure"]
     if auth_private_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_private_key)]
@@ -223,8 +315,9 @@ class Process:
     ``log_path`` it writes to the caller's stdout and stderr.
     """
 
-    def __init__(self, name: str, cmd: Sequence[str], *, log_path: Path | None, env: Mapping[str, str],
-                 own_group: bool = True) -> None:
+    def __init__(
+        self, name: str, cmd: Sequence[str], *, log_path: Path | None, env: Mapping[str, str], own_group: bool = True
+    ) -> None:
         self.name = name
         self.cmd = list(cmd)
         self.own_group = own_group
@@ -232,9 +325,14 @@ class Process:
         self._log = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-                                      env=dict(env), start_new_session=own_group)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115  # held for the process's life, closed by stop()
+        self.popen = subprocess.Popen(
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT if self._log else None,
+            env=dict(env),
+            start_new_session=own_group,
+        )
         self.pid = self.popen.pid
         log.info("started %s (pid %d): %s", name, self.pid, " ".join(self.cmd))
 
@@ -277,10 +375,8 @@ class Process:
         deadline = time.monotonic() + 10.0
         while self.group_pids() and time.monotonic() < deadline:  # stragglers (e.g. app processes) of the group
             for pid in self.group_pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.1)
         if self.popen.poll() is None:
             self.popen.wait(5.0)
@@ -300,8 +396,9 @@ class Process:
         self.popen.wait(10)
 
 
-def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, process: Process | None = None,
-                 any_status: bool = False) -> None:
+def wait_healthy(
+    url: str, *, timeout: float = 60.0, ca: Path | None = None, process: Process | None = None, any_status: bool = False
+) -> None:
     """Poll ``url`` (``GET /health``) until it answers 200 (any HTTP answer with ``any_status``: the Fleet front
     answers everything but the Fleet API with 404), or raise with the process's log tail."""
     import ssl
@@ -313,8 +410,10 @@ def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, pro
     last = ""
     while time.monotonic() < deadline:
         if process is not None and not process.alive():
-            raise FederationError(f"{process.name} exited with code {process.popen.returncode}",
-                                  hint=f"see {process.log_path or 'its output above'}:\n{process.log_tail()}")
+            raise FederationError(
+                f"{process.name} exited with code {process.popen.returncode}",
+                hint=f"see {process.log_path or 'its output above'}:\n{process.log_tail()}",
+            )
         try:
             with urllib.request.urlopen(url, timeout=3, context=context) as resp:
                 if resp.status == 200:
@@ -326,13 +425,24 @@ def wait_healthy(url: str, *, timeout: float = 60.0, ca: Path | None = None, pro
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise FederationError(f"no healthy answer from {url} within {timeout:.0f} s ({last})",
-                          hint=f"see {process.log_path or 'its output above'}" if process else "check the process log")
+    raise FederationError(
+        f"no healthy answer from {url} within {timeout:.0f} s ({last})",
+        hint=f"see {process.log_path or 'its output above'}" if process else "check the process log",
+    )
 
 
-def run_flwr(args: Sequence[str], *, flwr_home: Path, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
-                          env=flower_env(flwr_home), cwd=cwd)
+def run_flwr(
+    args: Sequence[str], *, flwr_home: Path, timeout: float = 120.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [flower_bin("flwr"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=flower_env(flwr_home),
+        cwd=cwd,
+        check=False,
+    )
 
 
 def check_site_key(trust, site: str, public_key: Path) -> None:
@@ -345,37 +455,61 @@ def check_site_key(trust, site: str, public_key: Path) -> None:
 
     entry = trust.site(site)
     if entry is None:
-        raise KeyFileError(f"site {site!r} is not in the trust file {trust.source}",
-                           hint="add it first: 'coordinator trust-add TRUST_FILE --site NAME ... --auth-key NAME_auth.pub'")
+        raise KeyFileError(
+            f"site {site!r} is not in the trust file {trust.source}",
+            hint="add it first: 'coordinator trust-add TRUST_FILE --site NAME ... --auth-key NAME_auth.pub'",
+        )
     if entry.auth_key is None:
-        raise KeyFileError(f"the trust file gives site {site!r} no auth_key", hint="add the site's SuperNode key: "
-                           "'coordinator trust-add TRUST_FILE --site NAME ... --auth-key NAME_auth.pub'")
+        raise KeyFileError(
+            f"the trust file gives site {site!r} no auth_key",
+            hint="add the site's SuperNode key: "
+            "'coordinator trust-add TRUST_FILE --site NAME ... --auth-key NAME_auth.pub'",
+        )
     if not Path(public_key).is_file():
         raise KeyFileError(f"public key file not found: {public_key}", hint="pass the site's <site>_auth.pub")
     if auth_key_der(Path(public_key).read_bytes(), source=str(public_key)) != entry.auth_key:
         owner = trust.site_with_auth_key(Path(public_key).read_bytes())
-        raise KeyFileError(f"{public_key} is not the auth_key of site {site!r} in the trust file"
-                           + (f" (it is {owner!r}'s)" if owner else ""),
-                           hint="register each site with the key the trust file binds to its name")
+        raise KeyFileError(
+            f"{public_key} is not the auth_key of site {site!r} in the trust file"
+            + (f" (it is {owner!r}'s)" if owner else ""),
+            hint="register each site with the key the trust file binds to its name",
+        )
 
 
-def register_site(public_key: Path, site: str, *, trust, superlink: str, ca_cert: Path, flwr_home: Path,
-                  connection: str = "consortium") -> None:
+def register_site(
+    public_key: Path,
+    site: str,
+    *,
+    trust,
+    superlink: str,
+    ca_cert: Path,
+    flwr_home: Path,
+    connection: str = "consortium",
+) -> None:
     """After :func:`check_site_key`, ``flwr supernode register KEY.pub CONNECTION --name SITE`` against the
     SuperLink at ``superlink`` (written as ``connection`` into ``$FLWR_HOME/config.toml``)."""
     check_site_key(trust, site, public_key)
     write_flwr_config(flwr_home, connection, superlink, root_certificates=ca_cert)
     proc = run_flwr(["supernode", "register", str(public_key), connection, "--name", site], flwr_home=flwr_home)
     if proc.returncode != 0:
-        raise FederationError(f"registering site {site} failed: {(proc.stdout + proc.stderr)[-2000:]}",
-                              hint="check that the SuperLink runs ('coordinator serve') and the key is OpenSSH EC P-384")
+        raise FederationError(
+            f"registering site {site} failed: {(proc.stdout + proc.stderr)[-2000:]}",
+            hint="check that the SuperLink runs ('coordinator serve') and the key is OpenSSH EC P-384",
+        )
 
 
-def flwr_run(connection: str, *, flwr_home: Path, run_config_file: Path | None, app: Path | None = None,
-             timeout: float = 3600.0) -> subprocess.CompletedProcess:
+def flwr_run(
+    connection: str, *, flwr_home: Path, run_config_file: Path | None, app: Path | None = None, timeout: float = 3600.0
+) -> subprocess.CompletedProcess:
     """Run the coordinator app to completion (see :func:`flwr_run_command`)."""
-    return subprocess.run(flwr_run_command(connection, run_config_file, app=app), capture_output=True, text=True,
-                          timeout=timeout, env=flower_env(flwr_home))
+    return subprocess.run(
+        flwr_run_command(connection, run_config_file, app=app),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=flower_env(flwr_home),
+        check=False,
+    )
 
 
 def free_port() -> int:
@@ -387,14 +521,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_superlink(*, port: int, tls: TlsFiles | None, node_auth: bool, flwr_home: Path, log_dir: Path,
-                    host: str = "127.0.0.1", database: Path | None = None, timeout: float = 90.0) -> Process:
+def start_superlink(
+    *,
+    port: int,
+    tls: TlsFiles | None,
+    node_auth: bool,
+    flwr_home: Path,
+    log_dir: Path,
+    host: str = "127.0.0.1",
+    database: Path | None = None,
+    timeout: float = 90.0,
+) -> Process:
     """Start the SuperLink and wait until ``/health`` answers."""
-    proc = Process("superlink", superlink_command(port=port, tls=tls, node_auth=node_auth, database=database, host=host),
-                   log_path=log_dir / "superlink.log", env=flower_env(flwr_home))
+    proc = Process(
+        "superlink",
+        superlink_command(port=port, tls=tls, node_auth=node_auth, database=database, host=host),
+        log_path=log_dir / "superlink.log",
+        env=flower_env(flwr_home),
+    )
     scheme = "https" if tls is not None else "http"
     try:
-        wait_healthy(f"{scheme}://127.0.0.1:{port}/health", timeout=timeout, ca=tls.ca_cert if tls else None, process=proc)
+        wait_healthy(
+            f"{scheme}://127.0.0.1:{port}/health", timeout=timeout, ca=tls.ca_cert if tls else None, process=proc
+        )
     except BaseException:
         proc.stop()
         raise
@@ -406,11 +555,25 @@ def resolve_flwr_home(folder: str | Path | None = None) -> Path:
     return Path(folder or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
-def start_supernode(site: str, *, superlink: str, port: int, node_config: Mapping[str, str], flwr_home: Path,
-                    log_dir: Path, root_certificates: Path | None, auth_private_key: Path | None) -> Process:
+def start_supernode(
+    site: str,
+    *,
+    superlink: str,
+    port: int,
+    node_config: Mapping[str, str],
+    flwr_home: Path,
+    log_dir: Path,
+    root_certificates: Path | None,
+    auth_private_key: Path | None,
+) -> Process:
     """Start one site's SuperNode (it connects to the SuperLink and waits for messages)."""
-    cmd = supernode_command(superlink=superlink, port=port, node_config=node_config, root_certificates=root_certificates,
-                            auth_private_key=auth_private_key)
+    cmd = supernode_command(
+        superlink=superlink,
+        port=port,
+        node_config=node_config,
+        root_certificates=root_certificates,
+        auth_private_key=auth_private_key,
+    )
     return Process(f"supernode-{site}", cmd, log_path=log_dir / f"supernode-{site}.log", env=flower_env(flwr_home))
 
 

@@ -29,9 +29,10 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.errors import PrivacyLedgerError, TrailError
 from pixcell_fed.training.dp import DPSteps
@@ -48,8 +49,10 @@ TRAIL_REFUSED = "dp-refused"
 TRAIL_RESET = "dp-ledger-reset"
 RESET_STATEMENT = "pixcell-fed-privacy-ledger-reset"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_RESET_HINT = ("a privacy officer must check what happened, then reset the ledger: "
-               "site-agent privacy-ledger-reset --config site.yaml --key OFFICER_KEY --reason '...'")
+_RESET_HINT = (
+    "a privacy officer must check what happened, then reset the ledger: "
+    "site-agent privacy-ledger-reset --config site.yaml --key OFFICER_KEY --reason '...'"
+)
 
 
 def ledger_dir(work_dir: str | Path) -> Path:
@@ -79,16 +82,27 @@ class StepRecord:
         return asdict(self)
 
     @classmethod
-    def from_fields(cls, fields: Any, where: str) -> "StepRecord":
+    def from_fields(cls, fields: Any, where: str) -> StepRecord:
         """Read back (and check) a record from a ledger or trail entry."""
         try:
-            record = cls(round=int(fields["round"]), noise_multiplier=float(fields["noise_multiplier"]),
-                         sample_rate=float(fields["sample_rate"]), steps=int(fields["steps"]),
-                         delta=float(fields["delta"]), train_set_sha256=str(fields["train_set_sha256"]))
+            record = cls(
+                round=int(fields["round"]),
+                noise_multiplier=float(fields["noise_multiplier"]),
+                sample_rate=float(fields["sample_rate"]),
+                steps=int(fields["steps"]),
+                delta=float(fields["delta"]),
+                train_set_sha256=str(fields["train_set_sha256"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyLedgerError(f"{where}: not a valid DP step record ({exc})", hint=_RESET_HINT) from exc
-        ok = (record.noise_multiplier > 0 and math.isfinite(record.noise_multiplier) and 0 < record.sample_rate <= 1
-              and record.steps >= 0 and 0 < record.delta < 1 and _SHA_RE.match(record.train_set_sha256))
+        ok = (
+            record.noise_multiplier > 0
+            and math.isfinite(record.noise_multiplier)
+            and 0 < record.sample_rate <= 1
+            and record.steps >= 0
+            and 0 < record.delta < 1
+            and _SHA_RE.match(record.train_set_sha256)
+        )
         if not ok:
             raise PrivacyLedgerError(f"{where}: DP step record out of range: {record}", hint=_RESET_HINT)
         return record
@@ -116,6 +130,7 @@ class Ledger:
 
 # ------------------------------------------------------------------------------------------ reading
 
+
 def _verify_chain(path: Path, what: str):
     from pixcell_fed.bundle.trail import verify_trail
 
@@ -127,8 +142,12 @@ def _verify_chain(path: Path, what: str):
 
 def _reset_statement(fields: dict[str, Any]) -> bytes:
     keys = ("site", "reset_time", "reason", "previous", "restored")
-    return json.dumps({"type": RESET_STATEMENT, **{k: fields.get(k) for k in keys}}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return json.dumps(
+        {"type": RESET_STATEMENT, **{k: fields.get(k) for k in keys}},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode("ascii")
 
 
 def _check_reset_signature(entry: dict, where: str) -> None:
@@ -172,15 +191,21 @@ def _check_against_trail(work_dir: Path, entries: list[dict]) -> None:
     if seq >= len(entries):
         raise PrivacyLedgerError(
             f"the privacy ledger has {len(entries)} entries but the audit trail records DP training up to entry "
-            f"{seq + 1}: the ledger was lost, cut short or replaced by an older copy", hint=_RESET_HINT)
+            f"{seq + 1}: the ledger was lost, cut short or replaced by an older copy",
+            hint=_RESET_HINT,
+        )
     mine = entries[seq]
     if last["event"] == TRAIL_TRAIN:
-        same = mine["event"] == EVENT_STEPS and StepRecord.from_fields(mine, "ledger") == StepRecord.from_fields(last, "trail")
+        same = mine["event"] == EVENT_STEPS and StepRecord.from_fields(mine, "ledger") == StepRecord.from_fields(
+            last, "trail"
+        )
     else:
         same = mine["event"] == EVENT_RESET and mine.get("signature") == last.get("signature")
     if not same:
-        raise PrivacyLedgerError(f"privacy ledger entry {seq} differs from what the audit trail recorded for it "
-                                 f"(trail entry {last['seq']})", hint=_RESET_HINT)
+        raise PrivacyLedgerError(
+            f"privacy ledger entry {seq} differs from what the audit trail recorded for it (trail entry {last['seq']})",
+            hint=_RESET_HINT,
+        )
 
 
 def read_ledger(work_dir: str | Path) -> Ledger:
@@ -206,6 +231,7 @@ def locked_ledger(work_dir: str | Path) -> Iterator[Ledger]:
 
 # ------------------------------------------------------------------------------------------ writing
 
+
 def record_round(ledger: Ledger, record: StepRecord, **summary: Any) -> None:
     """Write a round's spend: first to the audit trail (with ``summary``), then to the ledger. Call inside
     :func:`locked_ledger`, before training."""
@@ -229,12 +255,16 @@ def _spends_in_trail(work_dir: Path) -> list[dict[str, Any]]:
     from pixcell_fed.bundle.trail import verify_trail
 
     entries = verify_trail(trail_path(work_dir)).entries  # a broken trail refuses the reset (TrailError)
-    return [StepRecord.from_fields(e, f"audit trail entry {e['seq']}").to_fields()
-            for e in entries if e["event"] == TRAIL_TRAIN]
+    return [
+        StepRecord.from_fields(e, f"audit trail entry {e['seq']}").to_fields()
+        for e in entries
+        if e["event"] == TRAIL_TRAIN
+    ]
 
 
-def reset_ledger(site: "SiteAuthority", officer_key, *, reason: str,
-                 confirm: Callable[[], bool] | None = None) -> dict[str, Any]:
+def reset_ledger(
+    site: SiteAuthority, officer_key, *, reason: str, confirm: Callable[[], bool] | None = None
+) -> dict[str, Any]:
     """An officer's reset of the ledger of ``site`` (its name, work folder and officers, from its own site.yaml):
     move the current ledger aside, start a new one that carries over every spend the audit trail recorded, signed
     with ``officer_key`` (Ed25519), and record the reset in the trail. Returns a summary.
@@ -244,12 +274,11 @@ def reset_ledger(site: "SiteAuthority", officer_key, *, reason: str,
     officer (:class:`~pixcell_fed.errors.ConfigError`), a reason that is not one line, and (after the checks)
     ``confirm()`` returning False (:class:`~pixcell_fed.errors.UsageError`).
     """
+    from pixcell_fed.atomic import folder_lock
     from pixcell_fed.bundle.state import trail_path
     from pixcell_fed.bundle.trail import append_event, head_path
     from pixcell_fed.errors import UsageError
     from pixcell_fed.keys import public_key_text
-
-    from pixcell_fed.atomic import folder_lock
 
     if not reason.strip() or "\n" in reason:
         raise PrivacyLedgerError("a ledger reset needs a one-line reason", hint="pass --reason '...'")
@@ -260,7 +289,7 @@ def reset_ledger(site: "SiteAuthority", officer_key, *, reason: str,
     with folder_lock(ledger_dir(work_dir), what="DP training round or ledger reset"):
         restored = _spends_in_trail(work_dir)
         path = ledger_path(work_dir)
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.UTC)
         previous = None
         moved = [p for p in (path, head_path(path)) if p.exists()]
         if moved:
@@ -269,21 +298,41 @@ def reset_ledger(site: "SiteAuthority", officer_key, *, reason: str,
             for p in moved:
                 shutil.move(str(p), str(aside / p.name))
             previous = aside.name
-        fields = {"site": site.name, "reset_time": now.isoformat(timespec="seconds"), "reason": reason.strip(),
-                  "previous": previous, "restored": restored}
+        fields = {
+            "site": site.name,
+            "reset_time": now.isoformat(timespec="seconds"),
+            "reason": reason.strip(),
+            "previous": previous,
+            "restored": restored,
+        }
         signature = base64.b64encode(officer_key.sign(_reset_statement(fields))).decode("ascii")
         signed = {"officer": officer, "officer_key": public_key_text(officer_key.public_key()), "signature": signature}
         append_event(path, EVENT_RESET, **fields, **signed)
-        append_event(trail_path(work_dir), TRAIL_RESET, reason=fields["reason"], previous=previous,
-                     restored_rounds=len(restored), ledger_seq=0, **signed)
+        append_event(
+            trail_path(work_dir),
+            TRAIL_RESET,
+            reason=fields["reason"],
+            previous=previous,
+            restored_rounds=len(restored),
+            ledger_seq=0,
+            **signed,
+        )
     return {"previous": previous, "restored_rounds": len(restored), "officer": officer}
 
 
 def ledger_status(work_dir: str | Path, *, budget: float, delta: float | None) -> dict[str, Any]:
     """What an officer or the admin sees: whether the ledger verifies, rounds recorded, epsilon spent (at the site's
     delta, else the smallest delta recorded), the budget and what is left of it."""
-    status: dict[str, Any] = {"ledger": str(ledger_path(work_dir)), "ok": True, "problem": None, "rounds": 0,
-                              "epsilon": 0.0, "delta": delta, "epsilon_budget": budget, "epsilon_remaining": budget}
+    status: dict[str, Any] = {
+        "ledger": str(ledger_path(work_dir)),
+        "ok": True,
+        "problem": None,
+        "rounds": 0,
+        "epsilon": 0.0,
+        "delta": delta,
+        "epsilon_budget": budget,
+        "epsilon_remaining": budget,
+    }
     try:
         ledger = read_ledger(work_dir)
     except PrivacyLedgerError as exc:

@@ -18,9 +18,10 @@ if the site allows it, the number of tiles rounded to its granularity. Nothing e
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.errors import DPRefused, FederationError, PixcellFedError, UsageError
 from pixcell_fed.federation import protocol as P
@@ -52,7 +53,7 @@ class DPRequest:
     round: int
     settings: DPSettings
 
-    def to_record(self, state: dict, spec: "ModelSpec") -> "RecordDict":
+    def to_record(self, state: dict, spec: ModelSpec) -> RecordDict:
         values: dict[str, Any] = {"round": self.round}
         for wire, name in {**_REQUEST_INTS, **_REQUEST_FLOATS}.items():
             if name != "round":
@@ -62,7 +63,7 @@ class DPRequest:
         return content
 
     @classmethod
-    def from_record(cls, content: "RecordDict") -> "DPRequest":
+    def from_record(cls, content: RecordDict) -> DPRequest:
         """Validated request; :class:`DPRefused` names what is wrong."""
         if P.KEY_REQUEST not in content:
             raise DPRefused("the request carries no DP settings")
@@ -100,21 +101,29 @@ class DPReply:
     state: dict | None = field(default=None, repr=False)
 
     @classmethod
-    def from_record(cls, content: "RecordDict", reference: Mapping[str, Any]) -> "DPReply":
+    def from_record(cls, content: RecordDict, reference: Mapping[str, Any]) -> DPReply:
         """Parse a trained reply; weights must have the keys, shapes and dtypes of ``reference`` and be finite."""
-        info = content[P.KEY_INFO] if P.KEY_INFO in content else {}
+        info: Mapping[str, Any] = content.get(P.KEY_INFO, {})
         status = info.get("status")
         if status != STATUS_TRAINED:
             raise FederationError(f"DP reply with unknown status {status!r}")
-        metrics = content[P.KEY_METRICS] if P.KEY_METRICS in content else {}
+        metrics: Mapping[str, Any] = content.get(P.KEY_METRICS, {})
         numbers: dict[str, Any] = {}
-        for key, name, low, high in (("epsilon", "epsilon", 0.0, math.inf), ("epsilon-remaining", "epsilon_remaining", 0.0, math.inf),
-                                     ("delta", "delta", 0.0, 1.0), ("examples", "examples", 0.0, 1e12)):
+        for key, name, low, high in (
+            ("epsilon", "epsilon", 0.0, math.inf),
+            ("epsilon-remaining", "epsilon_remaining", 0.0, math.inf),
+            ("delta", "delta", 0.0, 1.0),
+            ("examples", "examples", 0.0, 1e12),
+        ):
             value = metrics.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not low <= value < high:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not low <= value < high
+            ):
                 raise FederationError(f"DP reply value {key}={value!r} is out of range")
             numbers[name] = int(value) if name == "examples" else float(value)
         if "epsilon" not in numbers or "delta" not in numbers:
@@ -122,12 +131,12 @@ class DPReply:
         return cls(status=status, state=_checked_state(content, reference), **numbers)
 
     @classmethod
-    def refused(cls, code: str) -> "DPReply":
+    def refused(cls, code: str) -> DPReply:
         """A site's refusal as the coordinator sees it: the generic code (the reason stays at the site)."""
         return cls(status=STATUS_REFUSED, reason=code)
 
 
-def _checked_state(content: "RecordDict", reference: Mapping[str, Any]) -> dict:
+def _checked_state(content: RecordDict, reference: Mapping[str, Any]) -> dict:
     import torch
 
     state, _ = P.records_to_model(content)
@@ -136,26 +145,32 @@ def _checked_state(content: "RecordDict", reference: Mapping[str, Any]) -> dict:
     for key, value in state.items():
         ref = reference[key]
         if value.shape != ref.shape or value.dtype != ref.dtype:
-            raise FederationError(f"DP reply weight {key} has shape {tuple(value.shape)}/{value.dtype}, expected "
-                                  f"{tuple(ref.shape)}/{ref.dtype}")
+            raise FederationError(
+                f"DP reply weight {key} has shape {tuple(value.shape)}/{value.dtype}, expected "
+                f"{tuple(ref.shape)}/{ref.dtype}"
+            )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise FederationError(f"DP reply weight {key} is not finite")
     return state
 
 
-def trained_reply(state: dict, spec: "ModelSpec", *, epsilon: float, remaining: float, delta: float,
-                  examples: int | None) -> "RecordDict":
+def trained_reply(
+    state: dict, spec: ModelSpec, *, epsilon: float, remaining: float, delta: float, examples: int | None
+) -> RecordDict:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     metrics = {"epsilon": float(epsilon), "epsilon-remaining": float(remaining), "delta": float(delta)}
     if examples is not None:
         metrics["examples"] = float(examples)
-    content = RecordDict({P.KEY_METRICS: MetricRecord(metrics), P.KEY_INFO: ConfigRecord({"status": STATUS_TRAINED})})
+    content = RecordDict(
+        {P.KEY_METRICS: MetricRecord(dict(metrics)), P.KEY_INFO: ConfigRecord({"status": STATUS_TRAINED})}
+    )
     P.model_to_records(state, spec, content)
     return content
 
 
 # ------------------------------------------------------------------------------------------ the site
+
 
 @dataclass(frozen=True)
 class SiteDP:
@@ -164,33 +179,43 @@ class SiteDP:
     site_name: str
     train_dir: Path | None
     work_dir: Path
-    policy: "DPPolicy"
+    policy: DPPolicy
 
 
-def policy_refusals(policy: "DPPolicy", settings: DPSettings) -> list[str]:
+def policy_refusals(policy: DPPolicy, settings: DPSettings) -> list[str]:
     """Why ``settings`` fall outside the site's policy (empty when they are within it)."""
     reasons = []
     if settings.noise_multiplier < policy.min_noise_multiplier:
-        reasons.append(f"noise multiplier {settings.noise_multiplier:g} is below this site's floor {policy.min_noise_multiplier:g}")
+        reasons.append(
+            f"noise multiplier {settings.noise_multiplier:g} is below this site's floor {policy.min_noise_multiplier:g}"
+        )
     if settings.max_grad_norm > policy.max_grad_norm:
-        reasons.append(f"clipping norm {settings.max_grad_norm:g} is above this site's maximum {policy.max_grad_norm:g}")
+        reasons.append(
+            f"clipping norm {settings.max_grad_norm:g} is above this site's maximum {policy.max_grad_norm:g}"
+        )
     if settings.epochs > policy.max_local_epochs:
         reasons.append(f"{settings.epochs} local epochs exceed this site's maximum of {policy.max_local_epochs}")
     if not policy.min_batch_size <= settings.batch_size <= policy.max_batch_size:
-        reasons.append(f"batch size {settings.batch_size} is outside this site's bounds "
-                       f"[{policy.min_batch_size}, {policy.max_batch_size}]")
+        reasons.append(
+            f"batch size {settings.batch_size} is outside this site's bounds "
+            f"[{policy.min_batch_size}, {policy.max_batch_size}]"
+        )
     return reasons
 
 
-def site_delta(policy: "DPPolicy", n_examples: int) -> float:
+def site_delta(policy: DPPolicy, n_examples: int) -> float:
     """The site's delta for a training set of ``n_examples`` tiles: its own setting, at most 1/(10 N)."""
     from pixcell_fed.training.dp_accounting import default_delta
 
     if policy.delta is None:
         return default_delta(n_examples)
     if policy.delta > 1.0 / (10 * n_examples):
-        log.error("federation.dp.delta %g is above 1/(10 N) = %g for this site's %d training tiles",
-                  policy.delta, 1.0 / (10 * n_examples), n_examples)
+        log.error(
+            "federation.dp.delta %g is above 1/(10 N) = %g for this site's %d training tiles",
+            policy.delta,
+            1.0 / (10 * n_examples),
+            n_examples,
+        )
         raise DPRefused("this site's delta setting is too large for its training set (see the site's log)")
     return float(policy.delta)
 
@@ -210,7 +235,7 @@ def train_set_sha256(items: list[tuple[Path, str]]) -> str:
     return sha256_bytes("\n".join(lines).encode("utf-8"))
 
 
-def _training_items(ctx: SiteDP, spec: "ModelSpec") -> list[tuple[Path, str]]:
+def _training_items(ctx: SiteDP, spec: ModelSpec) -> list[tuple[Path, str]]:
     from pixcell_fed.training.data import labelled_folder
 
     if ctx.train_dir is None:
@@ -229,7 +254,7 @@ def _training_items(ctx: SiteDP, spec: "ModelSpec") -> list[tuple[Path, str]]:
     return items
 
 
-def _site_model(weights: dict, spec: "ModelSpec"):
+def _site_model(weights: dict, spec: ModelSpec):
     from pixcell_fed.training.dp import check_dp_compatible
     from pixcell_fed.training.models import build_model
 
@@ -242,7 +267,7 @@ def _site_model(weights: dict, spec: "ModelSpec"):
     return model
 
 
-def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
+def _train_round(request: RecordDict, ctx: SiteDP) -> RecordDict:
     import torch
 
     from pixcell_fed.federation.dp_ledger import StepRecord, locked_ledger, record_round
@@ -264,28 +289,53 @@ def _train_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
     images = load_arrays(items, spec)  # before spending: a tile that cannot be read costs no privacy
     labels = torch.tensor([index[lab] for _, lab in items], dtype=torch.long)
     planned = planned_steps(len(items), req.settings)
-    record = StepRecord(round=req.round, noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
-                        steps=planned.steps, delta=delta, train_set_sha256=train_set_sha256(items))
+    record = StepRecord(
+        round=req.round,
+        noise_multiplier=planned.noise_multiplier,
+        sample_rate=planned.sample_rate,
+        steps=planned.steps,
+        delta=delta,
+        train_set_sha256=train_set_sha256(items),
+    )
     budget = ctx.policy.epsilon_budget
     with locked_ledger(ctx.work_dir) as ledger:
         spent, after = ledger.epsilon(delta), ledger.epsilon(delta, record)
         if not 0 < after < math.inf:
             raise DPRefused(f"these settings give no finite privacy guarantee (epsilon {after:g})")
         if after > budget:
-            raise DPRefused(f"this round would bring the site's epsilon from {spent:.3f} to {after:.3f}, over its "
-                            f"budget of {budget:g}: {max(budget - spent, 0.0):.3f} left",
-                            hint="the site's budget is federation.dp.epsilon_budget in its site.yaml")
-        record_round(ledger, record, epsilon=after, epsilon_budget=budget, epsilon_remaining=budget - after,
-                     arch=spec.arch, max_grad_norm=req.settings.max_grad_norm, local_epochs=req.settings.epochs,
-                     batch_size=req.settings.batch_size, lr=req.settings.lr)
+            raise DPRefused(
+                f"this round would bring the site's epsilon from {spent:.3f} to {after:.3f}, over its "
+                f"budget of {budget:g}: {max(budget - spent, 0.0):.3f} left",
+                hint="the site's budget is federation.dp.epsilon_budget in its site.yaml",
+            )
+        record_round(
+            ledger,
+            record,
+            epsilon=after,
+            epsilon_budget=budget,
+            epsilon_remaining=budget - after,
+            arch=spec.arch,
+            max_grad_norm=req.settings.max_grad_norm,
+            local_epochs=req.settings.epochs,
+            batch_size=req.settings.batch_size,
+            lr=req.settings.lr,
+        )
     trained, _ = local_dp_train(model, images, labels, req.settings)
-    log.info("DP round %d: trained on %d tiles; epsilon %.3f of %g at delta %g", req.round, len(items), after, budget, delta)
+    log.info(
+        "DP round %d: trained on %d tiles; epsilon %.3f of %g at delta %g", req.round, len(items), after, budget, delta
+    )
     state = {k: v.detach().cpu() for k, v in trained.state_dict().items()}
-    return trained_reply(state, spec, epsilon=after, remaining=budget - after, delta=ledger.accounting_delta(delta),
-                         examples=rounded_count(len(items), ctx.policy.count_granularity))
+    return trained_reply(
+        state,
+        spec,
+        epsilon=after,
+        remaining=budget - after,
+        delta=ledger.accounting_delta(delta),
+        examples=rounded_count(len(items), ctx.policy.count_granularity),
+    )
 
 
-def site_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
+def site_round(request: RecordDict, ctx: SiteDP) -> RecordDict:
     """One DP round at a site (the ``train`` message): weights and privacy spent back. A request the site will not
     train is recorded in its audit trail and refused with :class:`~pixcell_fed.federation.protocol.Refusal`
     ``refused-dp``: the reason (which may name site files) stays in the trail and the site's log."""
@@ -300,6 +350,7 @@ def site_round(request: "RecordDict", ctx: SiteDP) -> "RecordDict":
 
 
 # ------------------------------------------------------------------------------------------ the coordinator
+
 
 def _site_privacy(earlier: dict[str, Any], reply: DPReply | None, error: str | None) -> dict[str, Any]:
     """One site's privacy row after a round (what the report shows)."""
@@ -316,8 +367,17 @@ def _site_privacy(earlier: dict[str, Any], reply: DPReply | None, error: str | N
     return row
 
 
-def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec: "ModelSpec",
-                          settings: DPSettings, *, rounds: int, out_dir: Path, timeout: float) -> dict[str, Any]:
+def federated_dp_finetune(
+    transport: Any,
+    nodes: Mapping[str, int],
+    model,
+    spec: ModelSpec,
+    settings: DPSettings,
+    *,
+    rounds: int,
+    out_dir: Path,
+    timeout: float,
+) -> dict[str, Any]:
     """``rounds`` rounds of site DP-SGD + FedAvg from ``model``; writes the model to ``out_dir``. Returns the
     report part (privacy per site, rounds, checkpoint) and leaves the averaged weights in ``model``."""
     from pixcell_fed.training.dp import check_dp_compatible, fedavg
@@ -329,8 +389,9 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
     done: list[dict[str, Any]] = []
     for rnd in range(1, rounds + 1):
         request = DPRequest(round=rnd, settings=settings)
-        replies = transport.exchange({node: (P.MSG_TRAIN, request.to_record(global_state, spec)) for node in nodes.values()},
-                                     timeout=timeout)
+        replies = transport.exchange(
+            {node: (P.MSG_TRAIN, request.to_record(global_state, spec)) for node in nodes.values()}, timeout=timeout
+        )
         states, weights, took_part = [], [], []
         for site, node in sorted(nodes.items()):
             reply, error = replies.get(node), None
@@ -345,7 +406,7 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
             else:
                 error = reply.error if reply is not None else "no reply"
             privacy[site] = _site_privacy(privacy.get(site, {}), parsed, error)
-            if parsed is not None and parsed.status == STATUS_TRAINED:
+            if parsed is not None and parsed.status == STATUS_TRAINED and parsed.state is not None:
                 states.append(parsed.state)
                 weights.append(float(parsed.examples or 1))
                 took_part.append(site)
@@ -357,14 +418,26 @@ def federated_dp_finetune(transport: Any, nodes: Mapping[str, int], model, spec:
         global_state = fedavg(states, weights)
         done.append({"round": rnd, "sites": took_part})
     model.load_state_dict(global_state)
-    report = {"privacy": privacy, "rounds": done, "rounds_asked": rounds, "checkpoint": str(out_dir),
-              "settings": {"noise_multiplier": settings.noise_multiplier, "max_grad_norm": settings.max_grad_norm,
-                           "local_epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr}}
+    report = {
+        "privacy": privacy,
+        "rounds": done,
+        "rounds_asked": rounds,
+        "checkpoint": str(out_dir),
+        "settings": {
+            "noise_multiplier": settings.noise_multiplier,
+            "max_grad_norm": settings.max_grad_norm,
+            "local_epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "lr": settings.lr,
+        },
+    }
     save_checkpoint(model, spec.without_local_weights(), out_dir, extra={"recipe": "dp_finetune", **report})
     return report
 
 
-def site_dp_context(site_name: str, train_dir: Path | None, bundle_dir: Path | None, config_file: Path | None) -> SiteDP:
+def site_dp_context(
+    site_name: str, train_dir: Path | None, bundle_dir: Path | None, config_file: Path | None
+) -> SiteDP:
     """The site's DP context from its SuperNode settings: policy and work folder from its own site.yaml when the
     node names one (``site-agent serve`` does), else the default policy and the work folder holding the bundle."""
     from pixcell_fed.bundle.state import work_dir_of_bundle
@@ -372,10 +445,16 @@ def site_dp_context(site_name: str, train_dir: Path | None, bundle_dir: Path | N
 
     if config_file is not None:
         cfg = load_site_config(config_file)
-        return SiteDP(site_name=site_name, train_dir=train_dir or cfg.federation.train_dir, work_dir=cfg.site.work_dir,
-                      policy=cfg.federation.dp)
+        return SiteDP(
+            site_name=site_name,
+            train_dir=train_dir or cfg.federation.train_dir,
+            work_dir=cfg.site.work_dir,
+            policy=cfg.federation.dp,
+        )
     work = work_dir_of_bundle(bundle_dir) if bundle_dir is not None else None
     if work is None:
-        raise PixcellFedError(f"site {site_name}: no work folder for the privacy ledger",
-                              hint="start the SuperNode with 'site-agent serve --config site.yaml'")
+        raise PixcellFedError(
+            f"site {site_name}: no work folder for the privacy ledger",
+            hint="start the SuperNode with 'site-agent serve --config site.yaml'",
+        )
     return SiteDP(site_name=site_name, train_dir=train_dir, work_dir=work, policy=DPPolicy())

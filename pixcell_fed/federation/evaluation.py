@@ -9,8 +9,9 @@ site accepts (architectures, keyword arguments, weights, class sizes, query budg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -38,8 +39,12 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict
         precision = tp / (tp + fp) if tp + fp else 0.0
         recalls.append(recall)
         f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    return {"accuracy": float(accuracy), "balanced_accuracy": float(sum(recalls) / len(recalls)),
-            "macro_f1": float(sum(f1s) / len(f1s)), "n": n}
+    return {
+        "accuracy": float(accuracy),
+        "balanced_accuracy": float(sum(recalls) / len(recalls)),
+        "macro_f1": float(sum(f1s) / len(f1s)),
+        "n": n,
+    }
 
 
 def _predict_classes(model, items, spec, batch_size: int = 64) -> list[str]:
@@ -52,7 +57,7 @@ def _predict_classes(model, items, spec, batch_size: int = 64) -> list[str]:
     model.eval()
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            logits = model(load_arrays(items[start:start + batch_size], spec))
+            logits = model(load_arrays(items[start : start + batch_size], spec))
             preds.extend(classes[int(i)] for i in logits.argmax(1))
     return preds
 
@@ -62,11 +67,11 @@ def _features(model, items, spec, batch_size: int = 64):
 
     from pixcell_fed.training.data import load_arrays
 
-    feats = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            feats.append(model(load_arrays(items[start:start + batch_size], spec)))
+        feats = [
+            model(load_arrays(items[start : start + batch_size], spec)) for start in range(0, len(items), batch_size)
+        ]
     return torch.nn.functional.normalize(torch.cat(feats), dim=1)
 
 
@@ -87,7 +92,7 @@ def knn_predict_loo(features, labels: Sequence[str], k: int = 5) -> list[str]:
     return preds
 
 
-def model_metrics(model, spec: "ModelSpec", items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
+def model_metrics(model, spec: ModelSpec, items: Sequence[tuple[Path, str]], *, knn_k: int = 5) -> dict[str, float]:
     """Metrics of a built ``model`` on labelled real tiles: a classifier as it is, an encoder by a k-NN probe."""
     truth = [lab for _, lab in items]
     if spec.kind == "encoder":
@@ -97,9 +102,10 @@ def model_metrics(model, spec: "ModelSpec", items: Sequence[tuple[Path, str]], *
     return classification_metrics(truth, preds)
 
 
-def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
+def evaluate_model(state: dict, spec: ModelSpec, eval_dir: str | Path, *, knn_k: int = 5) -> dict[str, Any]:
     """Metrics of the model (weights ``state``, ``spec``) on the labelled tiles in ``eval_dir``, unrounded and
-    without limits: for a caller's own models and tiles. A site answers a coordinator through :func:`evaluate_request`."""
+    without limits: for a caller's own models and tiles. A site answers a coordinator through
+    :func:`evaluate_request`."""
     from pixcell_fed.training.data import labelled_folder
     from pixcell_fed.training.models import build_model
 
@@ -115,8 +121,13 @@ def evaluate_model(state: dict, spec: "ModelSpec", eval_dir: str | Path, *, knn_
     return metrics
 
 
-def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig", eval_dir: Path | None,
-                     work_dir: Path | None, flower_run: int | str) -> dict[str, float]:
+def evaluate_request(
+    content: RecordDict,
+    limits: FederationEvaluationConfig,
+    eval_dir: Path | None,
+    work_dir: Path | None,
+    flower_run: int | str,
+) -> dict[str, float]:
     """Answer an ``evaluate`` request within the site's limits: check the model, then charge the query budget,
     then read the held-out tiles; returns the rounded aggregate metrics (see :mod:`evaluation_policy`)."""
     from pixcell_fed.errors import PixcellFedError
@@ -127,8 +138,10 @@ def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig"
     from pixcell_fed.training.models import build_model
 
     if eval_dir is None or work_dir is None:
-        raise P.Refusal("unavailable", f"no held-out folder ({eval_dir}) or no work folder for the query budget ({work_dir})")
-    limits = policy.effective_limits(limits, content[P.KEY_REQUEST] if P.KEY_REQUEST in content else {})
+        raise P.Refusal(
+            "unavailable", f"no held-out folder ({eval_dir}) or no work folder for the query budget ({work_dir})"
+        )
+    limits = policy.effective_limits(limits, content.get(P.KEY_REQUEST, {}))
     state, sent = P.records_to_model(content, max_bytes=int(limits.max_weights_mb * (1 << 20)))
     spec = policy.check_model_spec(sent, limits)
     try:
@@ -146,7 +159,7 @@ def evaluate_request(content: "RecordDict", limits: "FederationEvaluationConfig"
     return rounded_answer(model_metrics(model, spec, items), limits)
 
 
-def rounded_answer(metrics: dict[str, Any], limits: "FederationEvaluationConfig") -> dict[str, float]:
+def rounded_answer(metrics: dict[str, Any], limits: FederationEvaluationConfig) -> dict[str, float]:
     """What a site answers: the aggregate metrics rounded to ``round_digits``, and the number of tiles evaluated."""
     out = {name: round(float(metrics[name]), limits.round_digits) for name in METRIC_NAMES}
     out["n"] = float(int(metrics["n"]))

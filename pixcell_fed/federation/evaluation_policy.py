@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.bundle.manifest import LABEL_RE
 from pixcell_fed.config.schema import FederationEvaluationConfig
@@ -37,7 +38,8 @@ def effective_limits(site: FederationEvaluationConfig, request: Any) -> Federati
     return dataclasses.replace(
         site,
         min_tiles_per_class=max(site.min_tiles_per_class, asked.get("min-tiles-per-class", site.min_tiles_per_class)),
-        round_digits=max(0, min(site.round_digits, asked.get("round-digits", site.round_digits))))
+        round_digits=max(0, min(site.round_digits, asked.get("round-digits", site.round_digits))),
+    )
 
 
 def _number(value: Any, where: str, low: float, high: float, *, whole: bool = False) -> float:
@@ -62,18 +64,20 @@ def _check_kwargs(kwargs: Mapping[str, Any], limits: FederationEvaluationConfig)
     return checked
 
 
-def _check_classes(spec: "ModelSpec", limits: FederationEvaluationConfig) -> None:
+def _check_classes(spec: ModelSpec, limits: FederationEvaluationConfig) -> None:
     fewest = 2 if spec.kind == "classifier" else 0  # an encoder is probed with the site's own labels
     if not fewest <= len(spec.classes) <= limits.max_classes or not all(LABEL_RE.match(c) for c in spec.classes):
         raise _refuse(f"the class list must be {fewest}-{limits.max_classes} distinct plain labels")
 
 
-def check_model_spec(spec: "ModelSpec", limits: FederationEvaluationConfig) -> "ModelSpec":
+def check_model_spec(spec: ModelSpec, limits: FederationEvaluationConfig) -> ModelSpec:
     """``spec`` (as :meth:`ModelSpec.from_wire` read it), if the site builds such a model; otherwise
     :class:`Refusal` ``refused-model`` with the reason."""
     if spec.arch not in limits.architectures:
-        raise _refuse(f"architecture {spec.arch[:80]!r} is not in the site's list "
-                      f"(federation.evaluation.architectures: {', '.join(limits.architectures)})")
+        raise _refuse(
+            f"architecture {spec.arch[:80]!r} is not in the site's list "
+            f"(federation.evaluation.architectures: {', '.join(limits.architectures)})"
+        )
     if spec.kind not in limits.kinds:
         raise _refuse(f"model kind {spec.kind!r} is not one the site evaluates ({', '.join(limits.kinds)})")
     if spec.pretrained_file is not None:
@@ -93,12 +97,16 @@ def check_weights(state: Mapping[str, Any], model: Any) -> None:
 
     own = model.state_dict()
     if set(state) != set(own):
-        raise P.Refusal("refused-weights", f"the weights name {len(set(state) ^ set(own))} tensor(s) the model does not "
-                                           "have (or miss some it has)")
+        raise P.Refusal(
+            "refused-weights",
+            f"the weights name {len(set(state) ^ set(own))} tensor(s) the model does not have (or miss some it has)",
+        )
     for name, tensor in own.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
-            raise P.Refusal("refused-weights", f"weight {name} has shape {tuple(state[name].shape)}, "
-                                               f"the model's is {tuple(tensor.shape)}")
+            raise P.Refusal(
+                "refused-weights",
+                f"weight {name} has shape {tuple(state[name].shape)}, the model's is {tuple(tensor.shape)}",
+            )
         if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
             raise P.Refusal("refused-weights", f"weight {name} is not finite")
 
@@ -110,5 +118,7 @@ def check_tiles_per_class(labels: Sequence[str], limits: FederationEvaluationCon
         counts[label] = counts.get(label, 0) + 1
     small = sorted(label for label, n in counts.items() if n < limits.min_tiles_per_class)
     if not counts or small:
-        raise P.Refusal("too-few-tiles", f"held-out classes with fewer than {limits.min_tiles_per_class} tiles: "
-                                         f"{', '.join(small) or '(no tiles)'}")
+        raise P.Refusal(
+            "too-few-tiles",
+            f"held-out classes with fewer than {limits.min_tiles_per_class} tiles: {', '.join(small) or '(no tiles)'}",
+        )

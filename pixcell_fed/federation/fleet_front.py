@@ -19,9 +19,10 @@ docs/federation.md instead (:func:`nginx_config` writes it).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from pixcell_fed.runlog import get_logger
 
@@ -32,17 +33,41 @@ log = get_logger(__name__)
 
 FLEET_PREFIX = "/v1/fleet/"
 #: Every route a SuperNode calls (flwr 1.42, ``flwr/supernode/fleet_http_client.py``); all are POST.
-FLEET_ROUTES: frozenset[str] = frozenset(FLEET_PREFIX + name for name in (
-    "register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat",
-    "pull-messages", "push-messages", "get-run", "get-fab", "push-object", "pull-object",
-    "confirm-message-received",
-))
+FLEET_ROUTES: frozenset[str] = frozenset(
+    FLEET_PREFIX + name
+    for name in (
+        "register-node",
+        "activate-node",
+        "deactivate-node",
+        "unregister-node",
+        "send-node-heartbeat",
+        "pull-messages",
+        "push-messages",
+        "get-run",
+        "get-fab",
+        "push-object",
+        "pull-object",
+        "confirm-message-received",
+    )
+)
 #: Default largest request body (bytes). Flower cuts arrays into 5 MiB objects and caps app bundles at 10 MB; the
 #: bound also covers a whole default 64 MB tile chunk sent as one body, with room for a large manifest.
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
 #: Headers that describe one connection, not the request (RFC 9110 section 7.6.1); never forwarded.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-                        "te", "trailer", "transfer-encoding", "upgrade", "host"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
 
 
 class BodyTooLarge(Exception):
@@ -55,21 +80,27 @@ class FrontSettings:
 
     listen_host: str
     listen_port: int
-    upstream: str            # host:port of the SuperLink (loopback)
-    ca_cert: Path            # the consortium CA: verifies the SuperLink's certificate
-    server_cert: Path        # the front's own certificate (the SuperLink's server certificate)
+    upstream: str  # host:port of the SuperLink (loopback)
+    ca_cert: Path  # the consortium CA: verifies the SuperLink's certificate
+    server_cert: Path  # the front's own certificate (the SuperLink's server certificate)
     server_key: Path
     max_body: int = DEFAULT_MAX_BODY
 
     def __post_init__(self) -> None:
         if self.max_body < 16 * 1024 * 1024:
-            raise ValueError("the front's body limit must be at least 16 MiB (Flower sends 5 MiB objects and 10 MB app bundles)")
+            raise ValueError(
+                "the front's body limit must be at least 16 MiB (Flower sends 5 MiB objects and 10 MB app bundles)"
+            )
 
 
 def is_forwarded(method: str, path: str, raw_path: bytes | None, query_string: bytes) -> bool:
     """Whether a request goes to the SuperLink: a POST to one exact Fleet route, as sent (no encoding, no query)."""
-    return (method == "POST" and path in FLEET_ROUTES and not query_string
-            and (raw_path is None or raw_path == path.encode("ascii")))
+    return (
+        method == "POST"
+        and path in FLEET_ROUTES
+        and not query_string
+        and (raw_path is None or raw_path == path.encode("ascii"))
+    )
 
 
 def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -82,16 +113,20 @@ class FleetFront:
 
     def __init__(self, settings: FrontSettings) -> None:
         self.settings = settings
-        self.client: "httpx.AsyncClient | None" = None
+        self.client: httpx.AsyncClient | None = None
 
-    def _open_client(self) -> "httpx.AsyncClient":
+    def _open_client(self) -> httpx.AsyncClient:
         import ssl
 
         import httpx
 
         context = ssl.create_default_context(cafile=str(self.settings.ca_cert))
-        return httpx.AsyncClient(base_url=f"https://{self.settings.upstream}", verify=context,
-                                 timeout=httpx.Timeout(120.0, connect=10.0), follow_redirects=False)
+        return httpx.AsyncClient(
+            base_url=f"https://{self.settings.upstream}",
+            verify=context,
+            timeout=httpx.Timeout(120.0, connect=10.0),
+            follow_redirects=False,
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -134,8 +169,9 @@ class FleetFront:
 
         if self.client is None:
             raise RuntimeError("the front's lifespan did not start")
-        request = self.client.build_request("POST", scope["path"], headers=forwarded_headers(scope["headers"]),
-                                            content=self._body(receive))
+        request = self.client.build_request(
+            "POST", scope["path"], headers=forwarded_headers(scope["headers"]), content=self._body(receive)
+        )
         try:
             upstream = await self.client.send(request, stream=True)
         except BodyTooLarge:
@@ -143,8 +179,9 @@ class FleetFront:
         except httpx.HTTPError as exc:
             log.warning("SuperLink unreachable for %s: %s", scope["path"], exc)
             return PlainTextResponse("bad gateway\n", status_code=502)
-        response = StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
-                                     background=BackgroundTask(upstream.aclose))
+        response = StreamingResponse(
+            upstream.aiter_raw(), status_code=upstream.status_code, background=BackgroundTask(upstream.aclose)
+        )
         response.raw_headers = forwarded_headers(upstream.headers.raw)
         return response
 
@@ -169,12 +206,27 @@ def serve_front(settings: FrontSettings) -> None:
     """Run the front in the foreground until stopped (SIGINT or SIGTERM)."""
     import uvicorn
 
-    config = uvicorn.Config(FleetFront(settings), host=settings.listen_host, port=settings.listen_port,
-                            ssl_certfile=str(settings.server_cert), ssl_keyfile=str(settings.server_key),
-                            lifespan="on", interface="asgi3", access_log=False, server_header=False, log_level="warning",
-                            limit_concurrency=256, timeout_keep_alive=30)
-    log.info("Fleet front on https://%s:%d -> https://%s (only %s*)", settings.listen_host, settings.listen_port,
-             settings.upstream, FLEET_PREFIX)
+    config = uvicorn.Config(
+        FleetFront(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        ssl_certfile=str(settings.server_cert),
+        ssl_keyfile=str(settings.server_key),
+        lifespan="on",
+        interface="asgi3",
+        access_log=False,
+        server_header=False,
+        log_level="warning",
+        limit_concurrency=256,
+        timeout_keep_alive=30,
+    )
+    log.info(
+        "Fleet front on https://%s:%d -> https://%s (only %s*)",
+        settings.listen_host,
+        settings.listen_port,
+        settings.upstream,
+        FLEET_PREFIX,
+    )
     uvicorn.Server(config).run()
 
 
@@ -184,7 +236,7 @@ def nginx_config(settings: FrontSettings, *, server_name: str = "_") -> str:
     Only the exact Fleet routes, POST only, are passed to the SuperLink over TLS (verified with the consortium CA);
     everything else gets 404. Bodies stream both ways (no buffering) up to ``max_body``.
     """
-    routes = "|".join(sorted(r[len(FLEET_PREFIX):] for r in FLEET_ROUTES))
+    routes = "|".join(sorted(r[len(FLEET_PREFIX) :] for r in FLEET_ROUTES))
     return f"""server {{
     listen {settings.listen_host}:{settings.listen_port} ssl;
     server_name {server_name};

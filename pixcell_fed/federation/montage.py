@@ -59,7 +59,7 @@ def _pooled_tile(pool_dir: Path, row: Any) -> np.ndarray | None:
 def _thumb(pixels: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def montage_png(tiles: list[np.ndarray]) -> bytes:
@@ -72,8 +72,10 @@ def montage_png(tiles: list[np.ndarray]) -> bytes:
     canvas = np.full((rows * (THUMB_PX + gap) - gap, cols * (THUMB_PX + gap) - gap, 3), 255, np.uint8)
     for i, tile in enumerate(tiles):
         y, x = divmod(i, PER_ROW)
-        canvas[y * (THUMB_PX + gap):y * (THUMB_PX + gap) + THUMB_PX,
-               x * (THUMB_PX + gap):x * (THUMB_PX + gap) + THUMB_PX] = _thumb(tile)
+        canvas[
+            y * (THUMB_PX + gap) : y * (THUMB_PX + gap) + THUMB_PX,
+            x * (THUMB_PX + gap) : x * (THUMB_PX + gap) + THUMB_PX,
+        ] = _thumb(tile)
     return clean_png_bytes(canvas)
 
 
@@ -90,9 +92,15 @@ def shareable_audit_facts(pool_dir: Path, site: str) -> dict[str, Any] | None:
         return None
     if not isinstance(audit, dict):
         return None
-    tests = [{"title": str(t.get("title", t.get("name", ""))), "status": str(t.get("status", "")),
-              "sentence": str(t.get("sentence", ""))}
-             for t in audit.get("tests", []) if isinstance(t, dict)]
+    tests = [
+        {
+            "title": str(t.get("title", t.get("name", ""))),
+            "status": str(t.get("status", "")),
+            "sentence": str(t.get("sentence", "")),
+        }
+        for t in audit.get("tests", [])
+        if isinstance(t, dict)
+    ]
     return {"verdict": str(audit.get("verdict")), "tests": tests}
 
 
@@ -113,7 +121,8 @@ def site_montages(pool_dir: str | Path, *, per_site: int = MONTAGE_TILES, seed: 
     for site, rows in sorted(frame.groupby("site"), key=lambda kv: str(kv[0])):
         labels = Counter("unlabelled" if v is None or v != v else str(v) for v in rows["label"])
         order = rng.permutation(len(rows))
-        shown, shown_labels = [], []
+        shown: list[np.ndarray] = []
+        shown_labels: list[str] = []
         for i in order:
             if len(shown) == per_site:
                 break
@@ -122,9 +131,13 @@ def site_montages(pool_dir: str | Path, *, per_site: int = MONTAGE_TILES, seed: 
             if pixels is not None:
                 shown.append(pixels)
                 shown_labels.append("unlabelled" if row.label is None or row.label != row.label else str(row.label))
-        entry: dict[str, Any] = {"label_counts": dict(sorted(labels.items())), "n_tiles": int(len(rows)),
-                                 "shown": len(shown), "shown_labels": shown_labels,
-                                 "audit": shareable_audit_facts(pool_dir, str(site))}
+        entry: dict[str, Any] = {
+            "label_counts": dict(sorted(labels.items())),
+            "n_tiles": int(len(rows)),
+            "shown": len(shown),
+            "shown_labels": shown_labels,
+            "audit": shareable_audit_facts(pool_dir, str(site)),
+        }
         if shown:
             entry["png_base64"] = base64.b64encode(montage_png(shown)).decode("ascii")
         out[str(site)] = entry

@@ -9,8 +9,9 @@ registered name is another site's, or when a second node presents a key that alr
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pixcell_fed.bundle.trust import TrustStore
@@ -46,7 +47,7 @@ def _describe(node: NodeIdentity) -> str:
     return f"node {node.node_id} (registered as {name!r}, key {key_fingerprint(node.public_key)})"
 
 
-def identify_nodes(nodes: Iterable[NodeIdentity], trust: "TrustStore") -> NodeMap:
+def identify_nodes(nodes: Iterable[NodeIdentity], trust: TrustStore) -> NodeMap:
     """Map connected nodes to trust-file sites by their authentication key; see the module docstring."""
     found = NodeMap()
     for node in sorted(nodes, key=lambda n: n.node_id):

@@ -26,15 +26,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
 
 log = get_logger(__name__)
 
-CLIENT_APP_TASK = "flwr-clientapp"    # flwr.supercore.constant.TaskType.CLIENT_APP (a test checks it)
+CLIENT_APP_TASK = "flwr-clientapp"  # flwr.supercore.constant.TaskType.CLIENT_APP (a test checks it)
 CLIENT_APP_COMMAND = "flwr-clientapp"
 ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 
@@ -46,12 +46,14 @@ class Pins:
     hashes: frozenset[str]
 
     @classmethod
-    def of(cls, hashes: Iterable[str]) -> "Pins":
+    def of(cls, hashes: Iterable[str]) -> Pins:
         from pixcell_fed.federation.app_bundle import check_sha256
 
         pins = frozenset(check_sha256(h, "pinned app hash") for h in hashes)
         if not pins:
-            raise UsageError("no pinned app hash", hint="set federation.app_sha256 in site.yaml ('site-agent app-hash' prints it)")
+            raise UsageError(
+                "no pinned app hash", hint="set federation.app_sha256 in site.yaml ('site-agent app-hash' prints it)"
+            )
         return cls(pins)
 
     def refusal(self, task_type: str, fab_hash: str) -> str | None:
@@ -67,22 +69,35 @@ def clientapp_command(runtime_api_address: str, token: str, parent_pid: int) -> 
     """The ``flwr-clientapp`` process for one claimed task (plain HTTP: the runtime API is on loopback)."""
     from pixcell_fed.federation.deployment import flower_bin
 
-    return [flower_bin(CLIENT_APP_COMMAND), "--runtime-api-address", runtime_api_address, "--token", token,
-            "--insecure", "--parent-pid", str(parent_pid)]
+    return [
+        flower_bin(CLIENT_APP_COMMAND),
+        "--runtime-api-address",
+        runtime_api_address,
+        "--token",
+        token,
+        "--insecure",
+        "--parent-pid",
+        str(parent_pid),
+    ]
 
 
 def runtime_client(runtime_api_address: str, secret: bytes | None):
     """Flower's runtime API client, signing ``AcquireTask`` with the SuperExec secret when there is one."""
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.protobuf.client import ProtobufClientInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    interceptors: list[ProtobufClientInterceptor] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK_METHOD}))
-    return RuntimeHttpClient.from_server_address(server_address=runtime_api_address, insecure=True,
-                                                 root_certificates=None, interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+    return RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
 
 
 class PinnedLauncher:
@@ -108,16 +123,25 @@ class PinnedLauncher:
         if reason is not None:
             if task.task_id not in self.refused:
                 self.refused.add(task.task_id)
-                log.warning("REFUSED task %d of run %d: %s; nothing runs and no reply is sent",
-                            task.task_id, task.run_id, reason)
+                log.warning(
+                    "REFUSED task %d of run %d: %s; nothing runs and no reply is sent",
+                    task.task_id,
+                    task.run_id,
+                    reason,
+                )
             return "refused"
-        log.info("launching the ClientApp for task %d of run %d (app %s)", task.task_id, task.run_id, task.fab_hash[:12])
+        log.info(
+            "launching the ClientApp for task %d of run %d (app %s)", task.task_id, task.run_id, task.fab_hash[:12]
+        )
         self.children.append(subprocess.Popen(clientapp_command(self.address, res.token, os.getpid())))
         return "launched"
 
     def run_forever(self, poll_s: float = 1.0) -> None:
-        log.info("pinned launcher on %s: runs only app bundle(s) %s", self.address,
-                 ", ".join(sorted(h[:12] + "..." for h in self.pins.hashes)))
+        log.info(
+            "pinned launcher on %s: runs only app bundle(s) %s",
+            self.address,
+            ", ".join(sorted(h[:12] + "..." for h in self.pins.hashes)),
+        )
         try:
             while True:
                 self.step()

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.atomic import write_json_atomic, write_parquet_atomic
 from pixcell_fed.bundle import layout as L
@@ -36,8 +37,14 @@ from pixcell_fed.errors import PixcellFedError
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation import staging
 from pixcell_fed.federation.node_identity import identify_nodes
-from pixcell_fed.federation.transfer import (SiteStatus, SiteTransfer, TransferSettings, Verifier, audit_facts,
-                                             refusal_of_conditioning)
+from pixcell_fed.federation.transfer import (
+    SiteStatus,
+    SiteTransfer,
+    TransferSettings,
+    Verifier,
+    audit_facts,
+    refusal_of_conditioning,
+)
 from pixcell_fed.federation.transport import Request, Transport
 from pixcell_fed.runlog import get_logger
 
@@ -55,18 +62,22 @@ POOL_COLUMNS = ["file_name", "site", "bundle_run_id", "label", "sha256", "size",
 class PoolSettings:
     """How the pooling talks to the sites."""
 
-    message_mb: float = 512.0          # tiles per data message at most
+    message_mb: float = 512.0  # tiles per data message at most
     expected_sites: tuple[str, ...] = ()
     max_attempts: int = 3
-    reply_timeout_s: float = 600.0     # a site silent this long (with requests pending) is dropped
+    reply_timeout_s: float = 600.0  # a site silent this long (with requests pending) is dropped
     poll_interval_s: float = 0.1
-    max_bundle_age_days: float = 0.0   # 0 = no maximum
+    max_bundle_age_days: float = 0.0  # 0 = no maximum
     conditioning: ConditioningRequirement = ConditioningRequirement()  # the least conditioning privacy accepted
 
     @property
     def transfer(self) -> TransferSettings:
-        return TransferSettings(message_bytes=max(1, int(self.message_mb * (1 << 20))), max_attempts=self.max_attempts,
-                                max_bundle_age_days=self.max_bundle_age_days, conditioning=self.conditioning)
+        return TransferSettings(
+            message_bytes=max(1, int(self.message_mb * (1 << 20))),
+            max_attempts=self.max_attempts,
+            max_bundle_age_days=self.max_bundle_age_days,
+            conditioning=self.conditioning,
+        )
 
 
 @dataclass
@@ -96,12 +107,20 @@ class PoolReport:
         return sorted(s for s, st in self.sites.items() if st.status == "rejected")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sites": {k: asdict(v) for k, v in sorted(self.sites.items())}, "n_pooled": self.n_pooled,
-                "bytes_received": self.bytes_received, "seconds": round(self.seconds, 3),
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "traffic": dict(self.traffic),
-                "ignored_nodes": list(self.ignored_nodes), "removed_sites": list(self.removed_sites),
-                "conditioning_requirement": self.conditioning_requirement,
-                "complete": self.complete, "missing": self.missing, "rejected": self.rejected}
+        return {
+            "sites": {k: asdict(v) for k, v in sorted(self.sites.items())},
+            "n_pooled": self.n_pooled,
+            "bytes_received": self.bytes_received,
+            "seconds": round(self.seconds, 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "traffic": dict(self.traffic),
+            "ignored_nodes": list(self.ignored_nodes),
+            "removed_sites": list(self.removed_sites),
+            "conditioning_requirement": self.conditioning_requirement,
+            "complete": self.complete,
+            "missing": self.missing,
+            "rejected": self.rejected,
+        }
 
 
 @dataclass(frozen=True)
@@ -115,7 +134,7 @@ class TrustVerifier:
     :func:`tiles_in_place`, so that no tile is hashed twice.
     """
 
-    trust: "TrustStore"
+    trust: TrustStore
 
     def __call__(self, bundle_dir: Path, *, complete: bool = True):
         from pixcell_fed.bundle.verify import verify_before_transfer
@@ -135,11 +154,13 @@ def tiles_in_place(checked: Any) -> None:
     for name, path in tile_files(checked).items():
         size = checked.tile_records[name][0]
         if path.stat().st_size != size:
-            raise VerificationError(f"{L.TILES}/{name} has {path.stat().st_size} bytes, the manifest says {size}",
-                                    hint="the staged copy changed after it was checked; it is fetched again")
+            raise VerificationError(
+                f"{L.TILES}/{name} has {path.stat().st_size} bytes, the manifest says {size}",
+                hint="the staged copy changed after it was checked; it is fetched again",
+            )
 
 
-def trust_verifier(trust: "str | Path | TrustStore") -> TrustVerifier:
+def trust_verifier(trust: str | Path | TrustStore) -> TrustVerifier:
     """A :class:`TrustVerifier` for a trust file (path) or an already loaded trust store."""
     from pixcell_fed.bundle import load_trust
 
@@ -147,6 +168,7 @@ def trust_verifier(trust: "str | Path | TrustStore") -> TrustVerifier:
 
 
 # ------------------------------------------------------------------------------------------------ the rounds
+
 
 @dataclass
 class _Run:
@@ -156,7 +178,7 @@ class _Run:
     pool_dir: Path
     verify: Verifier
     settings: PoolSettings
-    timings: Counter = field(default_factory=Counter)
+    timings: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))  # seconds per phase
     traffic: Counter = field(default_factory=Counter)
     waiting: dict[str, tuple[SiteTransfer, str]] = field(default_factory=dict)  # message id -> (transfer, kind)
     bytes_received: int = 0
@@ -247,18 +269,29 @@ def _exchange_all(run: _Run, transfers: list[SiteTransfer]) -> None:
 
 # -------------------------------------------------------------------------------------------- the pool table
 
+
 def _rows(pool_dir: Path, site: str, run_id: str, bundle_dir: Path, tiles: Any) -> list[dict]:
     def text(row: Any, name: str) -> str | None:
         value = getattr(row, name, None)
         return None if value is None or value != value else str(value)
 
-    return [{"file_name": str(r.file_name), "site": site, "bundle_run_id": run_id, "label": text(r, "label"),
-             "sha256": str(r.sha256), "size": int(r.size),
-             "path": (bundle_dir / L.TILES / str(r.file_name)).relative_to(pool_dir).as_posix(),
-             "generator": text(r, "generator"), "encoder": text(r, "encoder")} for r in tiles.itertuples()]
+    return [
+        {
+            "file_name": str(r.file_name),
+            "site": site,
+            "bundle_run_id": run_id,
+            "label": text(r, "label"),
+            "sha256": str(r.sha256),
+            "size": int(r.size),
+            "path": (bundle_dir / L.TILES / str(r.file_name)).relative_to(pool_dir).as_posix(),
+            "generator": text(r, "generator"),
+            "encoder": text(r, "encoder"),
+        }
+        for r in tiles.itertuples()
+    ]
 
 
-def _earlier_bundles(run: _Run, sites: dict[str, SiteStatus], connected: set[str], trust: "TrustStore") -> list[dict]:
+def _earlier_bundles(run: _Run, sites: dict[str, SiteStatus], connected: set[str], trust: TrustStore) -> list[dict]:
     """Rows of trusted sites pooled in an earlier run that did not connect now, if their bundle still verifies."""
     rows: list[dict] = []
     for site in sorted(set(trust.sites) - connected):
@@ -274,10 +307,17 @@ def _earlier_bundles(run: _Run, sites: dict[str, SiteStatus], connected: set[str
             continue
         verdict, generator = audit_facts(bundle)
         n = len(verified.tiles)
-        sites[site] = SiteStatus(site=site, status="complete", run_id=str(verified.run_id), n_tiles=n, n_received=n,
-                                 audit_verdict=verdict, generator=generator,
-                                 conditioning=verified.conditioning.to_record(),
-                                 reason="pooled in an earlier run; not connected now")
+        sites[site] = SiteStatus(
+            site=site,
+            status="complete",
+            run_id=str(verified.run_id),
+            n_tiles=n,
+            n_received=n,
+            audit_verdict=verdict,
+            generator=generator,
+            conditioning=verified.conditioning.to_record(),
+            reason="pooled in an earlier run; not connected now",
+        )
         refused = refusal_of_conditioning(verified, run.settings.conditioning)
         if refused is not None:  # pooled under a weaker requirement: it stays out of this pool
             sites[site].status, sites[site].n_received = "rejected", 0
@@ -289,8 +329,9 @@ def _earlier_bundles(run: _Run, sites: dict[str, SiteStatus], connected: set[str
     return rows
 
 
-def pool_bundles(transport: Transport, pool_dir: str | Path, verify: TrustVerifier,
-                 settings: PoolSettings | None = None) -> PoolReport:
+def pool_bundles(
+    transport: Transport, pool_dir: str | Path, verify: TrustVerifier, settings: PoolSettings | None = None
+) -> PoolReport:
     """Pool the verified bundles of every trusted connected site into ``pool_dir`` (resumable); see the module
     docstring. ``verify`` carries the trust file that maps node keys to sites."""
     import pandas as pd
@@ -310,20 +351,37 @@ def pool_bundles(transport: Transport, pool_dir: str | Path, verify: TrustVerifi
         sites[site] = SiteStatus(site=site)
         transfers.append(SiteTransfer(status=sites[site], node=node))
     _exchange_all(run, transfers)
-    rows = [row for t in transfers if t.status.status == "complete"
-            for row in _rows(run.pool_dir, t.site, str(t.status.run_id), t.staged, t.verified.tiles)]
+    rows = [
+        row
+        for t in transfers
+        if t.status.status == "complete"
+        for row in _rows(run.pool_dir, t.site, str(t.status.run_id), t.staged_dir, t.verified.tiles)
+    ]
     rows += _earlier_bundles(run, sites, set(found.sites), verify.trust)
     with run.phase("pool_table"):
         frame = pd.DataFrame(rows, columns=POOL_COLUMNS)
         write_parquet_atomic(run.pool_dir / POOL_TABLE, frame)
-    report = PoolReport(sites=sites, n_pooled=len(frame), bytes_received=run.bytes_received,
-                        seconds=time.monotonic() - started, pool_table=run.pool_dir / POOL_TABLE,
-                        timings=dict(run.timings), nodes={t.site: t.node for t in transfers if t.status.status == "complete"},
-                        ignored_nodes=sorted(found.ignored.values()), removed_sites=removed,
-                        traffic={**run.traffic, "bytes": run.bytes_received},
-                        conditioning_requirement=None if run.settings.conditioning.requires_nothing
-                        else run.settings.conditioning.describe())
+    report = PoolReport(
+        sites=sites,
+        n_pooled=len(frame),
+        bytes_received=run.bytes_received,
+        seconds=time.monotonic() - started,
+        pool_table=run.pool_dir / POOL_TABLE,
+        timings=dict(run.timings),
+        nodes={t.site: t.node for t in transfers if t.status.status == "complete"},
+        ignored_nodes=sorted(found.ignored.values()),
+        removed_sites=removed,
+        traffic={**run.traffic, "bytes": run.bytes_received},
+        conditioning_requirement=None
+        if run.settings.conditioning.requires_nothing
+        else run.settings.conditioning.describe(),
+    )
     write_json_atomic(run.pool_dir / POOL_STATE, report.to_dict())
-    log.info("pooling: %d tiles pooled; complete %s; missing %s; rejected %s", report.n_pooled, report.complete,
-             report.missing, report.rejected)
+    log.info(
+        "pooling: %d tiles pooled; complete %s; missing %s; rejected %s",
+        report.n_pooled,
+        report.complete,
+        report.missing,
+        report.rejected,
+    )
     return report

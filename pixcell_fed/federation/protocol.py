@@ -21,15 +21,16 @@ A site that cannot or will not answer replies with one generic code from :data:`
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.errors import FederationError
 
 if TYPE_CHECKING:  # flwr and numpy are imported where used
     import numpy as np
-    from flwr.app import ArrayRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, RecordDict
 
     from pixcell_fed.training.models import ModelSpec
 
@@ -42,15 +43,15 @@ MSG_TRAIN = "train"
 MSG_AUGMENTATION = "evaluate.augmentation"
 
 # record keys
-KEY_REQUEST = "request"          # ConfigRecord sent by the coordinator
-KEY_SITE = "site"                # ConfigRecord: site-name, protocol, n-tiles, has-eval
-KEY_DATA = "data"                # ArrayRecord holding one uint8 Array under ARRAY_NAME
-KEY_FILES = "files"              # ConfigRecord: names, sizes, missing
-KEY_MODEL = "model"              # ArrayRecord: model weights
+KEY_REQUEST = "request"  # ConfigRecord sent by the coordinator
+KEY_SITE = "site"  # ConfigRecord: site-name, protocol, n-tiles, has-eval
+KEY_DATA = "data"  # ArrayRecord holding one uint8 Array under ARRAY_NAME
+KEY_FILES = "files"  # ConfigRecord: names, sizes, missing
+KEY_MODEL = "model"  # ArrayRecord: model weights
 KEY_MODEL_CONFIG = "model-config"  # ConfigRecord: spec (JSON string) of the model
-KEY_METRICS = "metrics"          # MetricRecord
-KEY_INFO = "info"                # ConfigRecord with small string facts
-KEY_ERROR = "error"              # ConfigRecord: code (one of ERROR_CODES)
+KEY_METRICS = "metrics"  # MetricRecord
+KEY_INFO = "info"  # ConfigRecord with small string facts
+KEY_ERROR = "error"  # ConfigRecord: code (one of ERROR_CODES)
 ARRAY_NAME = "bytes"
 
 # node-config keys of a SuperNode (``flower-supernode --node-config``)
@@ -67,16 +68,16 @@ REQUIRED_SIGNED_FILES = (L.BUNDLE_JSON, L.MANIFEST, L.AUDIT, L.SITE_SIG, L.OFFIC
 
 #: the only answers a site gives when it does not answer a request; the reasons stay in the site's log
 ERROR_CODES = (
-    "bad-request",       # a request the protocol does not allow (malformed, wrong version, unknown names)
-    "not-approved",      # the served bundle is not approved by the site's privacy officer (or was rejected)
-    "unavailable",       # the site has nothing to serve for this request (no bundle, no held-out set, config)
-    "refused-model",     # an evaluation model outside the site's registry, kinds or keyword-argument allow-list
-    "refused-weights",   # weights that are not plain numeric arrays of the model's exact shapes
-    "too-few-tiles",     # a class of the held-out set is smaller than the site's minimum
+    "bad-request",  # a request the protocol does not allow (malformed, wrong version, unknown names)
+    "not-approved",  # the served bundle is not approved by the site's privacy officer (or was rejected)
+    "unavailable",  # the site has nothing to serve for this request (no bundle, no held-out set, config)
+    "refused-model",  # an evaluation model outside the site's registry, kinds or keyword-argument allow-list
+    "refused-weights",  # weights that are not plain numeric arrays of the model's exact shapes
+    "too-few-tiles",  # a class of the held-out set is smaller than the site's minimum
     "budget-exhausted",  # the site's per-run or per-day evaluation budget is spent
-    "refused-dp",        # a DP request outside the site's DP policy or past its privacy budget
-    "not-allowed",       # an optional measurement the site does not take part in (federation.allow_local_training)
-    "internal",          # anything else (the detail is in the site's log)
+    "refused-dp",  # a DP request outside the site's DP policy or past its privacy budget
+    "not-allowed",  # an optional measurement the site does not take part in (federation.allow_local_training)
+    "internal",  # anything else (the detail is in the site's log)
 )
 #: numeric dtypes weights may travel as (never object arrays, which would need pickle)
 WEIGHT_DTYPES = frozenset({"float16", "float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"})
@@ -97,7 +98,7 @@ class Refusal(FederationError):
 class Packed:
     """Files concatenated into one uint8 array, with their names and sizes."""
 
-    data: "np.ndarray"
+    data: np.ndarray
     names: tuple[str, ...]
     sizes: tuple[int, ...]
 
@@ -112,7 +113,7 @@ def pack_files(items: Sequence[tuple[str, bytes]]) -> Packed:
     return Packed(data=data, names=names, sizes=tuple(len(b) for b in blobs))
 
 
-def unpack_files(data: "np.ndarray | bytes", names: Sequence[Any], sizes: Sequence[Any]) -> list[tuple[str, bytes]]:
+def unpack_files(data: np.ndarray | bytes, names: Sequence[Any], sizes: Sequence[Any]) -> list[tuple[str, bytes]]:
     """Split a packed array back into ``(name, bytes)``; :class:`FederationError` when the layout is inconsistent.
 
     Names are returned as the reply wrote them: the caller validates them before any use.
@@ -124,42 +125,62 @@ def unpack_files(data: "np.ndarray | bytes", names: Sequence[Any], sizes: Sequen
         raise FederationError("a reply's file sizes do not add up to its data")
     out, offset = [], 0
     for name, size in zip(names, sizes):
-        out.append((name, raw[offset:offset + size]))
+        out.append((name, raw[offset : offset + size]))
         offset += size
     return out
 
 
 # ----------------------------------------------------------------------------------------------------- records
 
-def packed_to_records(packed: Packed, content: "RecordDict", *, missing: Sequence[str] = ()) -> None:
+
+def packed_to_records(packed: Packed, content: RecordDict, *, missing: Sequence[str] = ()) -> None:
     """Put a packed set of files into ``content`` (KEY_DATA + KEY_FILES)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     content[KEY_DATA] = ArrayRecord({ARRAY_NAME: Array(packed.data)})
-    content[KEY_FILES] = ConfigRecord({"names": list(packed.names), "sizes": [int(s) for s in packed.sizes],
-                                       "missing": list(missing)})
+    content[KEY_FILES] = ConfigRecord(
+        {"names": list(packed.names), "sizes": [int(s) for s in packed.sizes], "missing": list(missing)}
+    )
 
 
-def records_to_files(content: "RecordDict") -> tuple[list[tuple[str, bytes]], list[Any]]:
+def records_to_files(content: RecordDict) -> tuple[list[tuple[str, bytes]], list[Any]]:
     """Read KEY_DATA + KEY_FILES: ``([(name, bytes)], names the site reported missing)``, unvalidated names."""
     if KEY_DATA not in content or KEY_FILES not in content:
-        raise FederationError("a site's reply carries no files", hint="check that the site runs the same pixcell-fed version")
+        raise FederationError(
+            "a site's reply carries no files", hint="check that the site runs the same pixcell-fed version"
+        )
+    from flwr.app import ArrayRecord, ConfigRecord
+
     files = content[KEY_FILES]
     arrays = content[KEY_DATA]
-    if ARRAY_NAME not in arrays or arrays[ARRAY_NAME].dtype != "uint8" or arrays[ARRAY_NAME].stype != "numpy.ndarray":
+    if (
+        not isinstance(files, ConfigRecord)
+        or not isinstance(arrays, ArrayRecord)
+        or ARRAY_NAME not in arrays
+        or arrays[ARRAY_NAME].dtype != "uint8"
+        or arrays[ARRAY_NAME].stype != "numpy.ndarray"
+    ):
         raise FederationError("a site's reply carries its files in an unexpected form")
-    items = unpack_files(arrays[ARRAY_NAME].numpy(), list(files.get("names", [])), list(files.get("sizes", [])))
-    return items, list(files.get("missing", []))
+    names, sizes, missing = (_list_field(files, key) for key in ("names", "sizes", "missing"))
+    return unpack_files(arrays[ARRAY_NAME].numpy(), names, sizes), missing
 
 
-def request_record(**values: object) -> "RecordDict":
+def _list_field(record: ConfigRecord, key: str) -> list[Any]:
+    """A list-valued field of a site's reply ([] when absent); :class:`FederationError` when it is not a list."""
+    value = record.get(key, [])
+    if not isinstance(value, list):
+        raise FederationError(f"a site's reply carries its '{key}' in an unexpected form")
+    return list(value)
+
+
+def request_record(**values: ConfigRecordValues) -> RecordDict:
     """A coordinator request: one ConfigRecord under KEY_REQUEST (lists of strings, ints, floats, strings)."""
     from flwr.app import ConfigRecord, RecordDict
 
     return RecordDict({KEY_REQUEST: ConfigRecord({"protocol": PROTOCOL_VERSION, **values})})
 
 
-def error_record(code: str) -> "RecordDict":
+def error_record(code: str) -> RecordDict:
     """A site's refusal: the generic code only."""
     from flwr.app import ConfigRecord, RecordDict
 
@@ -168,7 +189,7 @@ def error_record(code: str) -> "RecordDict":
     return RecordDict({KEY_ERROR: ConfigRecord({"code": code, "protocol": PROTOCOL_VERSION})})
 
 
-def error_code(content: "RecordDict") -> str | None:
+def error_code(content: RecordDict) -> str | None:
     """The generic code of a site's refusal, or None when ``content`` is an answer (unknown codes read 'internal')."""
     if KEY_ERROR not in content:
         return None
@@ -176,7 +197,7 @@ def error_code(content: "RecordDict") -> str | None:
     return code if isinstance(code, str) and code in ERROR_CODES else "internal"
 
 
-def model_to_records(state: dict, spec: "ModelSpec", content: "RecordDict") -> None:
+def model_to_records(state: dict, spec: ModelSpec, content: RecordDict) -> None:
     """Put model weights (a state dict of tensors) and its spec (:meth:`ModelSpec.to_wire`: no training history,
     never a weights file) into ``content``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -185,15 +206,17 @@ def model_to_records(state: dict, spec: "ModelSpec", content: "RecordDict") -> N
     content[KEY_MODEL_CONFIG] = ConfigRecord({"spec": spec.to_wire()})
 
 
-def arrays_to_tensors(record: "ArrayRecord", *, max_bytes: int | None = None) -> dict:
+def arrays_to_tensors(record: ArrayRecord, *, max_bytes: int | None = None) -> dict:
     """Weights as torch tensors, accepting plain numeric numpy arrays only (never a pickle, whatever it claims)."""
     import torch
 
     state, total = {}, 0
     for name, array in record.items():
         if array.stype != "numpy.ndarray" or array.dtype not in WEIGHT_DTYPES:
-            raise Refusal("refused-weights", f"weight {name!r} travels as {array.stype!r} {array.dtype!r}, not a plain "
-                                             "numeric numpy array")
+            raise Refusal(
+                "refused-weights",
+                f"weight {name!r} travels as {array.stype!r} {array.dtype!r}, not a plain numeric numpy array",
+            )
         total += len(array.data)
         if max_bytes is not None and total > max_bytes:
             raise Refusal("refused-weights", f"the weights exceed {max_bytes} bytes")
@@ -208,7 +231,7 @@ def arrays_to_tensors(record: "ArrayRecord", *, max_bytes: int | None = None) ->
     return state
 
 
-def records_to_model(content: "RecordDict", *, max_bytes: int | None = None) -> tuple[dict, "ModelSpec"]:
+def records_to_model(content: RecordDict, *, max_bytes: int | None = None) -> tuple[dict, ModelSpec]:
     """Model weights (torch tensors, plain arrays only) and the validated spec (:meth:`ModelSpec.from_wire`) back
     from ``content``; :class:`Refusal` otherwise."""
     from pixcell_fed.training.models import ModelSpec, SpecError
@@ -222,7 +245,12 @@ def records_to_model(content: "RecordDict", *, max_bytes: int | None = None) -> 
         spec = ModelSpec.from_wire(text)
     except SpecError as exc:
         raise Refusal("refused-model", f"the model spec is invalid: {exc}") from exc
-    return arrays_to_tensors(content[KEY_MODEL], max_bytes=max_bytes), spec
+    from flwr.app import ArrayRecord
+
+    weights = content[KEY_MODEL]
+    if not isinstance(weights, ArrayRecord):
+        raise Refusal("refused-model", "the model weights are not an array record")
+    return arrays_to_tensors(weights, max_bytes=max_bytes), spec
 
 
 def config_values(record: Any, keys: Mapping[str, type]) -> dict[str, Any]:

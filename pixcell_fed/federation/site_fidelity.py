@@ -12,8 +12,9 @@ import html
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pixcell_fed.audit.fidelity_report import MANIFOLD_FIGURES, interval_text
 
@@ -35,16 +36,20 @@ def _cell(raw: Any, low: float, high: float) -> dict[str, float | None] | None:
     return cell if cell["value"] is not None else None
 
 
+def _mapping(value: Any) -> Mapping[Any, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def space_figures(entry: Any) -> dict[str, Any] | None:
     """The checked figures of one encoder space of a shareable audit (None when there are none)."""
     if not isinstance(entry, Mapping):
         return None
-    fd = entry.get("fd") if isinstance(entry.get("fd"), Mapping) else {}
+    fd = _mapping(entry.get("fd"))
     out: dict[str, Any] = {"fd": {key: _cell(fd.get(key), 0.0, 1e12) for key in ("S->T", "H->T", "ratio")}}
     for name, _, _ in MANIFOLD_FIGURES:
-        raw = entry.get(name) if isinstance(entry.get(name), Mapping) else {}
+        raw = _mapping(entry.get(name))
         out[name] = {role: _cell(raw.get(role), 0.0, 1e6 if name == "density" else 1.0) for role in _ROLES}
-    sizes = entry.get("sizes") if isinstance(entry.get("sizes"), Mapping) else {}
+    sizes = _mapping(entry.get("sizes"))
     out["compared"] = int(sizes["compared"]) if _number(sizes.get("compared"), 0, 1e9) is not None else None
     return out if out["fd"]["ratio"] or any(out[n]["S"] for n, _, _ in MANIFOLD_FIGURES) else None
 
@@ -84,28 +89,37 @@ def fidelity_section_html(by_site: Mapping[str, Mapping[str, Any]], twins: list[
     if not by_site:
         return ""
     esc = html.escape
-    out = ["<h2>Fidelity of each site's synthetic set</h2>",
-           "<p>From each site's signed audit: in each encoder space, the Fréchet distance of the synthetic tiles (S) "
-           "to the real tiles that conditioned them (T), beside that of new real tissue of the same site (H, on as "
-           "many tiles); a ratio S / H near 1 means the synthetic set is as close to the site's tissue as new real "
-           "tissue is. Precision and density: does S look real; recall and coverage: does S cover T's variety "
-           "(H's values in the next column). Brackets: 95% bootstrap intervals.</p>"]
+    out = [
+        "<h2>Fidelity of each site's synthetic set</h2>",
+        "<p>From each site's signed audit: in each encoder space, the Fréchet distance of the synthetic tiles (S) "
+        "to the real tiles that conditioned them (T), beside that of new real tissue of the same site (H, on as "
+        "many tiles); a ratio S / H near 1 means the synthetic set is as close to the site's tissue as new real "
+        "tissue is. Precision and density: does S look real; recall and coverage: does S cover T's variety "
+        "(H's values in the next column). Brackets: 95% bootstrap intervals.</p>",
+    ]
     if twins:
-        out.append(f"<p class='bad'>{esc(', '.join(twins))}: untrained twin models; these fidelity figures show the "
-                   "plumbing, not model quality.</p>")
+        out.append(
+            f"<p class='bad'>{esc(', '.join(twins))}: untrained twin models; these fidelity figures show the "
+            "plumbing, not model quality.</p>"
+        )
     head = ["site", "encoder space", "FD ratio S / H", "FD(S, T)", "FD(H, T)"]
     for _, title, _ in MANIFOLD_FIGURES:
         head += [f"{title} S", f"{title} H"]
     rows = []
     for site, spaces in sorted(by_site.items()):
         if not spaces:
-            rows.append(f"<tr><td>{esc(site)}</td><td class='text' colspan='{len(head) - 1}'>no fidelity figures in its "
-                        "audit</td></tr>")
+            rows.append(
+                f"<tr><td>{esc(site)}</td><td class='text' colspan='{len(head) - 1}'>no fidelity figures in its "
+                "audit</td></tr>"
+            )
         for space, fig in spaces.items():
             cells = [interval_text(fig["fd"].get(key)) for key in ("ratio", "S->T", "H->T")]
             for name, _, _ in MANIFOLD_FIGURES:
                 cells += [interval_text(fig[name].get("S")), interval_text(fig[name].get("H"))]
-            rows.append(f"<tr><td>{esc(site)}</td><td class='text'>{esc(space)}</td>"
-                        + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+            rows.append(
+                f"<tr><td>{esc(site)}</td><td class='text'>{esc(space)}</td>"
+                + "".join(f"<td>{esc(c)}</td>" for c in cells)
+                + "</tr>"
+            )
     out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
     return "".join(out)

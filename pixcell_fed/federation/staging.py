@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from pixcell_fed.atomic import write_bytes_atomic
 from pixcell_fed.bundle import layout as L
@@ -33,7 +33,9 @@ BUNDLES = "bundles"
 def _inside(root: Path, *parts: str) -> Path:
     """``root/parts`` after checking that it cannot leave ``root`` (every part validated by the caller too)."""
     path = root.joinpath(*parts)
-    if not path.resolve().is_relative_to(root.resolve()) or any(p in ("", ".", "..") or "/" in p or "\\" in p for p in parts):
+    if not path.resolve().is_relative_to(root.resolve()) or any(
+        p in ("", ".", "..") or "/" in p or "\\" in p for p in parts
+    ):
         raise FederationError(f"refusing a path outside {root}: {'/'.join(parts)!r}")
     return path
 
@@ -67,8 +69,12 @@ def stage_signed_files(pool_dir: Path, site: str, run_id: str, files: Mapping[st
     if old_manifest.is_file() and old_manifest.read_bytes() != files[L.MANIFEST] and (target / L.TILES).is_dir():
         shutil.rmtree(target / L.TILES)
     pooled = pooled_dir(pool_dir, site, run_id)
-    if not (target / L.TILES).is_dir() and (pooled / L.TILES).is_dir() and (pooled / L.MANIFEST).is_file() \
-            and (pooled / L.MANIFEST).read_bytes() == files[L.MANIFEST]:
+    if (
+        not (target / L.TILES).is_dir()
+        and (pooled / L.TILES).is_dir()
+        and (pooled / L.MANIFEST).is_file()
+        and (pooled / L.MANIFEST).read_bytes() == files[L.MANIFEST]
+    ):
         target.mkdir(parents=True, exist_ok=True)
         os.replace(pooled / L.TILES, target / L.TILES)
     for folder in (target, target / L.SIGNATURES):

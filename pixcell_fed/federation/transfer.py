@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pixcell_fed.bundle import layout as L
 from pixcell_fed.bundle.conditioning_policy import ConditioningRequirement, conditioning_refusal
@@ -39,14 +40,14 @@ class SiteStatus:
     """A site's line in the pool report."""
 
     site: str
-    status: str = "missing"            # complete | partial | missing | rejected
+    status: str = "missing"  # complete | partial | missing | rejected
     run_id: str | None = None
     n_tiles: int = 0
     n_received: int = 0
     bytes_received: int = 0
     audit_verdict: str | None = None
-    generator: str | None = None       # the generator's label from the audit ("PixCell-256", "untrained twin")
-    conditioning: dict | None = None   # the signed conditioning claim (mode, dp guarantee), as verified
+    generator: str | None = None  # the generator's label from the audit ("PixCell-256", "untrained twin")
+    conditioning: dict | None = None  # the signed conditioning claim (mode, dp guarantee), as verified
     reason: str | None = None
     failed_files: list[str] = field(default_factory=list)
 
@@ -55,9 +56,9 @@ class SiteStatus:
 class TransferSettings:
     """How one site's tiles are asked for."""
 
-    message_bytes: int = 512 << 20     # tiles per data message at most (a message holds one tile at least)
-    max_attempts: int = 3              # requests per tile before giving up on it
-    max_bundle_age_days: float = 0.0   # 0 = no maximum
+    message_bytes: int = 512 << 20  # tiles per data message at most (a message holds one tile at least)
+    max_attempts: int = 3  # requests per tile before giving up on it
+    max_bundle_age_days: float = 0.0  # 0 = no maximum
     conditioning: ConditioningRequirement = ConditioningRequirement()  # the least the consortium accepts
 
 
@@ -94,19 +95,26 @@ class SiteTransfer:
     status: SiteStatus
     node: int
     staged: Path | None = None
-    tiles: dict[str, int] = field(default_factory=dict)         # the signed manifest: tile name -> size
-    pending: dict[str, int] = field(default_factory=dict)       # not received yet, in manifest order
+    tiles: dict[str, int] = field(default_factory=dict)  # the signed manifest: tile name -> size
+    pending: dict[str, int] = field(default_factory=dict)  # not received yet, in manifest order
     attempts: dict[str, int] = field(default_factory=dict)
     in_flight: dict[str, list[str]] = field(default_factory=dict)  # message id -> tile names asked for
-    checked: Any = None                                         # the VerifiedBundle of the signed files (preflight)
-    verified: Any = None                                        # the VerifiedBundle once complete
+    checked: Any = None  # the VerifiedBundle of the signed files (preflight)
+    verified: Any = None  # the VerifiedBundle once complete
     closed: bool = False
-    waves: int = 0                                              # request rounds sent to this site
+    waves: int = 0  # request rounds sent to this site
     last_heard: float = field(default_factory=time.monotonic)
 
     @property
     def site(self) -> str:
         return self.status.site
+
+    @property
+    def staged_dir(self) -> Path:
+        """The staged bundle folder; asked for only once the manifest reply was staged."""
+        if self.staged is None:
+            raise RuntimeError(f"pooling: nothing of site {self.site} is staged yet")
+        return self.staged
 
     def close(self, status: str, reason: str | None) -> None:
         self.status.status, self.status.reason, self.closed = status, reason, True
@@ -131,23 +139,28 @@ class SiteTransfer:
             self.close("rejected", f"bundle refused before any tile: {exc.message}")
             return
         self.status.run_id, self.checked = run_id, checked
-        self.status.audit_verdict, self.status.generator = audit_facts(self.staged)
+        self.status.audit_verdict, self.status.generator = audit_facts(self.staged_dir)
         self.status.conditioning = checked.conditioning.to_record()
         refused = refusal_of_conditioning(checked, settings.conditioning)
         if refused is not None:  # before any tile is asked for
-            staging.discard(self.staged)
+            staging.discard(self.staged_dir)
             self.close("rejected", refused)
             return
         self.tiles = {name: size for name, (size, _) in checked.tile_records.items()}
-        tiles_dir = self.staged / L.TILES
+        tiles_dir = self.staged_dir / L.TILES
         # resume: a tile is on disk under its final name only after check_tile passed on it (in an earlier run of
         # this same manifest: staging drops the tiles of any other); its size is checked again at the end
-        self.pending = {n: size for n, size in self.tiles.items()
-                        if not ((tiles_dir / n).is_file() and (tiles_dir / n).stat().st_size == size)}
+        self.pending = {
+            n: size
+            for n, size in self.tiles.items()
+            if not ((tiles_dir / n).is_file() and (tiles_dir / n).stat().st_size == size)
+        }
         self.status.n_tiles = len(self.tiles)
         self.status.n_received = len(self.tiles) - len(self.pending)
         if self.status.n_received:
-            log.info("pooling: %s has %d/%d tiles from an earlier run", self.site, self.status.n_received, len(self.tiles))
+            log.info(
+                "pooling: %s has %d/%d tiles from an earlier run", self.site, self.status.n_received, len(self.tiles)
+            )
 
     def _stage(self, content: Any, pool_dir: Path) -> str:
         where = f"manifest reply of site {self.site}"
@@ -160,8 +173,9 @@ class SiteTransfer:
         files = V.signed_files(items, where)
         bundle_site, run_id = V.bundle_identity(files, where)
         if bundle_site != self.site:
-            raise V.ReplyRejected(f"{where}: it serves a bundle of site {bundle_site!r} (a replay under another "
-                                  "site's key)")
+            raise V.ReplyRejected(
+                f"{where}: it serves a bundle of site {bundle_site!r} (a replay under another site's key)"
+            )
         self.staged = staging.stage_signed_files(pool_dir, self.site, run_id, files)
         return run_id
 
@@ -173,7 +187,8 @@ class SiteTransfer:
             return []
         asked = {n for names in self.in_flight.values() for n in names}
         batches: list[list[str]] = []
-        batch, size = [], 0
+        batch: list[str] = []
+        size = 0
         for name, tile_size in self.pending.items():
             if name in asked or self.attempts.get(name, 0) >= settings.max_attempts:
                 continue
@@ -194,7 +209,11 @@ class SiteTransfer:
         if self.closed:
             return 0
         if reply.content is None:
-            why = f"the site refused during the transfer ({reply.code})" if reply.code else f"dropped out during transfer: {reply.error}"
+            why = (
+                f"the site refused during the transfer ({reply.code})"
+                if reply.code
+                else f"dropped out during transfer: {reply.error}"
+            )
             self.close(_status_of_refusal(reply.code), why)
             return 0
         try:
@@ -205,7 +224,7 @@ class SiteTransfer:
         accepted = 0
         for name, ok in zip(names, self._check_tiles(names, got)):
             if ok:
-                staging.write_tile(self.staged, name, got[name])
+                staging.write_tile(self.staged_dir, name, got[name])
                 self.pending.pop(name, None)
                 accepted += self.tiles[name]
             else:
@@ -266,7 +285,7 @@ class SiteTransfer:
         try:
             verified = verify(self.staged, complete=True)
         except PixcellFedError as exc:
-            staging.discard(self.staged)  # resumed tiles are trusted by size only: start afresh next time
+            staging.discard(self.staged_dir)  # resumed tiles are trusted by size only: start afresh next time
             self.close("rejected", f"bundle verification failed after transfer: {exc.message}")
             return
         self.staged = staging.promote(pool_dir, self.site, str(self.status.run_id))

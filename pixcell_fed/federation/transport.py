@@ -9,8 +9,9 @@ short interval and handles each reply as it comes instead of waiting for the slo
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Collection, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pixcell_fed.federation import protocol as P
 from pixcell_fed.federation.node_identity import NodeIdentity
@@ -27,7 +28,7 @@ class Request:
 
     node: int
     kind: str
-    content: "RecordDict"
+    content: RecordDict
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,12 @@ class Reply:
     """A node's answer: ``content``; or ``error`` when it failed or vanished, with the site's generic ``code``
     when the site itself refused."""
 
-    content: "RecordDict | None" = None
+    content: RecordDict | None = None
     error: str | None = None
     code: str | None = None
 
 
-def reply_of_content(content: "RecordDict") -> Reply:
+def reply_of_content(content: RecordDict) -> Reply:
     """A site's reply content as a :class:`Reply` (a refusal becomes its generic code, nothing else)."""
     code = P.error_code(content)
     if code is not None:
@@ -62,7 +63,7 @@ class Transport(Protocol):
 
     def pull(self, message_ids: Collection[str]) -> dict[str, Reply]: ...
 
-    def exchange(self, requests: Mapping[int, tuple[str, "RecordDict"]], *, timeout: float) -> dict[int, Reply]: ...
+    def exchange(self, requests: Mapping[int, tuple[str, RecordDict]], *, timeout: float) -> dict[int, Reply]: ...
 
 
 class PolledExchange:
@@ -76,7 +77,7 @@ class PolledExchange:
     def pull(self, message_ids: Collection[str]) -> dict[str, Reply]:  # pragma: no cover
         raise NotImplementedError
 
-    def exchange(self, requests: Mapping[int, tuple[str, "RecordDict"]], *, timeout: float) -> dict[int, Reply]:
+    def exchange(self, requests: Mapping[int, tuple[str, RecordDict]], *, timeout: float) -> dict[int, Reply]:
         """Send one message to each node at once; returns node -> reply (an error reply for a silent node)."""
         nodes = list(requests)
         ids = self.push([Request(node, kind, content) for node, (kind, content) in requests.items()])
@@ -102,8 +103,10 @@ class GridTransport(PolledExchange):
         self.poll_interval_s = poll_interval_s
 
     def nodes(self) -> list[NodeIdentity]:
-        return [NodeIdentity(node_id=int(n.node_id), public_key=bytes(n.public_key or b""), name=str(n.name or ""))
-                for n in self.grid.get_nodes()]
+        return [
+            NodeIdentity(node_id=int(n.node_id), public_key=bytes(n.public_key or b""), name=str(n.name or ""))
+            for n in self.grid.get_nodes()
+        ]
 
     def push(self, requests: Sequence[Request]) -> list[str | None]:
         from flwr.app import Message

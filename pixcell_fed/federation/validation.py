@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pixcell_fed.bundle.layout import BUNDLE_JSON, SITE_NAME_RE
 from pixcell_fed.bundle.manifest import RUN_ID_RE
@@ -19,8 +20,8 @@ from pixcell_fed.bundle.png import TILE_NAME_RE
 from pixcell_fed.errors import FederationError
 from pixcell_fed.federation import protocol as P
 
-MAX_SIGNED_BYTES = 256 << 20      # manifest, audit, summary and signatures of one bundle together
-MAX_COUNT = 100_000_000           # tiles in a bundle
+MAX_SIGNED_BYTES = 256 << 20  # manifest, audit, summary and signatures of one bundle together
+MAX_COUNT = 100_000_000  # tiles in a bundle
 
 
 class ReplyRejected(FederationError):
@@ -60,8 +61,9 @@ def signed_files(items: Sequence[tuple[str, bytes]], where: str) -> dict[str, by
     files: dict[str, bytes] = {}
     for name, blob in items:
         if name not in P.SIGNED_FILES:
-            raise ReplyRejected(f"{where}: unexpected file {_show(name)} (a manifest reply carries only "
-                                f"{', '.join(P.SIGNED_FILES)})")
+            raise ReplyRejected(
+                f"{where}: unexpected file {_show(name)} (a manifest reply carries only {', '.join(P.SIGNED_FILES)})"
+            )
         if name in files:
             raise ReplyRejected(f"{where}: file {name} sent twice")
         files[name] = blob
@@ -81,15 +83,19 @@ def bundle_identity(files: Mapping[str, bytes], where: str) -> tuple[str, str]:
         raise ReplyRejected(f"{where}: {BUNDLE_JSON} is not ASCII JSON ({exc})") from exc
     if not isinstance(info, dict):
         raise ReplyRejected(f"{where}: {BUNDLE_JSON} is not a JSON object")
-    return site_name(info.get("site"), f"{where}: {BUNDLE_JSON} site"), run_id(info.get("run_id"), f"{where}: {BUNDLE_JSON} run_id")
+    return site_name(info.get("site"), f"{where}: {BUNDLE_JSON} site"), run_id(
+        info.get("run_id"), f"{where}: {BUNDLE_JSON} run_id"
+    )
 
 
 def site_info(record: Any, where: str) -> dict[str, Any]:
     """The small facts of a manifest reply (KEY_SITE): protocol version, the name the node says, tile count."""
     protocol = record.get("protocol")
     if protocol != P.PROTOCOL_VERSION:
-        raise ReplyRejected(f"{where}: protocol version {_show(protocol)}, expected {P.PROTOCOL_VERSION}",
-                            hint="the site runs another pixcell-fed release; both sides must run the same one")
+        raise ReplyRejected(
+            f"{where}: protocol version {_show(protocol)}, expected {P.PROTOCOL_VERSION}",
+            hint="the site runs another pixcell-fed release; both sides must run the same one",
+        )
     info = {"protocol": protocol, "n_tiles": count(record.get("n-tiles"), f"{where}: n-tiles")}
     if "site-name" in record:
         info["site_name"] = site_name(record.get("site-name"), f"{where}: site-name")
@@ -97,7 +103,7 @@ def site_info(record: Any, where: str) -> dict[str, Any]:
 
 
 def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def check_bundle_age(created: _dt.datetime, max_age_days: float, *, now: _dt.datetime | None = None) -> None:
@@ -108,8 +114,10 @@ def check_bundle_age(created: _dt.datetime, max_age_days: float, *, now: _dt.dat
         return
     age_days = ((now or utc_now()) - created).total_seconds() / 86400.0
     if age_days > max_age_days:
-        raise ReplyRejected(f"the bundle is {age_days:.1f} days old; the run accepts at most {max_age_days:g} days",
-                            hint="ask the site for a fresh bundle, or raise max-bundle-age-days")
+        raise ReplyRejected(
+            f"the bundle is {age_days:.1f} days old; the run accepts at most {max_age_days:g} days",
+            hint="ask the site for a fresh bundle, or raise max-bundle-age-days",
+        )
 
 
 def metrics(record: Any, names: Sequence[str], where: str) -> dict[str, float]:

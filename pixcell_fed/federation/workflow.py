@@ -41,15 +41,25 @@ def training_config(cfg: CoordinatorConfig, config_class: type):
     coordinator setting the recipe's config has a field for."""
     import dataclasses
 
-    offered = dict(arch=cfg.arch, kwargs=dict(cfg.model_kwargs or {}), img_size=cfg.img_size, epochs=cfg.epochs,
-                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, pretrained_file=cfg.pretrained_file, mode=cfg.mode,
-                   method=cfg.ssl_method)
+    offered = {
+        "arch": cfg.arch,
+        "kwargs": dict(cfg.model_kwargs or {}),
+        "img_size": cfg.img_size,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "pretrained_file": cfg.pretrained_file,
+        "mode": cfg.mode,
+        "method": cfg.ssl_method,
+    }
     fields = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in offered.items() if k in fields})
 
 
-def evaluate_at_sites(transport: Transport, nodes_by_site: dict[str, int], state: dict, spec: "ModelSpec",
-                      *, timeout: float) -> dict[str, dict[str, Any]]:
+def evaluate_at_sites(
+    transport: Transport, nodes_by_site: dict[str, int], state: dict, spec: ModelSpec, *, timeout: float
+) -> dict[str, dict[str, Any]]:
     """Send the model to every site; returns site -> metrics (validated) or {"error": reason}."""
     from pixcell_fed.errors import FederationError
     from pixcell_fed.federation.validation import metrics
@@ -86,10 +96,12 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, float]:
     return weighted | {"n": float(total), "sites": float(len(ok))}
 
 
-def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: TrustVerifier | None = None) -> dict[str, Any]:
+def run_consortium(
+    transport: Transport, cfg: CoordinatorConfig, *, verify: TrustVerifier | None = None
+) -> dict[str, Any]:
     """Pool, train, evaluate and report; returns the report as a dict (also written to ``work_dir/report``)."""
-    from pixcell_fed.config import to_plain
     from pixcell_fed.bundle.refusal import read_refusal_notices
+    from pixcell_fed.config import to_plain
     from pixcell_fed.federation.montage import site_montages
     from pixcell_fed.federation.report import write_report
     from pixcell_fed.federation.site_fidelity import pooled_fidelity
@@ -100,8 +112,14 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Trus
     verify = verify or trust_verifier(cfg.trust_file)
     wait_for_sites(transport, cfg, verify)
     pool: PoolReport = pool_bundles(transport, cfg.pool_dir, verify, cfg.pool_settings)
-    result: dict[str, Any] = {"config": to_plain(cfg), "pool": pool.to_dict(), "training": None, "evaluation": {},
-                              "pooled_evaluation": {}, "dp": None}
+    result: dict[str, Any] = {
+        "config": to_plain(cfg),
+        "pool": pool.to_dict(),
+        "training": None,
+        "evaluation": {},
+        "pooled_evaluation": {},
+        "dp": None,
+    }
     # what the sites chose to share: their pooled tiles at a glance, and the refusal notices of their own audits
     result["montage"] = site_montages(cfg.pool_dir)
     result["refusals"] = read_refusal_notices(cfg.refusals_dir, verify.trust).to_report()
@@ -109,24 +127,41 @@ def run_consortium(transport: Transport, cfg: CoordinatorConfig, *, verify: Trus
     if pool.n_pooled:
         recipe = get_recipe(cfg.recipe)
         trained = recipe(cfg.pool_dir, cfg.model_dir, training_config(cfg, recipe.config_class))
-        result["training"] = {"recipe": cfg.recipe, "checkpoint": str(trained.checkpoint), "history": trained.history,
-                              "spec": trained.spec.to_dict()}
+        result["training"] = {
+            "recipe": cfg.recipe,
+            "checkpoint": str(trained.checkpoint),
+            "history": trained.history,
+            "spec": trained.spec.to_dict(),
+        }
         if cfg.evaluate:
             model, spec = load_checkpoint(cfg.model_dir)
             nodes = {s: n for s, n in pool.nodes.items() if pool.sites[s].status != "missing"}
-            result["evaluation"] = evaluate_at_sites(transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s)
+            result["evaluation"] = evaluate_at_sites(
+                transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s
+            )
             result["pooled_evaluation"] = pooled_metrics(result["evaluation"])
             if cfg.augmentation_value:
                 from pixcell_fed.federation.augmentation_value import augmentation_round
 
-                result["augmentation"] = augmentation_round(transport, nodes, state_dict_of(model), spec,
-                                                            cfg.augmentation_request, timeout=cfg.reply_timeout_s)
+                result["augmentation"] = augmentation_round(
+                    transport, nodes, state_dict_of(model), spec, cfg.augmentation_request, timeout=cfg.reply_timeout_s
+                )
             if cfg.dp_rounds > 0 and spec.kind == "classifier":
                 from pixcell_fed.federation.dp_rounds import federated_dp_finetune
 
-                dp = federated_dp_finetune(transport, nodes, model, spec, cfg.dp_settings, rounds=cfg.dp_rounds,
-                                           out_dir=cfg.work_dir / "dp_model", timeout=cfg.reply_timeout_s)
-                dp["evaluation"] = evaluate_at_sites(transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s)
+                dp = federated_dp_finetune(
+                    transport,
+                    nodes,
+                    model,
+                    spec,
+                    cfg.dp_settings,
+                    rounds=cfg.dp_rounds,
+                    out_dir=cfg.work_dir / "dp_model",
+                    timeout=cfg.reply_timeout_s,
+                )
+                dp["evaluation"] = evaluate_at_sites(
+                    transport, nodes, state_dict_of(model), spec, timeout=cfg.reply_timeout_s
+                )
                 dp["pooled_evaluation"] = pooled_metrics(dp["evaluation"])
                 result["dp"] = dp
     result["seconds"] = round(time.monotonic() - started, 2)

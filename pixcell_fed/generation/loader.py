@@ -10,9 +10,10 @@ missing or mismatching file raises :class:`~pixcell_fed.errors.WeightsError` nam
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.devices import dtype_name, resolve_device, resolve_dtype
 from pixcell_fed.errors import ConfigError, WeightsError
@@ -26,7 +27,14 @@ from pixcell_fed.generation.published import (
 )
 from pixcell_fed.registry import Registry
 from pixcell_fed.runlog import get_logger
-from pixcell_fed.weights import SafetensorsHeader, compare_shapes, config_mismatches, meta_shapes, read_complete_header, read_json
+from pixcell_fed.weights import (
+    SafetensorsHeader,
+    compare_shapes,
+    config_mismatches,
+    meta_shapes,
+    read_complete_header,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +65,7 @@ PIPELINE_KEY = "_pixcell_fed_pipeline"
 #: ``factory(checked_folder, transformer, vae, scheduler_config, **pipeline_kwargs) -> PixCellPipeline``. Nothing is
 #: registered here: demo material (:mod:`pixcell_fed.simulation.memorising_twin`) registers itself when a process
 #: imports it, which ``site-agent`` never does, so a site cannot load such a pipeline by pointing at a folder.
-PIPELINES: Registry[Callable[..., "PixCellPipeline"]] = Registry("generator pipeline")
+PIPELINES: Registry[Callable[..., PixCellPipeline]] = Registry("generator pipeline")
 
 
 @dataclass(frozen=True)
@@ -100,15 +108,18 @@ def _variant_of(config: Mapping[str, Any], path: Path) -> int:
         )
     tokens = config.get("caption_num_tokens", 1)
     if tokens not in VARIANT_BY_TOKENS:
-        raise WeightsError(f"{path} has caption_num_tokens = {tokens!r}, which is neither PixCell-256 (1) nor "
-                           "PixCell-1024 (16)", hint=_REDOWNLOAD)
+        raise WeightsError(
+            f"{path} has caption_num_tokens = {tokens!r}, which is neither PixCell-256 (1) nor PixCell-1024 (16)",
+            hint=_REDOWNLOAD,
+        )
     return VARIANT_BY_TOKENS[tokens]
 
 
 def _is_twin(folder: Path, config: Mapping[str, Any]) -> bool:
     index = folder / "model_index.json"
     return bool(config.get(TWIN_MARKER)) or (
-        index.is_file() and bool(read_json(index, "model index", PIXCELL_SOURCE).get(TWIN_MARKER)))
+        index.is_file() and bool(read_json(index, "model index", PIXCELL_SOURCE).get(TWIN_MARKER))
+    )
 
 
 def _check_published_config(config: Mapping[str, Any], variant: int, twin: bool, path: Path) -> None:
@@ -122,8 +133,9 @@ def _check_published_config(config: Mapping[str, Any], variant: int, twin: bool,
     if unknown:
         problems.append(f"keys not in the published config: {', '.join(unknown)}")
     if problems:
-        raise WeightsError(f"{path} differs from the published PixCell-{variant} config: " + "; ".join(problems),
-                           hint=_REDOWNLOAD)
+        raise WeightsError(
+            f"{path} differs from the published PixCell-{variant} config: " + "; ".join(problems), hint=_REDOWNLOAD
+        )
 
 
 def check_folder(pixcell_dir: str | Path) -> PixCellFolder:
@@ -139,10 +151,14 @@ def check_folder(pixcell_dir: str | Path) -> PixCellFolder:
     folder = Path(pixcell_dir)
     if not folder.is_dir():
         raise WeightsError(f"PixCell folder not found: {folder}", hint="fix models.pixcell_dir, or " + PIXCELL_SOURCE)
-    missing = [rel for rel in ("transformer/config.json", f"transformer/{WEIGHTS_FILE}") if not (folder / rel).is_file()]
+    missing = [
+        rel for rel in ("transformer/config.json", f"transformer/{WEIGHTS_FILE}") if not (folder / rel).is_file()
+    ]
     if missing:
-        raise WeightsError(f"{folder} is incomplete: missing {', '.join(missing)}",
-                           hint=_REDOWNLOAD + " (the weight file is about 2.4 GB: check the copy finished)")
+        raise WeightsError(
+            f"{folder} is incomplete: missing {', '.join(missing)}",
+            hint=_REDOWNLOAD + " (the weight file is about 2.4 GB: check the copy finished)",
+        )
     config_path = folder / "transformer" / "config.json"
     config = read_json(config_path, "PixCell transformer config", PIXCELL_SOURCE)
     variant = _variant_of(config, config_path)
@@ -164,18 +180,21 @@ def check_folder(pixcell_dir: str | Path) -> PixCellFolder:
     return checked
 
 
-def pipeline_factory(checked: PixCellFolder) -> Callable[..., "PixCellPipeline"] | None:
+def pipeline_factory(checked: PixCellFolder) -> Callable[..., PixCellPipeline] | None:
     """The registered pipeline a twin folder names under :data:`PIPELINE_KEY`, or None for PixCell's own."""
     index = checked.folder / "model_index.json"
     name = read_json(index, "model index", PIXCELL_SOURCE).get(PIPELINE_KEY) if index.is_file() else None
     if name is None:
         return None
     if not checked.twin:
-        raise WeightsError(f"{index} names the pipeline {name!r}, which only a tiny twin folder may do",
-                           hint=_REDOWNLOAD)
+        raise WeightsError(
+            f"{index} names the pipeline {name!r}, which only a tiny twin folder may do", hint=_REDOWNLOAD
+        )
     if not isinstance(name, str) or name not in PIPELINES:
-        raise WeightsError(f"{index} names the pipeline {name!r}: demo or test material this program does not load",
-                           hint="point models.pixcell_dir at a PixCell-256 or PixCell-1024 folder; " + PIXCELL_SOURCE)
+        raise WeightsError(
+            f"{index} names the pipeline {name!r}: demo or test material this program does not load",
+            hint="point models.pixcell_dir at a PixCell-256 or PixCell-1024 folder; " + PIXCELL_SOURCE,
+        )
     return PIPELINES.get(name)
 
 
@@ -189,14 +208,16 @@ def check_tile_size_fits_model(tile_size: int, variant: int) -> None:
     """PixCell-256 is conditioned on 256 px tiles and PixCell-1024 on 1024 px tiles (a 4x4 grid of 256 px UNI
     embeddings); tiles of the other size would condition it on the wrong magnification or grid."""
     if tile_size != variant:
-        raise ConfigError(f"models.pixcell_dir holds PixCell-{variant}, which is conditioned on {variant} px tiles, "
-                          f"but tiling.tile_size is {tile_size}",
-                          hint=f"set tiling.tile_size: {variant}, or point models.pixcell_dir at PixCell-{tile_size}")
+        raise ConfigError(
+            f"models.pixcell_dir holds PixCell-{variant}, which is conditioned on {variant} px tiles, "
+            f"but tiling.tile_size is {tile_size}",
+            hint=f"set tiling.tile_size: {variant}, or point models.pixcell_dir at PixCell-{tile_size}",
+        )
 
 
 def load_transformer(
-    checked: PixCellFolder, *, device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None
-) -> "PixCellTransformer2DModel":
+    checked: PixCellFolder, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> PixCellTransformer2DModel:
     """Build :class:`PixCellTransformer2DModel` from a checked folder and assign its safetensors tensors into it.
 
     The model is built on the meta device, so the 2.4 GB checkpoint is never doubled by a random initialisation.
@@ -214,7 +235,9 @@ def load_transformer(
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read {weights}: {exc}", hint=f"the file is damaged or incomplete; {PIXCELL_SOURCE}") from exc
+        raise WeightsError(
+            f"cannot read {weights}: {exc}", hint=f"the file is damaged or incomplete; {PIXCELL_SOURCE}"
+        ) from exc
     model.load_state_dict(state, strict=False, assign=True)
     model.rebuild_fixed_buffers(include_y_pos=checked.y_pos_embed_absent, device="cpu")
     # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules whenever a dtype is given; we have none.
@@ -235,9 +258,9 @@ def load_pixcell(
     pixcell_dir: str | Path,
     vae_dir: str | Path | None = None,
     *,
-    device: "str | torch.device" = "cpu",
-    dtype: "str | torch.dtype | None" = None,
-) -> "PixCellPipeline":
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> PixCellPipeline:
     """Load PixCell-256 or PixCell-1024 and the SD3.5 VAE from local folders into a ready pipeline.
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``. ``dtype`` of the transformer: None/``"auto"``
@@ -255,15 +278,24 @@ def load_pixcell(
     torch_dtype = resolve_dtype(dtype, torch_device)
     transformer = load_transformer(checked, device=torch_device, dtype=torch_dtype)
     vae_folder = resolve_vae_dir(vae_dir, pixcell_dir)
-    vae, vae_checked = load_vae(vae_folder, device=torch_device, dtype=vae_dtype_for(torch_dtype, torch_device),
-                                latent_channels=transformer.config.in_channels)
+    vae, vae_checked = load_vae(
+        vae_folder,
+        device=torch_device,
+        dtype=vae_dtype_for(torch_dtype, torch_device),
+        latent_channels=transformer.config["in_channels"],
+    )
     scheduler_config, scheduler_source = read_scheduler_config(pixcell_dir)
     twin = checked.twin or vae_checked.twin
     log.info(
         "loaded %s transformer from %s%s, VAE from %s, scheduler from %s, on %s (%s, VAE %s)",
-        "a tiny untrained twin" if twin else "the", pixcell_dir,
-        " (y_pos_embed rebuilt)" if checked.y_pos_embed_absent else "", vae_folder, scheduler_source, torch_device,
-        dtype_name(torch_dtype), dtype_name(vae.dtype),
+        "a tiny untrained twin" if twin else "the",
+        pixcell_dir,
+        " (y_pos_embed rebuilt)" if checked.y_pos_embed_absent else "",
+        vae_folder,
+        scheduler_source,
+        torch_device,
+        dtype_name(torch_dtype),
+        dtype_name(vae.dtype),
     )
     return factory(
         checked,

@@ -27,21 +27,50 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: Key written into every config of a tiny twin (pixcell_fed.simulation.twins): outputs say "untrained twin".
 TWIN_MARKER = "_pixcell_fed_twin"
 #: Keys a tiny twin shrinks; every other published key must hold its published value in a twin too.
-TWIN_SIZE_KEYS = frozenset({"num_layers", "num_attention_heads", "attention_head_dim", "cross_attention_dim",
-                            "sample_size", "caption_channels"})
+TWIN_SIZE_KEYS = frozenset(
+    {
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "cross_attention_dim",
+        "sample_size",
+        "caption_channels",
+    }
+)
 
 #: The published ``transformer/config.json`` of PixCell-1024 and PixCell-256 (legacy PixArt keys left out: ignored).
 PUBLISHED_PIXCELL: dict[int, dict[str, Any]] = {
     1024: {
-        "num_layers": 28, "num_attention_heads": 16, "attention_head_dim": 72, "cross_attention_dim": 1152,
-        "in_channels": 16, "out_channels": 32, "patch_size": 2, "sample_size": 128, "caption_channels": 1536,
-        "caption_num_tokens": 16, "interpolation_scale": 2, "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False, "norm_eps": 1e-6, "activation_fn": "gelu-approximate", "attention_bias": True,
-        "num_embeds_ada_norm": 1000, "use_additional_conditions": False, "dropout": 0.0, "upcast_attention": False,
-        "attention_type": "default", "norm_num_groups": 32,
+        "num_layers": 28,
+        "num_attention_heads": 16,
+        "attention_head_dim": 72,
+        "cross_attention_dim": 1152,
+        "in_channels": 16,
+        "out_channels": 32,
+        "patch_size": 2,
+        "sample_size": 128,
+        "caption_channels": 1536,
+        "caption_num_tokens": 16,
+        "interpolation_scale": 2,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "num_embeds_ada_norm": 1000,
+        "use_additional_conditions": False,
+        "dropout": 0.0,
+        "upcast_attention": False,
+        "attention_type": "default",
+        "norm_num_groups": 32,
     },
 }
-PUBLISHED_PIXCELL[256] = {**PUBLISHED_PIXCELL[1024], "sample_size": 32, "caption_num_tokens": 1, "interpolation_scale": 0.5}
+PUBLISHED_PIXCELL[256] = {
+    **PUBLISHED_PIXCELL[1024],
+    "sample_size": 32,
+    "caption_num_tokens": 1,
+    "interpolation_scale": 0.5,
+}
 #: Published variant (the tile size it is conditioned on and generates) by number of UNI tokens.
 VARIANT_BY_TOKENS = {1: 256, 16: 1024}
 

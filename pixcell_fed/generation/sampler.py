@@ -11,8 +11,9 @@ a weight ``w <= 1`` turns guidance off: the conditional prediction alone, with n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -148,8 +149,8 @@ class PixCellPipeline:
 
     # -- validation -----------------------------------------------------------------------------------------------
     def validate(
-        self, cond: "np.ndarray | torch.Tensor", seeds: Sequence[int], steps: int, guidance: float | None
-    ) -> "tuple[torch.Tensor, list[int], int, float]":
+        self, cond: np.ndarray | torch.Tensor, seeds: Sequence[int], steps: int, guidance: float | None
+    ) -> tuple[torch.Tensor, list[int], int, float]:
         """Check every argument before compute; return conditioning as a float32 CPU tensor and the resolved values."""
         import torch
 
@@ -162,14 +163,21 @@ class PixCellPipeline:
         )
         if isinstance(cond, np.ndarray):
             if not np.issubdtype(cond.dtype, np.floating):
-                raise UsageError(f"conditioning must be floating point, got dtype {cond.dtype}", hint=f"pass {what} as float32")
+                raise UsageError(
+                    f"conditioning must be floating point, got dtype {cond.dtype}", hint=f"pass {what} as float32"
+                )
             cond_t = torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32))
         elif isinstance(cond, torch.Tensor):
             if not cond.is_floating_point():
-                raise UsageError(f"conditioning must be floating point, got {cond.dtype}", hint=f"pass {what} as float32")
+                raise UsageError(
+                    f"conditioning must be floating point, got {cond.dtype}", hint=f"pass {what} as float32"
+                )
             cond_t = cond.detach().to("cpu", torch.float32)
         else:
-            raise UsageError(f"conditioning must be a numpy array or torch tensor, got {type(cond).__name__}", hint=f"pass {expected}")
+            raise UsageError(
+                f"conditioning must be a numpy array or torch tensor, got {type(cond).__name__}",
+                hint=f"pass {expected}",
+            )
         if cond_t.ndim == 2 and self.num_tokens == 1:
             cond_t = cond_t[:, None, :]
         if cond_t.ndim != 3 or tuple(cond_t.shape[1:]) != (self.num_tokens, self.cond_dim):
@@ -180,18 +188,25 @@ class PixCellPipeline:
         if cond_t.shape[0] == 0:
             raise UsageError("no conditioning embeddings given", hint="pass at least one embedding")
         if not torch.isfinite(cond_t).all():
-            raise UsageError("conditioning contains NaN or infinite values", hint="re-embed the tiles; check the encoder weights")
+            raise UsageError(
+                "conditioning contains NaN or infinite values", hint="re-embed the tiles; check the encoder weights"
+            )
         seeds = list(seeds)
         if len(seeds) != cond_t.shape[0]:
             raise UsageError(
                 f"got {len(seeds)} seeds for {cond_t.shape[0]} conditioning rows",
-                hint="pass one seed per row; for N samples of a tile repeat its row N times with different seeds (seeds_for)",
+                hint="pass one seed per row; for N samples of a tile repeat its row N times with different seeds "
+                "(seeds_for)",
             )
         for s in seeds:
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) <= _MAX_SEED:
-                raise UsageError(f"seed {s!r} is not an integer in [0, 2**63)", hint="use seeds_for(run_seed, n) to derive seeds")
+                raise UsageError(
+                    f"seed {s!r} is not an integer in [0, 2**63)", hint="use seeds_for(run_seed, n) to derive seeds"
+                )
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= 1000:
-            raise UsageError(f"steps must be an integer from 1 to 1000, got {steps!r}", hint=f"the default is {DEFAULT_STEPS}")
+            raise UsageError(
+                f"steps must be an integer from 1 to 1000, got {steps!r}", hint=f"the default is {DEFAULT_STEPS}"
+            )
         g = self.default_guidance if guidance is None else guidance
         if isinstance(g, bool) or not isinstance(g, (int, float, np.floating)) or not math.isfinite(g) or g < 0:
             raise UsageError(
@@ -208,7 +223,7 @@ class PixCellPipeline:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
-    def initial_noise(self, seeds: Sequence[int]) -> "torch.Tensor":
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """``[B, C, h, w]`` fp32 noise on the CPU, sample i drawn from a generator seeded with ``seeds[i]``."""
         import torch
 
@@ -216,19 +231,19 @@ class PixCellPipeline:
         rows = [torch.randn(shape, generator=torch.Generator(self._generator_device).manual_seed(s)) for s in seeds]
         return torch.stack(rows)
 
-    def null_conditioning(self, batch: int) -> "torch.Tensor":
+    def null_conditioning(self, batch: int) -> torch.Tensor:
         """The checkpoint's null embedding tiled to ``[batch, n_tok, dim]``."""
         return self.transformer.uncond_embedding.to(self.dtype)[None].expand(batch, -1, -1)
 
     def sample_latents(
         self,
-        cond: "torch.Tensor",
+        cond: torch.Tensor,
         seeds: Sequence[int],
         steps: int,
         guidance: float,
         *,
-        on_step: Callable[[int, "torch.Tensor", "torch.Tensor"], None] | None = None,
-    ) -> "torch.Tensor":
+        on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Denoise one batch of validated inputs; returns fp32 latents. ``on_step(i, t, latents)`` after each step."""
         import torch
 
@@ -240,20 +255,24 @@ class PixCellPipeline:
         tokens = torch.cat([self.null_conditioning(batch), cond_dev]) if use_cfg else cond_dev
         sde = scheduler.config.algorithm_type.startswith("sde")
         # SDE solvers draw fresh noise every step: from each sample's own stream (seed XOR a fixed mask), never shared.
-        generators = [torch.Generator(self._generator_device).manual_seed(s ^ _SDE_MASK) for s in seeds] if sde else None
+        generators = [torch.Generator(self._generator_device).manual_seed(s ^ _SDE_MASK) for s in seeds] if sde else []
         c = self.latent_channels
         with torch.inference_mode():
             for i, t in enumerate(scheduler.timesteps):
                 x = torch.cat([latents, latents]) if use_cfg else latents
                 x = scheduler.scale_model_input(x, t).to(self.dtype)
-                out = self.transformer(x, encoder_hidden_states=tokens, timestep=t.expand(x.shape[0]), return_dict=False)[0]
+                out = self.transformer(
+                    x, encoder_hidden_states=tokens, timestep=t.expand(x.shape[0]), return_dict=False
+                )[0]
                 eps = out[:, :c].float()
                 if use_cfg:
                     eps_null, eps_cond = eps.chunk(2)
                     eps = eps_null + guidance * (eps_cond - eps_null)
                 noise = None
                 if sde:
-                    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(self.device)
+                    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(
+                        self.device
+                    )
                 latents = scheduler.step(eps, t, latents, variance_noise=noise, return_dict=False)[0]
                 if on_step is not None:
                     on_step(i, t, latents)
@@ -265,7 +284,7 @@ class PixCellPipeline:
         widest = max(self.vae.config.block_out_channels)
         return max(1, min(32, 2**30 // (widest * self.image_size**2)))
 
-    def decode(self, latents: "torch.Tensor") -> np.ndarray:
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
         """VAE-decode fp32 latents to ``[B, H, W, 3]`` uint8 RGB, in chunks of :meth:`decode_batch_size`."""
         import torch
 
@@ -295,7 +314,7 @@ class PixCellPipeline:
 
     def generate(
         self,
-        cond: "np.ndarray | torch.Tensor",
+        cond: np.ndarray | torch.Tensor,
         *,
         seeds: Sequence[int],
         steps: int = DEFAULT_STEPS,
@@ -306,14 +325,20 @@ class PixCellPipeline:
         """Generate one tile per conditioning row: ``cond [B, n_tok, dim]`` -> uint8 ``[B, H, W, 3]``.
 
         ``guidance`` defaults to 2.0 (PixCell-256) or 1.2 (PixCell-1024). For N samples of a tile, repeat its row N
-        times with N seeds. ``batch_size`` defaults to :meth:`auto_batch_size`; a sample's noise does not depend on it, so results agree
-        across batch sizes up to floating-point rounding (kernels may differ with the batch shape).
+        times with N seeds. ``batch_size`` defaults to :meth:`auto_batch_size`; a sample's noise does not depend on
+        it, so results agree across batch sizes up to floating-point rounding (kernels may differ with the batch
+        shape).
         """
         cond_t, seeds, steps, w = self.validate(cond, seeds, steps, guidance)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}", hint="leave it unset to size it to the device")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise UsageError(
+                f"batch_size must be a positive integer, got {batch_size!r}",
+                hint="leave it unset to size it to the device",
+            )
         bs = batch_size or self.auto_batch_size()
-        starts = range(0, cond_t.shape[0], bs)
+        starts: Iterable[int] = range(0, cond_t.shape[0], bs)
         if show_progress:
             from pixcell_fed.progress import progress
 

@@ -60,6 +60,8 @@ def uni_token_pos_embed(embed_dim: int, grid_size: int, base_size: int, interpol
 class UNITokenPosEmbed(nn.Module):
     """Adds the fixed UNI-token position table (a saved buffer named ``y_pos_embed``) to the conditioning tokens."""
 
+    y_pos_embed: torch.Tensor  # a registered buffer
+
     def __init__(self, embed_dim: int, num_tokens: int, base_size: int, interpolation_scale: float) -> None:
         super().__init__()
         grid = math.isqrt(num_tokens)
@@ -81,13 +83,17 @@ class UNITokenPosEmbed(nn.Module):
 class UNIProjection(PixArtAlphaTextProjection):
     """PixArt's caption MLP (Linear -> GELU(tanh) -> Linear) plus the saved null embedding for guidance."""
 
+    uncond_embedding: torch.Tensor  # a registered buffer
+
     def __init__(self, in_features: int, hidden_size: int, num_tokens: int) -> None:
         super().__init__(in_features=in_features, hidden_size=hidden_size, act_fn="gelu_tanh")
         # A fixed random vector, not trained; a checkpoint always overwrites it with its own.
-        self.register_buffer("uncond_embedding", torch.randn(num_tokens, in_features) / in_features**0.5, persistent=True)
+        self.register_buffer(
+            "uncond_embedding", torch.randn(num_tokens, in_features) / in_features**0.5, persistent=True
+        )
 
 
-class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
+class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' mixins disagree on config_name
     """PixCell's latent diffusion transformer conditioned on UNI2-h embeddings.
 
     Forward: ``hidden_states [B, in_channels, h, w]``, ``encoder_hidden_states [B, caption_num_tokens,
@@ -96,8 +102,9 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["BasicTransformerBlock", "PatchEmbed"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "adaln_single", "y_pos_embed"]
+    # diffusers declares these two as None in ModelMixin, yet documents lists of names
+    _no_split_modules = ["BasicTransformerBlock", "PatchEmbed"]  # type: ignore[assignment]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "adaln_single", "y_pos_embed"]  # type: ignore[assignment]
     ignore_for_config = list(LEGACY_CONFIG_KEYS)
 
     @register_to_config
@@ -137,7 +144,9 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         if num_embeds_ada_norm is None:
             raise ValueError("num_embeds_ada_norm must be set for norm_type 'ada_norm_single'")
         if use_additional_conditions:
-            raise ValueError("PixCell has no additional (resolution/aspect) conditions; use_additional_conditions must be false")
+            raise ValueError(
+                "PixCell has no additional (resolution/aspect) conditions; use_additional_conditions must be false"
+            )
 
         self.inner_dim = num_attention_heads * attention_head_dim
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -167,7 +176,7 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
                     norm_type=norm_type,
                     norm_elementwise_affine=norm_elementwise_affine,
                     norm_eps=norm_eps,
-                    attention_type=attention_type,
+                    attention_type=attention_type or "default",  # BasicTransformerBlock treats None as "default"
                 )
                 for _ in range(num_layers)
             ]
@@ -184,7 +193,7 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         )
 
     @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):  # noqa: D102 - diffusers hook
+    def extract_init_dict(cls, config_dict, **kwargs):
         # Drop the legacy PixArt keys silently: they are known, meaningless here, and must not reach __init__.
         config_dict = {k: v for k, v in config_dict.items() if k not in LEGACY_CONFIG_KEYS}
         return super().extract_init_dict(config_dict, **kwargs)
@@ -206,7 +215,7 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
             )
         pe.register_buffer("pos_embed", table.float().unsqueeze(0).to(device), persistent=False)
         if include_y_pos and self.y_pos_embed is not None:
-            table = self.y_pos_embed.table(self.config.caption_channels, device)
+            table = self.y_pos_embed.table(self.config["caption_channels"], device)
             self.y_pos_embed.register_buffer("y_pos_embed", table, persistent=True)
 
     @property
@@ -227,7 +236,7 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict noise (and variance) for ``hidden_states`` at ``timestep`` given UNI tokens."""
-        p = self.config.patch_size
+        p = self.config["patch_size"]
         batch, _, h, w = hidden_states.shape
         height, width = h // p, w // p
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -245,7 +254,7 @@ class PixCellTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(
+                x = self._gradient_checkpointing_func(  # type: ignore[misc]  # set by enable_gradient_checkpointing
                     block, x, attention_mask, y, encoder_attention_mask, t_mod, cross_attention_kwargs, None
                 )
             else:

@@ -7,9 +7,10 @@ reports it. The folder must be the SD3.5 VAE: PixCell's latents are scaled with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.errors import WeightsError
 from pixcell_fed.generation.published import (
@@ -19,7 +20,14 @@ from pixcell_fed.generation.published import (
     VAE_SOURCE,
     WEIGHTS_FILE,
 )
-from pixcell_fed.weights import SafetensorsHeader, compare_shapes, config_mismatches, meta_shapes, read_complete_header, read_json
+from pixcell_fed.weights import (
+    SafetensorsHeader,
+    compare_shapes,
+    config_mismatches,
+    meta_shapes,
+    read_complete_header,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -40,8 +48,10 @@ class VaeFolder:
         return abs(self.weights.n_params - SD35_VAE_PARAMS) <= 0.02 * SD35_VAE_PARAMS
 
     def describe(self) -> str:
-        return (f"AutoencoderKL at {self.folder} ({self.config['latent_channels']} latent channels, scaling "
-                f"{self.config['scaling_factor']}, shift {self.config['shift_factor']}; {self.weights.summary()})")
+        return (
+            f"AutoencoderKL at {self.folder} ({self.config['latent_channels']} latent channels, scaling "
+            f"{self.config['scaling_factor']}, shift {self.config['shift_factor']}; {self.weights.summary()})"
+        )
 
 
 def resolve_vae_dir(vae_dir: str | Path | None, pixcell_dir: Path) -> Path:
@@ -83,8 +93,10 @@ def check_folder(folder: Path, *, latent_channels: int | None = None) -> VaeFold
     if latent_channels is not None and config.get("latent_channels") != latent_channels:
         problems.append(f"{config.get('latent_channels')} latent channels, PixCell needs {latent_channels}")
     if problems:
-        raise WeightsError(f"{config_path} is not the SD3.5 VAE PixCell needs: " + "; ".join(problems),
-                           hint=f"PixCell's latents decode correctly only with the SD3.5 VAE; {VAE_SOURCE}")
+        raise WeightsError(
+            f"{config_path} is not the SD3.5 VAE PixCell needs: " + "; ".join(problems),
+            hint=f"PixCell's latents decode correctly only with the SD3.5 VAE; {VAE_SOURCE}",
+        )
     header = read_complete_header(folder / WEIGHTS_FILE, VAE_SOURCE)
     try:
         expected = meta_shapes(lambda: AutoencoderKL.from_config(config))
@@ -92,21 +104,27 @@ def check_folder(folder: Path, *, latent_channels: int | None = None) -> VaeFold
         raise WeightsError(f"{config_path} is not a valid AutoencoderKL config: {exc}", hint=VAE_SOURCE) from exc
     problems = compare_shapes(expected, header.shapes)
     if problems:
-        raise WeightsError(f"{header.path} does not match {config_path.name}: " + "; ".join(problems),
-                           hint=f"the weights and the config come from different models; {VAE_SOURCE}")
+        raise WeightsError(
+            f"{header.path} does not match {config_path.name}: " + "; ".join(problems),
+            hint=f"the weights and the config come from different models; {VAE_SOURCE}",
+        )
     return VaeFolder(folder=folder, config=config, weights=header, twin=bool(config.get(TWIN_MARKER, False)))
 
 
-def vae_dtype_for(transformer_dtype: "torch.dtype", device: "torch.device") -> "torch.dtype":
+def vae_dtype_for(transformer_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The SD3.5 VAE is unstable in fp16: decode in bf16 when the transformer runs in reduced precision, else fp32."""
     import torch
 
-    if transformer_dtype in (torch.float16, torch.bfloat16) and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if (
+        transformer_dtype in (torch.float16, torch.bfloat16)
+        and device.type == "cuda"
+        and torch.cuda.is_bf16_supported()
+    ):
         return torch.bfloat16
     return torch.float32
 
 
-def load_vae(folder: Path, *, device: "torch.device", dtype: "torch.dtype", latent_channels: int) -> tuple[Any, VaeFolder]:
+def load_vae(folder: Path, *, device: torch.device, dtype: torch.dtype, latent_channels: int) -> tuple[Any, VaeFolder]:
     """Load the SD3.5 ``AutoencoderKL`` from a local folder (no network), after :func:`check_folder`."""
     from diffusers import AutoencoderKL
 
@@ -116,6 +134,9 @@ def load_vae(folder: Path, *, device: "torch.device", dtype: "torch.dtype", late
             folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"cannot load the VAE from {folder}: {exc}", hint=f"the folder is damaged or not the SD3.5 VAE; {VAE_SOURCE}") from exc
+        raise WeightsError(
+            f"cannot load the VAE from {folder}: {exc}",
+            hint=f"the folder is damaged or not the SD3.5 VAE; {VAE_SOURCE}",
+        ) from exc
     vae.to(device=device).eval().requires_grad_(False)
     return vae, checked

@@ -19,9 +19,10 @@ import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator, NoReturn, Sequence, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pixcell_fed.errors import ConfigError, DistributedError, ExitCode, PixcellFedError
 from pixcell_fed.runlog import get_logger
@@ -63,7 +64,7 @@ class Ranks:
 
     def share(self, items: Sequence[T]) -> list[T]:
         """This rank's items of ``items``: every ``world_size``-th, starting at its rank (balanced to one item)."""
-        return list(items[self.rank::self.world_size])
+        return list(items[self.rank :: self.world_size])
 
     def share_batches(self, count: int, batch: int) -> list[int]:
         """Indices of ``count`` items that this rank handles when they are cut into whole global batches of ``batch``
@@ -79,10 +80,10 @@ class Ranks:
         """
         if not self.launched:
             return [payload]
-        return [p for p in self._exchange(stage, ("ok", payload))]
+        return list(self._exchange(stage, ("ok", payload)))
 
     @contextlib.contextmanager
-    def reporting_failures(self) -> Iterator["Ranks"]:
+    def reporting_failures(self) -> Iterator[Ranks]:
         """On this rank's own failure, tell the others (at their next checkpoint) before raising it.
 
         Without this, the others would learn of it only when torchrun stops them, or after ``wait_timeout``.
@@ -120,8 +121,8 @@ class Ranks:
                 f"{self.name} on {socket.gethostname()} stopped waiting for the other ranks at '{stage}': "
                 f"{_first_line(exc)}",
                 hint="another rank died or is stuck: its log (run.rank<N>.log in the run folder, or torchrun's "
-                     "output) says why. Rerun the same torchrun command: finished batches are kept. If rank 0 "
-                     "needs longer than the wait (tiling or auditing a very large archive), raise --wait-timeout",
+                "output) says why. Rerun the same torchrun command: finished batches are kept. If rank 0 "
+                "needs longer than the wait (tiling or auditing a very large archive), raise --wait-timeout",
             ) from exc
         failed = [(r, m[1]) for r, m in enumerate(gathered) if m[0] == "failed"]
         if failed:
@@ -130,7 +131,8 @@ class Ranks:
             error = DistributedError(
                 f"rank {rank} failed, so {self.name} stops at '{stage}': {info['message']}",
                 hint=f"fix what rank {rank} reports (its log says more), then rerun the same command: finished "
-                     "batches are kept")
+                "batches are kept",
+            )
             if info["exit_code"] in set(ExitCode):  # the job's outcome is rank 0's (e.g. 3: the audit refused)
                 error.exit_code = ExitCode(info["exit_code"])
             raise error
@@ -157,17 +159,23 @@ def rank_device(configured: str, local_rank: int) -> str:
     if configured == "cpu":
         return "cpu"
     if configured not in ("auto", "cuda"):
-        raise ConfigError(f"models.device is {configured!r}, but under torchrun each rank uses the GPU of its "
-                          "LOCAL_RANK", hint="set models.device: auto (or cuda, or cpu) for sharded runs")
+        raise ConfigError(
+            f"models.device is {configured!r}, but under torchrun each rank uses the GPU of its LOCAL_RANK",
+            hint="set models.device: auto (or cuda, or cpu) for sharded runs",
+        )
     if not torch.cuda.is_available():
         if configured == "cuda":
-            raise ConfigError("models.device is 'cuda', but this machine has no usable CUDA GPU",
-                              hint="set models.device: auto or cpu")
+            raise ConfigError(
+                "models.device is 'cuda', but this machine has no usable CUDA GPU",
+                hint="set models.device: auto or cpu",
+            )
         return "cpu"
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ConfigError(f"LOCAL_RANK {local_rank}, but this machine has {count} GPU(s)",
-                          hint=f"start at most {count} processes per machine (torchrun --nproc_per_node {count})")
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank}, but this machine has {count} GPU(s)",
+            hint=f"start at most {count} processes per machine (torchrun --nproc_per_node {count})",
+        )
     return f"cuda:{local_rank}"
 
 
@@ -195,10 +203,17 @@ def launched_ranks(configured_device: str, *, wait_timeout: timedelta | None = N
     else:
         dist.init_process_group("gloo", timeout=wait)
         group = None  # the default group is already gloo, with the same timeout
-    ranks = Ranks(rank=rank, world_size=world, local_rank=local, device=device, launched=True,
-                  wait_timeout=wait, _group=group)
-    log.info("%s on %s uses %s (process group: %s; checkpoints wait at most %s)", ranks.name,
-             socket.gethostname(), device, dist.get_backend(), wait)
+    ranks = Ranks(
+        rank=rank, world_size=world, local_rank=local, device=device, launched=True, wait_timeout=wait, _group=group
+    )
+    log.info(
+        "%s on %s uses %s (process group: %s; checkpoints wait at most %s)",
+        ranks.name,
+        socket.gethostname(),
+        device,
+        dist.get_backend(),
+        wait,
+    )
     try:
         yield ranks
     finally:
@@ -234,5 +249,12 @@ def release_device_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["DEFAULT_WAIT_TIMEOUT", "Ranks", "end_torchrun_process", "launched_by_torchrun", "launched_ranks", "rank_device",
-           "release_device_memory"]
+__all__ = [
+    "DEFAULT_WAIT_TIMEOUT",
+    "Ranks",
+    "end_torchrun_process",
+    "launched_by_torchrun",
+    "launched_ranks",
+    "rank_device",
+    "release_device_memory",
+]

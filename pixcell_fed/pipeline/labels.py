@@ -9,6 +9,7 @@ pipeline adds them to the strings the audit's identifier scan forbids.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +28,17 @@ class SlideTable:
     patients: dict[str, str] = field(default_factory=dict)
 
 
-def _columns(path: Path, header: list[str] | None) -> tuple[str | None, str | None]:
+def _columns(path: Path, header: Sequence[str] | None) -> tuple[str | None, str | None]:
     """The label and patient column names of a header, refusing anything else."""
     names = [c.strip().lower() for c in header or []]
     extra = [c for c in names[1:] if c not in ("label", *PATIENT_COLUMNS)]
     patient = [c for c in names[1:] if c in PATIENT_COLUMNS]
     if not names or names[0] != "slide" or extra or len(patient) > 1 or len(names) < 2 or len(set(names)) < len(names):
-        raise ConfigError(f"{path}: the header must be 'slide' followed by 'label' and/or 'patient' (or 'case'), "
-                          f"e.g. 'slide,label,patient' (got {header})",
-                          hint="write one row per slide: file name, class label, patient (or case) identifier")
+        raise ConfigError(
+            f"{path}: the header must be 'slide' followed by 'label' and/or 'patient' (or 'case'), "
+            f"e.g. 'slide,label,patient' (got {header})",
+            hint="write one row per slide: file name, class label, patient (or case) identifier",
+        )
     return ("label" if "label" in names else None), (patient[0] if patient else None)
 
 
@@ -65,8 +68,10 @@ def load_slide_table(path: str | Path | None) -> SlideTable:
                 raise ConfigError(f"{where}: empty value", hint="every row needs a slide and a value in every column")
             if label_col:
                 if not LABEL_RE.match(values[label_col]):
-                    raise ConfigError(f"{where}: class label {values[label_col]!r} is not a short plain name",
-                                      hint="labels are 1-64 letters, digits, spaces, '_', '.', '+' or '-' (they are shipped)")
+                    raise ConfigError(
+                        f"{where}: class label {values[label_col]!r} is not a short plain name",
+                        hint="labels are 1-64 letters, digits, spaces, '_', '.', '+' or '-' (they are shipped)",
+                    )
                 _put(table.labels, slide, values[label_col], "label", where)
             if patient_col:
                 _put(table.patients, slide, values[patient_col], "patient", where)
@@ -78,12 +83,15 @@ def load_slide_labels(path: str | Path | None) -> dict[str, str]:
     return load_slide_table(path).labels
 
 
-def check_labels_cover(labels: dict[str, str], slide_files: list[str], source: str | Path | None,
-                       what: str = "label") -> None:
+def check_labels_cover(
+    labels: dict[str, str], slide_files: list[str], source: str | Path | None, what: str = "label"
+) -> None:
     """When labels (or patients) are given, every slide used must have one (fail closed)."""
     if not labels:
         return
     missing = sorted(set(slide_files) - set(labels))
     if missing:
-        raise ConfigError(f"{source}: no {what} for {len(missing)} slide(s), e.g. {missing[0]!r}",
-                          hint="add a row for every slide in the slides folder, or remove the slide")
+        raise ConfigError(
+            f"{source}: no {what} for {len(missing)} slide(s), e.g. {missing[0]!r}",
+            hint="add a row for every slide in the slides folder, or remove the slide",
+        )

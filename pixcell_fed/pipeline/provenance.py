@@ -8,8 +8,18 @@ from typing import Any
 
 from pixcell_fed import __version__
 
-_LIBRARIES = ("torch", "diffusers", "timm", "flwr", "opacus", "openslide-python", "openslide-bin", "cryptography",
-              "numpy", "pandas")
+_LIBRARIES = (
+    "torch",
+    "diffusers",
+    "timm",
+    "flwr",
+    "opacus",
+    "openslide-python",
+    "openslide-bin",
+    "cryptography",
+    "numpy",
+    "pandas",
+)
 
 
 def versions() -> dict[str, Any]:

@@ -10,7 +10,7 @@ is stratified: each class with at least two patients (slides) is split on its ow
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from pixcell_fed.audit.roles import split_slides
 from pixcell_fed.config.schema import SplitConfig
@@ -25,7 +25,8 @@ def check_split_unit(split: SplitConfig, table: SlideTable, source: object) -> N
             f"split.unit is 'patient' but the slide table ({source or 'site.labels_csv is not set'}) has no patient "
             "column: the audit's held-out slides must come from patients who gave no conditioning slide",
             hint="add a 'patient' (or 'case') column to site.labels_csv, or set split.unit: slide to accept that one "
-                 "patient's slides may sit on both sides (the audit report will say so)")
+            "patient's slides may sit on both sides (the audit report will say so)",
+        )
 
 
 def split_by_unit(slide_of: Mapping[str, str], table: SlideTable, split: SplitConfig) -> tuple[list[str], list[str]]:
@@ -34,18 +35,25 @@ def split_by_unit(slide_of: Mapping[str, str], table: SlideTable, split: SplitCo
     strata: dict[str, set[str]] = {}
     for key, group in group_of.items():
         strata.setdefault(table.labels.get(slide_of[key], ""), set()).add(group)
-    if table.labels and all(len(groups) >= 2 for groups in strata.values()) and _one_label_per_group(group_of, slide_of,
-                                                                                                     table):
+    if (
+        table.labels
+        and all(len(groups) >= 2 for groups in strata.values())
+        and _one_label_per_group(group_of, slide_of, table)
+    ):
         t_groups, h_groups = [], []
         for groups in strata.values():
             t, h = split_slides(sorted(groups), split.holdout_fraction, split.seed, unit=split.unit)
             t_groups += t
             h_groups += h
     else:
-        t_groups, h_groups = split_slides(sorted(set(group_of.values())), split.holdout_fraction, split.seed,
-                                          unit=split.unit)
+        t_groups, h_groups = split_slides(
+            sorted(set(group_of.values())), split.holdout_fraction, split.seed, unit=split.unit
+        )
     held = set(h_groups)
-    return (sorted(k for k, g in group_of.items() if g not in held), sorted(k for k, g in group_of.items() if g in held))
+    return (
+        sorted(k for k, g in group_of.items() if g not in held),
+        sorted(k for k, g in group_of.items() if g in held),
+    )
 
 
 def _one_label_per_group(group_of: Mapping[str, str], slide_of: Mapping[str, str], table: SlideTable) -> bool:

@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from pixcell_fed.atomic import (folder_lock, remove_stale_temporaries, write_bytes_atomic, write_json_atomic,
-                                write_parquet_atomic)
+from pixcell_fed.atomic import (
+    folder_lock,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pixcell_fed.config import SiteConfig, to_plain
 from pixcell_fed.errors import ConfigError, PrivacyGateRefused, UsageError
 from pixcell_fed.pipeline.conditioning import condition_embeddings
 from pixcell_fed.pipeline.distributed import Ranks, launched_ranks, release_device_memory
 from pixcell_fed.pipeline.labels import SlideTable, check_labels_cover, load_slide_table
 from pixcell_fed.pipeline.provenance import versions
-from pixcell_fed.pipeline.split import check_split_unit
 from pixcell_fed.pipeline.run_layout import RunLayout, find_or_create_run, run_fingerprint, trail_path
+from pixcell_fed.pipeline.split import check_split_unit
 from pixcell_fed.runlog import get_logger, run_log
 
 log = get_logger("synthesize")
@@ -73,7 +79,9 @@ def _slide_inventory(slides_dir: Path) -> list[tuple[str, int]]:
     from pixcell_fed.slides.reader import list_slide_files
 
     if not slides_dir.is_dir():
-        raise UsageError(f"slides folder not found: {slides_dir}", hint="set site.slides_dir to the folder of your slides")
+        raise UsageError(
+            f"slides folder not found: {slides_dir}", hint="set site.slides_dir to the folder of your slides"
+        )
     files = list_slide_files(slides_dir)
     if not files:
         raise UsageError(f"no slide files in {slides_dir}", hint="put the slides to synthesise from in site.slides_dir")
@@ -95,9 +103,12 @@ def _synthetic_name(tile_id: str, sample: int) -> str:
 
 def _synthesised(cfg: SiteConfig, layout: RunLayout):
     """Whether a conditioning tile (by id) already has a synthetic tile in the run."""
+
     def any_sample(tile_id: str) -> bool:
-        return any((layout.synthetic_dir / _synthetic_name(tile_id, s)).is_file()
-                   for s in range(cfg.synthesis.samples_per_tile))
+        return any(
+            (layout.synthetic_dir / _synthetic_name(tile_id, s)).is_file()
+            for s in range(cfg.synthesis.samples_per_tile)
+        )
 
     return any_sample
 
@@ -151,8 +162,9 @@ def _audit_feature_spaces(cfg: SiteConfig, encoder) -> dict[str, Any]:
     return spaces
 
 
-def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, encoder,
-                        ranks: Ranks) -> tuple[np.ndarray, dict]:
+def _embed_conditioning(
+    cfg: SiteConfig, layout: RunLayout, rows, variant: int, encoder, ranks: Ranks
+) -> tuple[np.ndarray, dict]:
     """Embeddings of the conditioning tiles, shaped [N, n_tok, D] (n_tok = 1 for 256, 16 for 1024).
 
     Under torchrun each rank first embeds its whole global batches into the shared cache (the batches a one-process
@@ -168,8 +180,9 @@ def _embed_conditioning(cfg: SiteConfig, layout: RunLayout, rows, variant: int, 
     return emb.reshape(len(rows), per_tile, -1), encoder.identity
 
 
-def _embed_items(encoder, layout: RunLayout, paths: list[Path], tile_ids: list[str], per_tile: int,
-                 items) -> np.ndarray:
+def _embed_items(
+    encoder, layout: RunLayout, paths: list[Path], tile_ids: list[str], per_tile: int, items
+) -> np.ndarray:
     """Embed items ``items`` of the conditioning stream (tile i for 256 px; cell k of tile i // 16 for 1024 px)."""
     from pixcell_fed.audit.copy_features import read_tile
     from pixcell_fed.encoders import embed_tiles
@@ -179,7 +192,7 @@ def _embed_items(encoder, layout: RunLayout, paths: list[Path], tile_ids: list[s
         return embed_tiles(encoder, [paths[i] for i in items], layout.embeddings_cache)
 
     def images():
-        current, cells = -1, None
+        current, cells = -1, np.empty(0)
         for i in items:
             if i // per_tile != current:
                 current = i // per_tile
@@ -198,8 +211,9 @@ def _batch_size(layout: RunLayout, cfg: SiteConfig, pipeline) -> int:
     return int(state["synthesis_batch_size"])
 
 
-def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarray, labels: dict[str, str],
-              ranks: Ranks):
+def _generate(
+    cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarray, labels: dict[str, str], ranks: Ranks
+):
     """Synthetic tiles, generated in fixed batches and written one by one (atomically).
 
     Batches are fixed slices of the run's job list, so a resumed run generates exactly the batches a run from
@@ -212,35 +226,54 @@ def _generate(cfg: SiteConfig, layout: RunLayout, pipeline, rows, cond: np.ndarr
     from pixcell_fed.bundle.png import clean_png_bytes
     from pixcell_fed.progress import progress
 
-    records = []
+    records: list[dict[str, Any]] = []
     for i in range(len(rows)):
         tile_id = rows["tile_id"].iloc[i]
-        for s in range(cfg.synthesis.samples_per_tile):
-            records.append({"synthetic_file": _synthetic_name(tile_id, s), "source_tile_id": tile_id,
-                            "source_tile_file": rows["tile_file"].iloc[i], "sample": s, "row": i,
-                            "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
-                            "label": labels.get(rows["slide_file"].iloc[i])})
+        records.extend(
+            {
+                "synthetic_file": _synthetic_name(tile_id, s),
+                "source_tile_id": tile_id,
+                "source_tile_file": rows["tile_file"].iloc[i],
+                "sample": s,
+                "row": i,
+                "seed": synthetic_seed(cfg.synthesis.seed, tile_id, s),
+                "label": labels.get(rows["slide_file"].iloc[i]),
+            }
+            for s in range(cfg.synthesis.samples_per_tile)
+        )
     plan = None
     if ranks.is_main:  # rank 0 fixes the batches and lists the unfinished ones before any rank writes a tile
         remove_stale_temporaries(layout.synthetic_dir)
         batch = _batch_size(layout, cfg, pipeline)
-        batches = [records[start:start + batch] for start in range(0, len(records), batch)]
-        todo_index = [n for n, b in enumerate(batches)
-                      if not all((layout.synthetic_dir / r["synthetic_file"]).is_file() for r in b)]
+        batches = [records[start : start + batch] for start in range(0, len(records), batch)]
+        todo_index = [
+            n
+            for n, b in enumerate(batches)
+            if not all((layout.synthetic_dir / r["synthetic_file"]).is_file() for r in b)
+        ]
         if todo_index:
-            log.info("generating %d synthetic tiles in %d batches (%d batches already done)",
-                     sum(len(batches[n]) for n in todo_index), len(todo_index), len(batches) - len(todo_index))
+            log.info(
+                "generating %d synthetic tiles in %d batches (%d batches already done)",
+                sum(len(batches[n]) for n in todo_index),
+                len(todo_index),
+                len(batches) - len(todo_index),
+            )
         plan = {"batch_size": batch, "todo": todo_index}
     plan = ranks.checkpoint("generation plan", plan)[0]
     batch = plan["batch_size"]
-    batches = [records[start:start + batch] for start in range(0, len(records), batch)]
+    batches = [records[start : start + batch] for start in range(0, len(records), batch)]
     todo = [batches[n] for n in ranks.share(plan["todo"])]
     if ranks.launched:
         log.info("%s generates %d synthetic tiles in %d batches", ranks.name, sum(len(b) for b in todo), len(todo))
     bar = progress(total=sum(len(b) for b in todo), desc="synthesising", unit="tile")
     for chunk in todo:
-        images = pipeline.generate(np.stack([cond[r["row"]] for r in chunk]), seeds=[r["seed"] for r in chunk],
-                                   steps=cfg.synthesis.steps, guidance=cfg.synthesis.guidance, batch_size=len(chunk))
+        images = pipeline.generate(
+            np.stack([cond[r["row"]] for r in chunk]),
+            seeds=[r["seed"] for r in chunk],
+            steps=cfg.synthesis.steps,
+            guidance=cfg.synthesis.guidance,
+            batch_size=len(chunk),
+        )
         for record, image in zip(chunk, images):
             target = layout.synthetic_dir / record["synthetic_file"]
             if not target.is_file():
@@ -288,7 +321,8 @@ def synthesize(cfg: SiteConfig, *, wait_timeout: timedelta | None = None) -> Syn
     """
     with launched_ranks(cfg.models.device, wait_timeout=wait_timeout) as ranks, ranks.reporting_failures():
         if not ranks.is_main:
-            return _synthesize_share(cfg, ranks)
+            _synthesize_share(cfg, ranks)
+            return None
         summary = _synthesize_as_rank0(cfg, ranks)
         ranks.finish()
         return summary
@@ -307,25 +341,30 @@ def _synthesize_share(cfg: SiteConfig, ranks: Ranks) -> None:
     encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=ranks.device)
     plan = ranks.checkpoint("preparing the run")[0]
     if plan["settings"] != _settings_digest(cfg):
-        raise ConfigError(f"{ranks.name} read a site config that differs from rank 0's",
-                          hint="every rank must read the same site.yaml (same path on every machine)")
+        raise ConfigError(
+            f"{ranks.name} read a site config that differs from rank 0's",
+            hint="every rank must read the same site.yaml (same path on every machine)",
+        )
     layout = RunLayout(Path(plan["run_dir"]))
     if not layout.state_file.is_file():
-        raise UsageError(f"{ranks.name} cannot see the run folder {layout.root}",
-                         hint="the work folder (site.work_dir) must be on a file system shared by every machine, "
-                              "mounted at the same path")
+        raise UsageError(
+            f"{ranks.name} cannot see the run folder {layout.root}",
+            hint="the work folder (site.work_dir) must be on a file system shared by every machine, "
+            "mounted at the same path",
+        )
     with run_log(layout.rank_log_file(ranks.rank)):
         rows = pd.DataFrame(plan["rows"])
         cond, _ = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder, ranks)
         ranks.checkpoint("conditioning")  # rank 0 has drawn (dp) and stored the release: load it, never draw
-        cond, _ = condition_embeddings(cfg, layout, rows, cond, plan["labels"], generated=_synthesised(cfg, layout),
-                                       may_draw=False)
+        cond, _ = condition_embeddings(
+            cfg, layout, rows, cond, plan["labels"], generated=_synthesised(cfg, layout), may_draw=False
+        )
         _generate(cfg, layout, pipeline, rows, cond, plan["labels"], ranks)
         del pipeline, encoder, cond
         release_device_memory(ranks.device)
         log.info("%s finished its share; waiting while rank 0 audits and builds the bundle", ranks.name)
         ranks.finish()
-    return None
+    return
 
 
 def _settings_digest(cfg: SiteConfig) -> str:
@@ -386,16 +425,22 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
                 raise UsageError(
                     f"not enough tissue tiles on both sides of the slide split: {len(rows)} conditioning tiles, "
                     f"{len(h_tiles)} held-out tiles (the audit needs at least {cfg.audit.min_holdout} held out)",
-                    hint="add slides, raise split.holdout_fraction, or lower tiling.tissue_fraction")
+                    hint="add slides, raise split.holdout_fraction, or lower tiling.tissue_fraction",
+                )
             _write_eval_set(layout, h_tiles, labels)
 
             pipeline = load_pixcell(pixcell_dir, cfg.models.vae_dir, device=ranks.device, dtype=cfg.models.dtype)
             summary.models_are_twins = bool(pipeline.identity.get("twin"))
             encoder = load_encoder(cfg.models.encoder, cfg.models.encoder_dir, device=ranks.device)
-            ranks.checkpoint("preparing the run", {
-                "run_dir": str(layout.root.resolve()), "settings": _settings_digest(cfg),
-                "rows": rows[["tile_id", "tile_file", "slide_file", "slide_key"]].to_dict("list"),
-                "labels": {f: labels[f] for f in set(rows["slide_file"]) if f in labels}})
+            ranks.checkpoint(
+                "preparing the run",
+                {
+                    "run_dir": str(layout.root.resolve()),
+                    "settings": _settings_digest(cfg),
+                    "rows": rows[["tile_id", "tile_file", "slide_file", "slide_key"]].to_dict("list"),
+                    "labels": {f: labels[f] for f in set(rows["slide_file"]) if f in labels},
+                },
+            )
             cond, encoder_identity = _embed_conditioning(cfg, layout, rows, pipeline.variant, encoder, ranks)
             cond, claim = condition_embeddings(cfg, layout, rows, cond, labels, generated=_synthesised(cfg, layout))
             ranks.checkpoint("conditioning")  # a dp release is stored before any other rank reads it
@@ -413,8 +458,10 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
                 source_of=dict(zip(synthetic["synthetic_file"], (Path(f).name for f in synthetic["source_tile_file"]))),
                 audit_cfg=cfg.audit,
                 out_dir=layout.audit_dir,
-                identities={"generator": _shareable_identity(pipeline.identity),
-                            "encoder": _shareable_identity(encoder_identity)},
+                identities={
+                    "generator": _shareable_identity(pipeline.identity),
+                    "encoder": _shareable_identity(encoder_identity),
+                },
                 site=SiteFacts(forbidden_strings=forbidden, feature_spaces=spaces, split_unit=cfg.split.unit),
                 conditioning=claim.to_record(),
             )
@@ -426,7 +473,8 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
                 append_event(trail, "synthesize", run_id=layout.run_id, verdict="FAIL", synthetic=len(synthetic))
                 raise PrivacyGateRefused(
                     f"the audit of run {layout.run_id} FAILED: no bundle was built",
-                    hint=f"read the report at {result.report_path}; nothing from this run may leave the site")
+                    hint=f"read the report at {result.report_path}; nothing from this run may leave the site",
+                )
 
             if not layout.bundle_dir.is_dir():
                 kept_names = {Path(p).name for p in result.kept}
@@ -442,8 +490,14 @@ def _synthesize_as_rank0(cfg: SiteConfig, ranks: Ranks) -> SynthesizeSummary:
                     site_key=site_key,
                     forbidden_strings=forbidden,
                 )
-                append_event(trail, "synthesize", run_id=layout.run_id, verdict=result.verdict,
-                             synthetic=len(synthetic), bundled=len(kept))
+                append_event(
+                    trail,
+                    "synthesize",
+                    run_id=layout.run_id,
+                    verdict=result.verdict,
+                    synthetic=len(synthetic),
+                    bundled=len(kept),
+                )
             summary.bundle = str(layout.bundle_dir)
             summary.bundle_state = read_bundle_json(layout.bundle_dir)["state"]
             layout.update_state(state=STATE_FINISHED, verdict=result.verdict)
@@ -461,7 +515,18 @@ def _output_settings(resolved: dict[str, Any]) -> dict[str, Any]:
 
 def _shareable_identity(identity: dict) -> dict:
     """A model identity as shipped: names, variant, hashes and the twin flag; no local paths."""
-    allowed = ("model", "name", "label", "architecture", "variant", "image_size", "dim", "twin", "transformer_sha256",
-               "vae_sha256", "weights_sha256", "dtype")
+    allowed = (
+        "model",
+        "name",
+        "label",
+        "architecture",
+        "variant",
+        "image_size",
+        "dim",
+        "twin",
+        "transformer_sha256",
+        "vae_sha256",
+        "weights_sha256",
+        "dtype",
+    )
     return {k: identity[k] for k in allowed if k in identity}
-

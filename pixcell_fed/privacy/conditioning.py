@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.privacy import gaussian_mechanism as gm
 
@@ -39,13 +40,18 @@ MODES = ("exact", "mixed", "dp")
 #: how much each mode protects, for "at least this mode" requirements (a coordinator's minimum)
 MODE_RANK = {"exact": 0, "mixed": 1, "dp": 2}
 GUARANTEE = {"exact": "none", "mixed": "none (heuristic)", "dp": "differential privacy"}
-MECHANISM = ("Gaussian mechanism on the L2-clipped conditioning embedding, sigma calibrated exactly to "
-             "(epsilon, delta) per tile (analytic Gaussian mechanism, Balle and Wang 2018)")
-NEIGHBOURING = ("one conditioning tile replaced by any other tile; per slide: every conditioning tile of one slide "
-                "replaced")
-NOT_COVERED = ("Not covered by the guarantee: the audit's pass or fail decision and the few statistics shipped with "
-               "it (it looked at the real tiles themselves), the class label each tile inherits from its slide, and "
-               "the number of tiles per label.")
+MECHANISM = (
+    "Gaussian mechanism on the L2-clipped conditioning embedding, sigma calibrated exactly to "
+    "(epsilon, delta) per tile (analytic Gaussian mechanism, Balle and Wang 2018)"
+)
+NEIGHBOURING = (
+    "one conditioning tile replaced by any other tile; per slide: every conditioning tile of one slide replaced"
+)
+NOT_COVERED = (
+    "Not covered by the guarantee: the audit's pass or fail decision and the few statistics shipped with "
+    "it (it looked at the real tiles themselves), the class label each tile inherits from its slide, and "
+    "the number of tiles per label."
+)
 _REL_TOL = 1e-9
 
 
@@ -55,6 +61,29 @@ class ClaimError(ValueError):
 
 def _fmt(x: float) -> str:
     return "infinity" if math.isinf(x) else f"{x:.3g}"
+
+
+@dataclass(frozen=True)
+class DPParameters:
+    """The parameters of a dp claim, all present (:attr:`ConditioningClaim.dp`)."""
+
+    clip_norm: float
+    sensitivity: float
+    sigma: float
+    vectors_per_tile: int
+    tile_epsilon: float
+    tile_delta: float
+    slide_tiles: int
+    slide_epsilon: float
+    slide_delta: float
+
+    @property
+    def tile_mu(self) -> float:
+        return self.sensitivity / self.sigma
+
+    @property
+    def slide_mu(self) -> float:
+        return gm.group_mu(self.tile_mu, self.slide_tiles, same_release=False)
 
 
 @dataclass(frozen=True)
@@ -81,49 +110,81 @@ class ConditioningClaim:
     slide_delta: float | None = None
 
     @property
+    def dp(self) -> DPParameters:
+        """The dp parameters; :class:`ClaimError` for another mode or a dp claim that lacks one."""
+        values = {
+            "clip_norm": self.clip_norm,
+            "sensitivity": self.sensitivity,
+            "sigma": self.sigma,
+            "vectors_per_tile": self.vectors_per_tile,
+            "tile_epsilon": self.tile_epsilon,
+            "tile_delta": self.tile_delta,
+            "slide_tiles": self.slide_tiles,
+            "slide_epsilon": self.slide_epsilon,
+            "slide_delta": self.slide_delta,
+        }
+        missing = [key for key, value in values.items() if value is None]
+        if self.mode != "dp" or missing:
+            raise ClaimError(f"not a complete dp claim (mode {self.mode!r}; missing {', '.join(missing) or 'nothing'})")
+        return DPParameters(**values)  # type: ignore[arg-type]  # None ruled out just above
+
+    @property
     def tile_mu(self) -> float | None:
-        return None if self.mode != "dp" else self.sensitivity / self.sigma
+        return None if self.mode != "dp" else self.dp.tile_mu
 
     @property
     def slide_mu(self) -> float | None:
-        return None if self.mode != "dp" else gm.group_mu(self.tile_mu, self.slide_tiles, same_release=False)
+        return None if self.mode != "dp" else self.dp.slide_mu
 
     @property
     def epsilon_per_slide(self) -> float:
         """Per-slide epsilon; infinity for the modes without a guarantee."""
-        return self.slide_epsilon if self.mode == "dp" else math.inf
+        return self.dp.slide_epsilon if self.mode == "dp" else math.inf
 
     @property
     def epsilon_per_tile(self) -> float:
-        return self.tile_epsilon if self.mode == "dp" else math.inf
+        return self.dp.tile_epsilon if self.mode == "dp" else math.inf
 
     def statement(self) -> str:
         """The claim in plain words for a privacy officer or a consortium lead."""
         if self.mode == "exact":
-            return ("Exact conditioning: each synthetic tile was generated from the embedding of one real tile, as in "
-                    "the PixCell paper. There is no formal privacy guarantee; the audit checks empirically that no "
-                    "synthetic tile is a copy of a real one.")
+            return (
+                "Exact conditioning: each synthetic tile was generated from the embedding of one real tile, as in "
+                "the PixCell paper. There is no formal privacy guarantee; the audit checks empirically that no "
+                "synthetic tile is a copy of a real one."
+            )
         if self.mode == "mixed":
-            return (f"Mixed conditioning: each synthetic tile was generated from the mean of the embeddings of up to "
-                    f"{self.mix_k} real tiles of one slide and label, so no single tile determines it. This is a "
-                    "heuristic, not a formal guarantee: the mean still depends on every tile in it.")
-        cap = ("at most" if self.slide_tiles_capped else "in this run at most")
-        how = ("the cap synthesis.max_tiles_per_slide" if self.slide_tiles_capped
-               else "the largest slide of this run; set synthesis.max_tiles_per_slide to bound it in advance")
-        return (f"Differential privacy per real tile: (epsilon = {_fmt(self.tile_epsilon)}, delta = "
-                f"{self.tile_delta:.0e}). Every synthetic tile depends on the real data only through its source "
-                f"tile's embedding, clipped to norm {self.clip_norm:.4g} and released with Gaussian noise of sigma "
-                f"{self.sigma:.4g} from the operating system's secure random generator. Per slide (a slide "
-                f"contributes {cap} {self.slide_tiles} conditioning tiles: {how}): (epsilon = "
-                f"{_fmt(self.slide_epsilon)}, delta = {self.slide_delta:.0e}), by exact group privacy of the "
-                "Gaussian mechanism. A patient with several slides is protected as the group of all their tiles.")
+            return (
+                f"Mixed conditioning: each synthetic tile was generated from the mean of the embeddings of up to "
+                f"{self.mix_k} real tiles of one slide and label, so no single tile determines it. This is a "
+                "heuristic, not a formal guarantee: the mean still depends on every tile in it."
+            )
+        dp = self.dp
+        cap = "at most" if self.slide_tiles_capped else "in this run at most"
+        how = (
+            "the cap synthesis.max_tiles_per_slide"
+            if self.slide_tiles_capped
+            else "the largest slide of this run; set synthesis.max_tiles_per_slide to bound it in advance"
+        )
+        return (
+            f"Differential privacy per real tile: (epsilon = {_fmt(dp.tile_epsilon)}, delta = "
+            f"{dp.tile_delta:.0e}). Every synthetic tile depends on the real data only through its source "
+            f"tile's embedding, clipped to norm {dp.clip_norm:.4g} and released with Gaussian noise of sigma "
+            f"{dp.sigma:.4g} from the operating system's secure random generator. Per slide (a slide "
+            f"contributes {cap} {dp.slide_tiles} conditioning tiles: {how}): (epsilon = "
+            f"{_fmt(dp.slide_epsilon)}, delta = {dp.slide_delta:.0e}), by exact group privacy of the "
+            "Gaussian mechanism. A patient with several slides is protected as the group of all their tiles."
+        )
 
     def short(self) -> str:
         """One line for tables: mode and, for dp, both guarantees."""
         if self.mode != "dp":
             return f"{self.mode} (no formal guarantee)"
-        return (f"dp: per tile epsilon {_fmt(self.tile_epsilon)}, per slide epsilon {_fmt(self.slide_epsilon)} "
-                f"(<= {self.slide_tiles} tiles), delta {self.tile_delta:.0e}")
+        dp = self.dp
+        return (
+            f"dp: per tile epsilon {_fmt(dp.tile_epsilon)}, per slide epsilon {_fmt(dp.slide_epsilon)} "
+            f"(<= {dp.slide_tiles} tiles), delta {dp.tile_delta:.0e}"
+        )
 
     def to_record(self) -> dict[str, Any]:
         """The shareable record (audit summary and ``bundle.json``, under the site's signature)."""
@@ -131,18 +192,29 @@ class ConditioningClaim:
         if self.mode == "mixed":
             record["mix_k"] = self.mix_k
         if self.mode == "dp":
-            record.update({
-                "mechanism": MECHANISM, "neighbouring": NEIGHBOURING, "not_covered": NOT_COVERED,
-                "clip_norm": self.clip_norm, "sensitivity": self.sensitivity, "sigma": self.sigma,
-                "vectors_per_tile": self.vectors_per_tile, "tile_epsilon": self.tile_epsilon,
-                "tile_delta": self.tile_delta, "tile_mu": self.tile_mu, "slide_tiles": self.slide_tiles,
-                "slide_tiles_capped": self.slide_tiles_capped, "slide_epsilon": self.slide_epsilon,
-                "slide_delta": self.slide_delta, "slide_mu": self.slide_mu,
-            })
+            record.update(
+                {
+                    "mechanism": MECHANISM,
+                    "neighbouring": NEIGHBOURING,
+                    "not_covered": NOT_COVERED,
+                    "clip_norm": self.clip_norm,
+                    "sensitivity": self.sensitivity,
+                    "sigma": self.sigma,
+                    "vectors_per_tile": self.vectors_per_tile,
+                    "tile_epsilon": self.tile_epsilon,
+                    "tile_delta": self.tile_delta,
+                    "tile_mu": self.tile_mu,
+                    "slide_tiles": self.slide_tiles,
+                    "slide_tiles_capped": self.slide_tiles_capped,
+                    "slide_epsilon": self.slide_epsilon,
+                    "slide_delta": self.slide_delta,
+                    "slide_mu": self.slide_mu,
+                }
+            )
         return record
 
     @classmethod
-    def from_record(cls, record: Any) -> "ConditioningClaim":
+    def from_record(cls, record: Any) -> ConditioningClaim:
         """Parse and check a record made by :meth:`to_record` (e.g. from a bundle): exact keys and types, and every
         guarantee recomputed from the mechanism's parameters. Raises :class:`ClaimError` with the reason."""
         if not isinstance(record, Mapping):
@@ -154,8 +226,15 @@ class ConditioningClaim:
         if mode == "mixed":
             fields["mix_k"] = _integer(record, "mix_k", minimum=2)
         if mode == "dp":
-            for key in ("clip_norm", "sensitivity", "sigma", "tile_epsilon", "tile_delta", "slide_epsilon",
-                        "slide_delta"):
+            for key in (
+                "clip_norm",
+                "sensitivity",
+                "sigma",
+                "tile_epsilon",
+                "tile_delta",
+                "slide_epsilon",
+                "slide_delta",
+            ):
                 fields[key] = _positive(record, key)
             fields["vectors_per_tile"] = _integer(record, "vectors_per_tile", minimum=1)
             fields["slide_tiles"] = _integer(record, "slide_tiles", minimum=1)
@@ -175,18 +254,21 @@ class ConditioningClaim:
 
     def _check_consistent(self, record: Mapping) -> None:
         """Every derived number follows from clip norm, sigma and delta; the stated epsilons are not understated."""
-        if not 0 < self.tile_delta < 1 or self.slide_delta != self.tile_delta:
+        dp = self.dp
+        if not 0 < dp.tile_delta < 1 or dp.slide_delta != dp.tile_delta:
             raise ClaimError("delta must be in (0, 1) and the same per tile and per slide")
-        if not math.isclose(self.sensitivity, 2 * self.clip_norm, rel_tol=_REL_TOL):
-            raise ClaimError(f"sensitivity {self.sensitivity} is not twice the clip norm {self.clip_norm}")
-        for key, value in (("tile_mu", self.tile_mu), ("slide_mu", self.slide_mu)):
+        if not math.isclose(dp.sensitivity, 2 * dp.clip_norm, rel_tol=_REL_TOL):
+            raise ClaimError(f"sensitivity {dp.sensitivity} is not twice the clip norm {dp.clip_norm}")
+        for key, value in (("tile_mu", dp.tile_mu), ("slide_mu", dp.slide_mu)):
             if not (isinstance(record.get(key), (int, float)) and math.isclose(record[key], value, rel_tol=_REL_TOL)):
                 raise ClaimError(f"{key} does not follow from the sensitivity, sigma and slide tiles")
-        for what, eps, mu in (("per-tile", self.tile_epsilon, self.tile_mu), ("per-slide", self.slide_epsilon, self.slide_mu)):
-            actual = gm.epsilon_for(self.tile_delta, mu)
+        for what, eps, mu in (("per-tile", dp.tile_epsilon, dp.tile_mu), ("per-slide", dp.slide_epsilon, dp.slide_mu)):
+            actual = gm.epsilon_for(dp.tile_delta, mu)
             if actual > eps * (1 + 1e-6) + 1e-9:
-                raise ClaimError(f"the {what} epsilon {eps:.6g} understates the mechanism's {actual:.6g} at delta "
-                                 f"{self.tile_delta:.1e}")
+                raise ClaimError(
+                    f"the {what} epsilon {eps:.6g} understates the mechanism's {actual:.6g} at delta "
+                    f"{dp.tile_delta:.1e}"
+                )
 
 
 def _integer(record: Mapping, key: str, *, minimum: int) -> int:
@@ -211,17 +293,26 @@ def mixed_claim(k: int) -> ConditioningClaim:
     return ConditioningClaim(mode="mixed", mix_k=int(k))
 
 
-def dp_claim(*, epsilon: float, delta: float, clip_norm: float, vectors_per_tile: int, slide_tiles: int,
-             slide_tiles_capped: bool) -> ConditioningClaim:
+def dp_claim(
+    *, epsilon: float, delta: float, clip_norm: float, vectors_per_tile: int, slide_tiles: int, slide_tiles_capped: bool
+) -> ConditioningClaim:
     """Calibrate the mechanism for a target (``epsilon``, ``delta``) per tile and state both guarantees."""
     sensitivity = 2.0 * float(clip_norm)
     sigma = gm.calibrate_sigma(epsilon, delta, sensitivity)
     slide_mu = gm.group_mu(sensitivity / sigma, int(slide_tiles), same_release=False)
     return ConditioningClaim(
-        mode="dp", clip_norm=float(clip_norm), sensitivity=sensitivity, sigma=sigma,
-        vectors_per_tile=int(vectors_per_tile), tile_epsilon=float(epsilon), tile_delta=float(delta),
-        slide_tiles=int(slide_tiles), slide_tiles_capped=bool(slide_tiles_capped),
-        slide_epsilon=gm.epsilon_for(delta, slide_mu), slide_delta=float(delta))
+        mode="dp",
+        clip_norm=float(clip_norm),
+        sensitivity=sensitivity,
+        sigma=sigma,
+        vectors_per_tile=int(vectors_per_tile),
+        tile_epsilon=float(epsilon),
+        tile_delta=float(delta),
+        slide_tiles=int(slide_tiles),
+        slide_tiles_capped=bool(slide_tiles_capped),
+        slide_epsilon=gm.epsilon_for(delta, slide_mu),
+        slide_delta=float(delta),
+    )
 
 
 def clip_tiles(embeddings: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -253,8 +344,8 @@ def secure_standard_normal(shape: Sequence[int]) -> np.ndarray:
     pairs = (n + 1) // 2
     bits = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
     # 53 random bits each, shifted into the open interval (0, 1): log(u1) is always finite
-    u1 = ((bits[0] >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0 ** 53
-    u2 = ((bits[1] >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0 ** 53
+    u1 = ((bits[0] >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+    u2 = ((bits[1] >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
     radius = np.sqrt(-2.0 * np.log(u1))
     z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
     return z[:n].reshape(tuple(shape))
@@ -271,13 +362,14 @@ def privatize(embeddings: np.ndarray, claim: ConditioningClaim) -> tuple[np.ndar
     x = np.asarray(embeddings)
     if x.ndim != 3 or x.shape[1] != claim.vectors_per_tile:
         raise ValueError(f"expected embeddings [N, {claim.vectors_per_tile}, D], got shape {x.shape}")
-    clipped, was_clipped = clip_tiles(x, claim.clip_norm)
-    noisy = clipped + claim.sigma * secure_standard_normal(clipped.shape)
+    clipped, was_clipped = clip_tiles(x, claim.dp.clip_norm)
+    noisy = clipped + claim.dp.sigma * secure_standard_normal(clipped.shape)
     return noisy.astype(np.float32), int(was_clipped.sum())
 
 
-def mix_within_groups(embeddings: np.ndarray, groups: Sequence[Hashable], k: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+def mix_within_groups(
+    embeddings: np.ndarray, groups: Sequence[Hashable], k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """``mixed`` mode: row i becomes the mean of row i and ``k - 1`` other rows of the same group (fewer when the
     group is smaller), drawn without replacement. Returns the mixed float32 array and, per row, the rows averaged."""
     import numpy as np

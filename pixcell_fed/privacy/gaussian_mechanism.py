@@ -48,8 +48,8 @@ def privacy_profile(epsilon: float, mu: float) -> float:
         raise ValueError(f"epsilon must be >= 0 (got {epsilon!r})")
     if math.isinf(epsilon):
         return 0.0
-    log_a = float(log_ndtr(mu / 2 - epsilon / mu))                # log Phi(mu/2 - eps/mu)
-    log_b = epsilon + float(log_ndtr(-mu / 2 - epsilon / mu))     # log(e^eps Phi(-mu/2 - eps/mu))
+    log_a = float(log_ndtr(mu / 2 - epsilon / mu))  # log Phi(mu/2 - eps/mu)
+    log_b = epsilon + float(log_ndtr(-mu / 2 - epsilon / mu))  # log(e^eps Phi(-mu/2 - eps/mu))
     if log_b >= log_a:  # equal up to rounding: the profile is 0 to float precision
         return 0.0
     return max(0.0, math.exp(log_a) * -math.expm1(log_b - log_a))

@@ -1,8 +1,9 @@
 """The memorising twin: a tiny PixCell twin that memorised its site's tiles and hands back copies of them.
 
 Demo and test material that shows the audit stopping a leaking generator. A memorising twin folder is a tiny
-PixCell-256 twin in the published layout (the same :class:`~pixcell_fed.generation.transformer.PixCellTransformer2DModel`
-weights, scheduler and VAE as the untrained twin, checked and loaded by :func:`pixcell_fed.generation.load_pixcell`)
+PixCell-256 twin in the published layout (the same
+:class:`~pixcell_fed.generation.transformer.PixCellTransformer2DModel` weights, scheduler and VAE as the untrained
+twin, checked and loaded by :func:`pixcell_fed.generation.load_pixcell`)
 plus ``memory/memorised_tiles.safetensors``: every tissue tile of the site's slides (uint8) with its embedding by
 the site's conditioning encoder, which is what a generator that memorised its training set carries in its weights.
 Its ``model_index.json`` names the pipeline ``memorising-twin`` (:data:`~pixcell_fed.generation.loader.PIPELINE_KEY`).
@@ -21,8 +22,9 @@ calls. The demo runs the leaking site's ``site-agent`` through :mod:`pixcell_fed
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,8 +38,17 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-__all__ = ["COPY_KINDS", "LABEL", "MEMORY_FILE", "PIPELINE_NAME", "MemorisingTwinPipeline", "memorised_copy",
-           "register_pipeline", "save_memorising_twin", "write_memorising_twin"]
+__all__ = [
+    "COPY_KINDS",
+    "LABEL",
+    "MEMORY_FILE",
+    "PIPELINE_NAME",
+    "MemorisingTwinPipeline",
+    "memorised_copy",
+    "register_pipeline",
+    "save_memorising_twin",
+    "write_memorising_twin",
+]
 
 #: The pipeline name a memorising twin folder gives in its model_index.json.
 PIPELINE_NAME = "memorising-twin"
@@ -47,7 +58,9 @@ LABEL = "memorising twin"
 MEMORY_FILE = "memory/memorised_tiles.safetensors"
 #: What a synthetic tile is, by kind: a whole-tile copy under a transform, or a region of the source in a new tile.
 COPY_KINDS = ("rotated", "flipped", "re-compressed", "colour-jittered", "half tile", "quadrant")
-_SOURCE = "a memorising twin is demo material: rebuild it with pixcell_fed.simulation.memorising_twin.save_memorising_twin"
+_SOURCE = (
+    "a memorising twin is demo material: rebuild it with pixcell_fed.simulation.memorising_twin.save_memorising_twin"
+)
 
 
 def memorised_copy(tile: np.ndarray, fresh: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
@@ -63,23 +76,36 @@ def memorised_copy(tile: np.ndarray, fresh: np.ndarray, seed: int) -> tuple[np.n
     elif kind == "re-compressed":
         quality = int(rng.integers(35, 76))
         _, buffer = cv2.imencode(".jpg", np.ascontiguousarray(tile[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        out = cv2.imdecode(buffer, cv2.IMREAD_COLOR)[..., ::-1]
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise ValueError("OpenCV could not decode the JPEG it just encoded")
+        out = decoded[..., ::-1]
     elif kind == "colour-jittered":
-        stain = StainVariation(hematoxylin=rng.uniform(0.75, 1.3), eosin=rng.uniform(0.75, 1.3),
-                               bias=rng.uniform(-0.03, 0.03))
+        stain = StainVariation(
+            hematoxylin=rng.uniform(0.75, 1.3), eosin=rng.uniform(0.75, 1.3), bias=rng.uniform(-0.03, 0.03)
+        )
         out = np.clip(perturb_stain(tile, stain) * rng.uniform(0.9, 1.1), 0, 255).astype(np.uint8)
     else:
         out = fresh.copy()
         h, w = tile.shape[:2]
         if kind == "half tile":  # one half of the source, in place
             side = int(rng.integers(4))
-            region = (slice(None), slice(0, w // 2)) if side == 0 else (slice(None), slice(w // 2, w)) if side == 1 \
-                else (slice(0, h // 2), slice(None)) if side == 2 else (slice(h // 2, h), slice(None))
+            region = (
+                (slice(None), slice(0, w // 2))
+                if side == 0
+                else (slice(None), slice(w // 2, w))
+                if side == 1
+                else (slice(0, h // 2), slice(None))
+                if side == 2
+                else (slice(h // 2, h), slice(None))
+            )
             out[region] = tile[region]
         else:  # a quarter of the source, moved to any quadrant
             (sy, sx), (ty, tx) = (divmod(int(rng.integers(4)), 2) for _ in range(2))
             qh, qw = h // 2, w // 2
-            out[ty * qh:(ty + 1) * qh, tx * qw:(tx + 1) * qw] = tile[sy * qh:(sy + 1) * qh, sx * qw:(sx + 1) * qw]
+            out[ty * qh : (ty + 1) * qh, tx * qw : (tx + 1) * qw] = tile[
+                sy * qh : (sy + 1) * qh, sx * qw : (sx + 1) * qw
+            ]
     return np.ascontiguousarray(out, dtype=np.uint8), kind
 
 
@@ -90,17 +116,23 @@ class MemorisingTwinPipeline(PixCellPipeline):
         super().__init__(*parts, **kwargs)
         if not self.twin:
             raise WeightsError("a memorising twin must be built from twin parts", hint=_SOURCE)
-        if self.variant != 256 or keys.shape[1:] != (self.cond_dim,) or tiles.shape[1:] != (self.image_size,) * 2 + (3,):
-            raise WeightsError(f"{memory_file} holds keys {keys.shape} and tiles {tiles.shape}, which do not fit a "
-                               f"{self.name} of {self.image_size} px tiles conditioned on {self.cond_dim} dimensions",
-                               hint=_SOURCE)
+        if (
+            self.variant != 256
+            or keys.shape[1:] != (self.cond_dim,)
+            or tiles.shape[1:] != (self.image_size,) * 2 + (3,)
+        ):
+            raise WeightsError(
+                f"{memory_file} holds keys {keys.shape} and tiles {tiles.shape}, which do not fit a "
+                f"{self.name} of {self.image_size} px tiles conditioned on {self.cond_dim} dimensions",
+                hint=_SOURCE,
+            )
         norms = np.linalg.norm(keys, axis=1, keepdims=True)
         self.keys = keys / np.maximum(norms, 1e-12)
         self.tiles = tiles
         self.memory_file = memory_file
 
     @classmethod
-    def from_folder(cls, checked: "PixCellFolder", *parts: Any, **kwargs: Any) -> "MemorisingTwinPipeline":
+    def from_folder(cls, checked: PixCellFolder, *parts: Any, **kwargs: Any) -> MemorisingTwinPipeline:
         """The loader's factory: the twin parts it loaded, and the memory read from the checked folder."""
         from safetensors.numpy import load_file
 
@@ -108,8 +140,9 @@ class MemorisingTwinPipeline(PixCellPipeline):
 
         path = checked.folder / MEMORY_FILE
         if not path.is_file():
-            raise WeightsError(f"{checked.folder} names the {PIPELINE_NAME} pipeline but has no {MEMORY_FILE}",
-                               hint=_SOURCE)
+            raise WeightsError(
+                f"{checked.folder} names the {PIPELINE_NAME} pipeline but has no {MEMORY_FILE}", hint=_SOURCE
+            )
         header = read_complete_header(path, _SOURCE)
         expected = {"keys": "F32", "tiles": "U8"}
         if {k: dtype for k, (dtype, _) in header.tensors.items()} != expected:
@@ -119,8 +152,12 @@ class MemorisingTwinPipeline(PixCellPipeline):
         if keys.ndim != 2 or tiles.ndim != 4 or len(keys) != len(tiles) or not len(keys):
             raise WeightsError(f"{path}: keys {keys.shape} and tiles {tiles.shape} do not pair up", hint=_SOURCE)
         pipeline = cls(*parts, keys=keys, tiles=tiles, memory_file=path, **kwargs)
-        log.warning("loaded a MEMORISING TWIN (demo material): %d memorised tiles of its site in %s; every tile it "
-                    "makes is a copy or a region copy of one of them", len(tiles), path)
+        log.warning(
+            "loaded a MEMORISING TWIN (demo material): %d memorised tiles of its site in %s; every tile it "
+            "makes is a copy or a region copy of one of them",
+            len(tiles),
+            path,
+        )
         return pipeline
 
     @property
@@ -131,24 +168,38 @@ class MemorisingTwinPipeline(PixCellPipeline):
     def identity(self) -> dict[str, Any]:
         from pixcell_fed.weights import sha256_file
 
-        return {**super().identity, "model": f"PixCell-{self.variant} {LABEL}", "label": LABEL,
-                "memory_sha256": sha256_file(self.memory_file)}
+        return {
+            **super().identity,
+            "model": f"PixCell-{self.variant} {LABEL}",
+            "label": LABEL,
+            "memory_sha256": sha256_file(self.memory_file),
+        }
 
-    def recall(self, cond: "np.ndarray") -> np.ndarray:
+    def recall(self, cond: np.ndarray) -> np.ndarray:
         """Index of the memorised tile whose key is nearest (cosine) each conditioning row ``[B, 1, D]``."""
         rows = np.asarray(cond, dtype=np.float32).reshape(len(cond), -1)
         rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
         return np.argmax(rows @ self.keys.T, axis=1)
 
-    def generate(self, cond: Any, *, seeds: Sequence[int], steps: int = DEFAULT_STEPS, guidance: float | None = None,
-                 batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+    def generate(
+        self,
+        cond: Any,
+        *,
+        seeds: Sequence[int],
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         """The untrained twin's tiles, each replaced by (or pasted with) a copy of its source tile."""
         cond_t, seeds, steps, guidance = self.validate(cond, seeds, steps, guidance)
-        fresh = super().generate(cond_t, seeds=seeds, steps=steps, guidance=guidance, batch_size=batch_size,
-                                 show_progress=show_progress)
+        fresh = super().generate(
+            cond_t, seeds=seeds, steps=steps, guidance=guidance, batch_size=batch_size, show_progress=show_progress
+        )
         sources = self.recall(cond_t.numpy())
-        return np.stack([memorised_copy(self.tiles[k], image, seed)[0]
-                         for k, image, seed in zip(sources, fresh, seeds)])
+        return np.stack(
+            [memorised_copy(self.tiles[k], image, seed)[0] for k, image, seed in zip(sources, fresh, seeds)]
+        )
 
 
 def register_pipeline() -> None:
@@ -174,8 +225,10 @@ def write_memorising_twin(model: str | Path, tiles: np.ndarray, keys: np.ndarray
     write_text_atomic(model / "model_index.json", json.dumps({**index, PIPELINE_KEY: PIPELINE_NAME}, indent=2) + "\n")
     (model / MEMORY_FILE).parent.mkdir(parents=True, exist_ok=True)
     partial = model / (MEMORY_FILE + ".partial")
-    save_file({"keys": np.ascontiguousarray(keys, dtype=np.float32), "tiles": np.ascontiguousarray(tiles, dtype=np.uint8)},
-              str(partial))
+    save_file(
+        {"keys": np.ascontiguousarray(keys, dtype=np.float32), "tiles": np.ascontiguousarray(tiles, dtype=np.uint8)},
+        str(partial),
+    )
     partial.replace(model / MEMORY_FILE)
     return model
 

@@ -1,8 +1,8 @@
 """Write realistic whole-slide images for the demo, benchmarks and tests, from real H&E pixels.
 
 The pixels are the real Aperio slide CMU-1-Small-Region (see :mod:`pixcell_fed.simulation.real_slide`; by default
-the cached copy, or any ``source`` file of it), rescaled to the slide's resolution and laid onto off-white glass. The writers follow the layouts OpenSlide recognises
-(``/work/shared/reference/slides.md``):
+the cached copy, or any ``source`` file of it), rescaled to the slide's resolution and laid onto off-white glass.
+The writers follow the layouts OpenSlide recognises (``/work/shared/reference/slides.md``):
 
 * :func:`write_aperio_like` - an Aperio-style SVS: tiled level 0 with an ``Aperio`` ImageDescription carrying
   ``AppMag`` and ``MPP``, an untiled thumbnail, tiled reduced levels, a label and a macro image. Callers can put
@@ -20,14 +20,28 @@ Needs ``tifffile`` and ``imagecodecs``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["GLASS_RGB", "Identifiers", "Pyramid", "StainVariation", "he_canvas", "perturb_stain", "write_aperio_like", "write_blank_slide",
-           "write_corrupted", "write_generic_tiff", "write_not_a_slide", "write_truncated", "write_untiled_tiff"]
+__all__ = [
+    "GLASS_RGB",
+    "Identifiers",
+    "Pyramid",
+    "StainVariation",
+    "he_canvas",
+    "perturb_stain",
+    "write_aperio_like",
+    "write_blank_slide",
+    "write_corrupted",
+    "write_generic_tiff",
+    "write_not_a_slide",
+    "write_truncated",
+    "write_untiled_tiff",
+]
 
 Compression = Literal["jpeg", "zlib", "none"]
 GLASS_RGB = (235, 233, 237)  # slightly pinkish off-white, like an empty area of a scanned glass slide
@@ -84,10 +98,15 @@ def _real_he_at(mpp: float, source: str | None) -> tuple[np.ndarray, np.ndarray]
 
     he, he_mpp = _real_he(source)
     scale = he_mpp / mpp
-    he = cv2.resize(np.ascontiguousarray(he), (round(he.shape[1] * scale), round(he.shape[0] * scale)),
-                    interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-    foreground = cv2.inRange(he, (0, 0, 0), (215, 255, 255)) | cv2.inRange(he, (0, 0, 0), (255, 215, 255)) \
-        | cv2.inRange(he, (0, 0, 0), (255, 255, 215))
+    he = cv2.resize(
+        np.ascontiguousarray(he),
+        (round(he.shape[1] * scale), round(he.shape[0] * scale)),
+        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
+    )
+    foreground = cv2.bitwise_or(
+        cv2.bitwise_or(cv2.inRange(he, (0, 0, 0), (215, 255, 255)), cv2.inRange(he, (0, 0, 0), (255, 215, 255))),
+        cv2.inRange(he, (0, 0, 0), (255, 255, 215)),
+    )
     he.setflags(write=False)
     foreground.setflags(write=False)
     return he, foreground
@@ -109,9 +128,16 @@ def _densest_window(foreground: np.ndarray, height: int, width: int) -> tuple[in
     return corner
 
 
-def he_canvas(size: tuple[int, int], mpp: float, *, seed: int = 0, tissue: bool = True,
-              stain: StainVariation | None = None, source: str | Path | None = None,
-              full: bool = False) -> np.ndarray:
+def he_canvas(
+    size: tuple[int, int],
+    mpp: float,
+    *,
+    seed: int = 0,
+    tissue: bool = True,
+    stain: StainVariation | None = None,
+    source: str | Path | None = None,
+    full: bool = False,
+) -> np.ndarray:
     """Level-0 pixels (uint8 HxWx3) of a ``size=(width, height)`` slide at ``mpp``: real H&E on off-white glass.
 
     The real slide is rescaled to ``mpp`` and placed (flipped by ``seed``) in a band in the middle of the glass,
@@ -127,8 +153,11 @@ def he_canvas(size: tuple[int, int], mpp: float, *, seed: int = 0, tissue: bool 
     small = np.empty((height // 8 + 1, width // 8 + 1, 3), dtype=np.int16)
     small[...] = GLASS_RGB
     small += rng.integers(-2, 3, size=small.shape[:2] + (1,), dtype=np.int16)
-    canvas = cv2.resize(np.clip(small, 0, 255).astype(np.uint8), (small.shape[1] * 8, small.shape[0] * 8),
-                        interpolation=cv2.INTER_NEAREST)[:height, :width].copy()
+    canvas = cv2.resize(
+        np.clip(small, 0, 255).astype(np.uint8),
+        (small.shape[1] * 8, small.shape[0] * 8),
+        interpolation=cv2.INTER_NEAREST,
+    )[:height, :width].copy()
     if not tissue:
         return canvas
     he, foreground = _real_he_at(mpp, None if source is None else str(source))
@@ -149,20 +178,20 @@ def he_canvas(size: tuple[int, int], mpp: float, *, seed: int = 0, tissue: bool 
                 block = np.ascontiguousarray(block[:h, :w])
                 if stain is not None:
                     block = perturb_stain(block, stain)
-                cv2.copyTo(block, np.ascontiguousarray(mask[:h, :w]), canvas[y:y + h, x:x + w])
+                cv2.copyTo(block, np.ascontiguousarray(mask[:h, :w]), canvas[y : y + h, x : x + w])
         return canvas
     # Place the tissue in the middle 70 % of the glass, cropped to fit; the real slide's own white background
     # is replaced by glass so that the whole image has one background colour.
     box_w, box_h = max(1, int(width * 0.7)), max(1, int(height * 0.7))
     ch, cw = min(box_h, he.shape[0]), min(box_w, he.shape[1])
     cy, cx = _densest_window(foreground, ch, cw)
-    crop = np.ascontiguousarray(he[cy:cy + ch, cx:cx + cw])
-    mask = np.ascontiguousarray(foreground[cy:cy + ch, cx:cx + cw])
+    crop = np.ascontiguousarray(he[cy : cy + ch, cx : cx + cw])
+    mask = np.ascontiguousarray(foreground[cy : cy + ch, cx : cx + cw])
     if stain is not None:
         crop = perturb_stain(crop, stain)
     y0 = (height - crop.shape[0]) // 2
     x0 = (width - crop.shape[1]) // 2
-    region = canvas[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
+    region = canvas[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
     cv2.copyTo(crop, mask, region)
     return canvas
 
@@ -178,7 +207,7 @@ def _label_image(text: str, size: tuple[int, int] = (400, 400)) -> np.ndarray:
     bars = rng.integers(0, 2, size=48).astype(bool)  # a fake barcode, as on real labels
     for j, bar in enumerate(bars):
         if bar:
-            img[height - 120:height - 20, 20 + 7 * j:26 + 7 * j] = 0
+            img[height - 120 : height - 20, 20 + 7 * j : 26 + 7 * j] = 0
     return img
 
 
@@ -224,9 +253,17 @@ def _tiff_kwargs(compression: Compression, quality: int) -> dict:
     return {"compression": None, "photometric": "rgb"}
 
 
-def write_aperio_like(path: str | Path, *, size: tuple[int, int] = (8192, 6144), mpp: float = 0.25,
-                      app_mag: int = 40, pixels: np.ndarray | None = None, pyramid: Pyramid = Pyramid(),
-                      identifiers: Identifiers = Identifiers(), include_mpp: bool = True) -> Path:
+def write_aperio_like(
+    path: str | Path,
+    *,
+    size: tuple[int, int] = (8192, 6144),
+    mpp: float = 0.25,
+    app_mag: int = 40,
+    pixels: np.ndarray | None = None,
+    pyramid: Pyramid = Pyramid(),
+    identifiers: Identifiers = Identifiers(),
+    include_mpp: bool = True,
+) -> Path:
     """Write an Aperio-like SVS: 40x (0.25 um/px) by default, with thumbnail, reduced levels, label and macro.
 
     ``pixels``: level 0 (uint8 HxWx3; default ``he_canvas(size, mpp)``: make it with :func:`he_canvas` for another
@@ -256,27 +293,48 @@ def write_aperio_like(path: str | Path, *, size: tuple[int, int] = (8192, 6144),
     macro = np.full((macro_h, macro_w, 3), 250, dtype=np.uint8)
 
     small = cv2.resize(smallest, (macro_w - macro_h - 20, macro_h - 20), interpolation=cv2.INTER_AREA)
-    macro[10:10 + small.shape[0], macro_h + 10:macro_h + 10 + small.shape[1]] = small
+    macro[10 : 10 + small.shape[0], macro_h + 10 : macro_h + 10 + small.shape[1]] = small
     macro_text = identifiers.macro_text if identifiers.macro_text is not None else identifiers.label_text
-    macro[:, :macro_h] = cv2.resize(_label_image(macro_text),
-                                    (macro_h, macro_h), interpolation=cv2.INTER_AREA)
+    macro[:, :macro_h] = cv2.resize(_label_image(macro_text), (macro_h, macro_h), interpolation=cv2.INTER_AREA)
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         tif.write(level0, tile=(256, 256), description=description, metadata=None, **kw)
-        tif.write(thumbnail, description=f"Aperio Image Library v12.0.0 \r\n{width}x{height} -> "
-                                         f"{thumbnail.shape[1]}x{thumbnail.shape[0]}", metadata=None,
-                  **_tiff_kwargs("jpeg" if compression == "jpeg" else "none", quality))
+        tif.write(
+            thumbnail,
+            description=f"Aperio Image Library v12.0.0 \r\n{width}x{height} -> "
+            f"{thumbnail.shape[1]}x{thumbnail.shape[0]}",
+            metadata=None,
+            **_tiff_kwargs("jpeg" if compression == "jpeg" else "none", quality),
+        )
         for lvl in reduced:
             tif.write(lvl, tile=(256, 256), description=description, metadata=None, subfiletype=1, **kw)
-        tif.write(label, description=f"Aperio Image Library v12.0.0\r\nlabel {label.shape[1]}x{label.shape[0]}",
-                  metadata=None, subfiletype=1, compression=None, photometric="rgb")
-        tif.write(macro, description=f"Aperio Image Library v12.0.0\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
-                  metadata=None, subfiletype=9, compression=None, photometric="rgb")
+        tif.write(
+            label,
+            description=f"Aperio Image Library v12.0.0\r\nlabel {label.shape[1]}x{label.shape[0]}",
+            metadata=None,
+            subfiletype=1,
+            compression=None,
+            photometric="rgb",
+        )
+        tif.write(
+            macro,
+            description=f"Aperio Image Library v12.0.0\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
+            metadata=None,
+            subfiletype=9,
+            compression=None,
+            photometric="rgb",
+        )
     return path
 
 
-def write_generic_tiff(path: str | Path, *, size: tuple[int, int] = (4096, 3072), mpp: float | None = 0.5,
-                       resolution_unit: Literal["CENTIMETER", "INCH", "NONE"] = "CENTIMETER",
-                       pyramid: Pyramid = Pyramid(downsamples=(2, 4, 8)), pixels: np.ndarray | None = None) -> Path:
+def write_generic_tiff(
+    path: str | Path,
+    *,
+    size: tuple[int, int] = (4096, 3072),
+    mpp: float | None = 0.5,
+    resolution_unit: Literal["CENTIMETER", "INCH", "NONE"] = "CENTIMETER",
+    pyramid: Pyramid = Pyramid(downsamples=(2, 4, 8)),
+    pixels: np.ndarray | None = None,
+) -> Path:
     """Write a generic tiled pyramidal TIFF; ``mpp=None`` writes no resolution tags (OpenSlide reports no mpp).
 
     ``resolution_unit`` chooses how the resolution is stored (pixels per centimeter or per inch; ``NONE`` stores
@@ -304,7 +362,9 @@ def write_generic_tiff(path: str | Path, *, size: tuple[int, int] = (4096, 3072)
 
 def write_blank_slide(path: str | Path, *, size: tuple[int, int] = (2048, 1536), mpp: float = 0.5) -> Path:
     """A generic tiled TIFF of empty glass: a valid slide with no tissue."""
-    return write_generic_tiff(path, mpp=mpp, pyramid=Pyramid(downsamples=(4,)), pixels=he_canvas(size, mpp, tissue=False))
+    return write_generic_tiff(
+        path, mpp=mpp, pyramid=Pyramid(downsamples=(4,)), pixels=he_canvas(size, mpp, tissue=False)
+    )
 
 
 def write_untiled_tiff(path: str | Path, *, size: tuple[int, int] = (12000, 9000), mpp: float | None = 0.5) -> Path:
@@ -327,10 +387,20 @@ def write_untiled_tiff(path: str | Path, *, size: tuple[int, int] = (12000, 9000
             block[:, : width // 3] = (200, 120, 170)  # a pink band, so it is not empty
             yield zlib.compress(block.tobytes(), 1)
 
-    extra = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    extra: dict[str, Any] = (
+        {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    )
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        tif.write(strips(), shape=(height, width, 3), dtype=np.uint8, rowsperstrip=rows_per_strip,
-                  photometric="rgb", compression="zlib", metadata=None, **extra)
+        tif.write(
+            strips(),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            rowsperstrip=rows_per_strip,
+            photometric="rgb",
+            compression="zlib",
+            metadata=None,
+            **extra,
+        )
     return path
 
 
@@ -363,7 +433,7 @@ def write_corrupted(source: str | Path, path: str | Path, *, tiles: int = 40) ->
     start = len(offsets) // 2
     for i in range(start, min(len(offsets), start + tiles)):
         cut = offsets[i] + counts[i] // 3
-        data[cut:offsets[i] + counts[i]] = b"\xff" * (offsets[i] + counts[i] - cut)
+        data[cut : offsets[i] + counts[i]] = b"\xff" * (offsets[i] + counts[i] - cut)
     path = Path(path)
     path.write_bytes(bytes(data))
     return path

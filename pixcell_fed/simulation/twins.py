@@ -14,13 +14,25 @@ from typing import Any
 
 from pixcell_fed.generation.published import TWIN_MARKER
 
-__all__ = ["LEGACY_VALUES", "TWIN_COND_DIM", "TWIN_MARKER", "save_tiny_pixcell", "save_tiny_uni", "save_tiny_vae",
-           "tiny_pixcell_config", "tiny_vae_config"]
+__all__ = [
+    "LEGACY_VALUES",
+    "TWIN_COND_DIM",
+    "TWIN_MARKER",
+    "save_tiny_pixcell",
+    "save_tiny_uni",
+    "save_tiny_vae",
+    "tiny_pixcell_config",
+    "tiny_vae_config",
+]
 #: Output dim of the twin UNI encoder == caption_channels of the twin transformers.
 TWIN_COND_DIM = 48
 #: Published legacy PixArt keys, kept in the twin's transformer/config.json like in the real one.
-LEGACY_VALUES = {"double_self_attention": False, "num_vector_embeds": None, "only_cross_attention": False,
-                 "use_linear_projection": False}
+LEGACY_VALUES = {
+    "double_self_attention": False,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "use_linear_projection": False,
+}
 
 
 def _patch_json(path: Path, extra: dict[str, Any]) -> None:
@@ -33,8 +45,15 @@ def tiny_vae_config() -> dict[str, Any]:
     """The SD3.5 VAE's structure (16 latent channels, x8 downsampling, same scaling and shift) at tiny widths."""
     from pixcell_fed.generation.published import SD35_VAE_CONFIG
 
-    return {**SD35_VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4,
-            "sample_size": 256, "latents_mean": None, "latents_std": None}
+    return {
+        **SD35_VAE_CONFIG,
+        "block_out_channels": [8, 8, 8, 8],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 256,
+        "latents_mean": None,
+        "latents_std": None,
+    }
 
 
 def tiny_pixcell_config(variant: int = 256, sample_size: int | None = None) -> dict[str, Any]:
@@ -96,7 +115,7 @@ def save_tiny_pixcell(
     keys), transformer/diffusion_pytorch_model.safetensors, vae/config.json (config only, like the real repos).
     """
     import torch
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
     from safetensors.torch import load_file, save_file
 
     from pixcell_fed.generation.transformer import Y_POS_KEY, PixCellTransformer2DModel
@@ -117,8 +136,13 @@ def save_tiny_pixcell(
         state.pop(Y_POS_KEY)
         save_file(state, str(weights), metadata={"format": "pt"})
     DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
     ).save_pretrained(folder / "scheduler")
     (folder / "vae").mkdir(exist_ok=True)
     (folder / "vae" / "config.json").write_text(

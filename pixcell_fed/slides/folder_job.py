@@ -24,8 +24,8 @@ from pixcell_fed.config.schema import TilingConfig
 from pixcell_fed.errors import NoTissueError, PixcellFedError, SlideError, UsageError
 from pixcell_fed.runlog import get_logger
 from pixcell_fed.slides import workers as pool
-from pixcell_fed.slides.reader import list_slide_files
 from pixcell_fed.slides.quality import QC_PROVENANCE
+from pixcell_fed.slides.reader import list_slide_files
 from pixcell_fed.slides.records import COLUMNS, SlideFailure, SlidePlan, slide_key
 
 log = get_logger("slides.tiler")
@@ -54,11 +54,21 @@ class TilingSummary:
 
 def _fingerprint(path: Path, cfg: TilingConfig) -> str:
     st = path.stat()
-    data = {"version": TILER_VERSION, "file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "target_mpp": cfg.target_mpp, "tile_size": cfg.tile_size, "tissue_fraction": cfg.tissue_fraction,
-            "thumbnail_max_side": cfg.thumbnail_max_side, "saturation_threshold": cfg.saturation_threshold,
-            "median_blur": cfg.median_blur, "min_component_fraction": cfg.min_component_fraction,
-            "mpp_override": cfg.mpp_overrides.get(path.name), "qc": asdict(cfg.qc)}
+    data = {
+        "version": TILER_VERSION,
+        "file": path.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "target_mpp": cfg.target_mpp,
+        "tile_size": cfg.tile_size,
+        "tissue_fraction": cfg.tissue_fraction,
+        "thumbnail_max_side": cfg.thumbnail_max_side,
+        "saturation_threshold": cfg.saturation_threshold,
+        "median_blur": cfg.median_blur,
+        "min_component_fraction": cfg.min_component_fraction,
+        "mpp_override": cfg.mpp_overrides.get(path.name),
+        "qc": asdict(cfg.qc),
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -80,9 +90,13 @@ class _FolderJob:
         self.executor = pool.shared_executor(self.workers)
 
     def paths(self, key: str) -> dict[str, Path]:
-        return {"marker": self.state_dir / f"{key}.json", "part": self.state_dir / f"{key}.parquet",
-                "tiles": self.out / "tiles" / key, "partial": self.out / "tiles" / f".{key}.partial",
-                "overview": self.out / "overviews" / f"{key}.png"}
+        return {
+            "marker": self.state_dir / f"{key}.json",
+            "part": self.state_dir / f"{key}.parquet",
+            "tiles": self.out / "tiles" / key,
+            "partial": self.out / "tiles" / f".{key}.partial",
+            "overview": self.out / "overviews" / f"{key}.png",
+        }
 
     def resumable(self, path: Path, fingerprint: str) -> tuple[int, dict[str, int]] | None:
         """(tiles written, dropped by reason) of a slide already complete for this file and these settings."""
@@ -112,9 +126,18 @@ class _FolderJob:
             pool.raise_task_error(result)
         plan: SlidePlan = result[1]
         g = plan.grid
-        log.info("%s: mpp %.4f (%s); %d of %d grid tiles kept; reading level %d (downsample %.3g) %d px -> %d px",
-                 path.name, plan.resolution.mpp, plan.resolution.source, len(plan.records), plan.n_grid_tiles,
-                 g.level, g.level_downsample, g.level_read, g.tile_size)
+        log.info(
+            "%s: mpp %.4f (%s); %d of %d grid tiles kept; reading level %d (downsample %.3g) %d px -> %d px",
+            path.name,
+            plan.resolution.mpp,
+            plan.resolution.source,
+            len(plan.records),
+            plan.n_grid_tiles,
+            g.level,
+            g.level_downsample,
+            g.level_read,
+            g.tile_size,
+        )
         return plan
 
     def read_all(self, path: Path, plan: SlidePlan, partial: Path) -> list:
@@ -122,9 +145,11 @@ class _FolderJob:
         from pixcell_fed.progress import progress
 
         size = pool.chunk_size(self.cfg.tile_size)
-        tasks = ((plan.path, plan.grid, recs, [str(partial / Path(r.tile_file).name) for r in recs], self.cfg.qc)
-                 for recs in pool.chunks(plan.records, size))
-        verdicts = []
+        tasks = (
+            (plan.path, plan.grid, recs, [str(partial / Path(r.tile_file).name) for r in recs], self.cfg.qc)
+            for recs in pool.chunks(plan.records, size)
+        )
+        verdicts: list = []
         bar = progress(None, total=len(plan.records), desc=path.name[:30], unit="tile")
         try:
             for result in pool.ordered_results(self.executor, pool.task_read, tasks, ahead=3 * self.workers):
@@ -156,17 +181,30 @@ class _FolderJob:
         if dropped:
             log.info("%s: quality control dropped %s", path.name, ", ".join(f"{n} {r}" for r, n in dropped.items()))
         if not kept:
-            raise NoTissueError(f"{path.name}: quality control dropped all {len(verdicts)} tissue tiles ("
-                                + ", ".join(f"{n} {r}" for r, n in dropped.items()) + ")",
-                                hint="check the overview image (each reason in its own colour); if the tiles are "
-                                "good, relax the thresholds under tiling.qc (docs/tiling.md)")
+            raise NoTissueError(
+                f"{path.name}: quality control dropped all {len(verdicts)} tissue tiles ("
+                + ", ".join(f"{n} {r}" for r, n in dropped.items())
+                + ")",
+                hint="check the overview image (each reason in its own colour); if the tiles are "
+                "good, relax the thresholds under tiling.qc (docs/tiling.md)",
+            )
         os.replace(p["partial"], p["tiles"])
-        rows = [{**rec.as_dict(), **v.as_dict(), "tile_file": rec.tile_file if v.kept else ""}
-                for rec, v in zip(plan.records, verdicts)]
+        rows = [
+            {**rec.as_dict(), **v.as_dict(), "tile_file": rec.tile_file if v.kept else ""}
+            for rec, v in zip(plan.records, verdicts)
+        ]
         write_parquet_atomic(p["part"], pd.DataFrame(rows, columns=list(COLUMNS)))
-        write_json_atomic(p["marker"], {"fingerprint": fingerprint, "n_tiles": kept, "qc_dropped": dropped,
-                                        "slide_file": path.name, "mpp": plan.resolution.mpp,
-                                        "mpp_source": plan.resolution.source})
+        write_json_atomic(
+            p["marker"],
+            {
+                "fingerprint": fingerprint,
+                "n_tiles": kept,
+                "qc_dropped": dropped,
+                "slide_file": path.name,
+                "mpp": plan.resolution.mpp,
+                "mpp_source": plan.resolution.source,
+            },
+        )
         return kept, dropped
 
     def run_one(self, path: Path, summary: TilingSummary) -> None:
@@ -188,8 +226,11 @@ class _FolderJob:
                 failure = exc
             except BrokenProcessPool:
                 self.restart_pool()
-                failure = SlideError(f"{path.name}: the reader process crashed on this file (OpenSlide aborted); "
-                                     "the file is probably corrupt", hint="copy it again from the scanner or the archive")
+                failure = SlideError(
+                    f"{path.name}: the reader process crashed on this file (OpenSlide aborted); "
+                    "the file is probably corrupt",
+                    hint="copy it again from the scanner or the archive",
+                )
         if failure is not None:
             self.forget(slide_key(path.name))
             why = failure.message.removeprefix(f"{path.name}: ")
@@ -198,6 +239,7 @@ class _FolderJob:
             summary.failed.append((path.name, f"{why} -> {failure.hint}" if failure.hint else why))
             log.error("FAILED %s", record.line)
             return
+        assert done is not None  # every path above either tiled the slide or recorded its failure
         summary.ok.append(path.name)
         summary.tiles_per_slide[path.name], summary.qc_dropped_per_slide[path.name] = done
         summary.n_tiles += done[0]
@@ -207,17 +249,22 @@ class _FolderJob:
 
 def _check_slides_folder(slides_dir: Path) -> list[Path]:
     if not slides_dir.is_dir():
-        raise UsageError(f"slides folder not found: {slides_dir}",
-                         hint="pass --slides with the folder that holds the whole-slide images")
+        raise UsageError(
+            f"slides folder not found: {slides_dir}",
+            hint="pass --slides with the folder that holds the whole-slide images",
+        )
     files = list_slide_files(slides_dir)
     if not files:
-        raise UsageError(f"the slides folder {slides_dir} has no files",
-                         hint="copy the whole-slide images into it (any format OpenSlide reads), or pass another --slides")
+        raise UsageError(
+            f"the slides folder {slides_dir} has no files",
+            hint="copy the whole-slide images into it (any format OpenSlide reads), or pass another --slides",
+        )
     return files
 
 
-def tile_folder(slides_dir: str | Path, out_dir: str | Path, tiling_cfg: TilingConfig, *,
-                workers: int | None = None) -> TilingSummary:
+def tile_folder(
+    slides_dir: str | Path, out_dir: str | Path, tiling_cfg: TilingConfig, *, workers: int | None = None
+) -> TilingSummary:
     """Tile every slide file directly in ``slides_dir`` into ``out_dir``; bad slides are recorded, not fatal.
 
     Writes ``out_dir/tiles/<slide_key>/<tile_id>.png`` (tiles that pass quality control), ``out_dir/tiles.parquet``
@@ -239,8 +286,15 @@ def tile_folder(slides_dir: str | Path, out_dir: str | Path, tiling_cfg: TilingC
     workers = max(1, tiling_cfg.workers if workers is None else workers)
     summary = TilingSummary(out_dir=out, table_path=out / "tiles.parquet", log_path=out / "tiles.log")
     with folder_lock(out, what="tiling"), run_log(out / "tiles.log"):
-        log.info("tiling %d files from %s into %s (%d workers, %d px tiles at %s um/px)", len(files), slides_dir,
-                 out, workers, tiling_cfg.tile_size, tiling_cfg.target_mpp)
+        log.info(
+            "tiling %d files from %s into %s (%d workers, %d px tiles at %s um/px)",
+            len(files),
+            slides_dir,
+            out,
+            workers,
+            tiling_cfg.tile_size,
+            tiling_cfg.target_mpp,
+        )
         job = _FolderJob(out, tiling_cfg, workers)
         try:
             for path in progress(files, desc="slides", unit="slide"):
@@ -251,13 +305,28 @@ def tile_folder(slides_dir: str | Path, out_dir: str | Path, tiling_cfg: TilingC
         parts = [pd.read_parquet(job.paths(slide_key(name))["part"]) for name in summary.ok]
         table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMNS))
         write_parquet_atomic(out / "tiles.parquet", table[list(COLUMNS)])
-        write_json_atomic(out / "tiling.json", {
-            "pixcell_fed_version": __version__, "tiler_version": TILER_VERSION, "tiling": to_plain(tiling_cfg),
-            "workers": workers, "slides_dir": str(slides_dir), "ok": summary.tiles_per_slide,
-            "resumed": summary.resumed, "failed": [asdict(f) for f in summary.failures], "n_tiles": summary.n_tiles,
-            "qc_dropped": summary.qc_dropped, "qc_dropped_per_slide": summary.qc_dropped_per_slide,
-            "qc_provenance": QC_PROVENANCE,
-        })
-        log.info("done: %d slides ok, %d failed, %d tiles (quality control dropped %d)", len(summary.ok),
-                 len(summary.failed), summary.n_tiles, sum(summary.qc_dropped.values()))
+        write_json_atomic(
+            out / "tiling.json",
+            {
+                "pixcell_fed_version": __version__,
+                "tiler_version": TILER_VERSION,
+                "tiling": to_plain(tiling_cfg),
+                "workers": workers,
+                "slides_dir": str(slides_dir),
+                "ok": summary.tiles_per_slide,
+                "resumed": summary.resumed,
+                "failed": [asdict(f) for f in summary.failures],
+                "n_tiles": summary.n_tiles,
+                "qc_dropped": summary.qc_dropped,
+                "qc_dropped_per_slide": summary.qc_dropped_per_slide,
+                "qc_provenance": QC_PROVENANCE,
+            },
+        )
+        log.info(
+            "done: %d slides ok, %d failed, %d tiles (quality control dropped %d)",
+            len(summary.ok),
+            len(summary.failed),
+            summary.n_tiles,
+            sum(summary.qc_dropped.values()),
+        )
     return summary

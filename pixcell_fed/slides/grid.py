@@ -10,8 +10,8 @@ than the target by more than :data:`MAX_UPSAMPLE` are refused by the tiler rathe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -26,12 +26,12 @@ class TileGrid:
     mpp: float
     target_mpp: float
     tile_size: int
-    base: int            # level-0 pixels per 256 px cell
-    read_size: int       # level-0 pixels per output tile (base * tile_size / 256)
-    level: int           # pyramid level read
+    base: int  # level-0 pixels per 256 px cell
+    read_size: int  # level-0 pixels per output tile (base * tile_size / 256)
+    level: int  # pyramid level read
     level_downsample: float
-    level_read: int      # pixels read at ``level`` per tile (area-resized to tile_size when different)
-    rows: int            # whole cells that fit in the slide
+    level_read: int  # pixels read at ``level`` per tile (area-resized to tile_size when different)
+    rows: int  # whole cells that fit in the slide
     cols: int
 
     @property
@@ -56,8 +56,14 @@ def choose_level(level_downsamples: Sequence[float], scale: float) -> int:
     return level
 
 
-def make_grid(dimensions: tuple[int, int], level_downsamples: Sequence[float], *, mpp: float,
-              target_mpp: float = 0.5, tile_size: int = 256) -> TileGrid:
+def make_grid(
+    dimensions: tuple[int, int],
+    level_downsamples: Sequence[float],
+    *,
+    mpp: float,
+    target_mpp: float = 0.5,
+    tile_size: int = 256,
+) -> TileGrid:
     """The grid of ``tile_size`` tiles at ``target_mpp`` on a slide whose level 0 is ``mpp`` um/px."""
     if tile_size % CELL:
         raise ValueError(f"tile_size must be a multiple of {CELL} (got {tile_size})")
@@ -67,5 +73,15 @@ def make_grid(dimensions: tuple[int, int], level_downsamples: Sequence[float], *
     d = float(level_downsamples[level])
     level_read = max(1, round(read_size / d))
     width, height = dimensions
-    return TileGrid(mpp=mpp, target_mpp=target_mpp, tile_size=tile_size, base=base, read_size=read_size,
-                    level=level, level_downsample=d, level_read=level_read, rows=height // base, cols=width // base)
+    return TileGrid(
+        mpp=mpp,
+        target_mpp=target_mpp,
+        tile_size=tile_size,
+        base=base,
+        read_size=read_size,
+        level=level,
+        level_downsample=d,
+        level_read=level_read,
+        rows=height // base,
+        cols=width // base,
+    )

@@ -13,8 +13,11 @@ from pathlib import Path
 _NUMBER = re.compile(r"^[\s+\-]?\d+([.,]\d+)?([eE][+\-]?\d+)?\s*$")
 _MIN_LEN = 6
 # Generic property values that name formats or software, not a slide; they may legitimately appear elsewhere.
-_GENERIC = re.compile(r"^(aperio|generic-tiff|hamamatsu|leica|mirax|philips|sakura|trestle|ventana|zeiss|dicom|"
-                      r"jpeg|lzw|none|centimeter|inch|rgb|true|false)$", re.IGNORECASE)
+_GENERIC = re.compile(
+    r"^(aperio|generic-tiff|hamamatsu|leica|mirax|philips|sakura|trestle|ventana|zeiss|dicom|"
+    r"jpeg|lzw|none|centimeter|inch|rgb|true|false)$",
+    re.IGNORECASE,
+)
 
 
 def identifying_strings_from_properties(properties: dict[str, str]) -> set[str]:

@@ -14,8 +14,8 @@ Order (``/work/shared/reference/slides.md``, with the operator's override first 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from pixcell_fed.errors import MppUnavailableError
 from pixcell_fed.runlog import get_logger
@@ -76,8 +76,9 @@ def _hamamatsu(value: float) -> float | None:
     return None
 
 
-def resolve_mpp(properties: Mapping[str, str], *, slide_file: str,
-                overrides: Mapping[str, float] | None = None) -> MppResolution:
+def resolve_mpp(
+    properties: Mapping[str, str], *, slide_file: str, overrides: Mapping[str, float] | None = None
+) -> MppResolution:
     """The level-0 mpp of the slide named ``slide_file`` (its file name) with these OpenSlide ``properties``.
 
     The override comes first although the reference chain lists it after objective power: an operator who wrote
@@ -104,8 +105,7 @@ def resolve_mpp(properties: Mapping[str, str], *, slide_file: str,
         unit = str(props.get("tiff.ResolutionUnit", "")).strip().lower()
         per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
         if per_unit is not None:
-            pair = _pair(props, "tiff.XResolution", "tiff.YResolution",
-                         lambda v: per_unit / v if v > 0 else None)
+            pair = _pair(props, "tiff.XResolution", "tiff.YResolution", lambda v: per_unit / v if v > 0 else None)
             if pair:
                 found = MppResolution(*pair, source=f"tiff.XResolution ({unit})")
     estimate: MppResolution | None = None
@@ -120,20 +120,30 @@ def resolve_mpp(properties: Mapping[str, str], *, slide_file: str,
     if override is not None:
         metadata = found or estimate
         if metadata is not None and abs(metadata.mpp - override) > 0.05 * override:
-            log.warning("%s: mpp override %.4f differs from the slide's %s (%.4f); using the override",
-                        slide_file, override, metadata.source, metadata.mpp)
+            log.warning(
+                "%s: mpp override %.4f differs from the slide's %s (%.4f); using the override",
+                slide_file,
+                override,
+                metadata.source,
+                metadata.mpp,
+            )
         return MppResolution(float(override), float(override), source="config tiling.mpp_overrides")
     if found is not None:
         if abs(found.mpp_x - found.mpp_y) > 0.01 * found.mpp_x:
-            log.warning("%s: non-square pixels (mpp x %.4f, y %.4f); using their mean", slide_file,
-                        found.mpp_x, found.mpp_y)
+            log.warning(
+                "%s: non-square pixels (mpp x %.4f, y %.4f); using their mean", slide_file, found.mpp_x, found.mpp_y
+            )
         return found
     if estimate is not None:
-        log.warning("%s: no mpp in the metadata; estimated %.4f um/px from the objective power (%s)",
-                    slide_file, estimate.mpp, estimate.source)
+        log.warning(
+            "%s: no mpp in the metadata; estimated %.4f um/px from the objective power (%s)",
+            slide_file,
+            estimate.mpp,
+            estimate.source,
+        )
         return estimate
     raise MppUnavailableError(
         f"{slide_file}: no resolution (microns per pixel) in the file's metadata",
         hint=f"add the scanner's resolution for this file to the config, e.g. 'tiling: mpp_overrides: "
-             f"{{{slide_file}: 0.25}}' for a 40x scan (0.5 for 20x)",
+        f"{{{slide_file}: 0.25}}' for a 40x scan (0.5 for 20x)",
     )

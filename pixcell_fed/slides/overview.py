@@ -7,8 +7,9 @@ Site-internal (it shows the whole slide); never shipped. Label and macro images 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
     from pixcell_fed.slides.records import TileRecord
     from pixcell_fed.slides.tissue import Thumbnail
 
-TISSUE_TINT = np.array([40, 200, 60], dtype=np.float32)   # RGB green over tissue
-TILE_COLOUR = (30, 60, 220)                                # RGB blue outlines of the kept tiles
+TISSUE_TINT = np.array([40, 200, 60], dtype=np.float32)  # RGB green over tissue
+TILE_COLOUR = (30, 60, 220)  # RGB blue outlines of the kept tiles
 #: RGB fill of the tiles quality control dropped, by reason
 REASON_COLOURS = {"pen": (230, 0, 230), "fold": (120, 40, 0), "glare": (0, 200, 230), "blur": (255, 150, 0)}
 _LEGEND_HEIGHT = 22
@@ -36,8 +37,9 @@ def _legend(width: int, counts: Counter) -> np.ndarray:
     return strip
 
 
-def render_overview(thumb: "Thumbnail", mask: np.ndarray, records: Sequence["TileRecord"],
-                    verdicts: Sequence[str] | None = None) -> np.ndarray:
+def render_overview(
+    thumb: Thumbnail, mask: np.ndarray, records: Sequence[TileRecord], verdicts: Sequence[str] | None = None
+) -> np.ndarray:
     """The overview as uint8 RGB: thumbnail size, plus a legend strip below when ``verdicts`` (one quality-control
     verdict per record, ``pass`` or a reason) are given."""
     import cv2
@@ -48,7 +50,7 @@ def render_overview(thumb: "Thumbnail", mask: np.ndarray, records: Sequence["Til
     out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
     d = thumb.downsample
     judged = verdicts is not None
-    verdicts = list(verdicts) if judged else ["pass"] * len(records)
+    verdicts = list(verdicts) if verdicts is not None else ["pass"] * len(records)
     for rec, verdict in zip(records, verdicts):
         x0, y0 = int(rec.x / d), int(rec.y / d)
         x1, y1 = max(x0, int((rec.x + rec.read_size) / d) - 1), max(y0, int((rec.y + rec.read_size) / d) - 1)
@@ -61,8 +63,13 @@ def render_overview(thumb: "Thumbnail", mask: np.ndarray, records: Sequence["Til
     return out
 
 
-def write_overview(path: str | Path, thumb: "Thumbnail", mask: np.ndarray, records: Sequence["TileRecord"],
-                   verdicts: Sequence[str] | None = None) -> Path:
+def write_overview(
+    path: str | Path,
+    thumb: Thumbnail,
+    mask: np.ndarray,
+    records: Sequence[TileRecord],
+    verdicts: Sequence[str] | None = None,
+) -> Path:
     """Render the overview and write it as PNG atomically."""
     import cv2
 

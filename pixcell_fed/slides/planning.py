@@ -32,27 +32,51 @@ def plan_slide(reader: SlideReader, cfg: TilingConfig, *, overview_path: str | P
     if resolution.mpp > cfg.target_mpp * MAX_UPSAMPLE:
         raise SlideError(
             f"{name}: scanned at {resolution.mpp:.4f} um/px ({resolution.source}), coarser than the "
-            f"{cfg.target_mpp} um/px tiles need", hint="use slides scanned at 20x or 40x, or a larger "
-            "tiling.target_mpp; if the metadata is wrong, set tiling.mpp_overrides for this file")
-    grid = make_grid(reader.dimensions, reader.level_downsamples, mpp=resolution.mpp, target_mpp=cfg.target_mpp,
-                     tile_size=cfg.tile_size)
+            f"{cfg.target_mpp} um/px tiles need",
+            hint="use slides scanned at 20x or 40x, or a larger "
+            "tiling.target_mpp; if the metadata is wrong, set tiling.mpp_overrides for this file",
+        )
+    grid = make_grid(
+        reader.dimensions,
+        reader.level_downsamples,
+        mpp=resolution.mpp,
+        target_mpp=cfg.target_mpp,
+        tile_size=cfg.tile_size,
+    )
     if grid.rows < grid.step or grid.cols < grid.step:
-        raise SlideError(f"{name}: {reader.dimensions[0]}x{reader.dimensions[1]} px is smaller than one "
-                         f"{cfg.tile_size} px tile at {cfg.target_mpp} um/px", hint="remove it from the slides folder")
+        raise SlideError(
+            f"{name}: {reader.dimensions[0]}x{reader.dimensions[1]} px is smaller than one "
+            f"{cfg.tile_size} px tile at {cfg.target_mpp} um/px",
+            hint="remove it from the slides folder",
+        )
     thumb = read_thumbnail(reader, cfg.thumbnail_max_side, max_downsample=grid.read_size / 4)
-    mask = tissue_mask(thumb.rgb, saturation_threshold=cfg.saturation_threshold, median_blur=cfg.median_blur,
-                       min_component_fraction=cfg.min_component_fraction)
+    mask = tissue_mask(
+        thumb.rgb,
+        saturation_threshold=cfg.saturation_threshold,
+        median_blur=cfg.median_blur,
+        min_component_fraction=cfg.min_component_fraction,
+    )
     rows, cols = grid.positions()
     xs, ys = cols * grid.base, rows * grid.base
     fractions = tissue_fractions(mask, thumb.downsample, xs, ys, grid.read_size)
     keep = np.flatnonzero((fractions >= cfg.tissue_fraction) & (fractions > 0))
     key = slide_key(name)
     records = tuple(
-        TileRecord(tile_id=tile_id(key, int(rows[i]), int(cols[i])), slide_file=name, slide_key=key,
-                   row=int(rows[i]), col=int(cols[i]), x=int(xs[i]), y=int(ys[i]), read_size=grid.read_size,
-                   mpp=resolution.mpp, tissue_fraction=round(float(fractions[i]), 4),
-                   tile_file=f"tiles/{key}/{tile_id(key, int(rows[i]), int(cols[i]))}.png",
-                   tile_size=grid.tile_size, level=grid.level)
+        TileRecord(
+            tile_id=tile_id(key, int(rows[i]), int(cols[i])),
+            slide_file=name,
+            slide_key=key,
+            row=int(rows[i]),
+            col=int(cols[i]),
+            x=int(xs[i]),
+            y=int(ys[i]),
+            read_size=grid.read_size,
+            mpp=resolution.mpp,
+            tissue_fraction=round(float(fractions[i]), 4),
+            tile_file=f"tiles/{key}/{tile_id(key, int(rows[i]), int(cols[i]))}.png",
+            tile_size=grid.tile_size,
+            level=grid.level,
+        )
         for i in keep
     )
     if overview_path is not None:
@@ -60,15 +84,27 @@ def plan_slide(reader: SlideReader, cfg: TilingConfig, *, overview_path: str | P
 
         write_overview(overview_path, thumb, mask, records)
     if not mask.any():
-        raise NoTissueError(f"{name}: no tissue found (the slide looks empty at low resolution)",
-                            hint="check the overview image; for very pale stains lower tiling.saturation_threshold")
+        raise NoTissueError(
+            f"{name}: no tissue found (the slide looks empty at low resolution)",
+            hint="check the overview image; for very pale stains lower tiling.saturation_threshold",
+        )
     if not records:
-        raise NoTissueError(f"{name}: tissue found, but no {cfg.tile_size} px tile has at least "
-                            f"{cfg.tissue_fraction:.0%} tissue", hint="check the overview image; lower "
-                            "tiling.tissue_fraction to keep tiles at the tissue's edges")
-    keep = overview_path is not None
-    return SlidePlan(path=str(reader.path), slide_file=name, slide_key=key, resolution=resolution, grid=grid,
-                     records=records, n_grid_tiles=len(xs), thumbnail=thumb if keep else None, mask=mask if keep else None)
+        raise NoTissueError(
+            f"{name}: tissue found, but no {cfg.tile_size} px tile has at least {cfg.tissue_fraction:.0%} tissue",
+            hint="check the overview image; lower tiling.tissue_fraction to keep tiles at the tissue's edges",
+        )
+    keep_images = overview_path is not None
+    return SlidePlan(
+        path=str(reader.path),
+        slide_file=name,
+        slide_key=key,
+        resolution=resolution,
+        grid=grid,
+        records=records,
+        n_grid_tiles=len(xs),
+        thumbnail=thumb if keep_images else None,
+        mask=mask if keep_images else None,
+    )
 
 
 def plan_slide_file(slide_path: str | Path, tiling_cfg: TilingConfig) -> SlidePlan:
@@ -88,7 +124,9 @@ def read_tile(reader: SlideReader, grid: TileGrid, x: int, y: int) -> np.ndarray
     return img
 
 
-def read_and_judge(reader: SlideReader, grid: TileGrid, record: TileRecord, qc: TileQCConfig) -> tuple[np.ndarray, TileQC]:
+def read_and_judge(
+    reader: SlideReader, grid: TileGrid, record: TileRecord, qc: TileQCConfig
+) -> tuple[np.ndarray, TileQC]:
     """Read the tile of ``record`` and run quality control on it (the pixels just read: no second read)."""
     img = read_tile(reader, grid, record.x, record.y)
     return img, assess_tile(img, record.tissue_fraction, qc)

@@ -46,18 +46,18 @@ FOLD_HUES = (125, 172)
 
 QC_PROVENANCE = {
     "pen_fraction": "share of the tile in one ink colour (blue, green, red or black; boxes from histolab's published "
-                    "pen ranges); on the real test slide CMU-1-Small-Region (own stain and two restains) 1 tissue "
-                    "tile in 200 reaches 5 % (teal margin dye: ink too), the same tiles under an anti-aliased stroke "
-                    "24-48 um wide at least 8 %",
+    "pen ranges); on the real test slide CMU-1-Small-Region (own stain and two restains) 1 tissue "
+    "tile in 200 reaches 5 % (teal margin dye: ink too), the same tiles under an anti-aliased stroke "
+    "24-48 um wide at least 8 %",
     "blur_laplacian_var": "variance of the Laplacian of the grey tile at 20x; tissue tiles of the real test slide "
-                          ">= 430 (>= 490 in its own stain), the same tiles blurred by a Gaussian of sigma 1.5 px "
-                          "(0.75 um) <= 128",
+    ">= 430 (>= 490 in its own stain), the same tiles blurred by a Gaussian of sigma 1.5 px "
+    "(0.75 um) <= 128",
     "fold_fraction": "share of the tile's 4 um blocks that are dark and highly saturated in H&E's hues; tissue tiles "
-                     "of the real test slide (own stain and two restains) <= 1.6 %, the same tiles with a fold over "
-                     "half the tile (three layers of tissue) >= 4.9 % for 95 % of them",
+    "of the real test slide (own stain and two restains) <= 1.6 %, the same tiles with a fold over "
+    "half the tile (three layers of tissue) >= 4.9 % for 95 % of them",
     "glare_fraction": "share of the tile's tissue (by the tissue mask) that is bright (V >= 210) and unsaturated "
-                      "(S <= 20); tissue tiles of the real test slide <= 0.28 (loose stroma), the same tiles "
-                      "washed out to a fifth of their contrast >= 0.70",
+    "(S <= 20); tissue tiles of the real test slide <= 0.28 (loose stroma), the same tiles "
+    "washed out to a fifth of their contrast >= 0.70",
 }
 
 _OD_LUT = (-np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)).astype(np.float32)
@@ -90,7 +90,7 @@ def _share(hsv: np.ndarray, boxes) -> float:
 
     hits = cv2.inRange(hsv, *boxes[0])
     for box in boxes[1:]:
-        hits |= cv2.inRange(hsv, *box)
+        hits = cv2.bitwise_or(hits, cv2.inRange(hsv, *box))
     return cv2.countNonZero(hits) / hits.size
 
 
@@ -111,7 +111,9 @@ def fold_fraction(rgb: np.ndarray, block: int = FOLD_BLOCK) -> float:
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     density = cv2.LUT(small, _OD_LUT).sum(axis=2)
     stained = (hue >= FOLD_HUES[0]) & (hue < FOLD_HUES[1])  # H&E's own colours, not an ink's
-    dark = ((saturation >= FOLD_SATURATION) & (grey < FOLD_MAX_GREY)) | ((density >= FOLD_OPTICAL_DENSITY) & (saturation >= FOLD_DENSE_SATURATION))
+    dark = ((saturation >= FOLD_SATURATION) & (grey < FOLD_MAX_GREY)) | (
+        (density >= FOLD_OPTICAL_DENSITY) & (saturation >= FOLD_DENSE_SATURATION)
+    )
     return float((dark & stained).mean())
 
 
@@ -145,10 +147,19 @@ def assess_tile(rgb: np.ndarray, tissue_fraction: float, cfg: TileQCConfig) -> T
     h, w = rgb.shape[:2]
     half = cv2.resize(rgb, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
     hsv = cv2.cvtColor(half, cv2.COLOR_RGB2HSV)
-    measured = {"pen": ink_fraction(hsv), "fold": fold_fraction(half, FOLD_BLOCK // 2),
-                "glare": glare_fraction(hsv, tissue_fraction), "blur": sharpness(rgb)}
-    return TileQC(qc=_reason(measured, cfg), qc_ink=round(measured["pen"], 5), qc_fold=round(measured["fold"], 5),
-                  qc_glare=round(measured["glare"], 5), qc_sharpness=round(measured["blur"], 2))
+    measured = {
+        "pen": ink_fraction(hsv),
+        "fold": fold_fraction(half, FOLD_BLOCK // 2),
+        "glare": glare_fraction(hsv, tissue_fraction),
+        "blur": sharpness(rgb),
+    }
+    return TileQC(
+        qc=_reason(measured, cfg),
+        qc_ink=round(measured["pen"], 5),
+        qc_fold=round(measured["fold"], 5),
+        qc_glare=round(measured["glare"], 5),
+        qc_sharpness=round(measured["blur"], 2),
+    )
 
 
 def _reason(measured: dict[str, float], cfg: TileQCConfig) -> str:

@@ -9,15 +9,17 @@ is closed before the error is raised.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from pixcell_fed.errors import SlideError
 
-CONVERT_HINT = ("convert it to a tiled pyramidal TIFF, e.g. 'vips tiffsave IN OUT.tif --tile --pyramid "
-                "--compression jpeg', or remove it from the slides folder")
+CONVERT_HINT = (
+    "convert it to a tiled pyramidal TIFF, e.g. 'vips tiffsave IN OUT.tif --tile --pyramid "
+    "--compression jpeg', or remove it from the slides folder"
+)
 DAMAGED_HINT = "the file is damaged or incomplete: copy it again from the scanner or the archive"
 
 
@@ -41,7 +43,7 @@ def _tiff_summary(path: Path) -> dict | None:
             else:
                 return None
             info: dict = {"tiled": None, "width": None, "height": None, "truncated": False, "images": 0}
-            seen = set()
+            seen: set[int] = set()
             while offset and offset not in seen and len(seen) < 64:
                 seen.add(offset)
                 if offset + 2 > size:
@@ -57,9 +59,9 @@ def _tiff_summary(path: Path) -> dict | None:
                 if info["images"] == 0:
                     tags: dict[int, int] = {}
                     for i in range(count):
-                        raw = table[i * entry:(i + 1) * entry]
+                        raw = table[i * entry : (i + 1) * entry]
                         tag, typ = struct.unpack(end + "HH", raw[:4])
-                        value = raw[4 + struct.calcsize(offset_fmt):]
+                        value = raw[4 + struct.calcsize(offset_fmt) :]
                         if typ == 3:
                             tags[tag] = struct.unpack(end + "H", value[:2])[0]
                         elif typ == 4:
@@ -81,13 +83,17 @@ def check_readable(path: Path) -> None:
         with open(path, "rb") as fh:
             first = fh.read(1)
     except FileNotFoundError as exc:
-        raise SlideError(f"{name}: cannot read the file ({exc.strerror}{'; a broken link' if path.is_symlink() else ''})",
-                         hint="restore the file or the link's target, or remove it from the slides folder") from exc
+        raise SlideError(
+            f"{name}: cannot read the file ({exc.strerror}{'; a broken link' if path.is_symlink() else ''})",
+            hint="restore the file or the link's target, or remove it from the slides folder",
+        ) from exc
     except IsADirectoryError as exc:
         raise SlideError(f"{name}: is a folder, not a slide file", hint="remove it from the slides folder") from exc
     except OSError as exc:
-        raise SlideError(f"{name}: cannot read the file ({exc.strerror})",
-                         hint="give the user running site-agent read access to it, or remove it from the slides folder") from exc
+        raise SlideError(
+            f"{name}: cannot read the file ({exc.strerror})",
+            hint="give the user running site-agent read access to it, or remove it from the slides folder",
+        ) from exc
     if not first:
         raise SlideError(f"{name}: the file is empty (0 bytes)", hint=DAMAGED_HINT)
 
@@ -107,22 +113,34 @@ class SlideReader:
             if tiff is not None:
                 dims = f" {tiff['width']}x{tiff['height']} px" if tiff["width"] and tiff["height"] else ""
                 if tiff["truncated"]:
-                    raise SlideError(f"{self.name}: a TIFF that ends before its image directories do (truncated: "
-                                     "an interrupted copy?)", hint=DAMAGED_HINT)
+                    raise SlideError(
+                        f"{self.name}: a TIFF that ends before its image directories do (truncated: "
+                        "an interrupted copy?)",
+                        hint=DAMAGED_HINT,
+                    )
                 if tiff["tiled"] is False:
                     raise SlideError(
                         f"{self.name}: a single-level untiled{dims} TIFF; OpenSlide cannot read it by region and "
-                        "decoding it whole would need all of it in memory", hint=CONVERT_HINT)
+                        "decoding it whole would need all of it in memory",
+                        hint=CONVERT_HINT,
+                    )
                 raise SlideError(
                     f"{self.name}: a TIFF{dims} that OpenSlide cannot read (damaged, a pyramid stored in SubIFDs, "
-                    "or WebP/JPEG 2000 tiles in a generic TIFF)", hint=CONVERT_HINT)
-            raise SlideError(f"{self.name}: not a whole-slide image OpenSlide can read (format not recognised)",
-                             hint="remove it from the slides folder, or convert it to a tiled pyramidal TIFF")
+                    "or WebP/JPEG 2000 tiles in a generic TIFF)",
+                    hint=CONVERT_HINT,
+                )
+            raise SlideError(
+                f"{self.name}: not a whole-slide image OpenSlide can read (format not recognised)",
+                hint="remove it from the slides folder, or convert it to a tiled pyramidal TIFF",
+            )
         try:
-            self._slide = openslide.OpenSlide(str(self.path))
+            self._slide: openslide.OpenSlide | None = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideError as exc:  # includes OpenSlideUnsupportedFormatError
-            raise SlideError(f"{self.name}: OpenSlide recognised a {vendor} slide but cannot open it ({exc}); "
-                             "the file is probably truncated or corrupt", hint=DAMAGED_HINT) from exc
+            raise SlideError(
+                f"{self.name}: OpenSlide recognised a {vendor} slide but cannot open it ({exc}); "
+                "the file is probably truncated or corrupt",
+                hint=DAMAGED_HINT,
+            ) from exc
         self.vendor = vendor
         self.dimensions: tuple[int, int] = self._slide.dimensions
         self.level_dimensions: tuple[tuple[int, int], ...] = self._slide.level_dimensions
@@ -139,8 +157,11 @@ class SlideReader:
             rgba = np.asarray(self._slide.read_region(location, level, size))
         except openslide.OpenSlideError as exc:
             self.close()  # after an OpenSlideError the handle is unusable
-            raise SlideError(f"{self.name}: reading level {level} at ({location[0]}, {location[1]}) failed ({exc}); "
-                             "the file is probably truncated or corrupt", hint=DAMAGED_HINT) from exc
+            raise SlideError(
+                f"{self.name}: reading level {level} at ({location[0]}, {location[1]}) failed ({exc}); "
+                "the file is probably truncated or corrupt",
+                hint=DAMAGED_HINT,
+            ) from exc
         return composite_on_white(rgba)
 
     def close(self) -> None:
@@ -148,7 +169,7 @@ class SlideReader:
         if slide is not None:
             slide.close()
 
-    def __enter__(self) -> "SlideReader":
+    def __enter__(self) -> SlideReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -185,4 +206,4 @@ def list_slide_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_candidate(p)), key=lambda p: p.name)
 
 
-__all__ = ["SlideReader", "open_slide", "composite_on_white", "check_readable", "list_slide_files"]
+__all__ = ["SlideReader", "check_readable", "composite_on_white", "list_slide_files", "open_slide"]

@@ -23,8 +23,21 @@ if TYPE_CHECKING:
 
 #: Columns of ``tiles.parquet``, in order: one row per tissue tile; ``qc`` is ``pass`` for the tiles written and
 #: used, or why quality control dropped it (then ``tile_file`` is empty: no PNG is written).
-COLUMNS = ("tile_id", "slide_file", "slide_key", "row", "col", "x", "y", "read_size", "mpp", "tissue_fraction",
-           "tile_file", "tile_size", "level") + QC_COLUMNS
+COLUMNS = (
+    "tile_id",
+    "slide_file",
+    "slide_key",
+    "row",
+    "col",
+    "x",
+    "y",
+    "read_size",
+    "mpp",
+    "tissue_fraction",
+    "tile_file",
+    "tile_size",
+    "level",
+) + QC_COLUMNS
 
 
 def slide_key(file_name: str) -> str:
@@ -72,7 +85,7 @@ class SlidePlan:
     grid: TileGrid
     records: tuple[TileRecord, ...]
     n_grid_tiles: int
-    thumbnail: "Thumbnail | None" = None
+    thumbnail: Thumbnail | None = None
     mask: np.ndarray | None = None
 
 

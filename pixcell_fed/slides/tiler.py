@@ -9,9 +9,9 @@ chunks ahead of the consumer. The resumable folder job that writes PNGs and ``ti
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -23,8 +23,9 @@ from pixcell_fed.slides.reader import SlideReader
 from pixcell_fed.slides.records import TileRecord
 
 
-def iter_slide_tiles(slide_path: str | Path, tiling_cfg: TilingConfig, *, workers: int | None = None,
-                     qc_dropped: Counter | None = None) -> Iterator[tuple[TileRecord, np.ndarray]]:
+def iter_slide_tiles(
+    slide_path: str | Path, tiling_cfg: TilingConfig, *, workers: int | None = None, qc_dropped: Counter | None = None
+) -> Iterator[tuple[TileRecord, np.ndarray]]:
     """Stream the tiles of one slide that pass quality control as ``(TileRecord, uint8 HxWx3 RGB)``, in row-major
     grid order; ``qc_dropped`` (when given) counts the others by reason.
 
@@ -63,5 +64,8 @@ def iter_slide_tiles(slide_path: str | Path, tiling_cfg: TilingConfig, *, worker
                     dropped[verdict.qc] += 1
     except BrokenProcessPool as exc:
         pool.discard_executor(workers, executor)
-        raise SlideError(f"{plan.slide_file}: a reader process crashed on this file (OpenSlide aborted); the file is "
-                         "probably corrupt", hint="copy it again from the scanner or the archive") from exc
+        raise SlideError(
+            f"{plan.slide_file}: a reader process crashed on this file (OpenSlide aborted); the file is "
+            "probably corrupt",
+            hint="copy it again from the scanner or the archive",
+        ) from exc

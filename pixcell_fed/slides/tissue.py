@@ -56,12 +56,13 @@ def read_thumbnail(reader: SlideReader, max_side: int, *, max_downsample: float 
             block = reader.read_rgb((round(x * d), round(y * d)), level, (w, h))
             if factor > 1:
                 block = cv2.resize(block, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
-            thumb[y // factor:(y + h) // factor, x // factor:(x + w) // factor] = block
+            thumb[y // factor : (y + h) // factor, x // factor : (x + w) // factor] = block
     return Thumbnail(rgb=thumb, downsample=d * factor)
 
 
-def tissue_mask(rgb: np.ndarray, *, saturation_threshold: int = 8, median_blur: int = 7,
-                min_component_fraction: float = 0.0005) -> np.ndarray:
+def tissue_mask(
+    rgb: np.ndarray, *, saturation_threshold: int = 8, median_blur: int = 7, min_component_fraction: float = 0.0005
+) -> np.ndarray:
     """A uint8 mask (1 = tissue) of an RGB thumbnail: saturation above a threshold after a median blur.
 
     Glass, white background and transparent (composited white) areas have near-zero saturation; stained tissue

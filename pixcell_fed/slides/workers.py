@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import signal
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,10 @@ def _worker_reader(path: str) -> SlideReader:
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise SlideError(f"{Path(path).name}: cannot read the file ({exc.strerror})",
-                         hint="restore the file, or remove it from the slides folder") from exc
+        raise SlideError(
+            f"{Path(path).name}: cannot read the file ({exc.strerror})",
+            hint="restore the file, or remove it from the slides folder",
+        ) from exc
     stamp = (path, st.st_size, st.st_mtime_ns)
     if _WORKER.get("stamp") == stamp and _WORKER.get("reader") is not None:
         return _WORKER["reader"]
@@ -81,8 +84,9 @@ def task_plan(path: str, cfg: TilingConfig, overview_path: str | None) -> tuple:
         return _error_tuple(exc)
 
 
-def task_read(path: str, grid: TileGrid, records: Sequence[TileRecord], dest: Sequence[str] | None,
-              qc: TileQCConfig) -> tuple:
+def task_read(
+    path: str, grid: TileGrid, records: Sequence[TileRecord], dest: Sequence[str] | None, qc: TileQCConfig
+) -> tuple:
     """Read and judge tiles: ``(image or None, TileQC)`` each. The image comes back only for a tile that passed and
     no ``dest`` was given; with ``dest`` (one path each) the tiles that pass are written there as PNG."""
     try:
@@ -104,8 +108,9 @@ def write_png(path: str, rgb: np.ndarray) -> None:
     import cv2
 
     # zlib level 1 with run-length matching: about twice as fast as the default strategy on H&E, and smaller
-    ok, buf = cv2.imencode(".png", rgb[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1,
-                                                    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    ok, buf = cv2.imencode(
+        ".png", rgb[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    )
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
     with open(path, "wb") as fh:
@@ -177,7 +182,7 @@ def ordered_results(executor: ProcessPoolExecutor, fn: Callable, tasks: Iterable
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def chunk_size(tile_size: int) -> int:

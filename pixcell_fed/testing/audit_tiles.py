@@ -9,9 +9,9 @@ the region detector's calibration.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,8 +38,9 @@ def tissue_mask(pixels: np.ndarray, saturation: int = 20) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2HSV)[..., 1] > saturation
 
 
-def region_tiles(y0: int, y1: int, *, size: int = 256, stride: int = 128, min_tissue: float = 0.5,
-                 x0: int = 0, x1: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def region_tiles(
+    y0: int, y1: int, *, size: int = 256, stride: int = 128, min_tissue: float = 0.5, x0: int = 0, x1: int | None = None
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Tiles (N, size, size, 3) lying wholly inside rows [y0, y1) and columns [x0, x1) with enough tissue,
     and their (x, y) corners."""
     pixels = slide_pixels()
@@ -48,8 +49,8 @@ def region_tiles(y0: int, y1: int, *, size: int = 256, stride: int = 128, min_ti
     tiles, corners = [], []
     for y in range(y0, y1 - size + 1, stride):
         for x in range(x0, x1 - size + 1, stride):
-            if mask[y:y + size, x:x + size].mean() >= min_tissue:
-                tiles.append(np.array(pixels[y:y + size, x:x + size]))
+            if mask[y : y + size, x : x + size].mean() >= min_tissue:
+                tiles.append(np.array(pixels[y : y + size, x : x + size]))
                 corners.append((x, y))
     if not tiles:
         return np.zeros((0, size, size, 3), np.uint8), []
@@ -67,11 +68,11 @@ def random_region_tiles(n: int, y0: int, y1: int, *, seed: int, size: int = 256,
     while got < n:
         ys = rng.integers(y0, y1 - size + 1, 4 * n)
         xs = rng.integers(0, pixels.shape[1] - size + 1, 4 * n)
-        area = (integral[ys + size, xs + size] - integral[ys, xs + size] - integral[ys + size, xs] + integral[ys, xs])
+        area = integral[ys + size, xs + size] - integral[ys, xs + size] - integral[ys + size, xs] + integral[ys, xs]
         for y, x in zip(ys[area >= min_tissue * size * size], xs[area >= min_tissue * size * size]):
             if got == n:
                 break
-            out[got] = pixels[y:y + size, x:x + size]
+            out[got] = pixels[y : y + size, x : x + size]
             got += 1
     return out
 
@@ -80,7 +81,10 @@ def _jpeg(img: np.ndarray, rng: np.random.Generator, quality: int = 70) -> np.nd
     import cv2
 
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if not ok or decoded is None:
+        raise ValueError("OpenCV could not round-trip a tile through JPEG")
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
 def _colour_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +108,7 @@ def _crop_resize(img: np.ndarray, rng: np.random.Generator, fraction: float = 0.
     h, w = img.shape[:2]
     ch, cw = int(round(h * fraction)), int(round(w * fraction))
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    return cv2.resize(img[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(img[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def _noise(img: np.ndarray, rng: np.random.Generator, sigma: float = 10.0) -> np.ndarray:
@@ -137,8 +141,9 @@ def tissue_share(img: np.ndarray) -> float:
     return float(tissue_mask(img).mean())
 
 
-def _tissue_window(img: np.ndarray, h: int, w: int, rng: np.random.Generator, min_tissue: float = 0.5,
-                   step: int = 16) -> tuple[int, int]:
+def _tissue_window(
+    img: np.ndarray, h: int, w: int, rng: np.random.Generator, min_tissue: float = 0.5, step: int = 16
+) -> tuple[int, int]:
     """A random (y, x) corner of an h x w window of ``img`` with at least ``min_tissue`` tissue (the most tissue
     if none has enough): a copied region of glass would disclose nothing."""
     mask = tissue_mask(img).astype(np.float64)
@@ -165,8 +170,12 @@ def _half(p: Plant, rng: np.random.Generator) -> np.ndarray:
     """Half of the real tile (left, right, top or bottom, with tissue) beside the other half of a new tile."""
     out = p.filler.copy()
     h, w = p.real.shape[:2]
-    halves = [(slice(None), slice(0, w // 2)), (slice(None), slice(w // 2, w)),
-              (slice(0, h // 2), slice(None)), (slice(h // 2, h), slice(None))]
+    halves = [
+        (slice(None), slice(0, w // 2)),
+        (slice(None), slice(w // 2, w)),
+        (slice(0, h // 2), slice(None)),
+        (slice(h // 2, h), slice(None)),
+    ]
     rich = [s for s in halves if tissue_share(p.real[s]) >= 0.5] or halves
     s = rich[int(rng.integers(len(rich)))]
     out[s] = p.real[s]
@@ -180,7 +189,7 @@ def _quadrant_mosaic(p: Plant, rng: np.random.Generator) -> np.ndarray:
     for q, src in enumerate((p.real, *p.others[:3])):
         y, x = _tissue_window(src, h, w, rng)
         qy, qx = divmod(q, 2)
-        out[qy * h:(qy + 1) * h, qx * w:(qx + 1) * w] = src[y:y + h, x:x + w]
+        out[qy * h : (qy + 1) * h, qx * w : (qx + 1) * w] = src[y : y + h, x : x + w]
     return out
 
 
@@ -192,7 +201,7 @@ def _shrink(p: Plant, rng: np.random.Generator, fraction: float = 0.8) -> np.nda
     ch, cw = int(round(h * fraction)), int(round(w * fraction))
     out = p.filler.copy()
     y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    out[y:y + ch, x:x + cw] = cv2.resize(p.real, (cw, ch), interpolation=cv2.INTER_AREA)
+    out[y : y + ch, x : x + cw] = cv2.resize(p.real, (cw, ch), interpolation=cv2.INTER_AREA)
     return out
 
 
@@ -233,8 +242,9 @@ REGION_COPY_TRANSFORMS: dict[str, Callable[[Plant, np.random.Generator], np.ndar
 """Copies of part of a real tile the audit must catch (issue 17): name -> f(plant, rng) -> synthetic tile."""
 
 
-def plant_region_copies(kind: str, reals: np.ndarray, fillers: np.ndarray, rng: np.random.Generator,
-                        n: int | None = None) -> np.ndarray:
+def plant_region_copies(
+    kind: str, reals: np.ndarray, fillers: np.ndarray, rng: np.random.Generator, n: int | None = None
+) -> np.ndarray:
     """``n`` (default: one per real tile) planted copies of ``kind``: copy i is made from real tile i (mosaics also
     from the next three real tiles) and new tile i (cycled) as filler."""
     make = REGION_COPY_TRANSFORMS[kind]
@@ -246,8 +256,9 @@ def plant_region_copies(kind: str, reals: np.ndarray, fillers: np.ndarray, rng: 
     return np.stack(out) if out else np.zeros((0, *reals.shape[1:]), np.uint8)
 
 
-def overlapping_tiles(n: int, *, seed: int, overlap_range: tuple[float, float] = (0.03, 0.6), size: int = 256,
-                      min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def overlapping_tiles(
+    n: int, *, seed: int, overlap_range: tuple[float, float] = (0.03, 0.6), size: int = 256, min_tissue: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Real tiles and query tiles that overlap them partly, cut from the slide, for calibrating region copies.
 
     Each of the ``n`` queries is a real tile shifted sideways, downwards or diagonally so that the two share a
@@ -257,13 +268,16 @@ def overlapping_tiles(n: int, *, seed: int, overlap_range: tuple[float, float] =
     pixels = slide_pixels()
     mask = tissue_mask(pixels)
     rng = np.random.default_rng(seed)
-    reals, queries, real_at, query_at = [], [], [], []
+    reals: list[np.ndarray] = []
+    queries: list[np.ndarray] = []
+    real_at: list[tuple[int, int]] = []
+    query_at: list[tuple[int, int]] = []
     while len(queries) < n:
         share = rng.uniform(*overlap_range)
-        if rng.random() < 2 / 3:   # a band: shifted along one axis
+        if rng.random() < 2 / 3:  # a band: shifted along one axis
             shift = int(round(size * (1.0 - share)))
             dy, dx = (shift, 0) if rng.random() < 0.5 else (0, shift)
-        else:                      # a corner: shifted along both axes
+        else:  # a corner: shifted along both axes
             shift = int(round(size * (1.0 - np.sqrt(share))))
             dy, dx = shift, shift
         dy, dx = dy * int(rng.choice([-1, 1])), dx * int(rng.choice([-1, 1]))
@@ -279,8 +293,9 @@ def overlapping_tiles(n: int, *, seed: int, overlap_range: tuple[float, float] =
         real_at.append((y, x))
         query_at.append((y + dy, x + dx))
     r, q = np.array(real_at), np.array(query_at)
-    inter = (np.clip(size - np.abs(q[:, None, 0] - r[None, :, 0]), 0, None)
-             * np.clip(size - np.abs(q[:, None, 1] - r[None, :, 1]), 0, None))
+    inter = np.clip(size - np.abs(q[:, None, 0] - r[None, :, 0]), 0, None) * np.clip(
+        size - np.abs(q[:, None, 1] - r[None, :, 1]), 0, None
+    )
     return np.stack(reals), np.stack(queries), inter.max(axis=1) / float(size * size)
 
 
@@ -290,8 +305,9 @@ def random_augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _colour_jitter(out, rng)
 
 
-def stripe_tiles(role: int, n_roles: int = 3, *, stripe: int = 384, size: int = 256, stride: int = 64,
-                 min_tissue: float = 0.5) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def stripe_tiles(
+    role: int, n_roles: int = 3, *, stripe: int = 384, size: int = 256, stride: int = 64, min_tissue: float = 0.5
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Tiles of one role when the slide is cut into horizontal stripes dealt round-robin to ``n_roles`` roles.
 
     Every tile lies wholly inside one stripe, so tiles of different roles never overlap, while each role samples

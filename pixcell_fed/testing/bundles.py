@@ -8,15 +8,21 @@ synthetic tiles, ``audit/audit_summary.json``, optionally ``run.json`` and a sum
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from pixcell_fed.hashing import sha256_bytes, sha256_file
 
-GENERATOR = {"name": "pixcell-256", "variant": 256, "transformer_sha256": "a" * 64, "vae_sha256": "b" * 64, "twin": True}
+GENERATOR = {
+    "name": "pixcell-256",
+    "variant": 256,
+    "transformer_sha256": "a" * 64,
+    "vae_sha256": "b" * 64,
+    "twin": True,
+}
 ENCODER = {"name": "uni2-h", "architecture": "vit_giant_patch14_224", "dim": 1536, "weights_sha256": "c" * 64}
 TILE_SIZE = 48
 
@@ -33,12 +39,13 @@ def real_tile_arrays(n: int, size: int = TILE_SIZE) -> list[np.ndarray]:
     tiles = []
     for i in range(n):
         r, c = divmod(i, 8)
-        tiles.append(np.ascontiguousarray(pixels[r * size:(r + 1) * size, c * size:(c + 1) * size]))
+        tiles.append(np.ascontiguousarray(pixels[r * size : (r + 1) * size, c * size : (c + 1) * size]))
     return tiles
 
 
-def write_tiles(folder: Path, arrays: Sequence[np.ndarray], *, stem: str = "synthetic_tile",
-                text_chunks: dict | None = None) -> list[Path]:
+def write_tiles(
+    folder: Path, arrays: Sequence[np.ndarray], *, stem: str = "synthetic_tile", text_chunks: dict | None = None
+) -> list[Path]:
     """Write arrays as PNGs named ``<stem>_<i>.png``: canonical (as synthesize writes them) or, with
     ``text_chunks``, through PIL with tEXt/iTXt/zTXt chunks (as a careless writer would)."""
     from PIL import Image, PngImagePlugin
@@ -73,11 +80,19 @@ def audit_for(arrays: Sequence[np.ndarray], verdict: str = "PASS") -> dict:
         "format_version": 1,
         "verdict": verdict,
         "sizes": {"S": len(arrays), "T": len(arrays), "H": len(arrays)},
-        "tests": {"copy_detection": {"status": "PASS", "statistic": 0.41, "threshold": 0.9,
-                                     "provenance": "SSCD copy threshold (Pizzi et al. 2022)",
-                                     "sentence": f"0 of {len(arrays)} synthetic tiles exceed the copy threshold"}},
+        "tests": {
+            "copy_detection": {
+                "status": "PASS",
+                "statistic": 0.41,
+                "threshold": 0.9,
+                "provenance": "SSCD copy threshold (Pizzi et al. 2022)",
+                "sentence": f"0 of {len(arrays)} synthetic tiles exceed the copy threshold",
+            }
+        },
         "identities": {"generator": dict(GENERATOR), "encoder": dict(ENCODER)},
-        "figures": {"nn_histogram": {"bins": [0.0, 0.25, 0.5, 0.75, 1.0], "s_to_t": [0, 1, 2, 1], "h_to_t": [0, 2, 1, 1]}},
+        "figures": {
+            "nn_histogram": {"bins": [0.0, 0.25, 0.5, 0.75, 1.0], "s_to_t": [0, 1, 2, 1], "h_to_t": [0, 2, 1, 1]}
+        },
         "kept_sha256": sorted(sha256_bytes(clean_png_bytes(a)) for a in arrays),
     }
 
@@ -86,10 +101,12 @@ def inert_summary_html(text: str = "Audit: PASS") -> str:
     """A shareable summary page that passes the inert-HTML rules (policy meta first, no script, no URL)."""
     from pixcell_fed.bundle.html import INERT_CSP_META
 
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{INERT_CSP_META}<title>Audit</title>"
-            f"<style>body {{ font-family: sans-serif }}</style></head><body><h1>{text}</h1>"
-            "<p>0 of 5 synthetic tiles exceed the copy threshold.</p>"
-            "<img src=\"data:image/png;base64,iVBORw0KGgo=\" alt=\"histogram\"><a href=\"#top\">top</a></body></html>")
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8">{INERT_CSP_META}<title>Audit</title>'
+        f"<style>body {{ font-family: sans-serif }}</style></head><body><h1>{text}</h1>"
+        "<p>0 of 5 synthetic tiles exceed the copy threshold.</p>"
+        '<img src="data:image/png;base64,iVBORw0KGgo=" alt="histogram"><a href="#top">top</a></body></html>'
+    )
 
 
 @dataclass(frozen=True)
@@ -106,8 +123,16 @@ class RunFixture:
         return self.run_dir.parent.parent
 
 
-def write_run(work_dir: Path, run_id: str, arrays: Sequence[np.ndarray], *, verdict: str = "PASS",
-              audit: dict | None = None, run_json: dict | None = None, summary_html: str | None = None) -> RunFixture:
+def write_run(
+    work_dir: Path,
+    run_id: str,
+    arrays: Sequence[np.ndarray],
+    *,
+    verdict: str = "PASS",
+    audit: dict | None = None,
+    run_json: dict | None = None,
+    summary_html: str | None = None,
+) -> RunFixture:
     """``<work_dir>/runs/<run_id>/`` with canonical synthetic tiles, ``audit/audit_summary.json`` (``audit`` or
     :func:`audit_for` the tiles), ``run.json`` when given and ``audit/audit_summary.html`` when given."""
     from pixcell_fed.bundle.state import AUDIT_SUMMARY, AUDIT_SUMMARY_HTML, RUN_JSON, audit_dir, run_dir
@@ -145,21 +170,41 @@ def consortium(names: Sequence[str] = ("site-a", "site-b")) -> Consortium:
 
     site_keys = {n: generate_private_key() for n in names}
     officer_keys = {n: generate_private_key() for n in names}
-    entries = {n: TrustedSiteEntry(signing_key=public_key_text(site_keys[n].public_key()),
-                                   officers=(public_key_text(officer_keys[n].public_key()),)) for n in names}
+    entries = {
+        n: TrustedSiteEntry(
+            signing_key=public_key_text(site_keys[n].public_key()),
+            officers=(public_key_text(officer_keys[n].public_key()),),
+        )
+        for n in names
+    }
     return Consortium(site_keys, officer_keys, trust_from_entries(TrustFile(sites=entries)))
 
 
-def build_run_bundle(run: RunFixture, keys: Consortium, site: str, *, labels: Sequence[str] | None = None,
-                     approve: bool = True, site_key=None) -> Path:
+def build_run_bundle(
+    run: RunFixture,
+    keys: Consortium,
+    site: str,
+    *,
+    labels: Sequence[str] | None = None,
+    approve: bool = True,
+    site_key=None,
+) -> Path:
     """Build the bundle of ``run`` for ``site`` with its keys and, when ``approve``, approve it; return it."""
     from pixcell_fed.bundle.approval import approve_bundle
     from pixcell_fed.bundle.build import build_bundle
     from pixcell_fed.bundle.png import read_png_header
 
     size = read_png_header(run.tiles[0]).width
-    info = build_bundle(run.run_dir, site_name=site, tiles=run.tiles, tile_size=size, labels=labels,
-                        generator=GENERATOR, encoder=ENCODER, site_key=site_key or keys.site_keys[site])
+    info = build_bundle(
+        run.run_dir,
+        site_name=site,
+        tiles=run.tiles,
+        tile_size=size,
+        labels=labels,
+        generator=GENERATOR,
+        encoder=ENCODER,
+        site_key=site_key or keys.site_keys[site],
+    )
     if approve:
         approve_bundle(info.path, keys.officer_keys[site], site=keys.authority(site, run.work_dir))
     return info.path
@@ -189,13 +234,26 @@ def officer_signs(bundle: Path, officer_key) -> None:
 
     info = L.read_bundle_json(bundle)
     info["state"] = L.STATE_APPROVED
-    info["decision"] = {"state": L.STATE_APPROVED, "time": L.utc_now(), "officer": fingerprint(officer_key.public_key())}
+    info["decision"] = {
+        "state": L.STATE_APPROVED,
+        "time": L.utc_now(),
+        "officer": fingerprint(officer_key.public_key()),
+    }
     L.write_signature(bundle, L.OFFICER_SIG, officer_key, L.statement(info, role="officer"), role="officer")
     L.write_bundle_json(bundle, info)
 
 
-def resign(bundle: Path, site_key, officer_key=None, *, tiles: dict[str, bytes] | None = None, drop: Sequence[str] = (),
-           audit_follows: bool = True, html: bytes | None = None, created: str | None = None) -> None:
+def resign(
+    bundle: Path,
+    site_key,
+    officer_key=None,
+    *,
+    tiles: dict[str, bytes] | None = None,
+    drop: Sequence[str] = (),
+    audit_follows: bool = True,
+    html: bytes | None = None,
+    created: str | None = None,
+) -> None:
     """What a site holding its own signing key could ship: replace tiles' bytes, drop tiles, swap the summary page
     or the creation time, then make the manifest, the audit's kept set (unless ``audit_follows`` is false),
     ``bundle.json`` and the site signature consistent again; with ``officer_key``, also sign the approval."""
@@ -219,8 +277,11 @@ def resign(bundle: Path, site_key, officer_key=None, *, tiles: dict[str, bytes] 
     if html is not None:
         (bundle / L.SUMMARY_HTML).write_bytes(html)
     info = L.read_bundle_json(bundle)
-    info["files"] = {L.MANIFEST: sha256_file(bundle / L.MANIFEST), L.AUDIT: sha256_file(bundle / L.AUDIT),
-                     L.SUMMARY_HTML: sha256_file(bundle / L.SUMMARY_HTML) if (bundle / L.SUMMARY_HTML).is_file() else None}
+    info["files"] = {
+        L.MANIFEST: sha256_file(bundle / L.MANIFEST),
+        L.AUDIT: sha256_file(bundle / L.AUDIT),
+        L.SUMMARY_HTML: sha256_file(bundle / L.SUMMARY_HTML) if (bundle / L.SUMMARY_HTML).is_file() else None,
+    }
     info["counts"] = {"tiles": len(frame), "labels": label_counts(frame)}
     info["created"] = created or info["created"]
     info["state"], info["decision"] = L.STATE_AWAITING, None

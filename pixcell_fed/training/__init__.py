@@ -12,9 +12,10 @@ compatibility check, FedAvg) are :mod:`pixcell_fed.training.dp`; its rounds belo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pixcell_fed.registry import Registry
 
@@ -27,7 +28,7 @@ class TrainResult:
     """What a recipe produced: the checkpoint folder, the model's spec and the training curve."""
 
     checkpoint: Path
-    spec: "ModelSpec"
+    spec: ModelSpec
     history: list[dict]
 
 

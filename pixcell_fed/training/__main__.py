@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     from pixcell_fed.errors import PixcellFedError
     from pixcell_fed.training import get_recipe, recipe_names
 
-    parser = argparse.ArgumentParser(prog="python -m pixcell_fed.training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pixcell_fed.training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default="classifier", help=f"one of: {', '.join(recipe_names())}")
     parser.add_argument("--pool", required=True, type=Path, help="pooled set folder (with pool.parquet)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder (resumed if present)")
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = Path(args.config).read_text() if args.config.endswith(".json") else args.config
     try:
         recipe = get_recipe(args.recipe)
-        cfg = build_dataclass(recipe.config_class, json.loads(raw), source="--config")
+        cfg: Any = build_dataclass(recipe.config_class, json.loads(raw), source="--config")
         result = recipe(args.pool, args.out, cfg)
     except PixcellFedError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -9,10 +9,11 @@ recipe trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 w
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, cast
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
@@ -89,12 +90,17 @@ def _set_trainable(model, mode: str) -> None:
             p.requires_grad_(True)
 
 
-def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg: ClassifierConfig,
-                     *, classes: Sequence[str] | None = None) -> TrainResult:
+def train_classifier(
+    items: Sequence[tuple[Path, str | None]],
+    out_dir: str | Path,
+    cfg: ClassifierConfig,
+    *,
+    classes: Sequence[str] | None = None,
+) -> TrainResult:
     """Train on labelled ``(path, label)`` items; write the checkpoint to ``out_dir``; resume if one is there."""
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
     from torch.utils.data.distributed import DistributedSampler
 
     from pixcell_fed.atomic import atomic_path
@@ -103,23 +109,42 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
 
     labelled = [(p, lab) for p, lab in items if lab is not None]
     if not labelled:
-        raise UsageError("the pooled set has no labelled tiles", hint="the classifier recipe needs bundles with a label column; use the 'ssl' recipe for unlabelled sets")
+        raise UsageError(
+            "the pooled set has no labelled tiles",
+            hint="the classifier recipe needs bundles with a label column; use the 'ssl' recipe for unlabelled sets",
+        )
     classes = sorted({lab for _, lab in labelled}) if classes is None else list(classes)
     if len(classes) < 2:
-        raise UsageError(f"need at least two classes to train a classifier (got {classes})", hint="pool bundles with more than one label")
+        raise UsageError(
+            f"need at least two classes to train a classifier (got {classes})",
+            hint="pool bundles with more than one label",
+        )
     out_dir = Path(out_dir)
     rank, world, device = dist_context()
     torch.manual_seed(cfg.seed)
-    spec = ModelSpec(arch=cfg.arch, classes=tuple(classes), img_size=cfg.img_size, kwargs=cfg.kwargs,
-                     pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None)
+    spec = ModelSpec(
+        arch=cfg.arch,
+        classes=tuple(classes),
+        img_size=cfg.img_size,
+        kwargs=cfg.kwargs,
+        pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None,
+    )
     model = build_model(spec)
     _set_trainable(model, cfg.mode)
     train_items, val_items = split_items(labelled, cfg.val_fraction, cfg.seed)
-    train_set = TileDataset(train_items, classes, spec)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    train_set = cast("Dataset[Any]", TileDataset(train_items, classes, spec))  # map-style: len and getitem
+    sampler: DistributedSampler | None = (
+        DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=generator, drop_last=False)
+    loader: DataLoader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=False,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
@@ -135,7 +160,11 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
             if rank == 0:
                 log.info("resuming classifier training at epoch %d from %s", start_epoch + 1, state_path)
     model.to(device)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     loss_fn = torch.nn.CrossEntropyLoss()
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
@@ -155,8 +184,13 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
         stats = torch.tensor([loss_sum, correct, total], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
-        row = {"epoch": epoch + 1, "train_loss": float(stats[0] / max(stats[2], 1)),
-               "train_accuracy": float(stats[1] / max(stats[2], 1)), "samples": int(stats[2])}
+        seen = stats[2].clamp(min=1)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(stats[0] / seen),
+            "train_accuracy": float(stats[1] / seen),
+            "samples": int(stats[2]),
+        }
         if rank == 0 and val_items:
             row["val_accuracy"] = _accuracy(model, val_items, classes, spec, device)
         history.append(row)
@@ -164,12 +198,24 @@ def train_classifier(items: Sequence[tuple[Path, str | None]], out_dir: str | Pa
             log.info("classifier epoch %d/%d: %s", epoch + 1, cfg.epochs, row)
             out_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(state_path) as tmp:
-                torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                            "classes": classes, "arch": cfg.arch}, tmp)
+                torch.save(
+                    {
+                        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "classes": classes,
+                        "arch": cfg.arch,
+                    },
+                    tmp,
+                )
     if rank == 0:
-        save_checkpoint(model, spec, out_dir, extra={"recipe": "classifier", "mode": cfg.mode, "history": history,
-                                                      "world_size": world})
+        save_checkpoint(
+            model,
+            spec,
+            out_dir,
+            extra={"recipe": "classifier", "mode": cfg.mode, "history": history, "world_size": world},
+        )
     if world > 1:
         dist.barrier()
     return TrainResult(checkpoint=out_dir, spec=spec, history=history)
@@ -185,7 +231,7 @@ def _accuracy(model, items, classes, spec, device) -> float:
     correct = 0
     with torch.no_grad():
         for start in range(0, len(items), 64):
-            batch = items[start:start + 64]
+            batch = items[start : start + 64]
             pred = model(load_arrays(batch, spec).to(device)).argmax(1).cpu()
             correct += sum(int(p) == index[lab] for p, (_, lab) in zip(pred, batch))
     model.train()

@@ -6,8 +6,9 @@ ImageFolder reads. Images are resized to the model's input size and normalised w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from pixcell_fed.errors import UsageError
 
@@ -21,10 +22,17 @@ def labelled_folder(folder: str | Path) -> list[tuple[Path, str]]:
     """``(path, label)`` for every image in ``folder/<label>/``, sorted for determinism."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UsageError(f"labelled tile folder not found: {folder}",
-                         hint="point eval-dir/train-dir to a folder with one sub-folder of tiles per class")
-    items = [(p, sub.name) for sub in sorted(folder.iterdir()) if sub.is_dir()
-             for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        raise UsageError(
+            f"labelled tile folder not found: {folder}",
+            hint="point eval-dir/train-dir to a folder with one sub-folder of tiles per class",
+        )
+    items = [
+        (p, sub.name)
+        for sub in sorted(folder.iterdir())
+        if sub.is_dir()
+        for p in sorted(sub.iterdir())
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not items:
         raise UsageError(f"no labelled tiles in {folder}", hint="expected <folder>/<label>/<tile>.png")
     return items
@@ -37,9 +45,14 @@ def pooled_items(pool_dir: str | Path) -> list[tuple[Path, str | None]]:
     pool_dir = Path(pool_dir)
     table = pool_dir / "pool.parquet"
     if not table.is_file():
-        raise UsageError(f"no pooled set at {pool_dir} (pool.parquet missing)", hint="run the pooling first ('coordinator run')")
+        raise UsageError(
+            f"no pooled set at {pool_dir} (pool.parquet missing)", hint="run the pooling first ('coordinator run')"
+        )
     frame = pd.read_parquet(table)
-    return [(pool_dir / p, None if (lab is None or lab != lab) else str(lab)) for p, lab in zip(frame["path"], frame["label"])]
+    return [
+        (pool_dir / p, None if (lab is None or lab != lab) else str(lab))
+        for p, lab in zip(frame["path"], frame["label"])
+    ]
 
 
 def load_image(path: Path, img_size: int):
@@ -54,14 +67,14 @@ def load_image(path: Path, img_size: int):
     from pixcell_fed.bundle.png import MAX_TILE_SIZE, check_image_side
 
     check_image_side(path, MAX_TILE_SIZE)
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as src:
+        im = src.convert("RGB")
         if im.size != (img_size, img_size):
-            im = im.resize((img_size, img_size), Image.BILINEAR)
+            im = im.resize((img_size, img_size), Image.Resampling.BILINEAR)
         return np.array(im, dtype=np.uint8)
 
 
-def to_tensor(images, spec: "ModelSpec"):
+def to_tensor(images, spec: ModelSpec):
     """uint8 NHWC numpy -> normalised float NCHW tensor."""
     import torch
 
@@ -74,7 +87,7 @@ def to_tensor(images, spec: "ModelSpec"):
 class TileDataset:
     """A map-style data set of (normalised image tensor, class index) read lazily from disk."""
 
-    def __init__(self, items: Sequence[tuple[Path, str | None]], classes: Sequence[str], spec: "ModelSpec") -> None:
+    def __init__(self, items: Sequence[tuple[Path, str | None]], classes: Sequence[str], spec: ModelSpec) -> None:
         self.items = list(items)
         self.index = {c: i for i, c in enumerate(classes)}
         self.spec = spec
@@ -91,7 +104,7 @@ class TileDataset:
         return x, torch.tensor(y, dtype=torch.long)
 
 
-def load_arrays(items: Sequence[tuple[Path, str | None]], spec: "ModelSpec"):
+def load_arrays(items: Sequence[tuple[Path, str | None]], spec: ModelSpec):
     """All images of ``items`` as one normalised tensor (small sets only: evaluation, tests)."""
     import numpy as np
 

@@ -17,16 +17,18 @@ changes no weight, so the spec that travels to the sites does not carry it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from pixcell_fed.errors import UsageError, WeightsError
 from pixcell_fed.runlog import get_logger
 
 if TYPE_CHECKING:
     import torch
+    from lightly.models.modules import DINOProjectionHead
 
     from pixcell_fed.training.models import ModelSpec
 
@@ -45,11 +47,17 @@ def _lightly() -> SimpleNamespace:
         from lightly.transforms import DINOTransform
         from lightly.utils.scheduler import cosine_schedule
     except ImportError as exc:
-        raise UsageError("the 'ssl' recipe's DINO method needs lightly",
-                         hint="pip install lightly (a dependency of pixcell-fed)") from exc
-    return SimpleNamespace(DINOLoss=DINOLoss, DINOProjectionHead=DINOProjectionHead, update_momentum=update_momentum,
-                           deactivate_requires_grad=deactivate_requires_grad, DINOTransform=DINOTransform,
-                           cosine_schedule=cosine_schedule)
+        raise UsageError(
+            "the 'ssl' recipe's DINO method needs lightly", hint="pip install lightly (a dependency of pixcell-fed)"
+        ) from exc
+    return SimpleNamespace(
+        DINOLoss=DINOLoss,
+        DINOProjectionHead=DINOProjectionHead,
+        update_momentum=update_momentum,
+        deactivate_requires_grad=deactivate_requires_grad,
+        DINOTransform=DINOTransform,
+        cosine_schedule=cosine_schedule,
+    )
 
 
 def local_crop_size(img_size: int) -> int:
@@ -57,7 +65,7 @@ def local_crop_size(img_size: int) -> int:
     return max(8, int(round(img_size * LOCAL_CROP_SHARE / 8)) * 8)
 
 
-def _training_backbone(spec: "ModelSpec", local: int):
+def _training_backbone(spec: ModelSpec, local: int):
     """The backbone the student trains (ViTs with ``dynamic_img_size``) and the local crop size it accepts (the
     global size when the backbone cannot take smaller inputs)."""
     import torch
@@ -72,8 +80,9 @@ def _training_backbone(spec: "ModelSpec", local: int):
         with torch.no_grad():
             backbone.eval()(torch.zeros(1, 3, local, local))
     except (RuntimeError, AssertionError, ValueError):
-        log.warning("backbone %s does not accept %d px local crops; they are taken at %d px", spec.arch, local,
-                    spec.img_size)
+        log.warning(
+            "backbone %s does not accept %d px local crops; they are taken at %d px", spec.arch, local, spec.img_size
+        )
         local = spec.img_size
     return backbone, local
 
@@ -82,14 +91,14 @@ def _training_backbone(spec: "ModelSpec", local: int):
 class DinoModel:
     """Student and teacher, each a backbone plus a DINO projection head, and the loss (with its centre)."""
 
-    student_backbone: "torch.nn.Module"
-    student_head: "torch.nn.Module"
-    teacher_backbone: "torch.nn.Module"
-    teacher_head: "torch.nn.Module"
-    loss: "torch.nn.Module"
+    student_backbone: torch.nn.Module
+    student_head: DINOProjectionHead
+    teacher_backbone: torch.nn.Module
+    teacher_head: DINOProjectionHead
+    loss: torch.nn.Module
 
     @classmethod
-    def build(cls, backbone, prototypes: int) -> "DinoModel":
+    def build(cls, backbone, prototypes: int) -> DinoModel:
         lightly = _lightly()
         head = lightly.DINOProjectionHead(backbone.num_features, output_dim=prototypes, freeze_last_layer=1)
         # the teacher starts as the student (a weight-normed head cannot be deep-copied: its weight is computed)
@@ -104,8 +113,10 @@ class DinoModel:
         return [*self.student_backbone.parameters(), *self.student_head.parameters()]
 
     def state(self) -> dict[str, Any]:
-        return {name: getattr(self, name).state_dict() for name in
-                ("student_backbone", "student_head", "teacher_backbone", "teacher_head", "loss")}
+        return {
+            name: getattr(self, name).state_dict()
+            for name in ("student_backbone", "student_head", "teacher_backbone", "teacher_head", "loss")
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
@@ -118,7 +129,7 @@ class DinoModel:
         self.teacher_head.eval()
 
 
-def dino_step(model: DinoModel, views: Sequence["torch.Tensor"], optimizer, *, momentum: float, epoch: int) -> float:
+def dino_step(model: DinoModel, views: Sequence[torch.Tensor], optimizer, *, momentum: float, epoch: int) -> float:
     """One DINO step: teacher on the two global views, student on all, loss, student update, then the teacher
     becomes ``momentum * teacher + (1 - momentum) * student``. Returns the loss."""
     import torch
@@ -140,11 +151,17 @@ def dino_step(model: DinoModel, views: Sequence["torch.Tensor"], optimizer, *, m
 class _Views:
     """A data set of DINO multi-crop views (list of normalised tensors) of tiles read at the model's input size."""
 
-    def __init__(self, items: Sequence[tuple[Path, str | None]], spec: "ModelSpec", local: int, local_views: int):
+    def __init__(self, items: Sequence[tuple[Path, str | None]], spec: ModelSpec, local: int, local_views: int):
         self.items, self.spec = list(items), spec
-        self.transform = _lightly().DINOTransform(global_crop_size=spec.img_size, local_crop_size=local,
-                                       n_local_views=local_views, hf_prob=0.5, vf_prob=0.5, rr_prob=0.5,
-                                       normalize={"mean": list(spec.mean), "std": list(spec.std)})
+        self.transform = _lightly().DINOTransform(
+            global_crop_size=spec.img_size,
+            local_crop_size=local,
+            n_local_views=local_views,
+            hf_prob=0.5,
+            vf_prob=0.5,
+            rr_prob=0.5,
+            normalize={"mean": list(spec.mean), "std": list(spec.std)},
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -157,12 +174,13 @@ class _Views:
         return self.transform(Image.fromarray(load_image(self.items[i][0], self.spec.img_size)))
 
 
-def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any, spec: "ModelSpec",
-               state_path: Path) -> list[dict]:
+def train_dino(
+    items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any, spec: ModelSpec, state_path: Path
+) -> list[dict]:
     """DINO on the images of ``items`` with the ssl recipe's config ``cfg`` (an ``SSLConfig``); writes the teacher
     backbone to ``out_dir`` (resumable per epoch); returns the training curve."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from pixcell_fed.atomic import atomic_path
     from pixcell_fed.training.models import save_checkpoint
@@ -171,8 +189,14 @@ def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any
     backbone, local = _training_backbone(spec, local_crop_size(spec.img_size))
     model = DinoModel.build(backbone, cfg.dino_prototypes)
     optimizer = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = DataLoader(_Views(items, spec, local, cfg.dino_local_views), batch_size=min(cfg.batch_size, len(items)),
-                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    views = cast("Dataset[Any]", _Views(items, spec, local, cfg.dino_local_views))  # map-style: len and getitem
+    loader: DataLoader = DataLoader(
+        views,
+        batch_size=min(cfg.batch_size, len(items)),
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     total_steps = cfg.epochs * len(loader)
     history: list[dict] = []
     start = 0
@@ -193,8 +217,19 @@ def train_dino(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: Any
         log.info("ssl (dino) epoch %d/%d: %s", epoch + 1, cfg.epochs, history[-1])
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(state_path) as tmp:
-            torch.save({"model": model.state(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "history": history, "arch": cfg.arch, "recipe": "ssl", "method": "dino"}, tmp)
-    save_checkpoint(model.teacher_backbone, spec, out_dir, extra={"recipe": "ssl", "method": "dino",
-                                                                   "history": history})
+            torch.save(
+                {
+                    "model": model.state(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "arch": cfg.arch,
+                    "recipe": "ssl",
+                    "method": "dino",
+                },
+                tmp,
+            )
+    save_checkpoint(
+        model.teacher_backbone, spec, out_dir, extra={"recipe": "ssl", "method": "dino", "history": history}
+    )
     return history

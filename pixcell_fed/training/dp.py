@@ -24,8 +24,8 @@ import contextlib
 import math
 import secrets
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from pixcell_fed.errors import DPRefused
 
@@ -49,8 +49,10 @@ class DPSettings:
 
     def __post_init__(self) -> None:
         if not _finite_positive(self.noise_multiplier):
-            raise ValueError(f"noise multiplier must be a finite number > 0 (got {self.noise_multiplier!r}): "
-                             "without noise DP-SGD gives no privacy")
+            raise ValueError(
+                f"noise multiplier must be a finite number > 0 (got {self.noise_multiplier!r}): "
+                "without noise DP-SGD gives no privacy"
+            )
         if not _finite_positive(self.max_grad_norm):
             raise ValueError(f"max_grad_norm must be a finite number > 0 (got {self.max_grad_norm!r})")
         if not _finite_positive(self.lr):
@@ -76,8 +78,9 @@ def planned_steps(n_examples: int, settings: DPSettings) -> DPSteps:
     if n_examples < 1:
         raise ValueError("DP-SGD needs at least one example")
     batches = math.ceil(n_examples / settings.batch_size)
-    return DPSteps(noise_multiplier=float(settings.noise_multiplier), sample_rate=1.0 / batches,
-                   steps=settings.epochs * batches)
+    return DPSteps(
+        noise_multiplier=float(settings.noise_multiplier), sample_rate=1.0 / batches, steps=settings.epochs * batches
+    )
 
 
 def secret_generator():
@@ -88,6 +91,7 @@ def secret_generator():
 
 
 # ------------------------------------------------------------------------------------------ model checks
+
 
 @contextlib.contextmanager
 def contiguous_conv_inputs(model) -> Iterator[None]:
@@ -138,10 +142,10 @@ def per_sample_gradient_errors(model, images, labels) -> dict[str, float]:
             per_sample = {name: p.grad_sample.detach().clone() for name, p in params.items()}
         finally:
             wrapped._close()
-        errors = {name: 0.0 for name in params}
+        errors = dict.fromkeys(params, 0.0)
         for i in range(len(images)):
             model.zero_grad(set_to_none=True)
-            loss_fn(model(images[i:i + 1]), labels[i:i + 1]).backward()
+            loss_fn(model(images[i : i + 1]), labels[i : i + 1]).backward()
             for name, p in params.items():
                 reference = p.grad if p.grad is not None else torch.zeros_like(p)
                 error = float((per_sample[name][i] - reference).norm() / (reference.norm() + 1e-12))
@@ -161,8 +165,10 @@ def check_dp_compatible(model, *, img_size: int, num_classes: int) -> None:
     reasons = [str(e) for e in ModuleValidator.validate(model, strict=False)[:5]]
     stochastic = stochastic_layers(model)
     if stochastic:
-        reasons.append("stochastic layers are not supported under DP-SGD (set drop_rate, drop_path_rate and the "
-                       f"other drop rates to 0): {', '.join(stochastic[:4])}")
+        reasons.append(
+            "stochastic layers are not supported under DP-SGD (set drop_rate, drop_path_rate and the "
+            f"other drop rates to 0): {', '.join(stochastic[:4])}"
+        )
     if not reasons:
         probe = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
         labels = torch.tensor([0, 1 % max(num_classes, 1)])
@@ -174,15 +180,20 @@ def check_dp_compatible(model, *, img_size: int, num_classes: int) -> None:
         else:
             wrong = sorted((e, n) for n, e in errors.items() if e > GRADIENT_TOLERANCE)
             if wrong:
-                reasons.append("per-sample gradients disagree with a per-example loop for "
-                               + ", ".join(f"{n} ({e:.0%})" for e, n in wrong[-4:]))
+                reasons.append(
+                    "per-sample gradients disagree with a per-example loop for "
+                    + ", ".join(f"{n} ({e:.0%})" for e, n in wrong[-4:])
+                )
     if reasons:
-        raise DPRefused(f"model is not compatible with DP-SGD: {'; '.join(reasons)}",
-                        hint="use a timm ViT/DeiT or ConvNeXt backbone without dropout or stochastic depth, "
-                             "or one built with GroupNorm instead of BatchNorm")
+        raise DPRefused(
+            f"model is not compatible with DP-SGD: {'; '.join(reasons)}",
+            hint="use a timm ViT/DeiT or ConvNeXt backbone without dropout or stochastic depth, "
+            "or one built with GroupNorm instead of BatchNorm",
+        )
 
 
 # ------------------------------------------------------------------------------------------ training
+
 
 def _private_engine():
     from opacus import PrivacyEngine
@@ -209,8 +220,14 @@ def local_dp_train(model, images, labels, settings: DPSettings):
     model.train()
     with contiguous_conv_inputs(model):
         private, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=settings.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm, poisson_sampling=True, noise_generator=noise_generator)
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_generator,
+        )
         if loader.batch_sampler.generator is not sampling_generator:
             raise RuntimeError("Opacus did not take the private sampling generator")  # an Opacus upgrade changed it
         loss_fn = torch.nn.CrossEntropyLoss()
@@ -224,8 +241,10 @@ def local_dp_train(model, images, labels, settings: DPSettings):
     taken = [tuple(h) for h in engine.accountant.history]
     trained = private._module
     private._close()  # remove Opacus's hooks so the plain module can be averaged, evaluated or saved
-    if any((float(s), float(q)) != (planned.noise_multiplier, planned.sample_rate) for s, q, _ in taken) \
-            or sum(int(n) for _, _, n in taken) > planned.steps:
+    if (
+        any((float(s), float(q)) != (planned.noise_multiplier, planned.sample_rate) for s, q, _ in taken)
+        or sum(int(n) for _, _, n in taken) > planned.steps
+    ):
         raise RuntimeError(f"Opacus took steps {taken} outside the planned {planned}")
     return trained, planned
 

@@ -1,15 +1,15 @@
 """Epsilon of composed DP-SGD steps, and the site's delta.
 
-One function computes the epsilon of DP-SGD for the whole project: Opacus's PRV accountant over every step batch, returning
-its upper bound (so the figure is a guarantee, not an estimate). Steps with the same noise multiplier and sample
-rate are merged first (composition does not depend on order). The default delta is
+One function computes the epsilon of DP-SGD for the whole project: Opacus's PRV accountant over every step batch,
+returning its upper bound (so the figure is a guarantee, not an estimate). Steps with the same noise multiplier and
+sample rate are merged first (composition does not depend on order). The default delta is
 :func:`pixcell_fed.privacy.gaussian_mechanism.default_delta`, shared with DP conditioning.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from pixcell_fed.privacy.gaussian_mechanism import default_delta  # noqa: F401 (the site's delta: one definition)
 from pixcell_fed.training.dp import DPSteps

@@ -11,9 +11,10 @@ seeded paired bootstrap.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -61,30 +62,39 @@ def stratified_sample(items: Sequence[tuple[Path, str]], max_items: int, seed: i
     return sorted(out, key=lambda it: (it[1], str(it[0])))
 
 
-def with_head(model: "torch.nn.Module", n_classes: int) -> "torch.nn.Module":
+def with_head(model: torch.nn.Module, n_classes: int) -> torch.nn.Module:
     """``model`` with a fresh classification head of ``n_classes`` outputs (timm's ``reset_classifier``)."""
-    model.reset_classifier(n_classes)
+    reset = cast("Callable[[int], None]", model.reset_classifier)  # timm's method, untyped on nn.Module
+    reset(n_classes)
     return model
 
 
-def finetune(model: "torch.nn.Module", items: Sequence[tuple[Path, str]], classes: Sequence[str],
-             spec: "ModelSpec", recipe: FinetuneRecipe) -> int:
+def finetune(
+    model: torch.nn.Module,
+    items: Sequence[tuple[Path, str]],
+    classes: Sequence[str],
+    spec: ModelSpec,
+    recipe: FinetuneRecipe,
+) -> int:
     """Train ``model`` in place on ``items`` (labels among ``classes``) with ``recipe``; returns the optimiser
     steps taken. The data order depends on ``recipe.seed`` only, so two models see the same batches."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from pixcell_fed.training.data import TileDataset
 
     if recipe.mode == "linear_probe":
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in model.get_classifier().parameters():
+        head = cast("Callable[[], torch.nn.Module]", model.get_classifier)()  # timm's method, untyped on nn.Module
+        for p in head.parameters():
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    loader = DataLoader(TileDataset(list(items), list(classes), spec), batch_size=recipe.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(recipe.seed))
+    tiles = cast("Dataset[Any]", TileDataset(list(items), list(classes), spec))  # map-style: len and getitem
+    loader: DataLoader = DataLoader(
+        tiles, batch_size=recipe.batch_size, shuffle=True, generator=torch.Generator().manual_seed(recipe.seed)
+    )
     loss_fn = torch.nn.CrossEntropyLoss()
     steps = 0
     model.train()
@@ -98,18 +108,20 @@ def finetune(model: "torch.nn.Module", items: Sequence[tuple[Path, str]], classe
     return steps
 
 
-def predict(model: "torch.nn.Module", items: Sequence[tuple[Path, str]], spec: "ModelSpec",
-            batch_size: int = 64) -> np.ndarray:
+def predict(
+    model: torch.nn.Module, items: Sequence[tuple[Path, str]], spec: ModelSpec, batch_size: int = 64
+) -> np.ndarray:
     """Class indices predicted for ``items``."""
     import torch
 
     from pixcell_fed.training.data import load_arrays
 
-    out = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            out.append(model(load_arrays(items[start:start + batch_size], spec)).argmax(1).numpy())
+        out = [
+            model(load_arrays(items[start : start + batch_size], spec)).argmax(1).numpy()
+            for start in range(0, len(items), batch_size)
+        ]
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -118,7 +130,7 @@ def metrics_of(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str,
     :func:`~pixcell_fed.federation.evaluation.classification_metrics`), from a confusion matrix."""
     truth, pred = np.asarray(truth, np.int64), np.asarray(pred, np.int64)
     if truth.size == 0:
-        return {name: 0.0 for name in METRICS}
+        return dict.fromkeys(METRICS, 0.0)
     confusion = np.bincount(truth * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     return _from_confusion(confusion[None])[0]
 
@@ -131,25 +143,38 @@ def _from_confusion(confusion: np.ndarray) -> list[dict[str, float]]:
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(present, tp / np.where(present, support, 1), 0.0)
         precision = np.where(predicted > 0, tp / np.where(predicted > 0, predicted, 1), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.where(precision + recall > 0,
-                                                                              precision + recall, 1), 0.0)
+        f1 = np.where(
+            precision + recall > 0,
+            2 * precision * recall / np.where(precision + recall > 0, precision + recall, 1),
+            0.0,
+        )
     n_present = present.sum(axis=1)
     accuracy = tp.sum(axis=1) / confusion.sum(axis=(1, 2))
     balanced = (recall * present).sum(axis=1) / n_present
     macro_f1 = (f1 * present).sum(axis=1) / n_present
-    return [{"accuracy": float(a), "balanced_accuracy": float(b), "macro_f1": float(f)}
-            for a, b, f in zip(accuracy, balanced, macro_f1)]
+    return [
+        {"accuracy": float(a), "balanced_accuracy": float(b), "macro_f1": float(f)}
+        for a, b, f in zip(accuracy, balanced, macro_f1)
+    ]
 
 
-def paired_difference(truth: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int, *,
-                      bootstrap: int, seed: int, confidence: float = 0.95) -> dict[str, Any]:
+def paired_difference(
+    truth: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_classes: int,
+    *,
+    bootstrap: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
     """Metrics of predictions ``a`` and ``b`` on the same tiles, and ``a - b`` per metric with a seeded paired
     bootstrap percentile interval (each replicate resamples the tiles once, for both)."""
     truth, pred_a, pred_b = (np.asarray(x, np.int64) for x in (truth, pred_a, pred_b))
     n = len(truth)
     a, b = metrics_of(truth, pred_a, n_classes), metrics_of(truth, pred_b, n_classes)
     rng = np.random.default_rng(seed)
-    diffs = {name: [] for name in METRICS}
+    diffs: dict[str, list[float]] = {name: [] for name in METRICS}
     per_block = max(1, min(bootstrap, (8 * 2**20) // max(1, 8 * n)))
     for start in range(0, bootstrap, per_block):
         rows = rng.integers(0, n, size=(min(per_block, bootstrap - start), n))

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pixcell_fed.atomic import atomic_path, write_json_atomic
 from pixcell_fed.errors import WeightsError
@@ -62,7 +63,7 @@ class ModelSpec:
         """Size of the classification head (0 for an encoder: the model returns pooled features)."""
         return len(self.classes) if self.kind == "classifier" else 0
 
-    def without_local_weights(self) -> "ModelSpec":
+    def without_local_weights(self) -> ModelSpec:
         """The same spec with no local weights file (what a receiver builds before loading sent weights)."""
         return replace(self, pretrained_file=None)
 
@@ -71,16 +72,23 @@ class ModelSpec:
         return {**self._wire_dict(), "pretrained_file": self.pretrained_file}
 
     def _wire_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "kwargs": dict(self.kwargs), "num_classes": self.num_classes,
-                "classes": list(self.classes), "img_size": self.img_size, "mean": list(self.mean),
-                "std": list(self.std), "kind": self.kind}
+        return {
+            "arch": self.arch,
+            "kwargs": dict(self.kwargs),
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "img_size": self.img_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "kind": self.kind,
+        }
 
     def to_wire(self) -> str:
         """The JSON text sent to the other side (no local file paths)."""
         return json.dumps(self._wire_dict(), sort_keys=True)
 
     @classmethod
-    def from_wire(cls, text: str) -> "ModelSpec":
+    def from_wire(cls, text: str) -> ModelSpec:
         """Parse and validate a spec received over the network; :class:`SpecError` on anything unexpected."""
         try:
             data = json.loads(text)
@@ -97,13 +105,19 @@ class ModelSpec:
         return spec
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         """A spec from a checkpoint's ``config.json`` (extra keys such as ``history`` are ignored)."""
         try:
-            return cls(arch=data["arch"], classes=tuple(data.get("classes") or ()), img_size=data.get("img_size", 224),
-                       kind=data.get("kind", "classifier"), kwargs=data.get("kwargs") or {},
-                       mean=tuple(data.get("mean") or IMAGENET_MEAN), std=tuple(data.get("std") or IMAGENET_STD),
-                       pretrained_file=data.get("pretrained_file"))
+            return cls(
+                arch=data["arch"],
+                classes=tuple(data.get("classes") or ()),
+                img_size=data.get("img_size", 224),
+                kind=data.get("kind", "classifier"),
+                kwargs=data.get("kwargs") or {},
+                mean=tuple(data.get("mean") or IMAGENET_MEAN),
+                std=tuple(data.get("std") or IMAGENET_STD),
+                pretrained_file=data.get("pretrained_file"),
+            )
         except (KeyError, TypeError) as exc:
             raise SpecError(f"malformed model spec: {exc}") from exc
 
@@ -123,11 +137,19 @@ def _validate(spec: ModelSpec) -> None:
         raise SpecError(f"classes must be distinct and at most {MAX_CLASSES}")
     if any(not _CLASS_RE.match(c) for c in spec.classes):
         raise SpecError("class names must be 1-64 printable characters")
-    if len(spec.mean) != 3 or len(spec.std) != 3 or not all(_is_number(v) for v in (*spec.mean, *spec.std)) \
-            or min(spec.std) <= 0:
+    if (
+        len(spec.mean) != 3
+        or len(spec.std) != 3
+        or not all(_is_number(v) for v in (*spec.mean, *spec.std))
+        or min(spec.std) <= 0
+    ):
         raise SpecError("mean and std must be three finite numbers each (std > 0)")
     for key, value in spec.kwargs.items():
-        if not isinstance(key, str) or not _KWARG_RE.match(key) or key in ("num_classes", "pretrained", "pretrained_cfg_overlay"):
+        if (
+            not isinstance(key, str)
+            or not _KWARG_RE.match(key)
+            or key in ("num_classes", "pretrained", "pretrained_cfg_overlay")
+        ):
             raise SpecError(f"invalid timm keyword argument {key!r}")
         items = value if isinstance(value, (list, tuple)) else [value]
         if len(items) > 16 or not all(v is None or isinstance(v, (bool, str)) or _is_number(v) for v in items):
@@ -151,17 +173,26 @@ def build_model(spec: ModelSpec):
     try:
         if spec.pretrained_file:
             if not Path(spec.pretrained_file).is_file():
-                raise WeightsError(f"pretrained weights not found: {spec.pretrained_file}",
-                                   hint="set the backbone weights to a local .safetensors/.bin file, or leave it empty")
-            model = timm.create_model(spec.arch, pretrained=True, num_classes=spec.num_classes,
-                                      pretrained_cfg_overlay={"file": str(spec.pretrained_file)}, **kwargs)
+                raise WeightsError(
+                    f"pretrained weights not found: {spec.pretrained_file}",
+                    hint="set the backbone weights to a local .safetensors/.bin file, or leave it empty",
+                )
+            model = timm.create_model(
+                spec.arch,
+                pretrained=True,
+                num_classes=spec.num_classes,
+                pretrained_cfg_overlay={"file": str(spec.pretrained_file)},
+                **kwargs,
+            )
         else:
             model = timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes, **kwargs)
     except (RuntimeError, TypeError, ValueError) as exc:
         if isinstance(exc, WeightsError):
             raise
-        raise WeightsError(f"cannot build timm model {spec.arch!r} with {kwargs}: {exc}",
-                           hint="check the backbone name and its keyword arguments (timm.list_models())") from exc
+        raise WeightsError(
+            f"cannot build timm model {spec.arch!r} with {kwargs}: {exc}",
+            hint="check the backbone name and its keyword arguments (timm.list_models())",
+        ) from exc
     return model
 
 
@@ -188,7 +219,9 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
     """The whole ``config.json`` of a checkpoint: the spec and what the recipe added (history, recipe, ...)."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise WeightsError(f"no {CONFIG_FILE} in checkpoint folder {folder}", hint="point to a folder written by pixcell-fed training")
+        raise WeightsError(
+            f"no {CONFIG_FILE} in checkpoint folder {folder}", hint="point to a folder written by pixcell-fed training"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -196,7 +229,9 @@ def load_spec(folder: str | Path) -> ModelSpec:
     try:
         return ModelSpec.from_dict(read_checkpoint_config(folder))
     except SpecError as exc:
-        raise WeightsError(f"{Path(folder) / CONFIG_FILE}: {exc}", hint="point to a folder written by pixcell-fed training") from exc
+        raise WeightsError(
+            f"{Path(folder) / CONFIG_FILE}: {exc}", hint="point to a folder written by pixcell-fed training"
+        ) from exc
 
 
 def load_checkpoint(folder: str | Path):
@@ -206,7 +241,9 @@ def load_checkpoint(folder: str | Path):
     spec = load_spec(folder)
     weights = Path(folder) / WEIGHTS_FILE
     if not weights.is_file():
-        raise WeightsError(f"no {WEIGHTS_FILE} in checkpoint folder {folder}", hint="the training did not finish; rerun it")
+        raise WeightsError(
+            f"no {WEIGHTS_FILE} in checkpoint folder {folder}", hint="the training did not finish; rerun it"
+        )
     model = build_model(spec.without_local_weights())
     model.load_state_dict(load_file(str(weights)))
     return model, spec

@@ -13,10 +13,11 @@ its own real labelled tiles (:mod:`pixcell_fed.federation.evaluation`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, cast
 
 from pixcell_fed.errors import UsageError
 from pixcell_fed.runlog import get_logger
@@ -40,15 +41,17 @@ class SSLConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.1
     projection_dim: int = 128
-    dino_prototypes: int = 4096          # output dimension of the DINO head (the paper's K; 65,536 at ImageNet scale)
-    dino_local_views: int = 2            # small local crops per tile besides the two global crops (the paper: 6-10)
+    dino_prototypes: int = 4096  # output dimension of the DINO head (the paper's K; 65,536 at ImageNet scale)
+    dino_local_views: int = 2  # small local crops per tile besides the two global crops (the paper: 6-10)
     dino_teacher_momentum: float = 0.996  # EMA momentum of the teacher at the start (cosine schedule to 1)
     seed: int = 0
     pretrained_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.temperature <= 0:
-            raise ValueError("ssl: need epochs >= 1, batch_size >= 2 (SimCLR contrasts pairs in a batch), temperature > 0")
+            raise ValueError(
+                "ssl: need epochs >= 1, batch_size >= 2 (SimCLR contrasts pairs in a batch), temperature > 0"
+            )
         if self.dino_prototypes < 2 or self.dino_local_views < 0 or not 0 <= self.dino_teacher_momentum < 1:
             raise ValueError("ssl: need dino_prototypes >= 2, dino_local_views >= 0, 0 <= dino_teacher_momentum < 1")
 
@@ -59,11 +62,14 @@ def augment(x):
     from torchvision.transforms import v2
 
     size = x.shape[-1]
-    transform = v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.4, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.05)], p=0.8),
-    ])
+    transform = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.4, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.05)], p=0.8),
+        ]
+    )
     return torch.stack([transform(img) for img in x])
 
 
@@ -72,7 +78,9 @@ def _lightly():
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
     except ImportError as exc:
-        raise UsageError("the 'ssl' recipe needs lightly", hint="pip install lightly (a dependency of pixcell-fed)") from exc
+        raise UsageError(
+            "the 'ssl' recipe needs lightly", hint="pip install lightly (a dependency of pixcell-fed)"
+        ) from exc
     return NTXentLoss, SimCLRProjectionHead
 
 
@@ -84,11 +92,18 @@ def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg
     from pixcell_fed.training.models import ModelSpec
 
     if len(items) < 2:
-        raise UsageError("the pooled set has fewer than two tiles", hint="pool more tiles before self-supervised training")
+        raise UsageError(
+            "the pooled set has fewer than two tiles", hint="pool more tiles before self-supervised training"
+        )
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    spec = ModelSpec(arch=cfg.arch, img_size=cfg.img_size, kwargs=cfg.kwargs, kind="encoder",
-                     pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None)
+    spec = ModelSpec(
+        arch=cfg.arch,
+        img_size=cfg.img_size,
+        kwargs=cfg.kwargs,
+        kind="encoder",
+        pretrained_file=str(cfg.pretrained_file) if cfg.pretrained_file else None,
+    )
     if cfg.method == "dino":
         from pixcell_fed.training.dino import train_dino
 
@@ -101,13 +116,13 @@ def train_ssl(items: Sequence[tuple[Path, str | None]], out_dir: str | Path, cfg
 def _train_simclr(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: SSLConfig, spec) -> list[dict]:
     """SimCLR on the images of ``items``; writes the encoder checkpoint to ``out_dir``; returns the curve."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from pixcell_fed.atomic import atomic_path
     from pixcell_fed.training.data import TileDataset
     from pixcell_fed.training.models import build_model, save_checkpoint
 
-    NTXentLoss, SimCLRProjectionHead = _lightly()
+    NTXentLoss, SimCLRProjectionHead = _lightly()  # noqa: N806  # classes, named as lightly names them
     backbone = build_model(spec)
     head = SimCLRProjectionHead(backbone.num_features, backbone.num_features, cfg.projection_dim)
     loss_fn = NTXentLoss(temperature=cfg.temperature)
@@ -123,10 +138,16 @@ def _train_simclr(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: 
             head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             start, history = int(state["epoch"]) + 1, list(state["history"])
-    loader = DataLoader(TileDataset(list(items), [], spec), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    tiles = cast("Dataset[Any]", TileDataset(list(items), [], spec))  # map-style: len and getitem
+    loader: DataLoader = DataLoader(
+        tiles,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     if len(loader) == 0:
-        loader = DataLoader(TileDataset(list(items), [], spec), batch_size=len(items), shuffle=True)
+        loader = DataLoader(tiles, batch_size=len(items), shuffle=True)
     for epoch in range(start, cfg.epochs):
         backbone.train()
         head.train()
@@ -143,8 +164,19 @@ def _train_simclr(items: Sequence[tuple[Path, str | None]], out_dir: Path, cfg: 
         log.info("ssl epoch %d/%d: %s", epoch + 1, cfg.epochs, history[-1])
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(state_path) as tmp:
-            torch.save({"model": backbone.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch, "history": history, "arch": cfg.arch, "recipe": "ssl", "method": "simclr"}, tmp)
+            torch.save(
+                {
+                    "model": backbone.state_dict(),
+                    "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "arch": cfg.arch,
+                    "recipe": "ssl",
+                    "method": "simclr",
+                },
+                tmp,
+            )
     save_checkpoint(backbone, spec, out_dir, extra={"recipe": "ssl", "method": "simclr", "history": history})
     return history
 

@@ -8,11 +8,13 @@ import sys
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "app-hash", help="print the SHA-256 of this release's Flower app (set it as federation.app_sha256)",
+        "app-hash",
+        help="print the SHA-256 of this release's Flower app (set it as federation.app_sha256)",
         description="Build the Flower app bundle of this installation exactly as 'coordinator run' sends it and print "
-                    "its SHA-256. Set it as federation.app_sha256 in site.yaml: 'site-agent serve' then runs the "
-                    "consortium's app only when the coordinator runs this same release. With --config, also say "
-                    "whether site.yaml pins it.")
+        "its SHA-256. Set it as federation.app_sha256 in site.yaml: 'site-agent serve' then runs the "
+        "consortium's app only when the coordinator runs this same release. With --config, also say "
+        "whether site.yaml pins it.",
+    )
     p.add_argument("--config", metavar="FILE", default=None, help="site.yaml to compare with")
     p.set_defaults(func=run)
 

@@ -7,10 +7,12 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "status", help="list runs, bundles and their states; check the audit trail",
+        "status",
+        help="list runs, bundles and their states; check the audit trail",
         description="List the site's runs with their bundles and states (awaiting_approval, approved, rejected, or "
-                    "unusable when a bundle is not what its run audited, e.g. its run was refused) and check the "
-                    "hash chain of the site audit trail. Exit 1 when the trail is broken.")
+        "unusable when a bundle is not what its run audited, e.g. its run was refused) and check the "
+        "hash chain of the site audit trail. Exit 1 when the trail is broken.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="site.yaml")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     p.set_defaults(func=run)

@@ -16,14 +16,19 @@ def register(subparsers) -> None:
         "synthesize",
         help="slides -> tiles -> embeddings -> synthetic tiles -> audit -> bundle awaiting approval",
         description="Run (or continue, after an interruption) the site pipeline described by the site config. "
-                    "The same command continues where a killed run stopped. Exit 3 when the audit fails.",
+        "The same command continues where a killed run stopped. Exit 3 when the audit fails.",
         epilog=SHARDING_HELP + "\n\n" + EXIT_CODES_EPILOG,
     )
     p.add_argument("--config", required=True, help="the site's site.yaml")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary format on stdout")
-    p.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT_HOURS, metavar="HOURS",
-                   help="under torchrun: how long a rank waits for the others (rank 0 tiles and audits alone) "
-                        f"before it stops with an error (default: {DEFAULT_WAIT_HOURS:g})")
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=DEFAULT_WAIT_HOURS,
+        metavar="HOURS",
+        help="under torchrun: how long a rank waits for the others (rank 0 tiles and audits alone) "
+        f"before it stops with an error (default: {DEFAULT_WAIT_HOURS:g})",
+    )
     p.set_defaults(func=run)
 
 
@@ -51,11 +56,15 @@ def format_summary(s) -> str:
         lines.append("NOTE: the models are tiny UNTRAINED twins (demo/test); the synthetic tiles are not realistic.")
     lines.append(f"slides: {len(s.slides_ok)} ok, {len(s.slides_failed)} failed")
     lines += [f"  failed: {name}: {reason}" for name, reason in s.slides_failed]
-    lines.append(f"tiles: {s.tiles} ({s.conditioning_slides} conditioning slides -> {s.conditioning_tiles} conditioning "
-                 f"tiles; {s.holdout_slides} held-out slides -> {s.holdout_tiles} held-out tiles)")
+    lines.append(
+        f"tiles: {s.tiles} ({s.conditioning_slides} conditioning slides -> {s.conditioning_tiles} conditioning "
+        f"tiles; {s.holdout_slides} held-out slides -> {s.holdout_tiles} held-out tiles)"
+    )
     if s.tiles_dropped_by_qc:
-        lines.append("  dropped by tile quality control: "
-                     + ", ".join(f"{n} {reason}" for reason, n in s.tiles_dropped_by_qc.items()))
+        lines.append(
+            "  dropped by tile quality control: "
+            + ", ".join(f"{n} {reason}" for reason, n in s.tiles_dropped_by_qc.items())
+        )
     lines.append(f"synthetic tiles: {s.synthetic_tiles} generated, {s.kept_tiles} kept after the audit")
     if s.conditioning:
         lines.append(f"conditioning privacy: {s.conditioning}")
@@ -71,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
     from pixcell_fed.pipeline.synthesize import synthesize
 
     if not args.wait_timeout > 0:
-        raise UsageError(f"--wait-timeout must be a positive number of hours (got {args.wait_timeout})",
-                         hint=f"leave it out for the default of {DEFAULT_WAIT_HOURS:g} hours")
+        raise UsageError(
+            f"--wait-timeout must be a positive number of hours (got {args.wait_timeout})",
+            hint=f"leave it out for the default of {DEFAULT_WAIT_HOURS:g} hours",
+        )
     cfg = load_site_config(args.config)
     summary = synthesize(cfg, wait_timeout=timedelta(hours=args.wait_timeout))
     if summary is None:  # a rank other than 0 of a sharded run: rank 0 prints the run's summary
