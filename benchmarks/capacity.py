@@ -53,12 +53,13 @@ def measure_embedding(tiles: int) -> float:
     """Seconds per tile of full-size UNI2-h (random weights) on this CPU, float32."""
     import torch
 
-    from pixcell_fed.encoders.base import Encoder
+    from pixcell_fed.encoders.base import Encoder, EncoderFolder
     from pixcell_fed.encoders.uni import build_uni
 
     torch.manual_seed(0)
-    encoder = Encoder(build_uni(), name="uni2-h-sized (random)", architecture="vit_giant_patch14_224", dim=1536,
-                      weights_file=None, weights_sha256="random", batch_size=tiles)
+    found = EncoderFolder(name="uni2-h-sized (random)", weights_file=None, architecture="vit_giant_patch14_224",
+                          dim=1536)
+    encoder = Encoder(build_uni(), found, weights_sha256="random", batch_size=tiles)
     images = np.random.default_rng(0).integers(0, 256, (tiles, 256, 256, 3), dtype=np.uint8)
     encoder.embed(images[:1])  # warm-up
     t0 = time.perf_counter()
