@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_exponents": [_exponent(peaks[i], peaks[i + 1], sizes[i], sizes[i + 1]) for i in range(2)]}
     quadratic_memory = [s for s in STAGES if any(e is not None and e > 1.5 for e in growth[s]["memory_exponents"])
                         and runs[-1]["extra_mib"][s] > 64]
-    header = "| stage | " + " | ".join(f"|S| = {n:,}: s / peak / own MiB" for n in sizes) + \
+    header = "| stage | " + " | ".join(f"S = {n:,}: s / peak / own MiB" for n in sizes) + \
         " | time growth (expected) | own memory growth |"
     rows = [header, "|---" * (len(sizes) + 3) + "|"]
     for stage in STAGES:
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"sizes": sizes, "device": args.device, "quick": args.quick, "runs": runs, "growth": growth,
                "stages_with_superlinear_memory": quadratic_memory, "load_avg_1min": round(os.getloadavg()[0], 2)}
     headline = (f"whole audit {runs[0]['total_s']:.0f} s / {runs[1]['total_s']:.0f} s / {runs[2]['total_s']:.0f} s at "
-                f"|S| = {sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} on {args.device}; search time exponents "
+                f"S = {sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} on {args.device}; search time exponents "
                 f"{growth['search']['time_exponents']} (2 expected); "
                 + ("no stage's memory grows faster than linearly" if not quadratic_memory
                    else f"superlinear memory in {quadratic_memory}"))
