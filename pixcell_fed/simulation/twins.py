@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pixcell_fed.generation.published import TWIN_MARKER
+from pixcell_fed.generation.published import PUBLISHED_PIXCELL, TWIN_MARKER
 
 __all__ = [
     "LEGACY_VALUES",
@@ -61,29 +61,14 @@ def tiny_pixcell_config(variant: int = 256, sample_size: int | None = None) -> d
     if variant not in (256, 1024):
         raise ValueError(f"variant must be 256 or 1024, got {variant!r}")
     return {
+        **PUBLISHED_PIXCELL[variant],
         "num_layers": 2,
         "num_attention_heads": 2,
         "attention_head_dim": 16,
         "cross_attention_dim": 32,
-        "in_channels": 16,
-        "out_channels": 32,
-        "patch_size": 2,
         # 256: the twin makes real 256 px tiles (latent 32); 1024: a 128 px image (latent 16) keeps tests fast.
         "sample_size": sample_size or (32 if variant == 256 else 16),
         "caption_channels": TWIN_COND_DIM,
-        "caption_num_tokens": 1 if variant == 256 else 16,
-        "interpolation_scale": 0.5 if variant == 256 else 2,
-        "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False,
-        "norm_eps": 1e-6,
-        "activation_fn": "gelu-approximate",
-        "attention_bias": True,
-        "num_embeds_ada_norm": 1000,
-        "use_additional_conditions": False,
-        "dropout": 0.0,
-        "upcast_attention": False,
-        "attention_type": "default",
-        "norm_num_groups": 32,
     }
 
 
